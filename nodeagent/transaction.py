@@ -83,9 +83,11 @@ import asyncio
 import contextlib
 import contextvars
 import datetime as dt
+import errno
 import functools
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -368,6 +370,68 @@ def worth_logging(attempt: int, since_logged: float) -> bool:
     """Retries are logged at a bounded rate: the first three, then the 4th, 8th, 16th ...,
     and at least one every ``UNFREEZE_LOG_EVERY`` seconds."""
     return attempt <= 3 or attempt & (attempt - 1) == 0 or since_logged >= UNFREEZE_LOG_EVERY
+
+
+# Why a journal takes no write, when the agent holds a transaction on it rather than exit
+# (``Runner._probe``): its disk full, read-only or failing, or its file locked by another
+# process. A new agent process would find the same; what the admin does differs (the hint).
+# Any other failure (a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB) exits as before: the next
+# start refuses the file and says how to recover (``nodeagent.journal.open_journal``).
+_UNWRITABLE_CODES = (
+    ("SQLITE_FULL", "disk full"),
+    ("SQLITE_READONLY", "read-only"),
+    ("SQLITE_IOERR", "I/O error"),
+    ("SQLITE_CANTOPEN", "cannot open"),
+    ("SQLITE_BUSY", "locked"),
+    ("SQLITE_LOCKED", "locked"),
+)
+_UNWRITABLE_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk full",
+    errno.EROFS: "read-only",
+    errno.EIO: "I/O error",
+}
+
+
+@dataclass(frozen=True)
+class Unwritable:
+    """Why the journal took no write (``Runner._probe``): ``cause`` in a few words and its
+    code (``disk full: SQLITE_FULL``), ``error`` the whole error (for the log), and whether
+    the agent holds a transaction on it (``held``: one of the causes above) or exits."""
+
+    cause: str
+    error: str
+    held: bool
+
+    def hint(self, directory: Path) -> str:
+        """What the admin does, for the agent's view of its server."""
+        words = self.cause.split(":")[0]
+        if words == "disk full":
+            return f"free space in {directory}"
+        if words == "read-only":
+            return f"make {directory} writable again"
+        if words == "locked":
+            return f"end what else holds the journal in {directory}"
+        return f"check the disk and the journal in {directory}"
+
+
+def unwritable(exc: BaseException) -> Unwritable:
+    """``exc``, a write of the journal's that failed, as ``Unwritable``: SQLite's result code
+    or the errno found in its cause chain decides."""
+    error = (str(exc) or type(exc).__name__)[:300]
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.Error):
+            code = getattr(seen, "sqlite_errorname", None) or ""
+            for prefix, words in _UNWRITABLE_CODES:
+                if code.startswith(prefix):
+                    return Unwritable(f"{words}: {code}", error, True)
+            return Unwritable(code or type(seen).__name__, error, False)
+        if isinstance(seen, OSError) and seen.errno in _UNWRITABLE_ERRNOS:
+            name = errno.errorcode.get(seen.errno, "?")
+            return Unwritable(f"{_UNWRITABLE_ERRNOS[seen.errno]}: {name}", error, True)
+        seen = seen.__cause__ or seen.__context__
+    return Unwritable(type(exc).__name__, error, False)
 
 
 class JournalUnwritable(TransientError):
@@ -882,8 +946,8 @@ class Runner:
         deaths = 0
         while True:
             try:
-                if begun is None and (unwritable := await self._probe(txn)):
-                    raise JournalUnwritable(unwritable)
+                if begun is None and (refused := await self._probe(txn)) is not None:
+                    raise JournalUnwritable(refused.error)
                 return await self.run(txn, begun, staged)
             except Exception as exc:
                 deaths += 1
@@ -925,7 +989,7 @@ class Runner:
         (``_hold``, returning True): a new agent process would find the same disk. Each attempt
         looks at the lease and lifts under ``freeze_lock``; the backoff between attempts is
         outside it."""
-        lifted = ""
+        lifted, frozen = "", True  # (frozen: the freeze is on when it ends, as far as known)
         unproved = await self._unproved(txn)
         for attempt in range(1, EXIT_UNFREEZE_ATTEMPTS + 1):
             if unproved:
@@ -944,15 +1008,17 @@ class Runner:
                     break
                 try:
                     await self.driver.unfreeze()
-                    lifted = "writes are accepted again"
+                    lifted, frozen = "writes are accepted again", False
                     break
                 except (DriverError, OSError, LocalResourceError) as exc:
                     lifted = f"could not lift the freeze: {describe(exc)}"
             if attempt < EXIT_UNFREEZE_ATTEMPTS:
                 await self.sleep(UNFREEZE_BACKOFF.delay(attempt))
         put_back = await self._source_back(txn)
-        if unwritable := await self._probe(txn):
-            await self._hold(txn, unwritable, kept=bool(unproved), said=f"{lifted}{put_back}")
+        if (refused := await self._probe(txn)) is not None and refused.held:
+            # Left frozen (kept, left to the scope freeze's lease, a lift that failed): the
+            # hold tries the lift again as this did (``_lift_held``), as each start did.
+            await self._hold(txn, refused, frozen=frozen, lift=frozen, said=f"{lifted}{put_back}")
             return True
         self.fatal = (
             f"the {txn.kind} transaction of rollout {txn.rollout_id} died {deaths} times"
@@ -963,59 +1029,77 @@ class Runner:
         self.dead.set()
         return False
 
-    async def _probe(self, txn: Txn) -> str:
+    async def _probe(self, txn: Txn) -> Unwritable | None:
         """Before a transaction resumed or restarted acts, and before the agent exits on a dead
-        one: whether the journal takes a write now (``Journal.probe``). "" if it did (or the
-        transaction has ended), else why not, in a few words (SQLite's: "database or disk is
-        full (SQLITE_FULL)"). A read that fails says nothing (``run`` meets it)."""
+        one: whether the journal takes a write now (``Journal.probe``). None if it did (or the
+        transaction has ended), else why not (``unwritable``: whether the agent holds the
+        transaction on it, or exits). A read that fails says nothing (``run`` meets it)."""
         try:
             latest = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
         except Exception:
             latest = None
         if (latest or txn).finished:
-            return ""
+            return None
         try:
             await dbthread.run(self.journal.probe)
         except Exception as exc:
-            said = str(exc) or type(exc).__name__
-            return said.removeprefix(f"journal {self.journal.path}: ")[:100]
-        return ""
+            return unwritable(exc)
+        return None
 
     def needs_admin(self) -> str | None:
         """Why the node needs the admin now (a transaction held: ``_hold``), else None."""
         return next(iter(self.held.values()), None)
 
-    async def _hold(self, txn: Txn, unwritable: str, *, kept: bool, said: str) -> None:
-        """The task died for good and the journal still cannot be written (``unwritable``):
+    def _held_line(self, txn: Txn, refused: Unwritable, *, frozen: bool) -> str:
+        """What the agent's view of its server says after "needs the admin: " while ``txn`` is
+        held: the cause and what to do first (the leader keeps 200 characters of it, its
+        prefix included), then what waits."""
+        return (
+            f"its journal cannot be written ({refused.cause}):"
+            f" {refused.hint(self.journal.path.parent)}; the {txn.kind} of rollout"
+            f" {txn.rollout_id[:40]} waits mid-way{', writes refused' if frozen else ''},"
+            " and then goes on by itself"
+        )
+
+    async def _hold(
+        self, txn: Txn, refused: Unwritable, *, frozen: bool, lift: bool, said: str
+    ) -> None:
+        """The task died for good and the journal still cannot be written (``refused``):
         say so (``held``: the agent's view of its server, hence the leader's `tlsroll nodes`,
         schema and rollout status) and ask the journal again with backoff (``HOLD_BACKOFF``)
         until a write takes; the task then carries the transaction on from the journal. The
-        server is left as ``_die`` left it (``kept``: frozen; ``said``: what was done)."""
+        server is left as ``_die`` left it (``frozen``: the freeze is on; ``said``: what was
+        done), but for a freeze it left (``lift``): the lift is tried again at each look as
+        ``_die`` tried it (``_lift_held``), as each start of the agent did when it exited."""
         key = (txn.rollout_id, txn.kind.value)
-        self.held[key] = (
-            f"its journal cannot be written ({unwritable}): the {txn.kind} of rollout"
-            f" {txn.rollout_id} waits mid-way{', writes refused' if kept else ''}; free space"
-            f" in {self.journal.path.parent} (the agent then carries it on by itself)"
+        self.held[key] = self._held_line(txn, refused, frozen=frozen)
+        self.held_said = f"{self.held[key]}; {said.removeprefix('; ')}; {refused.error}"
+        where = self.journal.path.parent
+        hint = f"{refused.hint(where)}: the agent then carries it on"
+        log.error(
+            "txn.held", rollout_id=txn.rollout_id, kind=txn.kind, detail=self.held_said, hint=hint
         )
-        self.held_said = f"{self.held[key]}; {said.removeprefix('; ')}"
-        log.error("txn.held", rollout_id=txn.rollout_id, kind=txn.kind, detail=self.held_said)
         self._tell_held()
         try:
             attempt, logged = 0, time.monotonic()
             while True:
                 attempt += 1
                 await self.sleep(HOLD_BACKOFF.delay(attempt))
-                if not (unwritable := await self._probe(txn)):
+                if lift and await self._lift_held(txn):
+                    lift = False
+                    self.held[key] = self._held_line(txn, refused, frozen=False)
+                    self._tell_held()
+                if (again := await self._probe(txn)) is None:
                     break
+                refused = again
                 if worth_logging(attempt, time.monotonic() - logged):
                     logged = time.monotonic()
                     log.warning(
                         "txn.still_held",
                         rollout_id=txn.rollout_id,
                         kind=txn.kind,
-                        error=unwritable,
-                        hint="free space under the agent's data dir (or make it writable): the"
-                        " switch carries on by itself once its journal takes a write",
+                        error=again.error,
+                        hint=f"{again.hint(where)}: the agent then carries it on",
                     )
         finally:
             del self.held[key]
@@ -1026,6 +1110,42 @@ class Runner:
             kind=txn.kind,
             detail="the journal takes writes again: the transaction goes on",
         )
+
+    async def _lift_held(self, txn: Txn) -> bool:
+        """While ``txn`` is held: lift the freeze ``_die`` left (kept, the server refused the
+        unfreeze, or the scope freeze's lease held it then), as ``_die`` would now: unless the
+        server does not prove it runs a verified config (``_unproved``, asked again: a verify
+        may pass now, the server may have changed) or a scope freeze's lease still holds (in
+        elapsed time: its renewal cannot be journalled either, so it runs out, as the leader
+        counts it). True once lifted; never raises."""
+        try:
+            if await self._unproved(txn):
+                return False
+            async with self.freeze_lock:
+                lease = await dbthread.run(self.journal.freeze_lease)
+                scope = bool(txn.plan.get("keep_frozen", False))
+                if (
+                    scope
+                    and lease is not None
+                    and not self.leases.lapsed(lease, self.clock(), self.monotonic())
+                ):
+                    return False
+                await self.driver.unfreeze()
+        except Exception as exc:
+            log.warning(
+                "txn.held_unfreeze_failed",
+                rollout_id=txn.rollout_id,
+                kind=txn.kind,
+                error=describe(exc),
+            )
+            return False
+        log.warning(
+            "txn.held_unfrozen",
+            rollout_id=txn.rollout_id,
+            kind=txn.kind,
+            detail="writes are accepted again while the transaction waits for its journal",
+        )
+        return True
 
     def _tell_held(self) -> None:
         if self.on_held is not None:

@@ -49,7 +49,7 @@ from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
 from tests.conftest import count_thread_hops
 from tests.private_files import write_private
-from tlsroll import dbthread, fsutil, password
+from tlsroll import dbthread, fsutil, password, peertext
 from tlsroll.config import ConfigFile
 from tlsroll.enums import TxnKind, TxnOutcome
 
@@ -695,11 +695,21 @@ async def crashed_after_frozen(w: World) -> None:
     w.server.frozen = False
 
 
+def disk_full(text: str, code: str = "SQLITE_FULL") -> JournalError:
+    """The journal's error for a write that failed as SQLite's ``code`` (its cause, as
+    ``Journal._error`` raises it)."""
+    cause = sqlite3.OperationalError("database or disk is full")
+    cause.sqlite_errorname = code
+    error = JournalError(text)
+    error.__cause__ = cause
+    return error
+
+
 class FullJournal(CrashingJournal):
     """A journal whose every write fails (a full disk under the agent's data dir)."""
 
     def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        raise JournalError(f"journal: database or disk is full ({label})")
+        raise disk_full(f"journal: database or disk is full ({label})")
 
     def probe(self) -> None:  # (not in the transcript of a journal that takes writes)
         self._write("probe", super().probe)
@@ -763,7 +773,7 @@ class FullFrom(CrashingJournal):
     def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.full = self.full or label.startswith(self.full_from)
         if self.full:
-            raise JournalError(f"journal: database or disk is full ({label})")
+            raise disk_full(f"journal: database or disk is full ({label})")
         return super()._write(label, write, *args, **kwargs)
 
     def probe(self) -> None:  # fails once full; not in the transcript before
@@ -876,7 +886,7 @@ class Filling(CrashingJournal):
 
     def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.full:
-            raise JournalError(f"journal {self.path}: database or disk is full (SQLITE_FULL)")
+            raise disk_full(f"journal {self.path}: database or disk is full (SQLITE_FULL)")
         return super()._write(label, write, *args, **kwargs)
 
     def probe(self) -> None:
@@ -919,14 +929,17 @@ async def test_an_agent_started_again_on_a_full_journal_restarts_nothing_and_hol
     assert not task.done() and not runner.dead.is_set(), (s.ops, runner.fatal)
     assert s.ops == [] and s.frozen and s.running == sc.target, s.ops  # no restart, no lift
     why = runner.needs_admin()
-    assert why is not None and why.startswith(
-        "its journal cannot be written (database or disk is full (SQLITE_FULL)): the switch of"
-        " rollout r1 waits mid-way, writes refused; free space in "
+    assert why == (
+        f"its journal cannot be written (disk full: SQLITE_FULL): free space in"
+        f" {w.journal_path.parent}; the switch of rollout r1 waits mid-way, writes refused, and"
+        " then goes on by itself"
     ), why
-    assert str(w.journal_path.parent) in why
     assert "the freeze is kept" in runner.held_said, runner.held_said
     view = await agent._view()  # what the heartbeats say, hence the leader
     assert not view.healthy and view.detail == f"needs the admin: {why}", view
+    # What the leader keeps of it (200 characters, ``peertext.clean``) says what to do
+    # (review of session 70: the hint came last, cut off by a rollout id and a long path).
+    assert f"free space in {w.journal_path.parent};" in peertext.clean(view.detail, 200)
     assert transaction.HOLD_BACKOFF.delay(1) in w.time.slept  # it asks again with backoff
 
     if end == "agent stopped":
@@ -947,6 +960,166 @@ async def test_an_agent_started_again_on_a_full_journal_restarts_nothing_and_hol
     assert not (await agent._view()).detail.startswith("needs the admin"), await agent._view()
     w.assert_ended_well(journal)
     journal.close()
+
+
+class RefusingUnfreeze(FakeDriver):
+    """The fake server, whose unfreeze fails while ``refusing`` (its own state on the full
+    disk too, say)."""
+
+    refusing = True
+
+    async def unfreeze(self) -> None:
+        if self.refusing:
+            self.server.ops.append("unfreeze refused")
+            raise DriverError("unfreeze: the server could not save its state")
+        await super().unfreeze()
+
+
+async def held_told(runner: Runner, told: asyncio.Event) -> None:
+    """Wait until ``runner`` tells a change of its hold (``on_held``), at most a minute."""
+    await asyncio.wait_for(told.wait(), 60)
+    told.clear()
+
+
+@pytest.mark.parametrize("why", ["unfreeze refused", "scope lease"])
+async def test_a_held_switch_lifts_the_freeze_its_death_left_once_it_may(
+    why: str, world: Callable[..., World]
+) -> None:
+    """Review of session 70's hold (M): a switch dead on a full journal at ``frozen`` (the
+    source runs: the freeze may be lifted) whose freeze ``_die`` could not lift (the server
+    refused the unfreeze) or left to the scope freeze's lease (which, unrenewable on the full
+    disk, runs out) stayed frozen for as long as the disk was full: the hold never tried again
+    (before the hold, each start of the agent did), and the node's view said it waited, not
+    that it refused writes. Now the view says "writes refused" while it does, and the hold
+    lifts the freeze as soon as ``_die`` would (the unfreeze taken, the lease run out)."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    if why == "scope lease":
+        w.plan = replace(w.plan, keep_frozen=True)
+        w.txn = replace(w.txn, plan=w.plan.to_json())
+    await died_on_full(w, "config_written")
+    s = w.server
+    assert (s.running, s.frozen) == (sc.start, True)
+    s.ops.clear()
+    end = w.time.monotonic() + 300
+    if why == "scope lease":
+        with contextlib.closing(Journal(w.journal_path)) as journal:
+            journal.set_freeze_lease(Lease("r1", w.time.clock() + dt.timedelta(seconds=300), 300))
+    driver = w.driver = RefusingUnfreeze(s, w.driver.config_file)
+    driver.refusing = why == "unfreeze refused"
+    journal = Filling(w.journal_path)
+    runner = w.runner(journal)
+    told = asyncio.Event()
+    runner.on_held = told.set
+    await runner.resume_all()
+    (task,) = runner.tasks.values()
+    await held_told(runner, told)
+    why_now = runner.needs_admin()
+    assert why_now is not None and "waits mid-way, writes refused" in why_now, why_now
+    assert s.frozen and not task.done()
+    assert w.time.monotonic() < end  # (the lease still holds)
+    driver.refusing = False  # the server takes its unfreeze again
+    await held_told(runner, told)  # the hold lifted it
+    assert not s.frozen and s.running == sc.start, s.ops
+    if why == "scope lease":
+        assert w.time.monotonic() >= end  # not before its lease ran out
+    why_now = runner.needs_admin()
+    assert why_now is not None and "writes refused" not in why_now, why_now
+    journal.full = False  # room again: the switch goes on, frozen again for its steps
+    done = await task
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert s.ops.count("freeze") == 1, s.ops  # frozen again for its steps, once
+    if why == "unfreeze refused":
+        assert s.ops[-1] == "unfreeze" and not s.frozen, s.ops
+    journal.close()
+
+
+async def test_a_held_switch_keeps_the_freeze_until_the_server_proves_its_config(
+    world: Callable[..., World],
+) -> None:
+    """Review of session 70's hold: a switch dead on a full journal right after its restart
+    (``config_written`` journalled, the target restarted) while the server did not answer:
+    nothing proves what it runs, so the freeze is kept ("writes refused"). Held, the agent
+    asks again as each start of it did before the hold: once the server answers as the
+    target (its watermark the freeze's: no write lost), the freeze is lifted, and the switch
+    carries on with room."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    await died_on_full(w, "restarted")
+    s = w.server
+    assert (s.running, s.frozen) == (sc.target, True)
+    s.running = None  # down (slow to start, say) as the task dies: nothing proved
+    s.ops.clear()
+    journal = Filling(w.journal_path)
+    runner = w.runner(journal)
+    told = asyncio.Event()
+    runner.on_held = told.set
+    await runner.resume_all()
+    (task,) = runner.tasks.values()
+    await held_told(runner, told)
+    why = runner.needs_admin()
+    assert why is not None and "writes refused" in why and "the freeze is kept" in said(runner)
+    assert s.frozen and s.ops == [], s.ops
+    s.running = sc.target  # it answers now, as the target
+    await held_told(runner, told)
+    assert not s.frozen and s.ops == ["unfreeze"], s.ops
+    why = runner.needs_admin()
+    assert why is not None and "writes refused" not in why, why
+    journal.full = False
+    done = await task
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    w.assert_ended_well(journal)
+    journal.close()
+
+
+class BrokenJournal(CrashingJournal):
+    """A journal whose every write fails with SQLite's ``code``."""
+
+    def __init__(self, path: Path, code: str) -> None:
+        super().__init__(path)
+        self.code = code
+
+    def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        raise disk_full(f"journal {self.path}: it failed ({self.code})", self.code)
+
+    def probe(self) -> None:
+        self._write("probe", super().probe)
+
+
+@pytest.mark.parametrize(
+    ("code", "held"),
+    [
+        ("SQLITE_CORRUPT", ""),
+        ("SQLITE_NOTADB", ""),
+        ("SQLITE_READONLY", "(read-only: SQLITE_READONLY): make {} writable again;"),
+        ("SQLITE_IOERR_FSYNC", "(I/O error: SQLITE_IOERR_FSYNC): check the disk and the journal"),
+        ("SQLITE_BUSY", "(locked: SQLITE_BUSY): end what else holds the journal in {};"),
+    ],
+)
+async def test_a_switch_is_held_only_on_a_journal_a_new_agent_would_find_as_unwritable(
+    code: str, held: str, world: Callable[..., World]
+) -> None:
+    """Review of session 70's hold (M): a switch whose journal took no write for any reason
+    was held, the agent saying "free space in DATA_DIR": a damaged journal too (SQLite's
+    SQLITE_CORRUPT, SQLITE_NOTADB), held for ever with advice that cannot help, where the
+    agent used to exit and its next start refuse the journal and say how to recover (exit 4,
+    ``open_journal``). Now only a disk that is full, read-only or failing, or a journal
+    locked by another process, is held on (with what to do for each); any other failure
+    exits as before."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    await died_on_full(w, "config_written")
+    journal = BrokenJournal(w.journal_path, code)
+    runner = w.runner(journal)
+    await runner.resume_all()
+    was_held = await settled(runner)
+    journal.close()
+    assert was_held is bool(held) and runner.dead.is_set() is not bool(held), said(runner)
+    if held:
+        why = runner.held_said
+        assert held.format(w.journal_path.parent) in why, why
+    else:
+        assert f"({code})" in runner.fatal and "exiting so that" in runner.fatal, runner.fatal
 
 
 async def test_a_dying_transaction_keeps_the_freeze_where_the_config_file_is_not_the_target(
