@@ -1137,6 +1137,8 @@ class Runner:
                 rollout_id=txn.rollout_id,
                 kind=txn.kind,
                 error=describe(exc),
+                detail="the server stays frozen (writes refused); the agent tries again at its"
+                " next look while the switch is held",
             )
             return False
         log.warning(
