@@ -7,6 +7,7 @@ allow is said plainly."""
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import json
 from collections.abc import Iterator
@@ -293,6 +294,31 @@ def test_the_rest_of_a_large_mixed_cluster_is_one_short_command_said_alike_every
         "tlsroll plan --nodes a,b, then tlsroll rollout start --nodes a,b"
     )
     assert mixed({"a": "https", "b": "down: x"}) is None  # nothing on http: not mixed
+
+
+def test_the_command_for_the_nodes_behind_the_newest_password_names_ten_at_most() -> None:
+    """Session 69 left it: ``password_behind``'s command (`tlsroll nodes`, `schema show`, the
+    viewer) named every node behind in one ``--nodes``; it is capped as the mixed cluster's
+    advice is: ten by name, then the next ten the same way (never the cluster: it would take
+    in nodes on http, where a change-password does not start)."""
+    from leader.cli.draw import password_behind_words
+    from leader.schema_store import PasswordBehind, StagedAuth
+    from leader.schema_view import behind_view, finish_password_command
+    from tlsroll.wire import to_dict
+
+    start = "tlsroll rollout start --change change-password --nodes "
+    assert finish_password_command(["c", "a"]) == start + "a,c"  # a few: the exact command
+    ten = [f"n{i:03}" for i in range(1, 11)]
+    assert finish_password_command(reversed(ten)) == start + ",".join(ten)
+    many = [f"n{i:03}" for i in range(1, 201)]
+    command = finish_password_command(many)
+    assert command == start + ",".join(ten) + ", then the next 10 of them the same way, and so on"
+    behind = PasswordBehind(
+        StagedAuth(2, "admin:x", dt.datetime(2026, 12, 1, tzinfo=dt.UTC)),
+        tuple((n, 1) for n in many),
+    )
+    shown = password_behind_words(to_dict(behind_view(behind)))[2]  # `schema show`, `nodes`
+    assert shown.endswith(command) and "n011" not in shown, shown
 
 
 def test_the_rest_of_a_mixed_cluster_is_a_cluster_rollout_only_where_it_leaves_https_alone() -> (
