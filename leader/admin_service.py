@@ -26,7 +26,7 @@ from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.layout import Layout
-from leader.mixed_cluster import mixed
+from leader.mixed_cluster import is_dual, mixed
 from leader.node_check import check_nodes
 from leader.plan_texts import edited_config_line, outside_scope_warning, plan_texts
 from leader.planner import not_on_https, too_old
@@ -529,12 +529,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not outside:
             return ""
         other: Collection[str] = ()
+        left_by: dict[str, str] = {}
         if rollout.change is Change.ENABLE_TLS:  # (the only change that says how to switch)
             other = await asyncio.to_thread(
                 self.schema.other_certificates, outside, dict(self.state.served_fingerprints)
             )
+            if dual := [n for n, s in outside.items() if is_dual(s)]:
+                left_by = await asyncio.to_thread(self.schema.left_dual, dual)
         return outside_scope_warning(
-            rollout.change, [r.name for r in nodes], outside, self.leader_node or "", other
+            rollout.change, [r.name for r in nodes], outside, self.leader_node or "", other, left_by
         )
 
     async def _on_http(self, names: list[str], rollout: Rollout) -> dict[str, int]:

@@ -7,8 +7,8 @@ command). Plain code with nothing imported: `schema show` imports it.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 NAMED = 10
 """Nodes named at most in a line (``leader.planner.MAX_NAMED``; a test keeps them equal), and
@@ -114,11 +114,50 @@ def _serve(names: Sequence[str]) -> str:
     return f"{some_names(names)} {'serves' if len(names) == 1 else 'serve'}"
 
 
+def dual_left_by(dual: Collection[str], rollouts: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Of the ``dual`` nodes, the rollout that left each on http and https: the newest (by
+    epoch) transitional enable-tls rollout (a phase 1) among ``rollouts`` (as `schema show
+    --json` gives them) that has the node, by node; a node in none of them is left out (the
+    way then names no rollout). The leader's own reading is ``SchemaStore.left_dual``."""
+    found: dict[str, tuple[int, str]] = {}
+    wanted = set(dual)
+    for r in rollouts:
+        if r.get("change") != "enable-tls" or r.get("strategy") != "transitional":
+            continue
+        epoch = int(r.get("epoch", 0))
+        for n in r.get("nodes", ()):
+            name = n.get("name", "")
+            if name in wanted and (name not in found or found[name][0] < epoch):
+                found[name] = (epoch, str(r.get("id", "")))
+    return {name: rid for name, (_, rid) in found.items() if rid}
+
+
+def dual_way(dual: Sequence[str], left_by: Mapping[str, str] | None = None) -> str:
+    """How to close http on the ``dual`` nodes: the finalize or retry of the rollout that left
+    them (``left_by``, by node, ``dual_left_by``): by its id, in the commands where one left
+    them all (session 69 said "the rollout that left it" and named none), else each node's."""
+    one = len(dual) == 1
+    them = "it" if one else "them"
+    ids = {left_by[n] for n in dual if left_by and n in left_by}
+    if len(ids) == 1 and all(left_by and n in left_by for n in dual):
+        (rid,) = ids
+        return (
+            f"close http there with tlsroll rollout finalize {rid}, or tlsroll rollout retry "
+            f"{rid} (the rollout that left {them} so)"
+        )
+    said = "close http there with tlsroll rollout finalize, or tlsroll rollout retry, of the "
+    if not ids:
+        return said + f"rollout that left {them}"
+    named = [f"{n}: {left_by[n]}" for n in dual if left_by and n in left_by]
+    return said + f"rollout that left each ({some_names(named)})"
+
+
 def switch_the_rest(
     on_http: Sequence[str],
     unknown: Sequence[str] = (),
     dual: Sequence[str] = (),
     other_certificate: Sequence[str] = (),
+    left_by: Mapping[str, str] | None = None,
 ) -> str:
     """How to switch the nodes ``on_http`` (sorted) to https: "tlsroll plan …, then tlsroll
     rollout start …". ``unknown``: the enrolled nodes whose server is not known now, which a
@@ -126,7 +165,8 @@ def switch_the_rest(
     (``Mixed``'s): nodes on https that a cluster enable-tls does not leave alone: with any,
     beyond ``NAMED`` nodes on http, ten at a time, saying why not the cluster (review of s69,
     M: "the nodes on https already are left alone" was said of them too); a dual node is
-    named with its own way (the finalize or retry of the rollout that left it)."""
+    named with its own way (the finalize or retry of the rollout that left it: ``dual_way``,
+    by its id where ``left_by`` knows it)."""
     scope = rest_scope(on_http, not dual and not other_certificate)
     said = f"tlsroll plan {scope}, then tlsroll rollout start {scope}"
     if scope == CLUSTER:
@@ -143,19 +183,18 @@ def switch_the_rest(
             )
         said += f", {NEXT} (not {CLUSTER}: {'; '.join(why)})"
     if dual:
-        one = len(dual) == 1
         said += (
             f"; {_serve(dual)} http and https, as a transitional rollout's phase 1 leaves a "
-            f"node: close http there with tlsroll rollout finalize, or tlsroll rollout retry, "
-            f"of the rollout that left {'it' if one else 'them'}"
+            f"node: {dual_way(dual, left_by)}"
         )
     return said
 
 
-def mixed_line(m: Mixed) -> str:
-    """The line that says a cluster is mixed and how to switch the rest."""
+def mixed_line(m: Mixed, left_by: Mapping[str, str] | None = None) -> str:
+    """The line that says a cluster is mixed and how to switch the rest (``left_by``: the
+    rollout that left each dual node, ``dual_left_by``)."""
     return (
         f"a mixed cluster: {some_names(m.on_http)} on http, {some_names(m.on_https)} on "
         f"https; to switch the rest: "
-        f"{switch_the_rest(m.on_http, m.unknown, m.dual, m.other_certificate)}"
+        f"{switch_the_rest(m.on_http, m.unknown, m.dual, m.other_certificate, left_by)}"
     )

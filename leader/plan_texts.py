@@ -219,6 +219,7 @@ def outside_scope_warning(
     outside: Mapping[str, str],
     leader_node: str = "",
     other_certificate: Collection[str] = (),
+    left_by: Mapping[str, str] | None = None,
 ) -> str:
     """The warning of a plan whose scope leaves enrolled nodes out (``--scope local``,
     ``--nodes``), in plain words before the start (the seed: the choice between the local node
@@ -227,8 +228,9 @@ def outside_scope_warning(
     and how to finish. ``outside``: each enrolled node outside the plan with its server by
     its latest heartbeat (``NodeInfo.server``); ``other_certificate``: those of them on https
     with a certificate not known as one of this CA (``SchemaStore.other_certificates``), which
-    the way to switch the rest leaves out (``leader.mixed_cluster``). "" where nothing is left
-    different."""
+    the way to switch the rest leaves out (``leader.mixed_cluster``); ``left_by``: the rollout
+    that left each node on http and https (``SchemaStore.left_dual``). "" where nothing is
+    left different."""
 
     def them(names: Sequence[str]) -> str:
         return f"{some_names(names)} {'stays' if len(names) == 1 else 'stay'}"
@@ -249,7 +251,7 @@ def outside_scope_warning(
             "on http, so the cluster is mixed afterwards (some servers on https, some on "
             "http). Only the workstations of the servers that switch need the client steps; "
             f"those of {some_names(left)} keep their http address. To switch the rest later: "
-            f"{switch_the_rest(left, unknown, dual, other)} (tlsroll notify with the same "
+            f"{switch_the_rest(left, unknown, dual, other, left_by)} (tlsroll notify with the same "
             "scope tells the staff which servers change)."
         )
     if change is Change.DISABLE_TLS:

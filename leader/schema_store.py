@@ -1387,6 +1387,23 @@ class SchemaStore(LeaderStore):
             known = {str(r[0]) for r in rows}
         return frozenset(n for n in https if reported.get(n, "") not in known)
 
+    def left_dual(self, names: Collection[str]) -> dict[str, str]:
+        """Of ``names`` (nodes serving http and https), the rollout that left each so: the
+        newest (by epoch) transitional enable-tls rollout (a phase 1) that has the node, by
+        node; one in none is left out (``leader.mixed_cluster.dual_way`` names the id: session
+        69 said "the rollout that left it"). Read only where the cluster has such nodes."""
+        if not names:
+            return {}
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT n.name, r.id, max(r.epoch) FROM rollout_nodes n"
+                " JOIN rollouts r ON r.id = n.rollout_id"
+                " WHERE r.change = 'enable-tls' AND r.strategy = 'transitional'"
+                " AND n.name IN (SELECT value FROM json_each(?)) GROUP BY n.name",
+                (json.dumps(sorted(names)),),
+            ).fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
+
     def latest_auth_version(self) -> int:
         with self._db.read() as db:
             row = db.execute(_LATEST_AUTH).fetchone()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
-from leader.mixed_cluster import mixed
+from leader.mixed_cluster import NAMED, NEXT, mixed, rest_scope
 from leader.planner import stale_reports
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
@@ -513,8 +513,14 @@ def schema_message(
 
 
 def finish_password_command(nodes: Iterable[str]) -> str:
-    """The start that gives ``nodes`` the newest staged password (``PasswordBehindView``)."""
-    return f"tlsroll rollout start --change change-password --nodes {','.join(nodes)}"
+    """The start that gives ``nodes`` the newest staged password (``PasswordBehindView``): at
+    most ``NAMED`` of them by name, then the next ten the same way, as the advice of a mixed
+    cluster names them (``mixed_cluster.rest_scope``; session 69 named every node behind in
+    one ``--nodes``). Not ``--scope cluster``: it takes in every node, in a mixed cluster
+    those on http too, where a change-password does not start."""
+    names = sorted(nodes)
+    said = f"tlsroll rollout start --change change-password {rest_scope(names, cluster=False)}"
+    return f"{said}, {NEXT}" if len(names) > NAMED else said
 
 
 def behind_view(behind: PasswordBehind) -> schema_pb2.PasswordBehindView:

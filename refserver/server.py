@@ -16,7 +16,10 @@ Public API, under the app path ``APP`` (e.g. ``/praxis_live/``); every answer is
     POST APP login           {"password": "..."} -> 200 {"ok": true} | 401 | 409 (none configured)
                              | 403 "https_required" on http (the body is not read: the
                              password never crosses the network in clear, also in the dual
-                             phase, when the http listener is up with the same verifier)
+                             phase, when the http listener is up with the same verifier);
+                             a generated password typed in capitals or with other
+                             separators is taken in its form, as a workstation sends it
+                             (``tlsroll.password.folded``)
                              | 429 + Retry-After: too many wrong passwords from this address
                              (5 free, then 2 s doubling up to 15 min; a right one clears it),
                              or from anywhere (``login_ceiling`` a day for the whole server);
@@ -476,6 +479,10 @@ class RefServer:
             # is, before it is counted (it failed in the hash: a 500 and a traceback, review s66
             # pw L1).
             return _error(400, "bad_request", '"password" is not UTF-8 text (a lone surrogate)')
+        # A generated password typed in capitals, or with spaces or nothing between its
+        # groups, in its form: as a workstation sends it (``password.folded``; session 69 left
+        # /login without it). `password set` takes no chosen one of that shape in another form.
+        secret = password.folded(secret)
         source = source_key(request.remote)
         wait, now = await self._login_allowed(source, request)
         if _gone(request):

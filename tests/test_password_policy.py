@@ -4,12 +4,17 @@ with one line saying why (exit 2), before the leader is contacted; ``--generate`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from leader import password_policy
-from tlsroll import cli, password
+from tlsroll import cli, contract, password
+from tlsroll.v1 import admin_pb2, admin_pb2_grpc
 
 
 @pytest.mark.parametrize(
@@ -115,3 +120,94 @@ def test_the_admin_cli_refuses_a_generated_shape_not_written_as_generated(
     code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
     err = capsys.readouterr().err
     assert code != 2 and "no admin socket" in err, err
+
+
+# --- the nodes' names as known words (session 69 left them out) -------------------------------
+
+NODE = "kardiologie-ost"
+DNS = "srv7.praxis-weber.example"
+
+
+def test_the_nodes_names_and_their_parts_are_known_words() -> None:
+    from leader.cli.password import name_words
+
+    words = name_words([NODE, DNS, "n1", "Empfang"])
+    assert words == (
+        "kardiologie-ost",
+        "kardiologie",
+        "ost",
+        "srv7.praxis-weber.example",
+        "srv7",
+        "praxis-weber",
+        "example",
+        "praxis",
+        "weber",
+        "empfang",
+    )
+    # "<node name>2026!" passes the policy alone (a word zxcvbn does not know), not with it
+    for secret, name in (("kardiologie-ost2026!", NODE), ("Praxis-Weber2026!#", DNS)):
+        assert password_policy.problem(secret) is None, secret
+        why = password_policy.problem(secret, name_words([name]))
+        assert why is not None and "too easy to guess" in why, secret
+
+
+class _Leader(admin_pb2_grpc.AdminServicer):
+    """The two calls `password set --password-file` makes: the nodes, and the staging."""
+
+    def __init__(self) -> None:
+        self.staged: list[str] = []
+
+    def ListNodes(self, request: Any, context: Any) -> admin_pb2.ListNodesResponse:
+        context.send_initial_metadata(contract.announced())  # this code, as the leader says
+        return admin_pb2.ListNodesResponse(
+            nodes=[admin_pb2.NodeInfo(name=NODE, dns_names=[DNS]), admin_pb2.NodeInfo(name="n2")]
+        )
+
+    def SetPassword(self, request: Any, context: Any) -> admin_pb2.SetPasswordResponse:
+        context.send_initial_metadata(contract.announced())
+        self.staged.append(request.auth_verifier_json)
+        return admin_pb2.SetPasswordResponse(version=len(self.staged))
+
+
+@pytest.fixture
+def listing_leader(tmp_path: Path) -> Iterator[tuple[Path, _Leader]]:
+    """A gRPC server on a Unix socket answering as the leader's admin socket does (in
+    process: the point is what the CLI asks and judges, not the leader)."""
+    sock = tmp_path / "admin.sock"
+    servicer = _Leader()  # type: ignore[abstract]  # only the calls under test
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)
+    server.add_insecure_port(f"unix:{sock}")
+    server.start()
+    try:
+        yield sock, servicer
+    finally:
+        server.stop(None).wait(30)
+
+
+@pytest.mark.parametrize("secret", ["kardiologie-ost2026!", "Praxis-Weber2026!#"])
+def test_password_set_judges_a_chosen_password_with_the_nodes_names(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    listing_leader: tuple[Path, _Leader],
+    secret: str,
+) -> None:
+    """A password made of a node's name (or a part of its DNS name) and a year is as weak as
+    one of a word and a year: refused with one line (exit 2) once the leader named its
+    nodes, before it is asked to stage it; a strong one is staged as before."""
+    sock, leader = listing_leader
+    path = tmp_path / "pw"
+    path.touch(0o600)
+    path.write_text(secret + "\n")
+    code = cli.main(["--socket", str(sock), "password", "set", "--password-file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("tlsroll: error: "), err
+    assert "too easy to guess" in err and "the nodes' names count as known words" in err, err
+    assert "or use --generate" in err and secret not in err
+    assert leader.staged == []
+    path.write_text("kardiologie-ost-Zugspitze-Lerche-82!\n")
+    code = cli.main(["--socket", str(sock), "password", "set", "--password-file", str(path)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "password version 1 staged." in out.out and len(leader.staged) == 1

@@ -390,6 +390,18 @@ def test_an_unusable_password_file_is_a_one_line_usage_error(
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+    # Session 69 left it: made of the nodes' names (node1, node2), which the policy alone
+    # does not know; judged again once the leader listed them, before it takes it or plans.
+    by_names = secret_file(tmp_path / "by-names", "node1node2node1")
+    for args in (
+        ("rollout", "start", "--scope", "cluster", "--password-file", str(by_names), "--yes"),
+        ("password", "set", "--password-file", str(by_names)),
+    ):
+        result = world.cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        (line,) = result.stderr.strip().splitlines()
+        assert "the nodes' names count as known words" in line, line
+        assert "node1node2node1" not in line
     assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
 
 

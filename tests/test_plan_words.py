@@ -7,6 +7,7 @@ allow is said plainly."""
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import json
 from collections.abc import Iterator
@@ -295,6 +296,31 @@ def test_the_rest_of_a_large_mixed_cluster_is_one_short_command_said_alike_every
     assert mixed({"a": "https", "b": "down: x"}) is None  # nothing on http: not mixed
 
 
+def test_the_command_for_the_nodes_behind_the_newest_password_names_ten_at_most() -> None:
+    """Session 69 left it: ``password_behind``'s command (`tlsroll nodes`, `schema show`, the
+    viewer) named every node behind in one ``--nodes``; it is capped as the mixed cluster's
+    advice is: ten by name, then the next ten the same way (never the cluster: it would take
+    in nodes on http, where a change-password does not start)."""
+    from leader.cli.draw import password_behind_words
+    from leader.schema_store import PasswordBehind, StagedAuth
+    from leader.schema_view import behind_view, finish_password_command
+    from tlsroll.wire import to_dict
+
+    start = "tlsroll rollout start --change change-password --nodes "
+    assert finish_password_command(["c", "a"]) == start + "a,c"  # a few: the exact command
+    ten = [f"n{i:03}" for i in range(1, 11)]
+    assert finish_password_command(reversed(ten)) == start + ",".join(ten)
+    many = [f"n{i:03}" for i in range(1, 201)]
+    command = finish_password_command(many)
+    assert command == start + ",".join(ten) + ", then the next 10 of them the same way, and so on"
+    behind = PasswordBehind(
+        StagedAuth(2, "admin:x", dt.datetime(2026, 12, 1, tzinfo=dt.UTC)),
+        tuple((n, 1) for n in many),
+    )
+    shown = password_behind_words(to_dict(behind_view(behind)))[2]  # `schema show`, `nodes`
+    assert shown.endswith(command) and "n011" not in shown, shown
+
+
 def test_the_rest_of_a_mixed_cluster_is_a_cluster_rollout_only_where_it_leaves_https_alone() -> (
     None
 ):
@@ -386,6 +412,50 @@ def test_the_rest_of_a_mixed_cluster_is_a_cluster_rollout_only_where_it_leaves_h
         "rollout's phase 1 leaves a node: close http there with tlsroll rollout finalize, or "
         "tlsroll rollout retry, of the rollout that left it"
     )
+
+
+def test_a_dual_node_s_way_names_the_rollout_that_left_it() -> None:
+    """Session 69 left it: the way for a node on http and https named "the rollout that left
+    it", not its id. The newest transitional enable-tls rollout (a phase 1) that has the node
+    is named in the commands (`schema show` and `tlsroll nodes` from the rollouts they read,
+    the plan and the viewer from the store: ``SchemaStore.left_dual``); two that left nodes
+    so are named by node; one not known leaves the words as they were."""
+    from leader.mixed_cluster import dual_left_by, dual_way, mixed, mixed_line
+    from leader.plan_texts import outside_scope_warning
+    from leader.rollout_core import Change
+
+    def rollout(rid: str, epoch: str, change: str, strategy: str, *nodes: str) -> dict[str, Any]:
+        # (as `schema show --json` gives it: a uint64 epoch is a string there)
+        named = [{"name": n} for n in nodes]
+        return {"id": rid, "epoch": epoch, "change": change, "strategy": strategy, "nodes": named}
+
+    rollouts = [
+        rollout("r4", "4", "finalize", "direct", "b"),  # its finalize (aborted): not it
+        rollout("r3", "3", "enable-tls", "direct", "d"),
+        rollout("r2", "2", "enable-tls", "transitional", "b", "d"),
+        rollout("r1", "1", "enable-tls", "transitional", "b", "e"),
+    ]
+    assert dual_left_by(["b", "e", "x"], rollouts) == {"b": "r2", "e": "r1"}
+    few = mixed({"a": "http", "b": "http+https", "c": "https"})
+    assert few is not None
+    assert mixed_line(few, dual_left_by(few.dual, rollouts)) == (
+        "a mixed cluster: a on http, b, c on https; to switch the rest: tlsroll plan --nodes a, "
+        "then tlsroll rollout start --nodes a; b serves http and https, as a transitional "
+        "rollout's phase 1 leaves a node: close http there with tlsroll rollout finalize r2, "
+        "or tlsroll rollout retry r2 (the rollout that left it so)"
+    )
+    assert dual_way(["b", "e"], {"b": "r2", "e": "r1"}) == (
+        "close http there with tlsroll rollout finalize, or tlsroll rollout retry, of the "
+        "rollout that left each (b: r2, e: r1)"
+    )
+    assert dual_way(["b", "e"], {"b": "r2", "e": "r2"}).endswith(
+        "finalize r2, or tlsroll rollout retry r2 (the rollout that left them so)"
+    )
+    assert dual_way(["b"], {}).endswith("of the rollout that left it")  # not known: as before
+    warned = outside_scope_warning(
+        Change.ENABLE_TLS, ["c"], {"a": "http", "b": "http+https"}, left_by={"b": "r2"}
+    )
+    assert "tlsroll rollout finalize r2, or tlsroll rollout retry r2" in warned, warned
 
 
 def test_the_plan_and_the_help_say_which_node_scope_local_is() -> None:

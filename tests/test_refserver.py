@@ -1056,6 +1056,15 @@ def test_login_checks_the_verifier_read_at_start_up(
         return server.request("POST", "login", {"password": secret}, scheme="https", context=ctx)
 
     assert login(old_secret).status == 200 and login(old_secret).json() == {"ok": True}
+    # Typed otherwise (Caps Lock, spaces or nothing between the groups): folded to its form,
+    # as the workstation folds it (session 69 left /login without it).
+    typed_otherwise = {
+        "capitals": old_secret.upper(),
+        "spaces": old_secret.replace("-", " "),
+        "no separators": old_secret.replace("-", ""),
+    }
+    for how, typed in typed_otherwise.items():
+        assert login(typed).status == 200, how  # (never the password in a failure's output)
     wrong = login(new_secret)
     assert wrong.status == 401 and wrong.json()["ok"] is False
     assert login("").status == 400 and login(42).status == 400

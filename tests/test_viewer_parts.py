@@ -2257,16 +2257,38 @@ def test_the_page_says_a_cluster_rollout_only_where_it_leaves_the_nodes_on_https
     reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset())
     reader.live_server = lambda name: servers.get(name, "")
     reader.served_reported = lambda: {"n14": "sha256:" + "ab" * 32}  # not of this CA
+    # The phase 1 that left n01 on http and https, named by its id (session 69 said "the
+    # rollout that left them so" and named none).
+    from leader.mixed_cluster import dual_left_by
+    from leader.rollout_enums import Strategy
+
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="p1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.of_nodes(("n01",)),
+        enrolled=dict.fromkeys(names, True),
+        leader="n01",
+        epoch=schema.next_epoch(),
+        strategy=Strategy.TRANSITIONAL,
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="n01")
+    schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
+    assert schema.left_dual(["n01", "n02"]) == {"n01": "p1"}
     part = reader.read(clients=False, page=True)
-    m = reader.read().schema.mixed_cluster  # /api/v1/schema, as `schema show --json`
+    whole = reader.read().schema  # /api/v1/schema, as `schema show --json`
+    m = whole.mixed_cluster
     assert (list(m.dual), list(m.other_certificate)) == (["n01"], ["n14"])
+    # what `schema show` and `tlsroll nodes` find the same rollout by, in that JSON's form
+    assert dual_left_by(m.dual, wire.to_dict(whole)["rollouts"]) == {"n01": "p1"}
     context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
     batch = "--nodes " + ",".join(names[1:11])
     for lang, said in (
         ("en", ("</code>, then the next 10 of them", "phase 1 leaves a node: n01.",
-                "tlsroll rollout finalize", "not of this cluster&#39;s CA: n14.")),
+                "tlsroll rollout finalize p1, or tlsroll rollout retry p1 (the rollout",
+                "not of this cluster&#39;s CA: n14.")),
         ("de", ("</code>, dann die nächsten 10 ebenso", "einen Knoten lässt: n01.",
-                "tlsroll rollout finalize", "der CA dieses Multiservers ist: n14.")),
+                "tlsroll rollout finalize p1 oder tlsroll rollout retry p1 (der Rollout",
+                "der CA dieses Multiservers ist: n14.")),
     ):  # fmt: skip
         html = pages.schema_content(part, Words.of(lang), context)
         (mixed,) = re.findall(r'<p class="mixed" data-nodes="n02,.*?,n13">.*?</p>', html, re.S)

@@ -21,6 +21,7 @@ from leader.cli.base import (
     ask_first,
     emit_json,
     fail,
+    fetch_schema_json,
     fmt_time,
     free_text_param,
     not_a_secret,
@@ -129,7 +130,7 @@ def nodes(
             _renewal(n),
         )
     out.print(table)
-    if mixed := _mixed_schemes(reply.nodes):
+    if mixed := _mixed_schemes(reply.nodes, leader):
         out.print(Text(mixed, style="yellow"))
     if reply.HasField("password_behind"):  # (a change-password that ended part way: s69)
         out.print(Text(_password_behind(reply.password_behind), style="yellow"))
@@ -144,19 +145,27 @@ def _password_behind(behind: schema_pb2.PasswordBehindView) -> str:
     return f"{newest} not live on every node; still on an older one: {nodes}; {then}"
 
 
-def _mixed_schemes(listed: Sequence[admin_pb2.NodeInfo]) -> str:
+def _mixed_schemes(listed: Sequence[admin_pb2.NodeInfo], leader: Leader | None = None) -> str:
     """A line naming the enrolled nodes whose servers run http only while others run https
     (a node enrolled into a cluster already switched, or one a local switch left): nothing
     else says the cluster is mixed, and the staff at those servers' workstations were told of
     no switch (review s64 trans L5). "" if it is not; by the heartbeats' word (``server``),
-    in the words `schema show` and the viewer use (``leader.mixed_cluster``)."""
-    from leader.mixed_cluster import mixed, mixed_line  # noqa: PLC0415 - see above
+    in the words `schema show` and the viewer use (``leader.mixed_cluster``). Nodes on http
+    and https are named with the rollout that left them so, as the ``leader``'s rollouts say
+    (asked only then)."""
+    from leader.mixed_cluster import dual_left_by, mixed, mixed_line  # noqa: PLC0415
 
     enrolled = [n for n in listed if not n.HasField("removed_at")]
     m = mixed(
         {n.name: n.server for n in enrolled}, [n.name for n in enrolled if n.other_certificate]
     )
-    return mixed_line(m) if m is not None else ""
+    if m is None:
+        return ""
+    left_by: dict[str, str] = {}
+    if m.dual and leader is not None:
+        rollouts = fetch_schema_json(leader, rollouts_only=True).get("rollouts", [])
+        left_by = dual_left_by(m.dual, rollouts)
+    return mixed_line(m, left_by)
 
 
 def _clock(n: admin_pb2.NodeInfo) -> Text:

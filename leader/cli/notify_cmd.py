@@ -14,8 +14,8 @@ leaves this process). Announced: for change-password the newest staged one (its 
 it), for enable-tls the version the nodes that switched before run, which the planned rollout
 gives the others (``password_version``). About a rollout that exists (running, from its start
 on, or ended): the version it applies (``RolloutView.auth_version``), if its nodes done still
-run it (``applied_version``); never one staged since and in effect on no node yet. Not in an
-HTML notice: that is for e-mail.
+run it (``applied_version``); never one staged since and in effect on no node yet. Only in the
+text notice (to print and hand over): HTML is for e-mail, markdown for a mail, chat or wiki.
 
 The CA pin a notice gives for a node, and its ``test-connection --ca-pin`` command, are those
 of the CA the node's https certificate comes from: the cluster CA, or a practice's own CA for
@@ -207,8 +207,9 @@ def typed_text_problem(text: str, option: str) -> str | None:
     invisible character (an ESC sequence a terminal acts on when the notice is printed, a NUL,
     a direction mark that shows the words around it reversed: review s69 revpass M1, they went
     into every format as given). Nor a password's shape (a generated one): the notice gives
-    the password only with --include-password, which warns on top and never goes into HTML for
-    e-mail (review s69 revpass M2). The message never repeats the text."""
+    the password only with --include-password, which warns on top and goes into the text
+    notice only, never into one meant for sending (review s69 revpass M2). The message never
+    repeats the text."""
     if not password.is_utf8(text):
         return f"{option} is not UTF-8 text (a terminal set to another encoding, such as Latin-1?)"
     for position, char in enumerate(text, 1):
@@ -221,7 +222,7 @@ def typed_text_problem(text: str, option: str) -> str | None:
     if (kind := secret_inside(text)) is not None:
         return (
             f"{option} holds what looks like {kind}; the notice gives the password only with "
-            "--include-password (with its warning, never as HTML for e-mail): leave it out"
+            "--include-password (with its warning, only in the text notice): leave it out"
         )
     return None
 
@@ -682,7 +683,8 @@ def check_password(
     is_flag=True,
     help="Put the password into the message (only the one the notice is about: announced, "
     "for change-password the staged one, for enable-tls the one its nodes will run; about a "
-    "rollout, the one it applied; with a warning not to e-mail it; not with --format html).",
+    "rollout, the one it applied; with a warning not to e-mail it; --format text only: html "
+    "and markdown are for sending).",
 )
 @click.option(
     "--password-file",
@@ -753,10 +755,14 @@ def notify(
         raise click.UsageError("--cert-dir goes with --change enable-tls or rotate-cert")
     if password_file is not None and not include_password:
         raise click.UsageError("--password-file goes with --include-password")
-    if include_password and fmt == "html":
+    if include_password and fmt != "text":
+        # Only the plain text, to print and hand over: html is for e-mail programs, markdown
+        # for what renders it (a mail, a chat, a wiki, a ticket), each a way of sending it
+        # (the seed: not by e-mail; session 69 left markdown allowed).
         raise click.UsageError(
-            "--format html is for e-mail, and the password must not go by e-mail: leave out "
-            "--include-password (the notice then says where staff get it)"
+            f"--format {fmt} is {_SENT_BY[fmt]}, and the password must not go by e-mail: "
+            "leave out --include-password (the notice then says where staff get it), or print "
+            "the text notice (--format text) and hand it over"
         )
     # Everything that needs no zone before the leader is asked for one: bad input is a usage
     # error (exit 2) whether the leader is up or not.
@@ -972,6 +978,9 @@ def notify(
     click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret), nl=False)
     _remind(include_password)
 
+
+_SENT_BY = {"html": "for e-mail", "markdown": "for sending (a mail, a chat, a wiki)"}
+"""What each format but text is for: a way of sending the notice, never one with the password."""
 
 _ASK_PASSWORD = "add --password-file FILE (the password to include, mode 0600)"  # noqa: S105
 

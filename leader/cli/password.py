@@ -10,16 +10,21 @@ fails all the same, the error says whether the password shown was set (``passwor
 
 from __future__ import annotations
 
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from leader.cli.base import CLIError, Leader, fmt_time, out, pass_leader
 from tlsroll.cli import PathParam
 from tlsroll.v1 import admin_pb2
+
+if TYPE_CHECKING:
+    from tlsroll.v1 import admin_pb2_grpc
 
 
 def read_password_file(path: Path) -> str:
@@ -70,9 +75,9 @@ def obtain_password(
 
         if (why := password.unfolded_problem(secret)) is not None:
             raise click.BadParameter(f"the password {why}", param_hint="--password-file")
-        # No ``user_words``: the file is judged before the leader is asked (a weak one fails
-        # with no leader at all), and the CLI knows no practice or cluster name; the node names
-        # come only from the leader (review s69 revpass L4, left).
+        # No ``user_words`` yet: the file is judged before the leader is asked (a weak one
+        # fails with no leader at all); the nodes' names come from the leader, and the command
+        # judges it again with them once it is asked (``judge_with_names``).
         if (why := password_policy.problem(secret)) is not None:
             raise click.BadParameter(f"{why}; {or_else}", param_hint="--password-file")
         return secret
@@ -92,6 +97,45 @@ def obtain_password(
     out.print("  Give it to the practice staff in person or by phone, not by e-mail.")
     out.print("")
     return value
+
+
+_WORD_SPLIT = re.compile(r"[^a-z0-9]+")
+
+
+def name_words(names: Iterable[str]) -> tuple[str, ...]:
+    """The words an attacker of this cluster knows from its nodes' ``names`` (a node's name
+    and DNS names, e.g. ``kardiologie-ost``, ``srv7.praxis-weber.example``): each name, each
+    label of a DNS name (``praxis-weber``) and each part of them (``kardiologie``, ``ost``,
+    ``srv7``, ``praxis``, ``weber``) of 3 characters or more, lowered, as
+    ``password_policy.problem``'s ``user_words`` (session 69 left them out: a password
+    "<node name>2026!" passed where "<word>2026!" did not)."""
+    words: dict[str, None] = {}
+    for name in names:
+        lowered = name.strip().lower()
+        for word in (lowered, *lowered.split("."), *_WORD_SPLIT.split(lowered)):
+            if len(word) >= 3:
+                words[word] = None
+    return tuple(words)
+
+
+def judge_with_names(secret: str, names: Iterable[str], or_else: str) -> None:
+    """A usage error naming --password-file (exit 2, the policy's one line and ``or_else``,
+    never the password) if a chosen ``secret`` is too weak once the nodes' ``names``
+    (``name_words``) count as known words; what the leader told the command, before it is
+    asked to take the password."""
+    from leader import password_policy  # noqa: PLC0415 - see obtain_password
+
+    if (why := password_policy.problem(secret, name_words(names))) is not None:
+        raise click.BadParameter(
+            f"{why} (the nodes' names count as known words); {or_else}",
+            param_hint="--password-file",
+        )
+
+
+def node_names(leader: Leader, admin: admin_pb2_grpc.AdminStub) -> list[str]:
+    """The enrolled nodes' names and DNS names, as the leader lists them (``ListNodes``)."""
+    reply = leader.call(admin.ListNodes, admin_pb2.ListNodesRequest())
+    return [name for n in reply.nodes for name in (n.name, *n.dns_names)]
 
 
 # What the transport's error says when the request may have reached the leader before the
@@ -183,6 +227,8 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
     if generate:
         require_terminal()
     with leader.admin() as admin:
+        if secret is not None:  # a chosen one: weak once the nodes' names are known?
+            judge_with_names(secret, node_names(leader, admin), "or use --generate")
 
         def ask_first() -> None:  # refused now (a rollout active)? Before it is shown.
             leader.call(admin.SetPassword, admin_pb2.SetPasswordRequest(check_only=True))

@@ -34,6 +34,8 @@ from leader.cli.base import (
 )
 from leader.cli.draw import render_rollout
 from leader.cli.password import (
+    judge_with_names,
+    node_names,
     obtain_password,
     replaces_text,
     shown_password_fate,
@@ -510,6 +512,8 @@ def rollout_start(
                 "same one: leave out --password-file (to change it: tlsroll password set, "
                 "then --change change-password)"
             )
+        if secret is not None:  # the file's, weak once the nodes' names are known? (s69 left)
+            judge_with_names(secret, node_names(leader, admin), GENERATED_INSTEAD)
         if not yes:
             show_plan(planned)
             ask_first(

@@ -91,10 +91,11 @@ def schema_show(
         parts.append("no rollouts yet")
     parts += [render_rollout(r) for r in rollouts]
     if mixed := data.get("mixed_cluster"):  # (the nodes the rollouts above leave out too)
-        from leader.mixed_cluster import Mixed, mixed_line  # noqa: PLC0415 - text only
+        from leader.mixed_cluster import Mixed, dual_left_by, mixed_line  # noqa: PLC0415
 
         m = Mixed(*(tuple(mixed.get(k, ())) for k in Mixed._fields))
-        parts.append(mixed_line(m))  # (the words of `tlsroll nodes`)
+        # (the words of `tlsroll nodes`; a dual node's rollout by its id where one shown has it)
+        parts.append(mixed_line(m, dual_left_by(m.dual, rollouts)))
     if data.get("password_behind"):  # (a change-password that ended part way: s69 M1)
         parts.append(render_password_behind(data["password_behind"]))
     if data.get("node_clients"):

@@ -201,6 +201,11 @@ _DE: dict[str, str] = {
     "Knoten lässt: {nodes}. Ein Rollout des ganzen Multiservers wird ihretwegen abgelehnt; "
     "http dort schließen mit tlsroll rollout finalize oder tlsroll rollout retry des "
     "Rollouts, der sie so ließ.",
+    "mixed_cluster_dual_one": "Auf http und https, wie Phase 1 eines Rollouts mit Übergang einen "
+    "Knoten lässt: {nodes}. Ein Rollout des ganzen Multiservers wird ihretwegen abgelehnt; "
+    "http dort schließen mit tlsroll rollout finalize {rollout} oder tlsroll rollout retry "
+    "{rollout} (der Rollout, der sie so ließ).",
+    "mixed_cluster_dual_each": "Die Rollouts, die sie so ließen: {rollouts}.",
     "mixed_cluster_other": "Auf https mit einem Zertifikat, das nicht von der CA dieses "
     "Multiservers ist: {nodes}. Ein Rollout des ganzen Multiservers würde es ersetzen; die "
     "Befehle oben lassen sie aus.",
@@ -412,6 +417,11 @@ _EN: dict[str, str] = {
     "mixed_cluster_dual": "On http and https, as a transitional rollout's phase 1 leaves a "
     "node: {nodes}. A cluster rollout is refused for them; close http there with tlsroll "
     "rollout finalize, or tlsroll rollout retry, of the rollout that left them so.",
+    "mixed_cluster_dual_one": "On http and https, as a transitional rollout's phase 1 leaves a "
+    "node: {nodes}. A cluster rollout is refused for them; close http there with tlsroll "
+    "rollout finalize {rollout}, or tlsroll rollout retry {rollout} (the rollout that left "
+    "them so).",
+    "mixed_cluster_dual_each": "The rollouts that left them so: {rollouts}.",
     "mixed_cluster_other": "On https with a certificate not of this cluster's CA: {nodes}. A "
     "cluster rollout would replace it; the commands above leave them out.",
     "server_now": "Server (by heartbeat)",

@@ -317,6 +317,7 @@ def _section_shows(key: str, snap: Snapshot) -> Any:
         ),
         snap.mixed_on_http,
         snap.mixed_dual,
+        tuple(sorted(snap.dual_left_by.items())),
         snap.mixed_other_certificate,
     )
 

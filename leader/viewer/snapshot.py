@@ -203,6 +203,9 @@ class Snapshot:
     or ``page``)."""
     last_rollouts: dict[str, str] = field(default_factory=dict)
     """Of ``other_nodes``, the last rollout each was in, by node (a page's read only)."""
+    dual_left_by: dict[str, str] = field(default_factory=dict)
+    """Of a mixed cluster's nodes on http and https, the rollout that left each so, by node
+    (``SchemaStore.left_dual``): the way names it (session 69 named none)."""
     other_certificate: frozenset[str] = frozenset()
     """The nodes on https with a certificate not known as one of this CA
     (``SchemaStore.other_certificates``), read where the cluster is mixed: the way to switch
@@ -245,6 +248,21 @@ class Snapshot:
     def mixed_dual(self) -> tuple[str, ...]:
         """Of a mixed cluster, the nodes serving http and https (``Mixed.dual``)."""
         return self._mixed.dual if self._mixed is not None else ()
+
+    @property
+    def mixed_dual_rollout(self) -> str:
+        """The rollout that left every node of ``mixed_dual`` on http and https, if one did
+        and is known ("": several, or not known): the way's commands name it."""
+        ids = {self.dual_left_by.get(n, "") for n in self.mixed_dual}
+        return ids.pop() if len(ids) == 1 else ""
+
+    @property
+    def mixed_dual_each(self) -> tuple[str, ...]:
+        """``node: rollout`` of each node of ``mixed_dual`` whose rollout is known, where no
+        one rollout left them all (``mixed_dual_rollout``)."""
+        if self.mixed_dual_rollout:
+            return ()
+        return tuple(f"{n}: {r}" for n in self.mixed_dual if (r := self.dual_left_by.get(n)))
 
     @property
     def mixed_other_certificate(self) -> tuple[str, ...]:
@@ -582,8 +600,11 @@ class Reader:
             ),
             last_rollouts=self._last_rollouts(others) if page and others else {},
             other_certificate=self._other_certificate(shown_servers)
-            if mixed(shown_servers) is not None
+            if (now_mixed := mixed(shown_servers)) is not None
             else frozenset(),
+            dual_left_by=self.schema.left_dual(now_mixed.dual)
+            if now_mixed is not None and now_mixed.dual
+            else {},
         )
 
     def _other_certificate(self, servers: Mapping[str, str]) -> frozenset[str]:

@@ -668,7 +668,9 @@ class PasswordBehindView(_message.Message):
     """The newest staged auth password version, who staged it and when."""
     staged_by: _builtins.str
     command: _builtins.str
-    """What gives them the newest one: the change-password start over exactly these nodes."""
+    """What gives them the newest one: the change-password start over these nodes (at most ten
+    named, then "then the next 10 of them the same way, and so on").
+    """
     @_builtins.property
     def staged_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
