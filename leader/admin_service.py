@@ -26,7 +26,7 @@ from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.layout import Layout
-from leader.mixed_cluster import mixed
+from leader.mixed_cluster import https_only
 from leader.node_check import check_nodes
 from leader.plan_texts import edited_config_line, outside_scope_warning, plan_texts
 from leader.planner import not_on_https, too_old
@@ -859,7 +859,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         clocks = self.state.clocks.listing()
         infos = [self._node_info(n, clocks) for n in nodes]
         servers = {i.name: i.server for i in infos if not i.HasField("removed_at")}
-        if mixed(servers) is not None:  # (the certificates read only where it is said)
+        # (The certificates read only where one may be said: a node on https only. Not only
+        # in a mixed cluster: one put on another certificate by hand is said too, s70 drift.)
+        if any(https_only(s) for s in servers.values()):
             other = await asyncio.to_thread(
                 self.schema.other_certificates, servers, dict(self.state.served_fingerprints)
             )

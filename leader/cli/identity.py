@@ -150,13 +150,18 @@ def _mixed_schemes(listed: Sequence[admin_pb2.NodeInfo]) -> str:
     else says the cluster is mixed, and the staff at those servers' workstations were told of
     no switch (review s64 trans L5). "" if it is not; by the heartbeats' word (``server``),
     in the words `schema show` and the viewer use (``leader.mixed_cluster``)."""
-    from leader.mixed_cluster import mixed, mixed_line  # noqa: PLC0415 - see above
+    from leader.mixed_cluster import (  # noqa: PLC0415 - see above
+        mixed,
+        mixed_line,
+        other_certificate_line,
+    )
 
     enrolled = [n for n in listed if not n.HasField("removed_at")]
-    m = mixed(
-        {n.name: n.server for n in enrolled}, [n.name for n in enrolled if n.other_certificate]
-    )
-    return mixed_line(m) if m is not None else ""
+    other = [n.name for n in enrolled if n.other_certificate]
+    m = mixed({n.name: n.server for n in enrolled}, other)
+    if m is not None:
+        return mixed_line(m)
+    return other_certificate_line(other) if other else ""
 
 
 def _clock(n: admin_pb2.NodeInfo) -> Text:
