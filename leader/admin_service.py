@@ -26,7 +26,7 @@ from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.layout import Layout
-from leader.mixed_cluster import is_dual, mixed
+from leader.mixed_cluster import https_only, is_dual, mixed
 from leader.node_check import check_nodes
 from leader.plan_texts import edited_config_line, outside_scope_warning, plan_texts
 from leader.planner import not_on_https, too_old
@@ -862,10 +862,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         clocks = self.state.clocks.listing()
         infos = [self._node_info(n, clocks) for n in nodes]
         servers = {i.name: i.server for i in infos if not i.HasField("removed_at")}
-        if mixed(servers) is not None:  # (the certificates read only where it is said)
-            other = await asyncio.to_thread(
-                self.schema.other_certificates, servers, dict(self.state.served_fingerprints)
-            )
+        # (The certificates read only where one may be said: a node on https only. Not only
+        # in a mixed cluster: one put on another certificate by hand is said too, s70 drift.)
+        if any(https_only(s) for s in servers.values()):
+            served = dict(self.state.served_fingerprints)
+            other = await asyncio.to_thread(self.schema.other_certificates, servers, served)
+            if mixed(servers) is None:  # only a certificate named (an older agent names none)
+                other = frozenset(n for n in other if served.get(n))
             for info in infos:
                 info.other_certificate = info.name in other and not info.HasField("removed_at")
         behind = await asyncio.to_thread(self.schema.password_behind)

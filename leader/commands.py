@@ -669,6 +669,7 @@ class Commands:
                 cut_off=cut_off,
                 not_heard=not_heard,
                 when_quiet=bool(request.when_quiet),
+                epochs_seen={n.name: n.highest_epoch for n in listed},
             )
         except planner.NothingToDo:
             if undone is not None:

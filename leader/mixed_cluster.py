@@ -198,3 +198,15 @@ def mixed_line(m: Mixed, left_by: Mapping[str, str] | None = None) -> str:
         f"https; to switch the rest: "
         f"{switch_the_rest(m.on_http, m.unknown, m.dual, m.other_certificate, left_by)}"
     )
+
+
+def other_certificate_line(names: Sequence[str]) -> str:
+    """The line that says nodes on https serve a certificate not known as one of this
+    cluster's CA while the cluster is not mixed (put in by hand after their switch: review
+    s70 drift), and what gives them one of this CA."""
+    scope = rest_scope(sorted(names), cluster=False)
+    return (
+        f"{_serve(sorted(names))} https with a certificate not of this cluster's CA (put in by "
+        f"hand?); to give {'it' if len(names) == 1 else 'them'} one of this CA: tlsroll plan "
+        f"{scope}, then tlsroll rollout start {scope}"
+    )

@@ -259,6 +259,24 @@ class NeedsAdmin(PlanError):
         self.names = tuple(names)
 
 
+class StoreBehind(PlanError):
+    """Nodes in scope whose agents have seen a higher epoch than the rollout would carry: the
+    leader's store is behind them (restored from a backup, or the copy kept before an upgrade
+    put back). Their agents refuse its commands as from a stale leader, so such a start only
+    halts at its first step, and its retry keeps the epoch: refused up front, with the way
+    out (``tlsroll epoch advance``), from the epochs the agents' heartbeats report."""
+
+    def __init__(self, ahead: Mapping[str, int], epoch: int) -> None:
+        names = sorted(ahead)
+        super().__init__(
+            f"the leader's store is behind {_some(names)} (seen epoch {max(ahead.values())}; "
+            f"this rollout's would be {epoch}): restored from a backup, or an older copy put "
+            "back; run tlsroll epoch advance (see tlsroll epoch show), then plan again; nothing "
+            "was changed"
+        )
+        self.names = tuple(names)
+
+
 class Unreachable(PlanError):
     """Nodes whose agents could not be asked what they run (the plan needs to know), or whose
     agents answered but not their managed servers (``SERVER_DOWN``): each named with what to
@@ -603,6 +621,7 @@ def plan_rollout(
     cut_off: Collection[str] = frozenset(),
     not_heard: Collection[str] = frozenset(),
     when_quiet: bool = False,
+    epochs_seen: Mapping[str, int] | None = None,
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -641,6 +660,10 @@ def plan_rollout(
     (``rollout_core.left_out_reason``): ``skipped`` with it, neither asked nor in the way, and
     the rollout may leave out every node it has (it then completes at once, ending phase 1).
 
+    ``epochs_seen``: the highest epoch each node's agent reports it has seen (its heartbeats):
+    a node in scope that has seen one above ``epoch`` refuses the rollout's commands, so the
+    plan is refused (``StoreBehind``), whatever the store recorded.
+
     ``cut_off``: the enrolled nodes whose agents are cut off (their certificates on record
     revoked: a machine lost or stolen), offline for good. The way back leaves one as is
     saying so and what to do instead (``left_cut_off``: `tlsroll nodes remove`), not "again
@@ -667,6 +690,16 @@ def plan_rollout(
         left = {n: left_cut_off(n) if n in cut_off else LEFT_OFFLINE for n in offline}
     elif offline:
         raise NodesOffline(offline, change, cut_off=cut_off)
+    # What the nodes report, not what the store recorded, decides here too: an agent that has
+    # seen a higher epoch refuses every command of this rollout (``StoreBehind``).
+    seen_epochs = epochs_seen or {}
+    ahead = {
+        n: seen_epochs[n]
+        for n in names
+        if n not in left and n not in out and seen_epochs.get(n, 0) > epoch
+    }
+    if ahead:
+        raise StoreBehind(ahead, epoch)
     done: dict[str, str] = {}
     dual: dict[str, str] = {}
     if observed is not None:

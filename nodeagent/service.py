@@ -49,7 +49,7 @@ from nodeagent.transaction import (
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
-from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password
+from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password, tls
 from tlsroll.clients import ClientsView, quiet_refusal
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import (
@@ -178,6 +178,33 @@ def first_certificate(pem: bytes) -> bytes:
     start = text.index(ssl.PEM_HEADER)
     end = text.index(ssl.PEM_FOOTER, start) + len(ssl.PEM_FOOTER)
     return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(text[start:end])).encode("ascii")
+
+
+SERVED_RECHECK = 30.0
+"""Seconds a certificate found served (``NodeAgentService._served``) speaks for the server
+while nothing the agent can see changed (a driver that names no pid, certificate files
+replaced in place by hand)."""
+
+SERVED_TIMEOUT = 2.0
+
+
+def served_certificate(address: str, port: int, timeout: float = SERVED_TIMEOUT) -> bytes:
+    """The certificate ``address:port`` presents in a TLS handshake, as PEM; b"" if none (no
+    answer, no TLS). Nothing is verified: this is what the server runs, not whom to trust."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with tls.connect(context, address, port, timeout=timeout) as sock:
+            der = sock.getpeercert(binary_form=True)
+    except (OSError, ValueError):
+        return b""
+    return ssl.DER_cert_to_PEM_cert(der).encode("ascii") if der else b""
+
+
+def _restarts(driver: Driver) -> int:
+    return int(getattr(driver, "restarts_begun", 0))
 
 
 def require_leader(context: Ctx, trust: LeaderTrust) -> None:
@@ -402,6 +429,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # another command's epoch is being checked meanwhile (``_admitting``).
         self._epoch: int | None = None
         self._admitting = 0
+        # The certificate the server was last found serving (``_served``): (what it was asked
+        # under, when, the PEM).
+        self._served_seen: tuple[tuple[object, ...], float, bytes] | None = None
         # Told when a node is staged for a switch (the agent imports what the switch's end
         # needs then, while the node's server is not restarting: ``BootstrapHost.warm``).
         self.on_prepare: Callable[[], object] | None = None
@@ -529,6 +559,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 configured_schemes=list(facts.schemes) if facts is not None else [],
             )
         cert_pem, digest = await asyncio.to_thread(self._live_files)
+        if "https" in facts.schemes:
+            cert_pem = await self._served(driver, facts, status) or cert_pem
         failures, last_failure = login_failures(status)
         view = agent_pb2.ServerView(
             driver=driver.name,
@@ -554,6 +586,27 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         except Exception as exc:  # a driver's or a report's trouble: never a failed status
             view = ClientsView(problem=f"cannot read the clients: {describe(exc)}"[:200])
         return clients_message(view)
+
+    async def _served(self, driver: Driver, facts: ServerFacts, status: dict[str, Any]) -> bytes:
+        """The certificate the server serves on https now, as a client gets it (a handshake,
+        nothing verified), b"" if none came. What the journal says this agent installed
+        (``_live_files``) is a record: the admin may have put another certificate in since, by
+        hand, or this agent's data dir was begun again; the leader plans from what is served
+        (review s70 drift, H1). Asked again at once after the config file, the server's pid or
+        a restart of this agent's own changed, else at most every ``SERVED_RECHECK`` seconds."""
+        try:
+            st = await asyncio.to_thread(os.stat, driver.config_file)
+            config: tuple[int, int, int] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            config = (0, 0, 0)
+        key = (facts.address, facts.https_port, config, status.get("pid"), _restarts(driver))
+        now = time.monotonic()
+        kept = self._served_seen
+        if kept is not None and kept[0] == key and now - kept[1] < SERVED_RECHECK:
+            return kept[2]
+        pem = await asyncio.to_thread(served_certificate, facts.address, facts.https_port)
+        self._served_seen = (key, now, pem)
+        return pem
 
     def _live_files(self) -> tuple[bytes, str]:
         """The certificate served on https and the digest of the live verifier (journal's

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ import pytest
 
 from leader.engine import SILENT, TEST_SILENT_AFTER_ENV
 from refserver.server import START_DELAY_ENV
+from tests import byo_certs
 from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
 from tests.nodeside import Node, cluster_of, port_holder
-from tests.refserver_helper import http_request
-from tlsroll import tls
+from tests.refserver_helper import http_request, write_toml
+from tlsroll import pki, tls
 from tlsroll.v1 import agent_pb2
 
 ENDED = ("completed", "halted", "aborted")
@@ -503,6 +505,53 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
     assert "down" in row
     plan = cluster.cli("plan", "--scope", "cluster", "--change", "change-password")
     assert plan.returncode == 1 and "node2" in plan.stderr, (plan.stdout, plan.stderr)
+
+    # Review s70 drift H1: the admin starts node2's server again by hand, on a certificate of
+    # their own (its config edited, the server started outside tlsroll). The agent reported
+    # the certificate its journal says it installed, not the one served: the leader showed
+    # node2 on this CA's certificate, and a plan called it "already done". What is served
+    # decides: `tlsroll nodes` names the other certificate, and enable-tls switches node2
+    # again, and only it.
+    own = hand_made_certificate(node2, tmp_path / "own")
+    wait_until(
+        lambda: cluster.list_nodes()["node2"].other_certificate, 30, "node2's own certificate"
+    )
+    listed = " ".join(cluster.cli("nodes").stdout.split())
+    assert (
+        "node2 serves https with a certificate not of this cluster's CA (put in by hand?); to "
+        "give it one of this CA: tlsroll plan --nodes node2, then tlsroll rollout start "
+        "--nodes node2"
+    ) in listed, listed
+    plan = cluster.cli("plan", "--scope", "cluster")
+    assert plan.returncode == 0, (plan.stdout, plan.stderr)
+    said = {n.name: next(ln for ln in plan.stdout.splitlines() if n.name in ln) for n in nodes}
+    assert said["node2"].endswith("will switch"), plan.stdout
+    assert "already done" in said["node1"] and "already done" in said["node3"], plan.stdout
+    again = cluster.cli("rollout", "start", "--scope", "cluster", "--yes", "--wait")
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    states = {n["name"]: n["state"] for n in newest(cluster)["nodes"]}
+    assert states == {"node1": "skipped", "node2": "done", "node3": "skipped"}, states
+    assert node2.served_fingerprint() not in (own, before["node2"])  # this CA's, new
+    writes_work(node2, "https", cluster.ca_pem)
+
+
+def hand_made_certificate(node: Node, directory: Path) -> str:
+    """Start ``node``'s server by hand (stopped) on https with a self-signed certificate
+    written to ``directory``, the rest of the config as tlsroll left it; its fingerprint."""
+    issuer = byo_certs.make_ca("Praxis own")
+    cert, key = byo_certs.leaf(issuer, [node.address])
+    directory.mkdir()
+    (directory / "own.pem").write_bytes(byo_certs.pem(cert))
+    (directory / "own.key").write_bytes(byo_certs.key_pem(key))
+    (directory / "own.key").chmod(0o600)
+    config = tomllib.loads(node.server.config_path.read_text())
+    config["server"].update(
+        cert_file=str(directory / "own.pem"), key_file=str(directory / "own.key")
+    )
+    write_toml(node.server.config_path, config)
+    node.server.spawn()
+    node.server.wait_ready()
+    return pki.fingerprint(cert)
 
 
 def test_a_server_its_switch_restarts_is_not_reported_down(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from leader.planner import (
     Plan,
     PlanError,
     StepAction,
+    StoreBehind,
     UnknownNodes,
     Unreachable,
     WrongSource,
@@ -558,6 +559,34 @@ def plan(scope: Scope, enrolled: dict[str, bool] = ENROLLED) -> tuple[str, ...]:
     assert rollout.state is R.PLANNED
     assert nodes == tuple(NodeRecord(name) for name in rollout.order)
     return rollout.order
+
+
+def test_a_node_that_has_seen_a_higher_epoch_refuses_the_plan_whatever_the_records_say() -> None:
+    """Review s70 drift M1: the epochs the agents report are part of what the plan reads. A
+    node in scope that has seen an epoch above the rollout's refuses its commands, so the plan
+    is refused naming it and the way out; one at the rollout's epoch, or out of scope, or left
+    as is by the way back (offline), is no obstacle."""
+
+    def planned(change: Change, seen: dict[str, int], scope: Scope | None = None) -> None:
+        plan_rollout(
+            rollout_id="r9",
+            change=change,
+            scope=scope or Scope.cluster(),
+            enrolled=ENROLLED,
+            leader="leader",
+            epoch=3,
+            epochs_seen=seen,
+        )
+
+    with pytest.raises(StoreBehind) as refused:
+        planned(Change.ROTATE_CERT, {"node1": 3, "node2": 5}, Scope.of_nodes(["node1", "node2"]))
+    assert refused.value.names == ("node2",)
+    assert str(refused.value).startswith(
+        "the leader's store is behind node2 (seen epoch 5; this rollout's would be 3)"
+    )
+    assert "run tlsroll epoch advance" in str(refused.value)
+    planned(Change.ROTATE_CERT, {"node1": 3, "node3": 9}, Scope.of_nodes(["node1", "leader"]))
+    planned(Change.DISABLE_TLS, {"node3": 9})  # node3 is offline: the way back leaves it
 
 
 def test_local_scope_is_the_leader_node() -> None:

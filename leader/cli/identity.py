@@ -153,14 +153,18 @@ def _mixed_schemes(listed: Sequence[admin_pb2.NodeInfo], leader: Leader | None =
     in the words `schema show` and the viewer use (``leader.mixed_cluster``). Nodes on http
     and https are named with the rollout that left them so, as the ``leader``'s rollouts say
     (asked only then)."""
-    from leader.mixed_cluster import dual_left_by, mixed, mixed_line  # noqa: PLC0415
+    from leader.mixed_cluster import (  # noqa: PLC0415 - see above
+        dual_left_by,
+        mixed,
+        mixed_line,
+        other_certificate_line,
+    )
 
     enrolled = [n for n in listed if not n.HasField("removed_at")]
-    m = mixed(
-        {n.name: n.server for n in enrolled}, [n.name for n in enrolled if n.other_certificate]
-    )
+    other = [n.name for n in enrolled if n.other_certificate]
+    m = mixed({n.name: n.server for n in enrolled}, other)
     if m is None:
-        return ""
+        return other_certificate_line(other) if other else ""
     left_by: dict[str, str] = {}
     if m.dual and leader is not None:
         rollouts = fetch_schema_json(leader, rollouts_only=True).get("rollouts", [])
