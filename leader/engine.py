@@ -1911,8 +1911,9 @@ class Engine:
             rollout_id=rollout_id,
             node=step.node,
             reason=why,
-            detail="the node's freeze lease ran out before the leader renewed it: its agent "
-            "lifted the freeze and the switch did not go on (tlsroll rollout status)",
+            hint="the node never answered its unfreeze and its freeze lease has run out since, "
+            "so it is counted unfrozen: check the node (tlsroll nodes) and that its server "
+            "takes writes",
         )
         return True
 

@@ -1105,8 +1105,9 @@ class BootstrapService:
                 "bootstrap.ca_refused",
                 remote=request.remote,
                 reason=refused[:300],
-                detail="the leader signed the PC's certificate but refused its CA bundle; the "
-                "reason says why",
+                detail="the CA certificate the leader signed with was not added to the bundle "
+                "the PC gets (the reason says why); the bundle staged before is handed "
+                "out",
             )
         bundle = _worker_bytes(cert, "bundle") if cert.get("bundle") else self.ca_bundle_pem
         return _worker_bytes(cert, "pem"), bundle

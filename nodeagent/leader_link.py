@@ -576,8 +576,8 @@ class _Stream:
             log.warning(
                 "heartbeat.question_dropped",
                 id=question.id,
-                detail="the agent was too busy to answer the leader's question; the leader asks "
-                "again",
+                detail="the agent could not take the leader's question now: it goes unanswered "
+                "and the leader's deadline for it runs out",
             )
             return
         if len(self._answering) < QUESTIONS_AT_ONCE:
@@ -592,8 +592,8 @@ class _Stream:
             log.warning(
                 "heartbeat.question_dropped",
                 id=question.id,
-                detail="the agent was too busy to answer the leader's question; the leader asks "
-                "again",
+                detail="the agent could not take the leader's question now: it goes unanswered "
+                "and the leader's deadline for it runs out",
             )
             return
         tasks.add(task)
@@ -634,8 +634,8 @@ class _Stream:
             log.error(
                 "heartbeat.answer_failed",
                 error=f"{type(exc).__name__}: {exc}"[:200],
-                hint="the leader's question goes unanswered and is asked again; a bug in "
-                "tlsroll: report it with the lines before this one",
+                hint="the leader's question goes unanswered; a bug in tlsroll: report it with "
+                "the lines before this one",
             )
 
     async def _write(

@@ -399,8 +399,8 @@ class Renewer:
             log.warning(
                 "renewal.ca_refused",
                 reason=renewed["ca_refused"],
-                detail="the leader refused the agent's CA bundle in the renewal; the reason says"
-                " why and tlsroll schema show names the node",
+                detail="the agent did not take the CA certificate the leader signed its renewal "
+                "with (the reason says why); compare with tlsroll ca show on the leader",
             )
         if renewed.get("ca_not_after"):
             log.info("agent.ca_renewed", ca_not_after=renewed["ca_not_after"])

@@ -1550,8 +1550,7 @@ class Runner:
                 step=action,
                 attempt=state.attempt_number,
                 error=describe(exc) if isinstance(exc, Exception) else "",
-                detail="a switch step failed and is tried again; a failure at the last attempt "
-                "rolls the node back",
+                detail="a switch step failed and is tried again; the error says why",
             )
 
         way_back = txn.phase in BACKWARD
@@ -1582,8 +1581,8 @@ class Runner:
             rollout_id=txn.rollout_id,
             kind=txn.kind,
             reason=reason,
-            detail="the switch failed and the node is back where it was; the reason says why "
-            "(tlsroll rollout status on the leader)",
+            detail="the switch failed; the reason says why, and tlsroll rollout status on the "
+            "leader shows where the node is",
         )
         why = reason
         owed = False
