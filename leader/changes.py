@@ -590,8 +590,8 @@ class ChangeSteps:
                 rollout_id=ctx.rollout.id,
                 node=ctx.node,
                 problem=problem,
-                detail="the leader's own check of the node's https port failed after the switch;"
-                " the problem says why and the node goes back",
+                detail="the leader's own check of the node from outside failed after its switch "
+                "(the problem says why): the agent is asked to roll it back",
             )
             # Before it is sent: a confirm run again (its answer lost) must follow this
             # rollback, not check again.
