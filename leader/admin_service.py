@@ -273,7 +273,13 @@ def runs_to_end(handler: H) -> H:
 def _carried_on(name: str, task: asyncio.Task[Any]) -> None:
     """The end of a command whose caller went away (``runs_to_end``): logged, never raised."""
     if task.cancelled():
-        log.warning("admin.finished_without_caller", method=name, outcome="cancelled")
+        log.warning(
+            "admin.finished_without_caller",
+            method=name,
+            outcome="cancelled",
+            detail="an admin command ran on after its caller went away (Ctrl-C, a lost ssh); "
+            "outcome says how it ended",
+        )
         return
     error = task.exception()
     if error is None:
@@ -285,6 +291,8 @@ def _carried_on(name: str, task: asyncio.Task[Any]) -> None:
             outcome="refused",
             error=type(error).__name__,
             message=str(error) if isinstance(error, TlsrollError) else "",
+            detail="an admin command ran on after its caller went away (Ctrl-C, a lost ssh); "
+            "outcome says how it ended",
         )
 
 
@@ -656,7 +664,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             actor = _actor(context)
             wait = self._check_failures.wait(actor, self.check_clock())
             if wait > 0:
-                log.warning("password.check_refused", actor=actor, retry_after=retry_after(wait))
+                log.warning(
+                    "password.check_refused",
+                    actor=actor,
+                    retry_after=retry_after(wait),
+                    detail="too many wrong password checks by this user: try again after "
+                    "retry_after",
+                )
                 raise RpcStatusError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"too many wrong passwords checked; try again in {retry_after(wait)} s",
@@ -691,7 +705,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     matches=reply.matches,
                 )
             except (sqlite3.Error, OSError) as exc:
-                log.warning("password.check_not_audited", error=" ".join(str(exc).split()))
+                log.warning(
+                    "password.check_not_audited",
+                    error=" ".join(str(exc).split()),
+                    hint="the check ran but its audit row was not written: check the disk under "
+                    "the leader's data dir (df -h)",
+                )
         return reply
 
     # --- tokens, nodes, CA --------------------------------------------------------------------
@@ -949,14 +968,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         try:
             served_by, until = await asyncio.to_thread(self._still_taken, serials)
         except Exception as exc:  # revoked all the same: the answer must say so
-            log.error("certificate.revoked_still_taken_failed", error=str(exc))
+            log.error(
+                "certificate.revoked_still_taken_failed",
+                error=str(exc),
+                hint="the revocation stands; tlsroll certs check-expiration shows whether a node"
+                " still serves it",
+            )
             served_by, until = [], None
         if served_by:
             # Nothing the node runs reads the revocation list: the CLI names the rotation
             # (before, "revoked", exit 0, and check-expiration said "ok": review s64 pki M1).
-            log.warning("certificate.revoked", serials=serials, served_by=served_by)
+            log.warning(
+                "certificate.revoked",
+                serials=serials,
+                served_by=served_by,
+                hint="the node still serves it: tlsroll rollout start --change rotate-cert "
+                "--nodes NODE",
+            )
         else:
-            log.warning("certificate.revoked", serials=serials)
+            log.info("certificate.revoked", serials=serials)
         not_reissued: list[str] = []
         if {c.serial for c in own} & set(serials):
             # The leader's or the viewer's: issued again (a new key) and served at once.
@@ -1053,7 +1083,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
         after = await self._epochs()
         if after.leader_epoch > before.leader_epoch:
-            log.warning("epoch.advanced", floor=floor, was=before.leader_epoch)
+            log.info("epoch.advanced", floor=floor, was=before.leader_epoch)
         else:  # no node ahead: a warning here said something moved (review s69 revlogs L3)
             log.info(
                 "epoch.unchanged",
@@ -1088,14 +1118,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             now=now,
             actor=_actor(context),
         )
-        log.warning("ca.renewed", **detail)
+        log.info("ca.renewed", **detail)
         for hook in self.ca_renewed:
             try:
                 result = hook()
                 if inspect.isawaitable(result):
                     await result
             except Exception as exc:  # the renewal stands; the hook's work is done later
-                log.error("ca.renewed_hook_failed", error=str(exc))
+                log.error(
+                    "ca.renewed_hook_failed",
+                    error=str(exc),
+                    detail="the CA renewal stands; the work that follows it is done later",
+                )
         return await self.GetCA(admin_pb2.GetCARequest(), context)
 
     @map_errors(ERRORS)

@@ -159,7 +159,12 @@ class AdminRelay:
         task = asyncio.current_task()
         assert task is not None
         if len(self._tasks) >= self.max_connections:
-            log.warning("admin_socket.too_many_connections", limit=self.max_connections)
+            log.warning(
+                "admin_socket.too_many_connections",
+                limit=self.max_connections,
+                hint="too many admin commands at once: let some end, or look for a script "
+                "calling tlsroll in a loop",
+            )
             writer.close()
             return
         self._tasks.add(task)

@@ -396,11 +396,27 @@ class AutoRotator:
         s.logged = key
         fields = {"verdict": s.verdict, "reason": s.reason, "due": list(s.due)}
         if decision.verdict is Verdict.BLOCKED:
-            log.warning("auto_rotate.blocked", **fields, next="tlsroll plan --change rotate-cert")
+            log.warning(
+                "auto_rotate.blocked",
+                **fields,
+                next="tlsroll plan --change rotate-cert",
+                hint="the reason says what blocks it: run tlsroll plan --change rotate-cert to "
+                "see it, fix it, or rotate by hand",
+            )
         elif decision.verdict is Verdict.HELD:
-            log.warning("auto_rotate.held", **fields)
+            log.warning(
+                "auto_rotate.held",
+                **fields,
+                hint="the last automatic rotation did not complete: the reason names the "
+                "rollout to look at and the retry that goes on",
+            )
         elif decision.verdict is Verdict.WAITS_FINALIZE:  # the admin's move, as HELD
-            log.warning("auto_rotate.waits_finalize", **fields)
+            log.warning(
+                "auto_rotate.waits_finalize",
+                **fields,
+                hint="a rollout awaits finalize: tlsroll rollout finalize ID (or rollback), then"
+                " auto_rotate goes on in its window",
+            )
         elif decision.nodes:
             log.info("auto_rotate.waiting", **fields, next_window=s.next_window)
 

@@ -168,7 +168,13 @@ def leftover(
     except FileNotFoundError:
         return False
     except Exception as exc:  # (damaged: removed all the same)
-        log.warning("ca.renewal_leftover_removed", path=str(path), error=str(exc)[:200])
+        log.warning(
+            "ca.renewal_leftover_removed",
+            path=str(path),
+            error=str(exc)[:200],
+            detail="a damaged file left by a cut-short tlsroll ca renew was removed; tlsroll ca "
+            "show says which CA is in use",
+        )
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return False

@@ -585,7 +585,14 @@ class ChangeSteps:
         if problem is None and existing is None:
             return confirm_success(ctx.rollout), None
         if existing is None:
-            log.warning("confirm.failed", rollout_id=ctx.rollout.id, node=ctx.node, problem=problem)
+            log.warning(
+                "confirm.failed",
+                rollout_id=ctx.rollout.id,
+                node=ctx.node,
+                problem=problem,
+                detail="the leader's own check of the node from outside failed after its switch "
+                "(the problem says why): the agent is asked to roll it back",
+            )
             # Before it is sent: a confirm run again (its answer lost) must follow this
             # rollback, not check again.
             ctx.switched_here[key] = False
@@ -857,6 +864,8 @@ async def _store_sighting(ctx: StepContext) -> None:
             rollout_id=ctx.rollout.id,
             node=ctx.node,
             error=peertext.clean(str(exc), REASON_LIMIT),
+            detail="the leader could not write what it saw of the switch; the heartbeats bring "
+            "the same view",
         )
 
 
@@ -904,6 +913,8 @@ async def wait_transaction(
                 transaction=kind.value,
                 field=name,
                 value=str(value),
+                detail="the agent reported a value the leader does not believe; it is left out "
+                "of the timings, nothing else changes",
             )
         return sane
 
@@ -929,6 +940,8 @@ async def wait_transaction(
                 transaction=kind.value,
                 field=name,
                 value=f"{stamp.seconds}s {stamp.nanos}ns",
+                detail="the agent reported a time the leader does not believe; it is left out of"
+                " the timings, nothing else changes",
             )
         return None
 

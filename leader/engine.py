@@ -248,13 +248,26 @@ def _log_state_changed(row: RolloutRow) -> None:
     rollout = row.rollout
     fields: dict[str, Any] = {"rollout_id": rollout.id, "state": rollout.state.value}
     if rollout.state in (RolloutState.HALTING, RolloutState.HALTED):
-        log.warning("rollout.state_changed", **fields, note=row.meta.reason)
+        log.warning(
+            "rollout.state_changed",
+            **fields,
+            note=row.meta.reason,
+            hint="the note names the nodes and why: fix that, then tlsroll rollout retry ID "
+            "(tlsroll rollout status ID shows each node)",
+        )
         return
     failed = [r for r in row.records if r.state in FAILED_NODE_STATES]
     if rollout.state is RolloutState.COMPLETED and failed:
         outcomes = [(r.name, r.state.value, r.reason) for r in row.records]
         note = completed_failed_note(rollout.change, rollout.failure_budget, outcomes)
-        log.warning("rollout.state_changed", **fields, nodes_failed=len(failed), note=note)
+        log.warning(
+            "rollout.state_changed",
+            **fields,
+            nodes_failed=len(failed),
+            note=note,
+            hint="the note names the nodes and why: fix that, then tlsroll rollout retry ID "
+            "(tlsroll rollout status ID shows each node)",
+        )
         return
     log.info("rollout.state_changed", **fields)
 
@@ -440,7 +453,13 @@ class Engine:
                     await self.reconcile()
                 except Exception as exc:  # the loop must survive anything; the schema shows why
                     if not self._store_failing(exc, "engine.failed"):
-                        log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
+                        log.error(
+                            "engine.failed",
+                            error=str(exc),
+                            error_type=type(exc).__name__,
+                            hint="the engine tries again at its next pass; a bug in tlsroll: "
+                            "report it with the lines before this one",
+                        )
                     self.idle = False
                 if self.wake.is_set():
                     continue  # (the stop too: the loop's test sees it)
@@ -927,7 +946,15 @@ class Engine:
             if len(self.problem_held) >= 1024:
                 self.problem_held.clear()
             self.problem_held[key] = self.monotonic()
-            log.warning("step.held", rollout_id=key[0], node=key[1], step=key[2].value, reason=why)
+            log.warning(
+                "step.held",
+                rollout_id=key[0],
+                node=key[1],
+                step=key[2].value,
+                reason=why,
+                detail="the node's switch waits while the reason holds (tlsroll schema show "
+                "names the node problem); it goes on by itself once it ends",
+            )
         return True
 
     def _held_too_long(self, key: StepKey) -> bool:
@@ -947,7 +974,14 @@ class Engine:
         why = why or "the node's problem ended just now"  # (never "None" in its reason)
         held = self.freeze_lease
         reason = f"switch held for {held} s (a freeze lease) with the scope frozen, failed: {why}"
-        log.warning("step.held_failed", rollout_id=key[0], node=key[1], reason=why)
+        log.warning(
+            "step.held_failed",
+            rollout_id=key[0],
+            node=key[1],
+            reason=why,
+            hint="the node was held too long and failed; fix the reason, then tlsroll rollout "
+            "retry ID",
+        )
         self.problem_held.pop(key, None)
         if not await self._record(row.rollout.id, step, NodeEvent.SWITCH_FAILED, reason):
             self.wake.set()
@@ -1014,6 +1048,8 @@ class Engine:
                 node=node,
                 step=step.value,
                 **crash_fields(exc),
+                hint="the step is tried again after a pause; a bug in tlsroll: report it with "
+                "the lines before this one",
             )
         retry = self.monotonic() + STEP_RETRY_SECONDS
         self.not_before[key] = max(self.not_before.get(key, 0.0), retry)
@@ -1036,7 +1072,11 @@ class Engine:
             try:
                 await release()
             except Exception as exc:  # giving memory back is never worth a failed engine
-                log.warning("engine.release_failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning(
+                    "engine.release_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    detail="giving memory back failed; nothing else is affected",
+                )
 
         self._releasing = asyncio.ensure_future(run())
 
@@ -1155,6 +1195,8 @@ class Engine:
                 node=step.node,
                 step=step.step.value,
                 reason=why,
+                detail="the step waits and is tried again by itself; the reason says what it "
+                "waits for (tlsroll rollout status)",
             )
             limit = deadline if bounded else None
             full = isinstance(exc, NodeDiskFull)
@@ -1172,6 +1214,8 @@ class Engine:
                     node=step.node,
                     step=step.step.value,
                     **crash_fields(exc),
+                    hint="the step is tried again after a pause; a bug in tlsroll: report it "
+                    "with the lines before this one",
                 )
             self.not_before[key] = self.monotonic() + STEP_RETRY_SECONDS
             return
@@ -1403,6 +1447,8 @@ class Engine:
                 node=step.node,
                 step=step.step.value,
                 reason=noted[0],
+                hint="check the node's agent runs (systemctl status tlsroll-agent there); the "
+                "step goes on where it was once it answers",
             )
 
     async def _step(
@@ -1820,6 +1866,8 @@ class Engine:
                 step=step.step.value,
                 error=str(exc),
                 error_type=type(exc).__name__,
+                hint="the leader could not write the step to its store: check the disk under the"
+                " leader's data dir (df -h)",
             )
             return False
 
@@ -1858,7 +1906,15 @@ class Engine:
                 r, scope_frozen=False, freeze_asked=False, reason=r.reason if cut else note
             ),
         )
-        log.warning("freeze.lease_ran_out", rollout_id=rollout_id, node=step.node, reason=why)
+        log.warning(
+            "freeze.lease_ran_out",
+            rollout_id=rollout_id,
+            node=step.node,
+            reason=why,
+            hint="the node never answered its unfreeze and its freeze lease has run out since, "
+            "so it is counted unfrozen: check the node (tlsroll nodes) and that its server "
+            "takes writes",
+        )
         return True
 
     def _confirmed_until(self, sent: float) -> float:
@@ -2061,7 +2117,13 @@ class _Silence:
             # A store that cannot be written (a full disk): logged there, at most every
             # ``store_health.LOG_SECONDS``, not at each look (every 1-2.5 s per waiting step).
             if not self.engine._store_failing(exc, "step.silence_look_failed", **fields):
-                log.warning("step.silence_look_failed", **fields, **crash_fields(exc))
+                log.warning(
+                    "step.silence_look_failed",
+                    **fields,
+                    **crash_fields(exc),
+                    detail="the leader could not read when the agent last answered; it looks "
+                    "again at the next tick",
+                )
         if not self.stopped:
             again = max(1.0, self.engine.heartbeat_interval / 2)
             self.timer = asyncio.get_running_loop().call_later(again, self._due)

@@ -593,11 +593,26 @@ class ExpiryWatch:
                 "advice": e.advice,
             }
             if e.revoked:
-                log.warning("certificate.revoked_served", **fields)
+                log.warning(
+                    "certificate.revoked_served",
+                    **fields,
+                    hint="the node still serves a revoked certificate: tlsroll rollout start "
+                    "--change rotate-cert --nodes NODE",
+                )
             elif e.residual(now) > dt.timedelta(0):
-                log.warning("certificate.expiring", **fields)
+                log.warning(
+                    "certificate.expiring",
+                    **fields,
+                    detail="the advice says what to do before it ends (tlsroll certs "
+                    "check-expiration lists them)",
+                )
             else:
-                log.warning("certificate.expired", **fields)
+                log.warning(
+                    "certificate.expired",
+                    **fields,
+                    detail="the advice says how to replace it (tlsroll certs check-expiration "
+                    "lists them)",
+                )
         return logged
 
     async def run(self, stop: asyncio.Event, every: float | None = None) -> None:
@@ -613,11 +628,21 @@ class ExpiryWatch:
                     if inspect.isawaitable(result):
                         await result
                 except Exception as exc:  # the check itself still runs
-                    log.error("expiry_watch.hook_failed", error=str(exc))
+                    log.error(
+                        "expiry_watch.hook_failed",
+                        error=str(exc),
+                        hint="the check itself still runs; a bug in tlsroll: report it with the "
+                        "lines before this one",
+                    )
             try:
                 await asyncio.to_thread(self.log_warnings)
             except Exception as exc:  # a bad row must not end the watch
-                log.error("expiry_watch.failed", error=str(exc))
+                log.error(
+                    "expiry_watch.failed",
+                    error=str(exc),
+                    hint="the watch runs again at its next interval; a bug in tlsroll: report it"
+                    " with the lines before this one",
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._next_wait(every))
 
@@ -628,7 +653,12 @@ class ExpiryWatch:
             try:
                 wanted = hint()
             except Exception as exc:  # the interval still holds
-                log.error("expiry_watch.hint_failed", error=str(exc))
+                log.error(
+                    "expiry_watch.hint_failed",
+                    error=str(exc),
+                    hint="the watch keeps its interval; a bug in tlsroll: report it with the "
+                    "lines before this one",
+                )
                 continue
             if wanted is not None:
                 wait = min(wait, max(wanted, 0.0))

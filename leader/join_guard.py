@@ -197,6 +197,8 @@ def _log_summary(guard: JoinGuard) -> None:
             refused=s.refused,
             sources=s.sources,
             top=[f"{source}: {count}" for source, count in s.top],
+            detail="enrolments refused in that time and not logged one by one; the top sources "
+            "tried most",
         )
 
 
@@ -245,6 +247,8 @@ def guarded(method: F) -> F:
                     node=peertext.clean(request.node_name, 63),
                     token_id=_token_id(request.token),
                     reason=_reason(exc),
+                    hint="the reason says why; a new token: tlsroll token create, then the join "
+                    "script run again on the node",
                 )
             _log_summary(guard)
             raise

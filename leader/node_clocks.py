@@ -288,6 +288,8 @@ class NodeClocks:
                 agent=agent,
                 offset=shown_seconds(best),
                 warn=WARN_SECONDS,
+                hint="set the node's clock right (timedatectl; chrony or systemd-timesyncd): "
+                "certificates and leases go by it",
             )
         o.ahead = ahead
         self._changed()
@@ -305,6 +307,8 @@ class NodeClocks:
             warn=WARN_SECONDS,
             reopened=True,
             since=o.since.isoformat() if o.since is not None else None,
+            hint="set the node's clock right (timedatectl; chrony or systemd-timesyncd): "
+            "certificates and leases go by it",
         )
 
     def _ends(

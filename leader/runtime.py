@@ -1260,7 +1260,12 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     try:
         await leader_service.write_queued()
     except Exception as exc:  # soft state: the agents report it again after the restart
-        log.error("heartbeat.batch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+        log.error(
+            "heartbeat.batch_failed",
+            error=f"{type(exc).__name__}: {exc}"[:200],
+            hint="heartbeats are soft state and come again; if it repeats, check the disk under "
+            "the leader's data dir (df -h)",
+        )
     schema.close()
     state.store.close()
     log.info("leader.stopped")

@@ -1662,6 +1662,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 "node.earlier_check_failed",
                 node=caller.name,
                 error=f"{type(exc).__name__}: {exc}"[:200],
+                detail="the leader could not read its store to check the caller's earlier "
+                "certificate; the refusal stands",
             )
             return
         if serial is None:
@@ -1681,6 +1683,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 node=caller.name,
                 serial=serial,
                 peer=peertext.clean(peer, 80),
+                hint="a copy of the node's earlier certificate is in use (a restored backup or a"
+                " second machine): check the peer named (tlsroll schema show)",
             )
             if len(earlier) >= MAX_CALLERS:
                 earlier.clear()
@@ -1738,10 +1742,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 if len(self._key_refusals) >= MAX_CALLERS:  # (a log's repeats only)
                     self._key_refusals.clear()
                 self._key_refusals.add(said)
-                log.warning("node.relearn_refused", node=identity.name, reason=str(exc))
+                log.warning(
+                    "node.relearn_refused",
+                    node=identity.name,
+                    reason=str(exc),
+                    detail="the agent's heartbeat named a key or addresses the leader does not "
+                    "take for this node; the reason says why",
+                )
             raise unauthenticated(str(exc)) from None
         if learned:
-            log.warning("node.relearned", node=identity.name, addresses=list(names.ips))
+            log.info("node.relearned", node=identity.name, addresses=list(names.ips))
         return learned
 
     def _read_snapshot(self, renewed: bool = False) -> Snapshot:
@@ -1758,7 +1768,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             try:
                 renewed = store.renew_crl(now, now - CRL_RENEW_AFTER, now + CRL_AHEAD_LIMIT)
             except Exception as exc:  # (a full disk): the list as it is; the next read retries
-                log.error("crl.renew_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+                log.error(
+                    "crl.renew_failed",
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                    hint="the revocation list is served as it is and renewed at the next read; "
+                    "check the disk under the leader's data dir (df -h)",
+                )
             else:
                 if renewed:
                     log.info("crl.renewed", was=number, issued=str(issued))
@@ -1893,6 +1908,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     source=f.source,
                     workstation=f.workstation,
                     count=f.count,
+                    hint="wrong bootstrap passwords from that PC: check it uses the current "
+                    "password (tlsroll schema show lists them)",
                 )
         if request.HasField("server") and request.server.HasField("clients"):
             shift = clock_shift(request, now)
@@ -1972,7 +1989,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self._failure_audits.clear()
         self._failure_audits[node] = (day, audited + 1)
         if audited == FAILURE_AUDITS_A_DAY:
-            log.warning("bootstrap.failures_many", node=node, reports=audited, day=str(day))
+            log.warning(
+                "bootstrap.failures_many",
+                node=node,
+                reports=audited,
+                day=str(day),
+                detail="this node's bootstrap failure reports are not audited or logged for "
+                "the rest of the day (a flood of wrong passwords); tlsroll schema show lists them",
+            )
             return False
         return True
 
@@ -2133,7 +2157,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             raise
         if number is None:
             return snap
-        log.warning("crl.floor_raised", node=node, held=held, was=snap.crl_number, number=number)
+        log.warning(
+            "crl.floor_raised",
+            node=node,
+            held=held,
+            was=snap.crl_number,
+            number=number,
+            detail="the node held a newer revocation list than the leader's store (a store put "
+            "back from a backup): the leader's next list counts on from it",
+        )
         return await self.snapshot()
 
     def _response(
@@ -2244,7 +2276,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 return
             if at <= now < at + dt.timedelta(seconds=self.state.heartbeat_interval):
                 return
-        log.warning("node.server_login_failures", node=name, count=count)
+        log.warning(
+            "node.server_login_failures",
+            node=name,
+            count=count,
+            hint="someone keeps failing the server's login on that node: check who in the "
+            "server's log; if the password may be known, tlsroll password set and a "
+            "change-password rollout",
+        )
         self.state.login_failures_logged[name] = (count, now)
 
     def _log_held_login_failures(self, name: str) -> None:
@@ -2259,7 +2298,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         logged = self.state.login_failures_logged.get(name)
         if logged is not None and logged[0] == row.failures:
             return
-        log.warning("node.server_login_failures", node=name, count=row.failures)
+        log.warning(
+            "node.server_login_failures",
+            node=name,
+            count=row.failures,
+            hint="someone keeps failing the server's login on that node: check who in the "
+            "server's log; if the password may be known, tlsroll password set and a "
+            "change-password rollout",
+        )
         self.state.login_failures_logged[name] = (row.failures, self.state.clock())
 
     def _record_clients(
@@ -2351,7 +2397,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 self._write_due = min(self._write_due, loop.time() + self.batch_seconds)
                 health = self.store_health
                 if health is None or not health.failed(exc, "heartbeat.batch_failed"):
-                    log.error("heartbeat.batch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+                    log.error(
+                        "heartbeat.batch_failed",
+                        error=f"{type(exc).__name__}: {exc}"[:200],
+                        hint="heartbeats are soft state and come again; if it repeats, check the"
+                        " disk under the leader's data dir (df -h)",
+                    )
 
     async def write_queued(self) -> int:
         """Write what waits for the group commit now (the leader is stopping; tests), and stop
@@ -2550,7 +2601,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         if len(mine) >= MAX_STREAMS_PER_NODE:
             oldest = mine.pop(0)
             _end(oldest, grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer stream")
-            log.warning("heartbeat.stream_replaced", node=name, open=len(mine) + 1)
+            log.warning(
+                "heartbeat.stream_replaced",
+                node=name,
+                open=len(mine) + 1,
+                detail="the agent opened a newer heartbeat stream and the oldest was ended; one "
+                "now and then is a reconnect, many point to two agents on one node",
+            )
             if oldest.agent != beat.agent and not oldest.closed:
                 self._note_evicted(name, oldest.agent)
         mine.append(beat)
@@ -2629,7 +2686,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         until = now + TWINS_HOLD_BOUNDS * renewal_deadline(self.state.heartbeat_interval)
         peers = (peertext.clean(other.context.peer(), 80), peertext.clean(beat.context.peer(), 80))
         if held is None or now >= held.until:
-            log.warning("heartbeat.duplicate_agent", node=beat.name, peers=list(peers))
+            log.warning(
+                "heartbeat.duplicate_agent",
+                node=beat.name,
+                peers=list(peers),
+                hint="two agents use this node's identity (a cloned VM or copied data dir): stop"
+                " the one that should not run (tlsroll schema show names it)",
+            )
             if len(twins) >= MAX_CALLERS:
                 twins.clear()
             twins[beat.name] = TwinAgents(self.state.clock(), until, peers)
@@ -2700,7 +2763,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             beat.renews = False
             due = beat.last + renew_seconds(self.state.heartbeat_interval)
             self._unvouch(beat, due)  # _uncount then vouches for nothing more
-            log.warning("heartbeat.renewal_missed", node=beat.name)
+            log.warning(
+                "heartbeat.renewal_missed",
+                node=beat.name,
+                hint="the agent's heartbeat stream was not renewed in time: check the agent runs"
+                " and reaches the leader (tlsroll nodes)",
+            )
 
     def _start_watch(self) -> None:
         if self._stopping:
@@ -2786,7 +2854,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             try:
                 self._sweep(loop.time())
             except Exception as exc:  # the watch must go on: it keeps every stream's deadline
-                log.error("heartbeat.sweep_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+                log.error(
+                    "heartbeat.sweep_failed",
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                    hint="the watch goes on; a bug in tlsroll: report it with the lines before "
+                    "this one",
+                )
             self._changed.clear()  # a write from now on sets it again
             settled = False
             try:
@@ -2813,7 +2886,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     checked = snap
                     settled = True
             except Exception as exc:  # the next tick tries again
-                log.error("heartbeat.watch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+                log.error(
+                    "heartbeat.watch_failed",
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                    hint="the next tick tries again; a bug in tlsroll: report it with the lines "
+                    "before this one",
+                )
 
     def _cut_refused(self, snap: Snapshot) -> None:
         """The store changed: end every counted stream whose certificate ``snap`` refuses
@@ -2834,7 +2912,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 beat.renews = False
                 self._unvouch(beat, beat.last)  # _uncount then vouches for nothing more
             _end(beat, UNAUTHENTICATED, why)
-            log.warning("heartbeat.stream_cut", node=beat.name, reason=why)
+            log.warning(
+                "heartbeat.stream_cut",
+                node=beat.name,
+                reason=why,
+                detail="the leader ended this agent's heartbeat stream (the reason says why); a "
+                "valid agent opens a new one",
+            )
 
     async def _push(self, beat: _Beats, snap: Snapshot, now: dt.datetime) -> None:
         """Send ``beat``'s agent the news in ``snap`` (unless its stream is ending). The write
@@ -2853,7 +2937,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         push.add_done_callback(_pushed)
         done, _ = await asyncio.wait({push}, timeout=self.state.heartbeat_interval)
         if not done:
-            log.warning("heartbeat.push_stalled", node=beat.name)
+            log.warning(
+                "heartbeat.push_stalled",
+                node=beat.name,
+                detail="the agent took no news within a heartbeat interval (a slow or stuck "
+                "link): its stream is ended, and an agent that is alive opens a new one",
+            )
             _end(beat, grpc.StatusCode.UNAVAILABLE, "the agent took no news in time")
         elif not push.cancelled() and (exc := push.exception()) is not None:
             # a stream that ended meanwhile: nothing to send it
@@ -2927,7 +3016,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 per_hour=self.workstation_certs_per_hour,
             )
         except (TooMany, NameTaken) as exc:
-            log.warning("workstation.refused", node=node, workstation=cn, reason=str(exc))
+            log.warning(
+                "workstation.refused",
+                node=node,
+                workstation=cn,
+                reason=str(exc),
+                hint="the reason says why: over the hourly cap (workstation_certs_per_hour in "
+                "leader.toml) or a name another PC holds (tlsroll workstations list)",
+            )
             if isinstance(exc, TooMany):
                 await self._over_cap(context, node, cn, now, exc)
             raise
@@ -2982,7 +3078,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             presented_serial=caller.serial,
         )
         if serial is not None:
-            log.warning("workstation.withdrawn", node=caller.name, serial=serial)
+            log.warning(
+                "workstation.withdrawn",
+                node=caller.name,
+                serial=serial,
+                detail="the node withdrew a workstation certificate it could not deliver; the PC"
+                " enrols again",
+            )
             return leader_pb2.WithdrawWorkstationResponse(withdrawn=True)
         reason = await asyncio.to_thread(
             self.state.store.revoke_reason, caller.name, fingerprint

@@ -707,6 +707,9 @@ class Store(LeaderStore):
             "certs.cap_clock_rebased",
             ahead_seconds=round(lead.total_seconds()),
             certificates=len(rows),
+            hint="the leader's clock went back: the certificates counted for the hourly "
+            "workstation cap were moved back with it; check the leader's clock "
+            "(timedatectl)",
         )
 
     def _forget_seen(self, name: str) -> None:
@@ -2364,7 +2367,13 @@ class Store(LeaderStore):
         for serial, _ in entries:
             if not serial_fits(serial) and serial not in self._unfit_logged:
                 self._unfit_logged.add(serial)
-                log.warning("crl.serial_skipped", serial=serial[:48], why="out of range")
+                log.warning(
+                    "crl.serial_skipped",
+                    serial=serial[:48],
+                    why="out of range",
+                    detail="that serial cannot go on a revocation list; the rest of the list "
+                    "stands",
+                )
         return [(serial, when) for serial, when in entries if serial_fits(serial)]
 
     def renew_crl(
@@ -2637,6 +2646,7 @@ class Store(LeaderStore):
                 why="the cluster CA's own certificate: no revocation list can revoke it",
                 node=node,
                 number=number,
+                detail="that serial cannot go on a revocation list; the rest of the list stands",
             )
         wanted = sorted(listed - cas)
         if not wanted:

@@ -72,6 +72,8 @@ class StoreHealth:
                 error=why,
                 failing_since=since.isoformat(),
                 left_out=left_out,
+                hint="free space under the leader's data dir or make it writable (df -h); the "
+                "leader carries on once writes succeed",
             )
         return True
 
@@ -84,5 +86,10 @@ class StoreHealth:
             trouble, self.trouble = self.trouble, None
         if trouble is not None:
             why, since = trouble
-            log.warning("store.writes_recovered", failing_since=since.isoformat(), error=why)
+            log.warning(
+                "store.writes_recovered",
+                failing_since=since.isoformat(),
+                error=why,
+                detail="the store takes writes again: the failure said before is over",
+            )
             sd_notify("STATUS=Store writes work again")

@@ -172,7 +172,13 @@ async def _asked_at_stop(asking: Awaitable[Withdrawal], request: Request) -> Non
     try:
         await asking
     except asyncio.CancelledError:
-        log.error("bootstrap.withdraw_failed", remote=request.remote, error="stopping")
+        log.error(
+            "bootstrap.withdraw_failed",
+            remote=request.remote,
+            error="stopping",
+            hint="the name stays held by an undelivered certificate: tlsroll workstations revoke"
+            " NAME frees it",
+        )
         raise
 
 
@@ -475,7 +481,12 @@ class BootstrapService:
         except proto.BootstrapError as exc:
             raise ValueError(f"ca_bundle_pem must hold only CA certificates: {exc}") from None
         except WorkerFailed:
-            log.warning("bootstrap.ca_bundle_unchecked", node=self.node_name)
+            log.warning(
+                "bootstrap.ca_bundle_unchecked",
+                node=self.node_name,
+                detail="the crypto worker could not check the CA bundle now; it is checked at "
+                "its use",
+            )
 
     @property
     def hello(self) -> proto.Hello:
@@ -539,7 +550,12 @@ class BootstrapService:
             try:  # the password's blinding points now, not at a stranger's request
                 await self._blinds_of(self._secret)
             except WorkerFailed:
-                log.warning("bootstrap.blinds_deferred", node=self.node_name)
+                log.warning(
+                    "bootstrap.blinds_deferred",
+                    node=self.node_name,
+                    detail="the crypto worker could not prepare the password ahead; it is done "
+                    "at the first PC's request",
+                )
             try:
                 await listener.start(self.address, self.port, self._ssl)
             except OSError as exc:  # (another program took the port since the bind, binding
@@ -630,9 +646,15 @@ class BootstrapService:
                     remote=request.remote,
                     reason=exc.code.value,
                     retry_after=None if exc.retry is None else retry_after(exc.retry),
+                    detail="a PC's Test connection was refused at its start; the reason says why"
+                    " (sampled per source)",
                 )
             if (summary := self.refusals.summary()) is not None:
-                log.warning("bootstrap.starts_refused_summary", **summary.fields())
+                log.warning(
+                    "bootstrap.starts_refused_summary",
+                    **summary.fields(),
+                    detail="starts refused in that time, not logged one by one",
+                )
             return _refusal(exc)
         log.info("bootstrap.exchange_started", remote=request.remote, workstation=start.workstation)
         return _answer(answer.to_json())
@@ -753,9 +775,15 @@ class BootstrapService:
                     reason=exc.code.value,
                     status=exc.status,
                     retry_after=None if exc.retry is None else retry_after(exc.retry),
+                    detail="a PC's enrolment was refused at its finish; the reason says why "
+                    "(sampled per source)",
                 )
             if not confirmed and (summary := self.finish_refusals.summary()) is not None:
-                log.warning("bootstrap.finishes_refused_summary", **summary.fields())
+                log.warning(
+                    "bootstrap.finishes_refused_summary",
+                    **summary.fields(),
+                    detail="finishes refused in that time, not logged one by one",
+                )
             return _refusal(exc)
         answer = proto.FinishAnswer(confirm=ex.keys.confirmation(proto.Side.NODE), payload=sealed)
         return _answer(answer.to_json())
@@ -789,7 +817,12 @@ class BootstrapService:
                 checked, bundle = await self._checked(request, signed, cn, key_pin, ca_pem)
                 return await self._deliver(ex, checked, bundle)
         except asyncio.CancelledError:  # the service stops: the workstation gets nothing
-            log.warning("bootstrap.undelivered_stopping", remote=request.remote, cn=cn)
+            log.warning(
+                "bootstrap.undelivered_stopping",
+                remote=request.remote,
+                cn=cn,
+                detail="the service stopped before the PC got its certificate; the PC enrols again",
+            )
             self._at_stop(self._withdrawn_at_stop(request, cn, signed))
             raise
         except (WorkerFailed, TimeoutError) as exc:
@@ -829,7 +862,12 @@ class BootstrapService:
             raise
         except proto.BootstrapError:  # the worker would not seal it (not seen so far)
             await self._withdraw(request, cn, signed)
-            log.error("bootstrap.seal_refused", remote=request.remote)
+            log.error(
+                "bootstrap.seal_refused",
+                remote=request.remote,
+                detail="the crypto worker would not seal the signed certificate; it was "
+                "withdrawn and the PC told to try later",
+            )
             raise Refused(
                 502, proto.ErrorCode.SIGN_FAILED, "the node could not seal the answer"
             ) from None
@@ -858,10 +896,22 @@ class BootstrapService:
         try:
             withdrawn = await self.withdraw(signed) if self.withdraw is not None else None
         except Exception as exc:  # whatever the leader path raises: the name stays held
-            log.error("bootstrap.withdraw_failed", remote=request.remote, error=type(exc).__name__)
+            log.error(
+                "bootstrap.withdraw_failed",
+                remote=request.remote,
+                error=type(exc).__name__,
+                hint="the name stays held by an undelivered certificate: tlsroll workstations "
+                "revoke NAME frees it",
+            )
             return Withdrawal.HELD
         if withdrawn is Withdrawal.WITHDRAWN:
-            log.warning("bootstrap.undelivered_withdrawn", remote=request.remote, cn=cn)
+            log.warning(
+                "bootstrap.undelivered_withdrawn",
+                remote=request.remote,
+                cn=cn,
+                detail="the PC's certificate could not be delivered and was withdrawn; the PC "
+                "enrols again",
+            )
         return withdrawn or Withdrawal.HELD
 
     async def _deliver(self, ex: Exchange, cert_pem: bytes, bundle: bytes) -> str:
@@ -895,6 +945,8 @@ class BootstrapService:
             remote=request.remote,
             workstation=ex.workstation,
             failures=count,
+            hint="a PC gave a wrong bootstrap password: check it uses the current one; many from"
+            " one address may be a guesser",
         )
         return when
 
@@ -934,7 +986,13 @@ class BootstrapService:
         try:
             signed = await asyncio.shield(signing)
         except asyncio.CancelledError:  # the service stops while the leader signs
-            log.warning("bootstrap.signing_stopping", remote=request.remote, cn=cn)
+            log.warning(
+                "bootstrap.signing_stopping",
+                remote=request.remote,
+                cn=cn,
+                detail="the service stopped while the leader signed; the PC gets nothing and "
+                "enrols again",
+            )
             self._at_stop(self._signing_stopped(request, cn, signing))
             raise
         except TerminalError as exc:
@@ -947,13 +1005,24 @@ class BootstrapService:
                 ) from None
             # The cluster said no for a reason the workstation's admin can act on (the name is
             # another workstation's): say it, rather than "try later".
-            log.warning("bootstrap.sign_refused", remote=request.remote, cn=cn)
+            log.warning(
+                "bootstrap.sign_refused",
+                remote=request.remote,
+                cn=cn,
+                hint="the PC's name is another workstation's: tlsroll workstations list shows it"
+                " (workstations revoke frees it)",
+            )
             retry = getattr(exc, "retry", None)
             if retry is not None:  # this node's hour's cap: 429, and when (review s64 M3)
                 raise Refused(429, proto.ErrorCode.SIGN_FAILED, str(exc), retry=retry) from None
             raise Refused(409, proto.ErrorCode.SIGN_FAILED, str(exc)) from None
         except Exception as exc:  # whatever the CA path raises, the client gets one answer
-            log.error("bootstrap.sign_failed", remote=request.remote, error=type(exc).__name__)
+            log.error(
+                "bootstrap.sign_failed",
+                remote=request.remote,
+                error=type(exc).__name__,
+                detail="the leader did not sign the PC's certificate; the PC is told to try later",
+            )
             raise Refused(
                 502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
             ) from None
@@ -978,6 +1047,7 @@ class BootstrapService:
                 cn=cn,
                 why="the service stopped before the leader answered: a certificate it signed "
                 f"may hold the name (tlsroll workstations revoke {cn} frees it)",
+                hint="run the command in why if the PC's next enrolment is refused for its name",
             )
             raise
         except Exception:  # not signed (the leader said no, or could not be asked)
@@ -1007,12 +1077,22 @@ class BootstrapService:
         try:
             cert = await self._signed_crypto("cert_facts", facts)
         except proto.BootstrapError:  # what the leader returned does not parse
-            log.error("bootstrap.sign_failed", remote=request.remote, error="PKIError")
+            log.error(
+                "bootstrap.sign_failed",
+                remote=request.remote,
+                error="PKIError",
+                detail="the leader did not sign the PC's certificate; the PC is told to try later",
+            )
             raise Refused(
                 502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
             ) from None
         if cert.get("spki_pin") != key_pin:
-            log.error("bootstrap.sign_failed", remote=request.remote, error="key mismatch")
+            log.error(
+                "bootstrap.sign_failed",
+                remote=request.remote,
+                error="key mismatch",
+                detail="the leader did not sign the PC's certificate; the PC is told to try later",
+            )
             raise Refused(502, proto.ErrorCode.SIGN_FAILED, "the CA returned a wrong certificate")
         log.info(
             "bootstrap.enrolled",
@@ -1021,7 +1101,14 @@ class BootstrapService:
             fingerprint=str(cert.get("fingerprint")),
         )
         if isinstance(refused := cert.get("ca_refused"), str):
-            log.warning("bootstrap.ca_refused", remote=request.remote, reason=refused[:300])
+            log.warning(
+                "bootstrap.ca_refused",
+                remote=request.remote,
+                reason=refused[:300],
+                detail="the CA certificate the leader signed with was not added to the bundle "
+                "the PC gets (the reason says why); the bundle staged before is handed "
+                "out",
+            )
         bundle = _worker_bytes(cert, "bundle") if cert.get("bundle") else self.ca_bundle_pem
         return _worker_bytes(cert, "pem"), bundle
 
@@ -1047,7 +1134,12 @@ class BootstrapService:
         try:
             return await self._crypto(op, request)
         except WorkerFailed:
-            log.warning("bootstrap.worker_retry", op=op)
+            log.warning(
+                "bootstrap.worker_retry",
+                op=op,
+                detail="the crypto worker failed once; the operation is tried again with a new "
+                "worker",
+            )
         return await self._crypto(op, request)
 
     async def _crypto(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -1065,6 +1157,11 @@ class BootstrapService:
         if refused is not None:
             raise refused
         if not isinstance(answer, dict):
-            log.error("bootstrap.worker_failed", op=op, error="not an object")
+            log.error(
+                "bootstrap.worker_failed",
+                op=op,
+                error="not an object",
+                hint="a bug in tlsroll: report it with the lines before this one",
+            )
             raise WorkerFailed(f"the crypto worker's answer to {op} is not an object")
         return answer

@@ -266,7 +266,12 @@ class BootstrapHost:
                 )
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                log.warning("bootstrap.withdraw_unsupported", why="the leader is older")
+                log.warning(
+                    "bootstrap.withdraw_unsupported",
+                    why="the leader is older",
+                    hint="the leader is older than this agent: upgrade the leader; until then an"
+                    " undelivered certificate holds its name",
+                )
             else:
                 log.error(
                     "bootstrap.withdraw_failed",
@@ -280,6 +285,8 @@ class BootstrapHost:
             "bootstrap.withdraw_revoked_already",
             why="the leader had revoked it",
             reason=peertext.clean(reply.revoke_reason, 100),
+            detail="the certificate to withdraw was revoked on the leader already; nothing more "
+            "to do",
         )
         if reply.revoke_reason in ("", "never delivered", "superseded"):
             return Withdrawal.HELD
@@ -360,7 +367,12 @@ class BootstrapHost:
         retry = f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s"
         if self._tries == 0:
             log.error(
-                "bootstrap.not_started", port=self.cfg.bootstrap_port, error=problem, retry=retry
+                "bootstrap.not_started",
+                port=self.cfg.bootstrap_port,
+                error=problem,
+                retry=retry,
+                hint="the error says why; check the port is free (ss -ltnp) and the "
+                "bootstrap_port in agent.toml; the agent tries again",
             )
         elif problem != self._said:
             log.error(
@@ -369,6 +381,8 @@ class BootstrapHost:
                 error=problem,
                 was=self._said,
                 tries=self._tries,
+                hint="the error says why; check the port is free (ss -ltnp) and the "
+                "bootstrap_port in agent.toml; the agent tries again",
             )
         self._said = problem
         self._tries += 1
@@ -393,6 +407,8 @@ class BootstrapHost:
                 unexpected=unexpected or None,
                 serves="the settings last read, until the journal is read again",
                 retry=f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s",
+                hint="check the agent's data dir (df -h, its mode); the service keeps the "
+                "settings it last read",
             )
             self._unread_said = why
         now = time.monotonic()
@@ -410,7 +426,11 @@ class BootstrapHost:
         live = await asyncio.to_thread(self.journal.live_tls)
         self._unread_since = None  # (the problem, if it was one, is set below)
         if self._unread_said:
-            log.warning("bootstrap.settings_read_again", port=self.cfg.bootstrap_port)
+            log.warning(
+                "bootstrap.settings_read_again",
+                port=self.cfg.bootstrap_port,
+                detail="the bootstrap settings read again: the failure said before is over",
+            )
             self._unread_said = ""
         if live == self.current and (live is None or self.service is not None):
             self._up(running=live is not None)  # (known now, also at an agent's start on http)
@@ -440,7 +460,12 @@ class BootstrapHost:
     def _up(self, *, running: bool) -> None:
         """The service runs, or need not: no problem, and the outage (if any) said over."""
         if self._tries and running:
-            log.warning("bootstrap.up_again", port=self.cfg.bootstrap_port, tries=self._tries)
+            log.warning(
+                "bootstrap.up_again",
+                port=self.cfg.bootstrap_port,
+                tries=self._tries,
+                detail="the bootstrap service runs again: the failure said before is over",
+            )
         elif self._tries:
             log.info("bootstrap.retry_ended", why="the node no longer serves it")
         self._tries = 0
@@ -522,7 +547,12 @@ class BootstrapHost:
             try:
                 await asyncio.to_thread(self.journal.set_removed_from_cluster, removed)
             except TlsrollError as exc:
-                log.error("bootstrap.removed_not_saved", error=str(exc))
+                log.error(
+                    "bootstrap.removed_not_saved",
+                    error=str(exc),
+                    hint="check the agent's data dir (df -h): the node's removal holds in memory"
+                    " until the next write",
+                )
                 # Not saved: the next refused heartbeat (one an interval) writes it again. A
                 # refusal not cleared is cleared at the next start's first answered heartbeat.
                 if (removed is not None) == (self.removed is not None):
@@ -557,7 +587,12 @@ class BootstrapHost:
                 )
             except TlsrollError as exc:
                 # The limits hold in memory still; the next write brings the journal up.
-                log.error("bootstrap.failures_not_saved", error=str(exc))
+                log.error(
+                    "bootstrap.failures_not_saved",
+                    error=str(exc),
+                    hint="check the agent's data dir (df -h): the failure counts hold in memory "
+                    "until the next write",
+                )
 
     async def _stop(self) -> None:
         if self.service is not None:

@@ -181,7 +181,13 @@ def _set_aside(path: Path, error: str) -> None:
     said once in the agent's run, with the ``rm`` that ends it (its write is not tried).
     Anything else (a FIFO, a socket) the write replaces."""
     if not _a_directory(path):
-        log.warning("identity.memo_not_a_file", path=str(path), error=error)
+        log.warning(
+            "identity.memo_not_a_file",
+            path=str(path),
+            error=error,
+            detail="something other than a file stood where the agent's identity memo goes: the "
+            "memo's write replaces it",
+        )
         return
     try:
         kept = set_aside(path, "not-a-file", utcnow().strftime("%Y%m%dT%H%M%SZ"))
@@ -222,7 +228,13 @@ def _remember(cfg: AgentConfig, identity: Identity) -> Identity:
         memo = {"digest": _digest(cfg), "facts": facts}
         write_atomic(path, json.dumps(memo).encode(), PRIVATE)
     except OSError as exc:  # the next start checks in a child again: nothing lost
-        log.warning("identity.memo_not_written", path=str(cfg.data_dir / MEMO), error=str(exc))
+        log.warning(
+            "identity.memo_not_written",
+            path=str(cfg.data_dir / MEMO),
+            error=str(exc),
+            detail="the agent could not save its identity memo; the next start checks its files "
+            "again, nothing is lost",
+        )
     return identity
 
 

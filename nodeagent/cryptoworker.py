@@ -270,7 +270,12 @@ class CryptoWorker:
             try:
                 await self._running("warm")
             except TlsrollError as exc:  # the call that needs it says so again
-                log.warning("cryptoworker.not_started", error=str(exc))
+                log.warning(
+                    "cryptoworker.not_started",
+                    error=str(exc),
+                    detail="the agent's crypto worker did not start ahead; the call that needs "
+                    "it starts it again and says why if it fails",
+                )
             finally:
                 self._arm()
 

@@ -92,7 +92,13 @@ def serve(message: Any) -> dict[str, Any]:
     except (TlsrollError, OSError, ValueError) as exc:
         return {"error": answer_for(exc)}
     except Exception as exc:  # its class only: the message might hold a secret
-        log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
+        log.error(
+            "cryptoworker.op_failed",
+            op=op,
+            error_type=type(exc).__name__,
+            hint="the operation failed and is answered as such; a bug in tlsroll: report it with"
+            " the lines before this one",
+        )
         return {"error": {"type": "WorkerBug", "message": failed(op, exc)}}
 
 
@@ -114,7 +120,12 @@ def _show_warning(
     text (whitespace made single spaces, cut to ``WARNING_LIMIT``: the texts of the libraries
     the ops use carry no secret), not its source line."""
     text = " ".join(str(message).split())
-    log.warning("cryptoworker.warning", category=category.__name__, message=text[:WARNING_LIMIT])
+    log.warning(
+        "cryptoworker.warning",
+        category=category.__name__,
+        message=text[:WARNING_LIMIT],
+        detail="a library's warning seen in the agent's crypto worker; nothing failed",
+    )
 
 
 def answer_line(message: Any) -> bytes:
@@ -126,7 +137,13 @@ def answer_line(message: Any) -> bytes:
         return json.dumps(answer).encode() + b"\n"
     except Exception as exc:  # its class only, as ``serve``'s
         op = str(message.get("op", "")) if isinstance(message, dict) else ""
-        log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
+        log.error(
+            "cryptoworker.op_failed",
+            op=op,
+            error_type=type(exc).__name__,
+            hint="the operation failed and is answered as such; a bug in tlsroll: report it with"
+            " the lines before this one",
+        )
         bug = {"error": {"type": "WorkerBug", "message": failed(op, exc)}}
         return json.dumps(bug).encode() + b"\n"
 
@@ -156,7 +173,12 @@ class _Preload:
             lower_priority()
             importlib.import_module(PRELOAD)
         except Exception as exc:  # the op that needs it imports it again
-            log.warning("cryptoworker.preload_failed", error_type=type(exc).__name__)
+            log.warning(
+                "cryptoworker.preload_failed",
+                error_type=type(exc).__name__,
+                detail="the worker could not load its crypto library ahead; the operation that "
+                "needs it loads it again",
+            )
         finally:
             self.done.set()
 
@@ -229,7 +251,11 @@ def _orphaned(parent: int) -> bool:
     install a renewal beside the agent started again (review s41, Low 5)."""
     if os.getppid() == parent:
         return False
-    log.warning("cryptoworker.orphaned", parent=parent)
+    log.warning(
+        "cryptoworker.orphaned",
+        parent=parent,
+        detail="the agent that started this crypto worker has gone: the worker ends",
+    )
     return True
 
 

@@ -918,7 +918,13 @@ def finish_pending(data_dir: Path) -> bool:
             cert = pki.read_cert(new_cert)
             ours = new_key.exists() and pki.key_matches(cert, pki.read_key(new_key))
         except PKIError as exc:  # the renewal's own file damaged: the node's files stand
-            log.warning("renewal.pending_discarded", path=str(new_cert), error=str(exc))
+            log.warning(
+                "renewal.pending_discarded",
+                path=str(new_cert),
+                error=str(exc),
+                detail="a half-written renewal was damaged and dropped; the node's certificate "
+                "in use stands and the next renewal makes a new one",
+            )
             new_cert.unlink()
         else:
             if ours:

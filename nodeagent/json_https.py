@@ -259,7 +259,13 @@ class JsonHttpsListener:
         except asyncio.CancelledError:
             pass  # ``stop``: this task is the connection's own and ends here
         except Exception as exc:  # a bug here must not end in asyncio's log with a traceback
-            log.error("https.connection_failed", remote=remote, error=type(exc).__name__)
+            log.error(
+                "https.connection_failed",
+                remote=remote,
+                error=type(exc).__name__,
+                hint="that connection ended; a bug in tlsroll: report it with the lines before "
+                "this one",
+            )
         finally:
             state.stage = "closing"  # (its place is given back by ``_forget``)
             await self._close(transport, writer)
@@ -325,6 +331,8 @@ class JsonHttpsListener:
                         method=request.method,
                         path=request.path,
                         error=type(exc).__name__,
+                        hint="the request got a 500; a bug in tlsroll: report it with the lines "
+                        "before this one",
                     )
                     reply, failed = (
                         _error(500, "internal error; see the agent's log", "internal"),
@@ -505,4 +513,11 @@ def _error(status: int, message: str, code: str | None = None) -> Reply:
 
 
 def _refused(remote: str, limit: str, refused: int) -> None:
-    log.warning("https.too_many_connections", remote=remote, limit=limit, refused=refused)
+    log.warning(
+        "https.too_many_connections",
+        remote=remote,
+        limit=limit,
+        refused=refused,
+        detail="the agent's bootstrap port refused connections over its limit: many PCs at once,"
+        " or a flood from that address",
+    )

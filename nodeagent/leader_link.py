@@ -554,7 +554,11 @@ class _Stream:
             self.ended = exc
             self.broke = True
             if not isinstance(exc, ShuttingDown):  # (the agent stops: no fault, review s69)
-                log.warning("heartbeat.reply_not_taken", error=f"{type(exc).__name__}: {exc}"[:200])
+                log.warning(
+                    "heartbeat.reply_not_taken",
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                    detail="the leader's heartbeat stream broke; the agent opens a new one",
+                )
         finally:
             if self.ended is None:
                 self.ended = TimeoutError("the heartbeat stream was closed")
@@ -569,7 +573,12 @@ class _Stream:
         say it could), nor past as many ``BUSY`` answers being written: the leader's deadline
         then runs out, as for a Check."""
         if self._answer is None:
-            log.warning("heartbeat.question_dropped", id=question.id)
+            log.warning(
+                "heartbeat.question_dropped",
+                id=question.id,
+                detail="the agent could not take the leader's question now: it goes unanswered "
+                "and the leader's deadline for it runs out",
+            )
             return
         if len(self._answering) < QUESTIONS_AT_ONCE:
             tasks, task = (
@@ -580,7 +589,12 @@ class _Stream:
             log.info("heartbeat.question_busy", id=question.id)
             tasks, task = self._refusing, asyncio.ensure_future(self._reply(_busy, question))
         else:
-            log.warning("heartbeat.question_dropped", id=question.id)
+            log.warning(
+                "heartbeat.question_dropped",
+                id=question.id,
+                detail="the agent could not take the leader's question now: it goes unanswered "
+                "and the leader's deadline for it runs out",
+            )
             return
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -617,7 +631,12 @@ class _Stream:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
             log.info("heartbeat.answer_failed", id=question.id, error=type(exc).__name__)
         except Exception as exc:  # never the reader's or the heartbeats' trouble
-            log.error("heartbeat.answer_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+            log.error(
+                "heartbeat.answer_failed",
+                error=f"{type(exc).__name__}: {exc}"[:200],
+                hint="the leader's question goes unanswered; a bug in tlsroll: report it with "
+                "the lines before this one",
+            )
 
     async def _write(
         self,
@@ -828,7 +847,12 @@ class LeaderLink:
         try:
             serial = nodefiles.parse_serial(text)
         except ValueError as exc:
-            log.warning("leader.serial_refused", error=str(exc))
+            log.warning(
+                "leader.serial_refused",
+                error=str(exc),
+                detail="the leader announced a certificate serial the agent cannot read; the "
+                "agent keeps the one it holds",
+            )
             return
         if serial in self.trust.revoked:
             if serial != self._revoked_said:
@@ -861,7 +885,12 @@ class LeaderLink:
                     nodefiles.write_leader_pin, self.cfg.data_dir, self.pin, self.announces
                 )
         except OSError as exc:  # held all the same; the next start learns it again
-            log.warning("leader.serial_not_kept", error=os_error_text(exc))
+            log.warning(
+                "leader.serial_not_kept",
+                error=os_error_text(exc),
+                detail="the agent could not save the leader's serial to its data dir; it holds "
+                "it in memory and learns it again at the next start",
+            )
 
     async def _forget_revoked_pin(self) -> None:
         """A revocation list revokes the pinned serial: it is forgotten (the leader is issued
@@ -1032,7 +1061,12 @@ class LeaderLink:
             try:
                 await forget(ids)
             except Exception as exc:
-                log.warning("stage.forget_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+                log.warning(
+                    "stage.forget_failed",
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                    detail="staged files of ended rollouts could not be forgotten; the next "
+                    "sweep tries again",
+                )
 
     def _answer_on(self, dialed: int | None) -> Answer | None:
         """How the leader's planning questions on a stream of a channel dialed by ``dialed``
@@ -1239,6 +1273,8 @@ class LeaderLink:
                         number=crl_number,
                         size=len(held),
                         limit=HELD_CRL_MAX,
+                        detail="the agent's revocation list is too large to send back to the "
+                        "leader; the leader sends its own instead",
                     )
                 held, self._crl_wanted = b"", False
             request = leader_pb2.HeartbeatRequest(
@@ -1443,7 +1479,11 @@ class LeaderLink:
         if why is not None and not self._logged_removed:
             log.error("agent.removed_from_cluster", leader=self.target, detail=why[:200])
         elif why is None:
-            log.warning("agent.accepted_again", leader=self.target)
+            log.warning(
+                "agent.accepted_again",
+                leader=self.target,
+                detail="the leader accepts this node again: its removal said before is over",
+            )
         self._removed = self._logged_removed = why is not None
         if self.on_removed is not None:
             self.on_removed(why)

@@ -176,7 +176,13 @@ def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
             give_file(path, share.file_mode(path), share.owner)
         except (OSError, UnsafePermissions) as exc:
             error = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
-            log.warning("stage.share_failed", file=str(path), error=error)
+            log.warning(
+                "stage.share_failed",
+                file=str(path),
+                error=error,
+                hint="the managed server may not read that file: check its owner and mode "
+                "against the server's user",
+            )
             continue
         _said_unkept(path, share)
         _said_group_wide(path, share)
@@ -456,7 +462,12 @@ def _say_unknown(path: Path, st: os.stat_result | None = None) -> None:
     if key in _SAID_UNKNOWN:
         return
     _SAID_UNKNOWN.add(key)
-    log.warning("stage.unknown_dir", path=str(path))
+    log.warning(
+        "stage.unknown_dir",
+        path=str(path),
+        detail="a directory in tlsroll-tls that tlsroll did not make: it is left as it is (move "
+        "it out to silence this)",
+    )
 
 
 def _stage_dir_of(directory: Path, root_st: os.stat_result) -> bool:
@@ -504,7 +515,14 @@ def _not_ours(directory: Path, root_st: os.stat_result, rollout_id: str) -> bool
 def _remove_failed(rollout_id: str | None, path: Path, exc: OSError) -> None:
     """``stage.remove_failed``; ``rollout_id`` None for ``tlsroll-tls`` itself."""
     ids = {} if rollout_id is None else {"rollout_id": rollout_id}
-    log.warning("stage.remove_failed", **ids, path=str(path), error=os_error_text(exc))
+    log.warning(
+        "stage.remove_failed",
+        **ids,
+        path=str(path),
+        error=os_error_text(exc),
+        hint="the error says why it could not be removed: remove the path named by hand if it is"
+        " still there",
+    )
 
 
 def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why: str) -> bool:

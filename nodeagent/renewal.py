@@ -311,6 +311,8 @@ class Renewer:
         log.error(
             "agent.certificate_expired",
             message=expired_message(self.cfg, self.identity.not_after, now, running=True),
+            hint="the message says what to do: a new token (tlsroll token create on the leader),"
+            " then the join script again on this node",
         )
 
     def _valid_again(self, now: dt.datetime) -> None:
@@ -360,6 +362,8 @@ class Renewer:
             error=self.status.error,
             retry_at=_iso(min(retry, self.identity.not_after)),
             not_after=_iso(self.identity.not_after),
+            hint="the agent tries again at retry_at; if it keeps failing before not_after, check"
+            " the leader is reachable (tlsroll nodes)",
         )
 
     async def renew(self) -> Identity:
@@ -392,7 +396,12 @@ class Renewer:
         if "refused" in renewed:
             raise RenewalRefused(renewed["refused"])
         if renewed.get("ca_refused"):
-            log.warning("renewal.ca_refused", reason=renewed["ca_refused"])
+            log.warning(
+                "renewal.ca_refused",
+                reason=renewed["ca_refused"],
+                detail="the agent did not take the CA certificate the leader signed its renewal "
+                "with (the reason says why); compare with tlsroll ca show on the leader",
+            )
         if renewed.get("ca_not_after"):
             log.info("agent.ca_renewed", ca_not_after=renewed["ca_not_after"])
         key_file, cert_file, ca_file = paths(cfg.data_dir)
@@ -419,7 +428,12 @@ class Renewer:
                     cfg.data_dir, self.ca_refused_since, str(renewed["ca_refused"])
                 )
             except OSError as exc:  # reported while running still; not after a restart
-                log.warning("renewal.ca_refused_not_kept", error=f"{exc.strerror}: {exc.filename}")
+                log.warning(
+                    "renewal.ca_refused_not_kept",
+                    error=f"{exc.strerror}: {exc.filename}",
+                    detail="the refusal could not be written to the agent's data dir: it is "
+                    "reported while the agent runs, not after a restart",
+                )
         else:
             self.ca_refused_since = None
             nodefiles.forget_refused_ca(cfg.data_dir)

@@ -204,6 +204,7 @@ async def obtain_identity(cfg: AgentConfig, stop: asyncio.Event | None = None) -
             "agent.enrolling_again",
             reason="node certificate ended",
             node_cert=str(paths(cfg.data_dir)[1]),
+            detail="the node's certificate ended: the agent enrols again with its join token",
         )
     else:
         if identity is not None:
@@ -783,9 +784,19 @@ async def stop_task(task: asyncio.Task[Any], patience: float = 10.0) -> None:
         task.cancel()
         await asyncio.wait({task}, timeout=0.5)
     if not task.done():
-        log.error("agent.task_would_not_stop", task=task.get_name())
+        log.error(
+            "agent.task_would_not_stop",
+            task=task.get_name(),
+            detail="a task did not stop in time at the agent's stop; the process ends anyway",
+        )
     elif not task.cancelled() and task.exception() is not None:
-        log.error("agent.task_failed", task=task.get_name(), error=str(task.exception()))
+        log.error(
+            "agent.task_failed",
+            task=task.get_name(),
+            error=str(task.exception()),
+            hint="a task of the agent ended with an error at its stop; a bug in tlsroll: report "
+            "it with the lines before this one",
+        )
 
 
 def txn_grace() -> float:

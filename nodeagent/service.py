@@ -149,7 +149,11 @@ async def _to_its_end(work: Awaitable[T]) -> T:
 
 
 def _sweep_failed(exc: Exception) -> None:
-    log.warning("stage.sweep_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+    log.warning(
+        "stage.sweep_failed",
+        error=f"{type(exc).__name__}: {exc}"[:200],
+        detail="removing ended rollouts' staged files failed; the next sweep tries again",
+    )
 
 
 def login_failures(status: dict[str, Any]) -> tuple[int, dt.datetime | None]:
@@ -306,7 +310,12 @@ def _discarded(done: concurrent.futures.Future[None]) -> None:
     """A prepared switch's staged file removed later (``_drop_prepared``): a failure is said
     (the agent's next start removes what is left, ``Driver.discard_stale_staged``)."""
     if not done.cancelled() and (exc := done.exception()) is not None:
-        log.warning("stage.discard_failed", error=describe(exc))
+        log.warning(
+            "stage.discard_failed",
+            error=describe(exc),
+            detail="a staged file could not be removed; the agent's next start removes what is "
+            "left",
+        )
 
 
 def _pem_text(data: bytes) -> str:
@@ -642,6 +651,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                         attempt=failures,
                         retry_in=UNFREEZE_BACKOFF.delay(failures),
                         error=describe(exc),
+                        hint="the managed server stays frozen (refusing writes) until this "
+                        "works: check it runs (systemctl status of its unit); the agent "
+                        "keeps trying",
                     )
                 continue
             failures = 0
@@ -695,7 +707,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             try:
                 self.on_freeze_change()
             except Exception as exc:
-                log.error("scope_freeze.on_change_failed", error=describe(exc))
+                log.error(
+                    "scope_freeze.on_change_failed",
+                    error=describe(exc),
+                    hint="the freeze itself stands; a bug in tlsroll: report it with the lines "
+                    "before this one",
+                )
 
     # --- status -------------------------------------------------------------------------------
 
@@ -935,7 +952,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         def done(_: asyncio.Future[bytes]) -> None:
             self._csr_work.discard(work)
             if waited.cancelled() and not work.cancelled() and work.exception() is not None:
-                log.warning("stage.csr_failed", rollout_id=rollout_id, error=str(work.exception()))
+                log.warning(
+                    "stage.csr_failed",
+                    rollout_id=rollout_id,
+                    error=str(work.exception()),
+                    detail="preparing the key for the next switch failed; the switch makes its own",
+                )
 
         work.add_done_callback(done)
         return await waited
@@ -1249,7 +1271,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if sweeps:
             _, left = await asyncio.wait(sweeps, timeout=SWEEP_STOP_SECONDS)
             if left:
-                log.error("agent.task_would_not_stop", task="stage-sweep")
+                log.error(
+                    "agent.task_would_not_stop",
+                    task="stage-sweep",
+                    detail="a task did not stop in time at the agent's stop; the process ends "
+                    "anyway",
+                )
         await dbthread.barrier()
 
     def _own_key(self, driver: Driver, rollout_id: str, key_pem: bytes) -> tuple[Staged, set[str]]:
@@ -1307,7 +1334,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 return  # changed meanwhile: the switch makes its own
             staging = runner.stage_target(rollout_id, built.config, built.plan, source)
         except Exception as exc:  # the switch makes its own, and says what is wrong
-            log.warning("stage.prepare_failed", rollout_id=rollout_id, error=describe(exc))
+            log.warning(
+                "stage.prepare_failed",
+                rollout_id=rollout_id,
+                error=describe(exc),
+                detail="preparing the switch ahead failed; the switch makes its own and says "
+                "what is wrong",
+            )
             return
         # A rotation keeps the live verifier (its file is the live one): made with none.
         verifier = None if https else coming.verifier
@@ -1504,7 +1537,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         try:
             plans.drop_unjournalled_verifier(self.journal, self._driver(), rollout_id)
         except Exception as exc:
-            log.warning("stage.remove_failed", rollout_id=rollout_id, error=type(exc).__name__)
+            log.warning(
+                "stage.remove_failed",
+                rollout_id=rollout_id,
+                error=type(exc).__name__,
+                hint="the error says why it could not be removed: remove the path named by hand "
+                "if it is still there",
+            )
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> agent_pb2.Transaction:

@@ -450,7 +450,12 @@ def _log_crash(task: asyncio.Task[Txn]) -> None:
     logged twice, the second time by the task's name only, review s69 revlogs L2)."""
     exc = None if task.cancelled() else task.exception()
     if isinstance(exc, Exception) and not isinstance(exc, TxnDied):
-        log.error("txn.crashed", task=task.get_name(), error=describe(exc))
+        log.error(
+            "txn.crashed",
+            task=task.get_name(),
+            error=describe(exc),
+            hint="a bug in tlsroll: report it with the lines before this one",
+        )
 
 
 def _write_then(
@@ -751,7 +756,12 @@ class Runner:
             try:
                 self.on_end()
             except Exception as exc:  # the transaction is over; a listener's trouble is not it
-                log.error("txn.on_end_failed", error=describe(exc))
+                log.error(
+                    "txn.on_end_failed",
+                    error=describe(exc),
+                    hint="the switch itself is over; a bug in tlsroll: report it with the lines "
+                    "before this one",
+                )
 
     async def under_way(self, txn: Txn) -> None:
         """Return once the freeze call of ``txn``, just begun (``start`` with ``begun``
@@ -780,7 +790,7 @@ class Runner:
             if (txn.rollout_id, txn.kind.value) in held:
                 await self._settle_restored(txn)
                 continue
-            log.warning("txn.resuming", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
+            log.info("txn.resuming", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
             self.start(txn)
             resumed.append(txn)
         if not resumed and await dbthread.run(self.journal.unfreeze_owed) is not None:
@@ -903,7 +913,12 @@ class Runner:
             try:
                 await self.on_complete()
             except Exception as exc:
-                log.error("txn.on_complete_failed", error=describe(exc))
+                log.error(
+                    "txn.on_complete_failed",
+                    error=describe(exc),
+                    hint="the switch itself is done; a bug in tlsroll: report it with the lines "
+                    "before this one",
+                )
         return settled
 
     async def _restored_status(self) -> tuple[dict[str, Any] | None, str]:
@@ -965,6 +980,8 @@ class Runner:
                         error=error,
                         restart_in=wait,
                         restarts_left=TASK_RESTARTS - deaths + 1,
+                        detail="the switch's task died and is started again from its journal; "
+                        "restarts_left says how often",
                     )
             if wait:
                 await self.sleep(wait)
@@ -972,14 +989,19 @@ class Runner:
             try:
                 latest = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
             except Exception as exc:  # counted at the next death: run() needs the journal too
-                log.error("txn.journal_unreadable", rollout_id=txn.rollout_id, error=describe(exc))
+                log.error(
+                    "txn.journal_unreadable",
+                    rollout_id=txn.rollout_id,
+                    error=describe(exc),
+                    hint="check the agent's data dir (df -h, its mode); the switch is tried again",
+                )
                 latest = None
             if latest is not None:
                 self.changes.note(latest)  # what the journal holds, whatever the last write did
             if latest is not None and latest.finished:
                 return latest
             txn = latest or txn
-            log.warning("txn.restarting", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
+            log.info("txn.restarting", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
 
     async def _die(self, txn: Txn, deaths: int, error: str) -> bool:
         """The task died for good: lift the freeze unless a scope freeze holds it (its lease
@@ -1250,6 +1272,9 @@ class Runner:
                 kind=txn.kind,
                 config=str(self.driver.config_file),
                 error=problem,
+                detail="the config file named holds the switch's new config, never verified, "
+                "while the server still runs the old one: the agent's next start carries "
+                "the switch on; a restart of the server before that loads the new one",
             )
             return (
                 "; the target config stays on disk, never loaded (putting the source back"
@@ -1289,7 +1314,13 @@ class Runner:
                 lease = await dbthread.run(self.journal.freeze_lease)
                 running = await dbthread.run(self.journal.unfinished)
             except Exception as exc:  # unreadable: a lease may hold, the freeze is left to it
-                log.error("txn.lease_unread", rollout_id=txn.rollout_id, error=describe(exc))
+                log.error(
+                    "txn.lease_unread",
+                    rollout_id=txn.rollout_id,
+                    error=describe(exc),
+                    detail="the agent could not read its freeze lease; the freeze is left to the"
+                    " lease watch to lift",
+                )
                 return
             if lease is not None or running:
                 return  # the lease bounds it (the lease watch), or a transaction owns it
@@ -1342,7 +1373,13 @@ class Runner:
                     error = None
                     await dbthread.run(self.journal.set_unfreeze_owed, None)
             if error is None:
-                log.warning("txn.owed_unfreeze_done", rollout_id=owed, attempts=attempt + 1)
+                log.warning(
+                    "txn.owed_unfreeze_done",
+                    rollout_id=owed,
+                    attempts=attempt + 1,
+                    detail="the freeze the agent owed was lifted at last: the server takes "
+                    "writes again",
+                )
                 return
             attempt += 1
             wait = UNFREEZE_BACKOFF.delay(attempt)
@@ -1354,6 +1391,8 @@ class Runner:
                     attempt=attempt,
                     retry_in=wait,
                     error=describe(error),
+                    hint="the managed server stays frozen (refusing writes) until this works: "
+                    "check it runs (systemctl status of its unit); the agent keeps trying",
                 )
             await self.sleep(wait)
 
@@ -1433,6 +1472,8 @@ class Runner:
                         kind=txn.kind,
                         failed_step=action,
                         reason=reason,
+                        detail="the switch failed at failed_step and goes back to the config "
+                        "before it; the reason says why",
                     )
                     begun = next_action(Phase.ROLLING_BACK)
                     txn = await self._record(
@@ -1487,7 +1528,12 @@ class Runner:
                 try:
                     await self.on_complete()
                 except Exception as exc:  # the transaction is done; a listener's trouble is not
-                    log.error("txn.on_complete_failed", error=describe(exc))
+                    log.error(
+                        "txn.on_complete_failed",
+                        error=describe(exc),
+                        hint="the switch itself is done; a bug in tlsroll: report it with the "
+                        "lines before this one",
+                    )
         return txn
 
     async def _record(
@@ -1575,6 +1621,8 @@ class Runner:
                         waited=waited,
                         retry_in=wait,
                         error=describe(exc),
+                        hint="free space under the agent's data dir (df -h): the switch carries "
+                        "on by itself once its journal takes a write",
                     )
                 waited += wait
                 await self.sleep(wait)
@@ -1605,6 +1653,9 @@ class Runner:
                         attempt=shortages,
                         retry_in=wait,
                         error=describe(exc),
+                        hint="the agent itself is short of file descriptors or memory: it tries "
+                        "again in retry_in seconds; if it repeats, check the host's memory "
+                        "and the unit's LimitNOFILE",
                     )
                 await self.sleep(wait)
 
@@ -1621,6 +1672,7 @@ class Runner:
                 step=action,
                 attempt=state.attempt_number,
                 error=describe(exc) if isinstance(exc, Exception) else "",
+                detail="a switch step failed and is tried again; the error says why",
             )
 
         way_back = txn.phase in BACKWARD
@@ -1646,7 +1698,14 @@ class Runner:
         holds, the freeze is the rollout's, not ours: it stays, bounded by that lease (the
         leader's unfreeze or, once it runs out, the agent's lease watch lifts it). Without a
         lease nothing would ever lift it, so it is lifted here."""
-        log.error("txn.failed", rollout_id=txn.rollout_id, kind=txn.kind, reason=reason)
+        log.error(
+            "txn.failed",
+            rollout_id=txn.rollout_id,
+            kind=txn.kind,
+            reason=reason,
+            detail="the switch failed; the reason says why, and tlsroll rollout status on the "
+            "leader shows where the node is",
+        )
         why = reason
         owed = False
         async with self.freeze_lock:  # the lease read and the unfreeze, never across a Freeze
@@ -1725,6 +1784,8 @@ class Runner:
                 kind=txn.kind,
                 reason=f"the managed server is down: {of_server(down)}",
                 freeze_error=str(exc),
+                detail="the managed server was down, so there was nothing to freeze; the switch "
+                "goes on and its verify decides",
             )
             return {"watermark": None, **started}
         return {"watermark": watermark, **started}
@@ -1793,6 +1854,8 @@ class Runner:
             phase=txn.phase,
             watermark_was=txn.watermark,
             watermark=watermark,
+            detail="the server's freeze had been lifted mid-switch (a restart) and was made "
+            "again; watermark says where writes stood",
         )
         # Not ``_record``: the phase stays, and its test hook has fired for it already.
         txn = await dbthread.run(self.journal.update, txn, phase=txn.phase, watermark=watermark)
@@ -1851,7 +1914,12 @@ class Runner:
             return self.driver.stage_config(config)
         except Exception as exc:
             log.warning(
-                "txn.stage_config_failed", rollout_id=rollout_id, config=which, error=describe(exc)
+                "txn.stage_config_failed",
+                rollout_id=rollout_id,
+                config=which,
+                error=describe(exc),
+                detail="writing the staged config failed; the switch writes its own and says "
+                "what is wrong",
             )
             return None
 
@@ -2149,6 +2217,9 @@ class Runner:
                         attempt=attempt,
                         retry_in=wait,
                         error=describe(exc),
+                        hint="the managed server stays frozen (refusing writes) until this "
+                        "works: check it runs (systemctl status of its unit); the agent "
+                        "keeps trying",
                     )
                 await self.sleep(wait)
                 continue
@@ -2158,6 +2229,7 @@ class Runner:
                     rollout_id=txn.rollout_id,
                     kind=txn.kind,
                     attempts=attempt + 1,
+                    detail="the freeze was lifted at last: the server takes writes again",
                 )
             return self._freeze_ends(txn)
 

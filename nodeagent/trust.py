@@ -125,7 +125,13 @@ class LeaderTrust:
                 pem = read_regular(trust.crl_file)
                 trust._hold(certwork.check_crl(pem, ca_file, worker), pem)
             except (PKIError, TerminalError, TransientError) as exc:
-                log.warning("crl.unreadable", path=str(trust.crl_file), error=str(exc))
+                log.warning(
+                    "crl.unreadable",
+                    path=str(trust.crl_file),
+                    error=str(exc),
+                    detail="the saved revocation list could not be read at start; the next "
+                    "heartbeat brings it again",
+                )
         return trust
 
     def check_leader(self, peer: Peer) -> None:
@@ -152,15 +158,30 @@ class LeaderTrust:
         try:
             checked = certwork.check_crl(pem, self.ca_file, self.worker)
         except certwork.NoAnswer as exc:
-            log.warning("crl.not_checked", error=str(exc))
+            log.warning(
+                "crl.not_checked",
+                error=str(exc),
+                detail="the agent could not check the revocation list now; the next heartbeat "
+                "brings it again",
+            )
             raise TransientError(f"the revocation list could not be checked: {exc}") from None
         except ShuttingDown:
             raise  # the agent stops: no warning (the next start's stream brings the list)
         except TransientError as exc:
-            log.warning("crl.not_checked", error=str(exc))
+            log.warning(
+                "crl.not_checked",
+                error=str(exc),
+                detail="the agent could not check the revocation list now; the next heartbeat "
+                "brings it again",
+            )
             raise
         except (PKIError, TerminalError) as exc:
-            log.warning("crl.refused", error=str(exc))
+            log.warning(
+                "crl.refused",
+                error=str(exc),
+                detail="the revocation list did not pass the agent's check against the cluster "
+                "CA; the agent keeps the one it holds",
+            )
             return
         # Two lists taken at once (an old stream's reader and a new stream's) each compare
         # and keep under the lock: without it the older could overwrite the newer after both
@@ -174,7 +195,13 @@ class LeaderTrust:
                 # number: a leader sends it with every answer until its number passes.
                 if number != self._older:
                     self._older = number
-                    log.warning("crl.older", number=number, held=self.crl_number)
+                    log.warning(
+                        "crl.older",
+                        number=number,
+                        held=self.crl_number,
+                        detail="the leader sent an older revocation list than the agent holds (a"
+                        " store put back from a backup); the agent keeps its own",
+                    )
                 return
             # Held even where it cannot be kept on disk (a full disk, a read-only or immutable
             # data dir, a directory made in its place since the start): raised, it dropped the
@@ -187,7 +214,13 @@ class LeaderTrust:
             except OSError as exc:
                 if not self._unkept:
                     self._unkept = True
-                    log.warning("crl.not_kept", path=str(self.crl_file), error=os_error_text(exc))
+                    log.warning(
+                        "crl.not_kept",
+                        path=str(self.crl_file),
+                        error=os_error_text(exc),
+                        hint="the revocation list could not be saved: check the agent's data dir"
+                        " is writable and has space (df -h)",
+                    )
             else:
                 if self._unkept:
                     self._unkept = False
@@ -283,7 +316,13 @@ class LeaderTrust:
                 " the next heartbeat dials the leader's serial"
             )
         if epoch > self.announced_epoch:
-            log.warning("epoch.refused", epoch=epoch, announced=self.announced_epoch)
+            log.warning(
+                "epoch.refused",
+                epoch=epoch,
+                announced=self.announced_epoch,
+                detail="the leader named a trust epoch not announced to this agent: refused "
+                "(tlsroll epoch show on the leader)",
+            )
             raise EpochNotAnnounced(
                 f"epoch {epoch} was never announced by the leader (its highest is "
                 f"{self.announced_epoch}); refusing a command no leader asked for"

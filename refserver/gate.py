@@ -94,8 +94,19 @@ class PublicListeners(GatedListener):
 
 
 def _failed(error: str) -> None:
-    log.error("public.connection_failed", error=error)
+    log.error(
+        "public.connection_failed",
+        error=error,
+        hint="that connection ended; a bug in tlsroll: report it with the lines before this one",
+    )
 
 
 def _refused(remote: str, limit: str, refused: int) -> None:
-    log.warning("public.too_many_connections", remote=remote, limit=limit, refused=refused)
+    log.warning(
+        "public.too_many_connections",
+        remote=remote,
+        limit=limit,
+        refused=refused,
+        detail="the server refused connections over its limit: many clients at once, or a flood "
+        "from that address",
+    )

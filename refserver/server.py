@@ -189,12 +189,27 @@ class _HttpLog(httplog.ServerLog):
 
     def bad_request(self, error_type: str, remote: str | None) -> None:
         if self.sampled.first(source_key(remote), error_type):
-            log.warning("http.bad_request", remote=remote, error_type=error_type)
+            log.warning(
+                "http.bad_request",
+                remote=remote,
+                error_type=error_type,
+                detail="a client sent a request the server does not take; sampled per source",
+            )
         if (summary := self.sampled.summary()) is not None:
-            log.warning("http.bad_requests_summary", **summary.fields())
+            log.warning(
+                "http.bad_requests_summary",
+                **summary.fields(),
+                detail="bad requests in that time, not logged one by one",
+            )
 
     def failed(self, error_type: str, where: str) -> None:
-        log.error("http.request_failed", error_type=error_type, where=where)
+        log.error(
+            "http.request_failed",
+            error_type=error_type,
+            where=where,
+            hint="the request got an error; a bug in tlsroll: report it with the lines before "
+            "this one",
+        )
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -466,9 +481,18 @@ class RefServer:
             # Not even read: the password must not cross the network in clear (in the dual
             # phase the http listener is up as well, with the same verifier behind it).
             if self._refused_http.first(source_key(request.remote), "https_required"):
-                log.warning("login.refused_http", remote=request.remote)
+                log.warning(
+                    "login.refused_http",
+                    remote=request.remote,
+                    hint="a client tried to log in over http after the switch to https: set it "
+                    "up again (Test connection)",
+                )
             if (summary := self._refused_http.summary()) is not None:
-                log.warning("login.refused_http_summary", **summary.fields())
+                log.warning(
+                    "login.refused_http_summary",
+                    **summary.fields(),
+                    detail="http logins refused in that time, not logged one by one",
+                )
             return _error(403, "https_required", self._https_only_message())
         body = await self._json_body(request)
         secret = body.get("password")
@@ -494,10 +518,17 @@ class RefServer:
             self.login_refused += 1
             if self._rate_limited.first(source, "rate_limited"):
                 log.warning(
-                    "login.rate_limited", remote=request.remote, retry_after=retry_after(wait)
+                    "login.rate_limited",
+                    remote=request.remote,
+                    retry_after=retry_after(wait),
+                    detail="too many failed logins from that address: it must wait retry_after",
                 )
             if (summary := self._rate_limited.summary()) is not None:
-                log.warning("login.rate_limited_summary", **summary.fields())
+                log.warning(
+                    "login.rate_limited_summary",
+                    **summary.fields(),
+                    detail="logins refused for waiting in that time, not logged one by one",
+                )
             return web.json_response(
                 {
                     "ok": False,
@@ -584,7 +615,12 @@ class RefServer:
             await self._write(self.store.save_login_failures, failures)
         except (OSError, sqlite3.Error) as exc:
             if not self._failures_save_failed:
-                log.error("login_failures.not_saved", error=_one_line(exc))
+                log.error(
+                    "login_failures.not_saved",
+                    error=_one_line(exc),
+                    hint="check the server's data dir (df -h): the failure counts hold in memory"
+                    " until the next save",
+                )
             self._failures_save_failed = True
             return
         self._failures_saved = failures
@@ -604,6 +640,8 @@ class RefServer:
                 "login_failures.lost_at_stop",
                 count=now.count,
                 saved=self._failures_saved.count,
+                detail="login failures not saved are lost with this stop: the next start counts "
+                "fewer than there were",
             )
 
     def _login_wait(self, source: str, now: float) -> float:
@@ -694,7 +732,12 @@ class RefServer:
             try:
                 saved, mark = await asyncio.to_thread(self._save_state, True, since, drained)
             except (OSError, sqlite3.Error) as exc:
-                log.error("freeze.not_persisted", error=_one_line(exc))
+                log.error(
+                    "freeze.not_persisted",
+                    error=_one_line(exc),
+                    hint="check the server's data dir (df -h, a read-only mount): the freeze "
+                    "holds in memory only and its call is answered as failed",
+                )
                 return _error(
                     500, "state_not_saved", f"frozen, but cannot persist it: {_one_line(exc)}"
                 )
@@ -721,7 +764,12 @@ class RefServer:
                 # of the freeze (one worker-thread hand-off, not two).
                 _saved, watermark = await asyncio.to_thread(self._save_state, False, None, True)
             except (OSError, sqlite3.Error) as exc:
-                log.error("unfreeze.not_persisted", error=_one_line(exc))
+                log.error(
+                    "unfreeze.not_persisted",
+                    error=_one_line(exc),
+                    hint="check the server's data dir (df -h, a read-only mount): a restart "
+                    "would come up frozen",
+                )
                 return _error(
                     500, "state_not_saved", f"still frozen: cannot persist: {_one_line(exc)}"
                 )
@@ -816,7 +864,13 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         resp.headers.update(headers)
         return resp
     except Exception as exc:
-        log.exception("request.failed", path=request.path, error=_one_line(exc))
+        log.exception(
+            "request.failed",
+            path=request.path,
+            error=_one_line(exc),
+            hint="the request got a 500; a bug in tlsroll: report it with the lines before this "
+            "one",
+        )
         return _error(500, "internal", "internal server error")
 
 
@@ -1007,7 +1061,12 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         except Exception as exc:
             raise StartupError(f"cannot open the entry store: {_one_line(exc)}") from None
         if state.problem:
-            log.error("state.unreadable", problem=state.problem)
+            log.error(
+                "state.unreadable",
+                problem=state.problem,
+                detail="the server's saved state was damaged; the problem says which part was "
+                "dropped",
+            )
         if store.read_only:
             log.error(
                 "store.read_only",
@@ -1049,7 +1108,12 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         listeners = PublicListeners(public.server)
         await _start_public(server, loaded.ssl_context, listeners)
         if start_delay:
-            log.warning("test_hook.start_delay", seconds=start_delay, env=START_DELAY_ENV)
+            log.warning(
+                "test_hook.start_delay",
+                seconds=start_delay,
+                env=START_DELAY_ENV,
+                detail="a test-only setting: unset it outside tests",
+            )
             with contextlib.suppress(TimeoutError):  # a stop asked meanwhile ends it
                 async with asyncio.timeout(start_delay):
                     await stop.wait()
@@ -1066,7 +1130,12 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         await _start_admin(c.admin_socket, admin)
         bound = _identity(c.admin_socket)
         if write_delay:
-            log.warning("test_hook.write_delay", seconds=write_delay, env=WRITE_DELAY_ENV)
+            log.warning(
+                "test_hook.write_delay",
+                seconds=write_delay,
+                env=WRITE_DELAY_ENV,
+                detail="a test-only setting: unset it outside tests",
+            )
         if body_seconds:
             log.warning(
                 "test_hook.body_seconds",
@@ -1075,7 +1144,12 @@ async def serve(loaded: refserver_config.Loaded) -> int:
                 detail="a test-only setting: unset it outside tests",
             )
         if clients_window:
-            log.warning("test_hook.clients_window", seconds=clients_window, env=CLIENTS_WINDOW_ENV)
+            log.warning(
+                "test_hook.clients_window",
+                seconds=clients_window,
+                env=CLIENTS_WINDOW_ENV,
+                detail="a test-only setting: unset it outside tests",
+            )
         log.info(
             "server.started",
             pid=os.getpid(),

@@ -1086,7 +1086,9 @@ def test_a_warning_in_the_child_is_one_json_log_line(
     assert lines, "no warning"
     for line in lines:
         event = json.loads(line)
-        assert list(event) == ["category", "message", "event", "logger", "level", "timestamp"]
+        assert list(event) == [
+            *("category", "message", "detail", "event", "logger", "level", "timestamp")
+        ]
         assert event["event"] == "cryptoworker.warning" and event["level"] == "warning"
         assert event["category"] == "CryptographyDeprecationWarning"
         assert "serial number" in event["message"] and len(event["message"]) <= 200

@@ -817,7 +817,7 @@ async def test_an_epoch_advance_that_moves_nothing_is_no_warning(tmp_path: Path)
     with capture_logs() as logs:
         info = await service.AdvanceEpoch(admin_pb2.AdvanceEpochRequest(), None)  # type: ignore[arg-type]
     assert info.leader_epoch == 4 and not info.behind
-    assert [(e["event"], e["log_level"]) for e in logs] == [("epoch.advanced", "warning")], logs
+    assert [(e["event"], e["log_level"]) for e in logs] == [("epoch.advanced", "info")], logs
     assert (logs[0]["floor"], logs[0]["was"]) == (4, 1)
     store.close()
 

@@ -1788,7 +1788,9 @@ def test_the_start_sweep_leaves_every_directory_tlsroll_did_not_make(tmp_path: P
         + [("stage.unknown_dir", str(d)) for d in kept if d.parent == root]
     )
     for event in logs:  # the path only: never what is in the files
-        assert set(event) <= {"event", "path", "rollout_id", "why", "log_level", "logger_name"}
+        assert set(event) <= {
+            *("event", "path", "rollout_id", "why", "detail", "log_level", "logger_name")
+        }
 
 
 def test_a_directory_not_tlsrolls_is_said_once_however_many_sweeps_find_it(

@@ -835,6 +835,8 @@ class CertificateAuthority:
             asked_days=round(lifetime.total_seconds() / 86400, 1),
             residual_days=round((ca_end - now).total_seconds() / 86400, 1),
             advice="the cluster CA ends first; see `tlsroll certs check-expiration`",
+            hint="the cluster CA ends first: renew it in time (tlsroll ca renew; tlsroll certs "
+            "check-expiration shows both)",
         )
         return ca_end
 

@@ -274,13 +274,25 @@ def error_status(
         # A project error wrapping a full disk (the agent's JournalError, a TerminalError, over
         # SQLITE_FULL) is the full disk, retried as one, not its class's refusal; its own
         # message (which journal) is fit to send.
-        log.warning("rpc.unavailable", method=name, error=short_details(str(exc)))
+        log.warning(
+            "rpc.unavailable",
+            method=name,
+            error=short_details(str(exc)),
+            hint="the daemon's storage refused a write (a full or read-only disk): free space "
+            "under its data dir (df -h); the call is answered UNAVAILABLE, to try again",
+        )
         return full_disk, short_details(f"{DISK_FULL}: {exc}")
     code = status_for(exc, {**BASE_ERRORS, **mapping})
     if code is not None:
         return code, short_details(str(exc))
     if (unavailable := storage_trouble(exc)) is not None:
-        log.warning("rpc.unavailable", method=name, error=unavailable)
+        log.warning(
+            "rpc.unavailable",
+            method=name,
+            error=unavailable,
+            hint="the daemon's storage refused a write (a full or read-only disk): free space "
+            "under its data dir (df -h); the call is answered UNAVAILABLE, to try again",
+        )
         told = unavailable if paths else storage_trouble(exc, paths=False) or unavailable
         if full_disk is not grpc.StatusCode.UNAVAILABLE and is_disk_full(exc):
             return full_disk, short_details(f"{DISK_FULL}: {told}")
@@ -297,6 +309,7 @@ def error_status(
             error_type=type(exc).__name__,
             where=logs.where(exc),
             error=text,
+            hint="a bug in tlsroll: report it with the lines before this one",
         )
         if not paths:
             return grpc.StatusCode.INTERNAL, INTERNAL_DETAILS
@@ -305,7 +318,11 @@ def error_status(
         )
     # The place, not the message: an error not the project's own may hold any value.
     log.error(
-        "rpc.internal_error", method=name, error_type=type(exc).__name__, where=logs.where(exc)
+        "rpc.internal_error",
+        method=name,
+        error_type=type(exc).__name__,
+        where=logs.where(exc),
+        hint="a bug in tlsroll: report it with the lines before this one",
     )
     return grpc.StatusCode.INTERNAL, INTERNAL_DETAILS
 

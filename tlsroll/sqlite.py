@@ -1188,6 +1188,8 @@ class Database:
                     path=str(self.path),
                     callback=getattr(then, "__qualname__", repr(then)),
                     error=f"{type(exc).__name__}: {exc}",
+                    hint="the write itself stands; a bug in tlsroll: report it with the lines "
+                    "before this one",
                 )
 
     @contextmanager
@@ -1228,6 +1230,8 @@ class Database:
                             "db.rollback_failed",
                             path=str(self.path),
                             error=f"{type(failed).__name__}: {failed}",
+                            detail="a failed write could not be undone cleanly; the error before"
+                            " it is the one that matters",
                         )
                 raise
             finally:

@@ -381,7 +381,12 @@ class ViewerApp:
         if self.scrape_refusals.first(source_key(request.remote), reason):
             log.info("viewer.scrape_refused", remote=request.remote, reason=reason, hint=why)
         if (summary := self.scrape_refusals.summary()) is not None:
-            log.warning("viewer.scrapes_refused_summary", **summary.fields())
+            log.warning(
+                "viewer.scrapes_refused_summary",
+                **summary.fields(),
+                detail="/metrics requests refused in that time, not logged one by one: check the"
+                " scraper's token",
+            )
         return web.Response(
             status=401,
             text=SCRAPE_REFUSED,
@@ -842,7 +847,12 @@ class ViewerApp:
         if self.refusals.first(source_key(request.remote), reason):
             log.info("viewer.login_refused", remote=request.remote, reason=reason)
         if (summary := self.refusals.summary()) is not None:
-            log.warning("viewer.logins_refused_summary", **summary.fields())
+            log.warning(
+                "viewer.logins_refused_summary",
+                **summary.fields(),
+                detail="viewer sign-ins refused in that time, not logged one by one: tlsroll "
+                "viewer list shows the links in force",
+            )
 
     async def sign_out(self, request: web.Request) -> web.Response:
         """The sign-out button (POST only, ``_only_get``): ends the session the cookie names

@@ -82,8 +82,19 @@ class GatedListener(gated_listener.GatedListener):
 
 
 def _failed(error: str) -> None:
-    log.error("viewer.connection_failed", error=error)
+    log.error(
+        "viewer.connection_failed",
+        error=error,
+        hint="that connection ended; a bug in tlsroll: report it with the lines before this one",
+    )
 
 
 def _refused(remote: str, limit: str, refused: int) -> None:
-    log.warning("viewer.too_many_connections", remote=remote, limit=limit, refused=refused)
+    log.warning(
+        "viewer.too_many_connections",
+        remote=remote,
+        limit=limit,
+        refused=refused,
+        hint="too many open viewer connections: close viewer tabs not in use; if no one is using"
+        " it, someone may be flooding the viewer's port",
+    )

@@ -86,12 +86,28 @@ class _HttpLog(httplog.ServerLog):
 
     def bad_request(self, error_type: str, remote: str | None) -> None:
         if self.sampled.first(source_key(remote), error_type):
-            log.warning("viewer.bad_request", remote=remote, error_type=error_type)
+            log.warning(
+                "viewer.bad_request",
+                remote=remote,
+                error_type=error_type,
+                detail="a browser or scanner sent a request the viewer does not take; sampled "
+                "per source",
+            )
         if (summary := self.sampled.summary()) is not None:
-            log.warning("viewer.bad_requests_summary", **summary.fields())
+            log.warning(
+                "viewer.bad_requests_summary",
+                **summary.fields(),
+                detail="bad requests to the viewer in that time, not logged one by one",
+            )
 
     def failed(self, error_type: str, where: str) -> None:
-        log.error("viewer.request_failed", error_type=error_type, where=where)
+        log.error(
+            "viewer.request_failed",
+            error_type=error_type,
+            where=where,
+            hint="the page got an error; a bug in tlsroll: report it with the lines before this "
+            "one",
+        )
 
 
 def base_url(address: str, port: int) -> str:
