@@ -464,44 +464,47 @@ def test_a_transaction_task_that_dies_is_restarted_from_the_journal(
         assert "SQLITE_FULL" in crashed[0]["error"] and str(data_dir) in crashed[0]["error"]
 
 
-def test_a_transaction_task_that_keeps_dying_unfreezes_and_stops_the_agent(
+def test_a_transaction_task_that_keeps_dying_on_a_full_disk_unfreezes_and_holds_the_switch(
     make_node: NodeFactory,
 ) -> None:
-    """The disk stays full: after its restarts the agent lifts the freeze and exits 1 with one
-    line (systemd would start it again); started again with space, it resumes the switch."""
+    """The disk stays full: after its restarts the task dies for good, the agent lifts the
+    freeze (the config never changed: ``frozen`` was the failed record) and, since session 70,
+    holds the switch instead of exiting (``txn.held``: it said "needs the admin"; before, it
+    exited 1 and each new start restarted the server again); writes go in meanwhile; with space
+    again the same agent process carries the switch on, the freeze taken again, the write kept."""
     with node_with_agent_on_tmpfs(make_node) as (node, data_dir):
         staged = node.stage("tk")
         filler, slow = crash_at_frozen(node, data_dir, "tk")
         assert node.agent is not None
         agent = node.agent
-        assert agent.proc is not None
-        code = agent.proc.wait(60)
-        output = agent.log_text()
-        assert code == 1, output
-        line = one_line_error(output, "tlsroll-agent", allow_grpc_core=True)
-        assert "rollout tk died 4 times" in line and "SQLITE_FULL" in line, line
-        assert "writes are accepted again" in line
-        # A line per death that was restarted, then ``txn.died``; the last death was logged
-        # again (``txn.crashed`` with the task's name, ``txn-('tk', 'switch')``: review s69
-        # revlogs L2).
-        events = [e for e in agent.log_events() if e.get("event") in ("txn.crashed", "txn.died")]
+        wait_until(lambda: "txn.held" in agent.event_names(), 60, "the switch to be held")
+        assert agent.running
+        # A line per death that was restarted; the last one, for good, is the hold's line
+        # (no ``txn.died``: the agent does not exit).
+        events = [
+            e
+            for e in agent.log_events()
+            if e.get("event") in ("txn.crashed", "txn.died", "txn.held")
+        ]
         assert [(e["event"], e.get("rollout_id")) for e in events] == [
             ("txn.crashed", "tk"),
             ("txn.crashed", "tk"),
             ("txn.crashed", "tk"),
-            ("txn.died", "tk"),
+            ("txn.held", "tk"),
         ], events
+        held = events[-1]["detail"]
+        assert "SQLITE_FULL" in held and "writes are accepted again" in held, held
         assert node.admin_status()["frozen"] is False  # never left frozen by a dead task
         slow.acknowledged()
-        assert node.post("http", {"while": "agent down"}).status == 201
+        assert node.post("http", {"while": "the switch is held"}).status == 201
 
         filler.unlink()
-        node.restart_agent()
-        txn = node.wait_txn("tk", timeout=60)
-        # Writes went in while the agent was away, unfrozen: the resumed switch freezes again
-        # (whether its ``frozen`` record made it or not) and completes with the write kept.
+        txn = node.wait_txn("tk", timeout=90)  # carried on by the same agent process
+        # Writes went in while the switch was held, unfrozen: the switch carried on freezes
+        # again (whether its ``frozen`` record made it or not) and completes with the write kept.
         assert txn.outcome == "completed", txn.reason
         assert_on_https(node, staged.fingerprint)
+        assert agent.running
 
 
 def test_a_switch_resumed_after_its_freeze_was_lifted_freezes_again_and_completes(
