@@ -3015,7 +3015,7 @@ def test_a_node_s_newest_row_says_what_its_server_serves_now_where_it_changed_si
     marked = {n["name"]: n.get("now_serves") for n in data["rollouts"][0]["nodes"]}
     assert marked["b"] == "http" and not marked["a"], marked
     with mock.patch.object(schema_cmd, "fetch_schema_json", return_value=data):
-        shown = CliRunner().invoke(schema_cmd.schema, ["show"])
+        shown = CliRunner().invoke(schema_cmd.schema, ["show"], env={"COLUMNS": "300"})
     assert shown.exit_code == 0, shown.output
     (row,) = [ln for ln in shown.output.splitlines() if "now serves" in ln]
     assert " b " in row and "now serves http (changed since)" in row, shown.output
