@@ -28,7 +28,12 @@ from leader.expiry import ExpiryWatch
 from leader.layout import Layout
 from leader.mixed_cluster import https_only, is_dual, mixed
 from leader.node_check import check_nodes
-from leader.plan_texts import edited_config_line, outside_scope_warning, plan_texts
+from leader.plan_texts import (
+    direct_warnings,
+    edited_config_line,
+    outside_scope_warning,
+    plan_texts,
+)
 from leader.planner import not_on_https, too_old
 from leader.rollout_core import (
     NOT_ON_HTTPS,
@@ -404,6 +409,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         checks, steps, warnings = plan_texts(
             rollout.change, rollout.strategy, rollout.freeze, request.HasField("cert_dir")
         )
+        replaced = await self._replaces_other(rollout, nodes)
+        if rollout.strategy is Strategy.DIRECT:
+            going = [r for r in nodes if r.state is not NodeState.SKIPPED]
+            every = bool(going) and all(r.name in replaced for r in going)
+            warnings = direct_warnings(warnings, sorted(replaced), every)
         if active is not None:
             warnings.append(
                 f"rollout {active.rollout.id} is {active.rollout.state.value}: a new one "
@@ -486,6 +496,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             client_steps=steps,
             warnings=warnings,
         )
+        for view in reply.rollout.nodes:
+            if view.name in replaced:  # (its address now is its https one: no http to close)
+                view.other_certificate = True
+                view.old_url = view.new_url
         if rollout.change is Change.ENABLE_TLS:
             reply.password_version_in_use = planned.password_in_use.version
             # What a start that brings a new password meets (the CLI refuses it before it
@@ -519,6 +533,24 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"{c.node}: {c.subject}, {c.fingerprint}, valid until {c.not_after:%Y-%m-%d}"
             )
         return reply
+
+    async def _replaces_other(
+        self, rollout: Rollout, nodes: Sequence[NodeRecord]
+    ) -> frozenset[str]:
+        """Of the nodes an enable-tls plan switches, those whose server serves https only, with
+        a certificate not known as one of this CA by their heartbeats
+        (``SchemaStore.other_certificates``): the switch replaces it (review s70 drift L1:
+        the plan said only "will switch", and that http closes there)."""
+        if rollout.change is not Change.ENABLE_TLS:
+            return frozenset()
+        live = self.state.live_servers
+        going = {r.name: live.get(r.name, "") for r in nodes if r.state is not NodeState.SKIPPED}
+        if not any(https_only(s) for s in going.values()):
+            return frozenset()
+        served = dict(self.state.served_fingerprints)
+        other = await asyncio.to_thread(self.schema.other_certificates, going, served)
+        # (one whose agent names no certificate, an earlier release's: not said to be another)
+        return frozenset(n for n in other if served.get(n))
 
     async def _outside_scope(self, rollout: Rollout, nodes: Sequence[NodeRecord]) -> str:
         """The plan's warning for the enrolled nodes its scope leaves out (``--scope local``,

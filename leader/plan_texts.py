@@ -158,6 +158,53 @@ CLIENT_STEPS = (
 )
 
 
+REPLACES_OTHER = (
+    "it serves https already, with a certificate not of this cluster's CA (the practice's "
+    "own?): the switch replaces that certificate with one of this CA, its https address "
+    "stays; a workstation that trusted the practice's certificate there needs this CA (the "
+    "client steps)"
+)
+"""What a plan's line of an enable-tls says of a node that serves https already with a
+certificate not known as one of this CA (``NodeView.other_certificate``: review s70 drift L1,
+the plan said only "will switch")."""
+
+
+def replaces_other_warning(names: Sequence[str]) -> str:
+    """The warning of an enable-tls plan whose nodes ``names`` (sorted) serve https already
+    with a certificate not known as one of this CA (put in outside tlsroll): no http to close
+    there, their certificate replaced (review s70 drift L1)."""
+    one = len(names) == 1
+    return (
+        f"{some_names(names)} {'serves' if one else 'serve'} https already, with a certificate "
+        "not of this cluster's CA (the practice's own?): the switch replaces it with one of "
+        f"this CA, at the same https address; every workstation that trusted the practice's "
+        f"certificate there loses the server until it does the client steps (it needs this CA)."
+    )
+
+
+def direct_warnings(warnings: Sequence[str], replaced: Sequence[str], every: bool) -> list[str]:
+    """A direct enable-tls plan's warnings (``plan_texts``') with the nodes ``replaced``
+    (sorted; ``replaces_other_warning``) said: the warning that http closes as each node
+    switches is not theirs (``every``: it is no node's, and goes)."""
+    if not replaced:
+        return list(warnings)
+    out: list[str] = []
+    for w in warnings:
+        if w != RECONNECT_DIRECT:
+            out.append(w)
+            continue
+        if not every:
+            out.append(
+                w.replace(
+                    "the moment each node switches",
+                    f"the moment each node on http switches (not at {some_names(replaced)}: "
+                    "https there already)",
+                )
+            )
+        out.append(replaces_other_warning(replaced))
+    return out
+
+
 def edited_config_line(node: str, config: str) -> str:
     """What the plan of a way back says of a node whose server config (``config``, its path on
     the node) was edited since tlsroll wrote it (``PlanResponse.edited_configs``): the way back

@@ -20,6 +20,7 @@ import grpc
 from leader.mixed_cluster import NAMED, NEXT, mixed, rest_scope
 from leader.planner import stale_reports
 from leader.rollout_core import (
+    CHANGES,
     TERMINAL_ROLLOUT_STATES,
     Change,
     Client,
@@ -458,12 +459,13 @@ def schema_message(
     ``still_on_http_now``); ``reported``: ``Reported`` (each node that waits for it says so:
     ``awaits_report``); ``servers``: each enrolled node with what its server serves by its
     latest heartbeat (``LeaderState.live_servers``): ``mixed_cluster`` if it is mixed
-    (``other_certificate``: ``mixed_view``'s);
+    (``other_certificate``: ``mixed_view``'s), and each node's newest row its server no
+    longer matches marked (``changed_since``);
     ``behind``: the nodes whose live password is older than the newest
     staged one (``SchemaStore.password_behind``)."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now, fresh))
-    return schema_pb2.Schema(
+    message = schema_pb2.Schema(
         node_clients=node_clients_views(clients, infos, now, fresh, reported),
         rollouts=[rollout_view(r, pending, on_http, made, reported) for r in rows],
         generated_at=timestamp(now),
@@ -510,6 +512,9 @@ def schema_message(
         mixed_cluster=mixed_view(servers, other_certificate) if servers else None,
         password_behind=behind_view(behind) if behind is not None else None,
     )
+    if servers:  # (each node's newest row that its server no longer matches: review s70 L2)
+        mark_changed(message, changed_since(rows, servers))
+    return message
 
 
 def finish_password_command(nodes: Iterable[str]) -> str:
@@ -555,6 +560,60 @@ def mixed_view(
         dual=m.dual,
         other_certificate=m.other_certificate,
     )
+
+
+SERVES_NOW = frozenset({"http", "https", "http+https"})
+"""What a node's server serves by its latest heartbeat where ``changed_since`` judges a row
+against it (``NodeInfo.server`` less " frozen"); anything else (down, needs the admin,
+restarting, not heard) is not known, and marks nothing."""
+
+
+def changed_since(
+    rows: Iterable[RolloutRow | RolloutHead], servers: Mapping[str, str]
+) -> dict[tuple[str, str], str]:
+    """(rollout id, node): what the node's server serves now (``NodeView.now_serves``), for
+    each node's newest row among ``rows`` (by epoch) where that row says what the rollout left
+    it serving (done: the change's target scheme; dual: http and https; skipped as already
+    done: the target scheme) and its server, by its latest heartbeat (``servers``:
+    ``LeaderState.live_servers``), serves something else: put back by hand since (review s70
+    drift L2: `schema show` and the viewer kept showing "done, https://…" for a node on http
+    again; only the mixed-cluster line said otherwise). Not in a running rollout (its nodes
+    move), nor for a node whose server is not known now, nor on an older row (history)."""
+    newest: dict[str, tuple[int, Rollout, NodeRecord]] = {}
+    for row in rows:
+        if not isinstance(row, RolloutRow):
+            continue
+        r = row.rollout
+        for rec, _ in row.nodes:
+            if rec.name not in newest or newest[rec.name][0] < r.epoch:
+                newest[rec.name] = (r.epoch, r, rec)
+    marks: dict[tuple[str, str], str] = {}
+    for name, (_, r, rec) in newest.items():
+        if r.state is RolloutState.RUNNING:
+            continue
+        target = CHANGES[r.change].target_scheme
+        if rec.state is NodeState.DUAL:
+            said = "http+https"
+        elif rec.state is NodeState.DONE or (
+            rec.state is NodeState.SKIPPED and rec.reason.startswith("already done")
+        ):
+            said = target
+        else:
+            continue
+        now = servers.get(name, "").removesuffix(" frozen")
+        if now in SERVES_NOW and now != said:
+            marks[(r.id, name)] = now
+    return marks
+
+
+def mark_changed(message: schema_pb2.Schema, marks: Mapping[tuple[str, str], str]) -> None:
+    """``changed_since``'s marks set on ``message``'s node views (its own copies)."""
+    if not marks:
+        return
+    for view in message.rollouts:
+        for node in view.nodes:
+            if (now := marks.get((view.id, node.name))) is not None:
+                node.now_serves = now
 
 
 def login_failures_view(row: LoginFailuresRow) -> schema_pb2.ServerLoginFailuresView:

@@ -525,8 +525,22 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
     plan = cluster.cli("plan", "--scope", "cluster")
     assert plan.returncode == 0, (plan.stdout, plan.stderr)
     said = {n.name: next(ln for ln in plan.stdout.splitlines() if n.name in ln) for n in nodes}
-    assert said["node2"].endswith("will switch"), plan.stdout
+    # Review s70 drift L1: the plan said only "will switch" of it, its old address
+    # http://…:8080, under "http (8080) closes the moment each node switches".
+    assert said["node2"].endswith(
+        "will switch; it serves https already, with a certificate not of this cluster's CA "
+        "(the practice's own?): the switch replaces that certificate with one of this CA, its "
+        "https address stays; a workstation that trusted the practice's certificate there "
+        "needs this CA (the client steps)"
+    ), plan.stdout
     assert "already done" in said["node1"] and "already done" in said["node3"], plan.stdout
+    warned = " ".join(plan.stdout.split())
+    assert "http (8080) closes" not in warned, warned
+    assert "node2 serves https already, with a certificate not of this cluster's CA" in warned
+    as_json = json.loads(cluster.cli("plan", "--scope", "cluster", "--json").stdout)
+    (row2,) = [n for n in as_json["rollout"]["nodes"] if n["name"] == "node2"]
+    assert row2["other_certificate"] and row2["old_url"] == row2["new_url"], row2
+    assert row2["old_url"].startswith("https://"), row2
     again = cluster.cli("rollout", "start", "--scope", "cluster", "--yes", "--wait")
     assert again.returncode == 0, (again.stdout, again.stderr)
     states = {n["name"]: n["state"] for n in newest(cluster)["nodes"]}

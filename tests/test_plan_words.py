@@ -500,3 +500,63 @@ def test_the_plan_and_the_help_say_which_node_scope_local_is() -> None:
     with runner.isolation() as (out, _err, *_):
         emit(render_rollout(wire.to_dict(reply.rollout)))
     assert "scope local (the leader node, node1)" in out.getvalue().decode()
+
+
+def test_a_plan_says_a_node_s_own_https_certificate_is_replaced_and_no_http_closes_there() -> None:
+    """Review s70 drift L1: a node serving https with the practice's own certificate (not of
+    this CA) while the records say http was planned as "will switch" alone, its old address
+    http://…:8080, under the warning that http (8080) closes as each node switches. Its line
+    says the certificate is replaced by one of this CA and who needs this CA; the warning
+    names it apart, and goes where every node switched is such a one (``PlanRollout`` marks
+    the node ``other_certificate`` and gives its https address as the old one)."""
+    from click.testing import CliRunner
+
+    from leader.cli import rollout as rollout_cmd
+    from leader.plan_texts import RECONNECT_DIRECT, direct_warnings, plan_texts
+    from leader.rollout_core import Change, FreezeMode, Strategy
+    from leader.wire import CHANGE
+    from tlsroll.v1 import admin_pb2, schema_pb2
+
+    warnings = plan_texts(Change.ENABLE_TLS, Strategy.DIRECT, FreezeMode.NODE, False)[2]
+    assert RECONNECT_DIRECT in warnings
+    assert direct_warnings(warnings, [], False) == warnings
+    some = direct_warnings(warnings, ["node2"], False)
+    said = " ".join(some)
+    assert "closes the moment each node on http switches (not at node2: https there" in said
+    assert (
+        "node2 serves https already, with a certificate not of this cluster's CA (the "
+        "practice's own?): the switch replaces it with one of this CA, at the same https "
+        "address; every workstation that trusted the practice's certificate there loses the "
+        "server until it does the client steps (it needs this CA)." in some
+    ), some
+    every = direct_warnings(warnings, ["node2", "node3"], True)
+    assert not any("http (8080) closes" in w for w in every), every
+    assert any(w.startswith("node2, node3 serve https already") for w in every), every
+    reply = admin_pb2.PlanResponse(
+        rollout=schema_pb2.RolloutView(
+            change=CHANGE.wire(Change.ENABLE_TLS),
+            max_parallel=1,
+            nodes=[
+                schema_pb2.NodeView(name="node1"),
+                schema_pb2.NodeView(
+                    name="node2",
+                    other_certificate=True,
+                    old_url="https://127.0.0.2:8443/",
+                    new_url="https://127.0.0.2:8443/",
+                ),
+            ],
+        ),
+        warnings=some,
+    )
+    runner = CliRunner()
+    with runner.isolation() as (out, _err, *_):
+        rollout_cmd.show_plan(reply)
+    lines = out.getvalue().decode().splitlines()
+    (line1,) = [ln for ln in lines if ln.startswith("  1. ")]
+    (line2,) = [ln for ln in lines if ln.startswith("  2. ")]
+    assert line1 == "  1. node1 — will switch", lines
+    assert line2.startswith(
+        "  2. node2 — will switch; it serves https already, with a certificate not of this "
+        "cluster's CA (the practice's own?): the switch replaces that certificate with one of "
+        "this CA"
+    ), line2

@@ -2980,3 +2980,65 @@ def test_a_link_s_page_from_another_site_sets_nothing_and_its_sign_in_keeps_a_se
         status, cookies, _ = seen[key]
         assert status == 303 and cookies.startswith(f"{SESSION_COOKIE}="), (key, status)
         assert grants.get(made.grant.id).used_at == NOW, key
+
+
+def test_a_node_s_newest_row_says_what_its_server_serves_now_where_it_changed_since(
+    store: Store,
+) -> None:
+    """Review s70 drift L2: a node put back on http by hand after its switch kept its row
+    "done, https://…" in `schema show` and the viewer; only the mixed-cluster line below the
+    table said otherwise. Its newest row carries what the server serves now
+    (``NodeView.now_serves``, by the latest heartbeat): in `schema show` (text and --json) and
+    on the page; not a node whose server is as its row says, nor one not known now (down),
+    nor an older row of it (history: the newest one speaks)."""
+    from unittest import mock
+
+    from click.testing import CliRunner
+
+    from leader.cli import schema_cmd
+    from leader.schema_view import schema_json
+
+    enrol(store, ["a", "b", "c"])
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)  # a and b done
+    live = {"a": "https", "b": "http", "c": "http"}
+    service = SchemaViewService(
+        schema,
+        lambda: NOW,
+        fresh=lambda infos, now: frozenset(),
+        reported=lambda name: True,
+        live_server=lambda name: live.get(name, ""),
+    )
+    message = service._answer(schema_pb2.GetSchemaRequest(), None)
+    assert {n.name: n.now_serves for n in message.rollouts[0].nodes} == {"a": "", "b": "http"}
+    data = json.loads(schema_json(message))
+    marked = {n["name"]: n.get("now_serves") for n in data["rollouts"][0]["nodes"]}
+    assert marked["b"] == "http" and not marked["a"], marked
+    with mock.patch.object(schema_cmd, "fetch_schema_json", return_value=data):
+        shown = CliRunner().invoke(schema_cmd.schema, ["show"], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    (row,) = [ln for ln in shown.output.splitlines() if "now serves" in ln]
+    assert " b " in row and "now serves http (changed since)" in row, shown.output
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    reader.live_server = lambda name: live.get(name, "")
+    whole = reader.read()
+    part = reader.read("r1", clients=False, page=True)
+    for snap in (whole, part):
+        assert snap.selected is not None
+        marks = {n["name"]: n.get("now_serves") for n in snap.selected["nodes"]}
+        assert marks["b"] == "http" and not marks["a"], marks
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, said in (("en", "now serves http (changed since)"), ("de", "liefert jetzt http")):
+        html = pages.schema_content(part, Words.of(lang), context)
+        (row_b,) = re.findall(r'<tr id="node-b".*?</tr>', html, re.S)
+        (row_a,) = re.findall(r'<tr id="node-a".*?</tr>', html, re.S)
+        assert said in row_b and 'class="now-serves"' not in row_a, row_b
+    # Down now (not known): nothing said of it. A later way back: its rows speak, r1's not.
+    live["b"] = "down: refused"
+    message = service._answer(schema_pb2.GetSchemaRequest(), None)
+    assert not any(n.now_serves for n in message.rollouts[0].nodes)
+    live["b"] = "http"
+    run_rollout(schema, "r2", Change.DISABLE_TLS)
+    message = service._answer(schema_pb2.GetSchemaRequest(), None)
+    shown_now = {(r.id, n.name): n.now_serves for r in message.rollouts for n in r.nodes}
+    assert shown_now == {("r2", "a"): "https", ("r2", "b"): "", ("r1", "a"): "", ("r1", "b"): ""}

@@ -153,12 +153,20 @@ def _state_left(r: View) -> Styled:
     return Styled(", ".join([r["state"], *marks]), "bold yellow")
 
 
+def changed_text(n: View) -> str:
+    """What a node's row says of a server that serves something else than the row says it
+    was left serving (``NodeView.now_serves``: put back by hand since; review s70 drift L2)."""
+    now = n.get("now_serves")
+    return f"now serves {now} (changed since)" if now else ""
+
+
 def _reason(r: View, n: View) -> str:
     """A node's reason column: its reason, then what it waits for."""
     return "; ".join(
         filter(
             None,
             [
+                changed_text(n),
                 n.get("reason"),
                 PENDING if n.get("password_pending") else "",
                 AWAITING if n.get("awaiting_report") else "",

@@ -43,7 +43,7 @@ from leader.cli.password import (
     verifier_json,
 )
 from leader.cli.schema_cmd import AWAITING, ENDS, TERMINAL
-from leader.plan_texts import FINALIZE_WARNINGS, plan_texts
+from leader.plan_texts import FINALIZE_WARNINGS, REPLACES_OTHER, plan_texts
 from leader.rollout_core import (
     BLOCKED,
     BLOCKED_HTTP,
@@ -370,6 +370,8 @@ def show_plan(reply: admin_pb2.PlanResponse, *, nothing_changed: bool = True) ->
     for i, n in enumerate(r.nodes, 1):
         shown = n.reason.startswith(("already done", BLOCKED))
         done = f" — {n.reason}" if shown else will
+        if n.other_certificate and not shown:  # (its own certificate: review s70 drift L1)
+            done += f"; {REPLACES_OTHER}"
         if n.still_on_http and not shown:  # (enable-tls only: the leader counts for it)
             done += f"; {n.still_on_http} workstation(s) still on http" + (
                 "" if transitional else " lose the server then"

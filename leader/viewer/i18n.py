@@ -133,6 +133,7 @@ _DE: dict[str, str] = {
         "wartet, bis dort {seconds} s lang kein Arbeitsplatz mehr über http gesehen wurde "
         "(--when-quiet)"
     ),
+    "now_serves": "liefert jetzt {scheme} (seitdem geändert)",
     "offline": "Knoten offline",
     "all_online": "Alle {count} Knoten melden sich regelmäßig.",
     "no_nodes": "Noch kein Knoten angemeldet.",
@@ -355,6 +356,7 @@ _EN: dict[str, str] = {
     "waits_until_quiet": (
         "waits until no workstation was seen on http there for {seconds}s (--when-quiet)"
     ),
+    "now_serves": "now serves {scheme} (changed since)",
     "offline": "Nodes offline",
     "all_online": "All {count} nodes report in regularly.",
     "no_nodes": "No node enrolled yet.",

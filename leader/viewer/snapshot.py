@@ -39,6 +39,7 @@ from leader.schema_view import (
     FreshReports,
     Made,
     awaits_report,
+    changed_since,
     left_as_is_nodes,
     left_out_nodes,
     node_view,
@@ -79,8 +80,21 @@ ROW_FIELDS = frozenset(
         "awaiting_report",
         "waits_until_quiet",
         "still_on_http",
+        "now_serves",
     }
 )
+
+
+def mark_rows(data: dict[str, Any], marks: Mapping[tuple[str, str], str]) -> None:
+    """``changed_since``'s marks set on ``data``'s node rows, each marked one a copy (a row's
+    dict is shared by the snapshots that show it unchanged: read-only)."""
+    if not marks:
+        return
+    for item in data["rollouts"]:
+        nodes = item.get("nodes") or []
+        for i, node in enumerate(nodes):
+            if (now := marks.get((item["id"], node["name"]))) is not None:
+                nodes[i] = {**node, "now_serves": now}
 
 
 class _PageNode(NamedTuple):
@@ -534,6 +548,9 @@ class Reader:
                 with self._lock:
                     self._views = made
             data = self._data(message, rows, made, keep=not every)
+        if self.live_server is not None:  # (as the schema marks them: ``changed_since``)
+            live_now = {n.name: self.live_server(n.name) for n, _ in enrolled}
+            mark_rows(data, changed_since(rows, live_now))
         selected = None
         if data["rollouts"]:
             if rollout_id is None:

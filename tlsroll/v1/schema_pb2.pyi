@@ -168,6 +168,8 @@ class NodeView(_message.Message):
     AWAITING_REPORT_FIELD_NUMBER: _builtins.int
     CA_PIN_FIELD_NUMBER: _builtins.int
     WAITS_UNTIL_QUIET_FIELD_NUMBER: _builtins.int
+    NOW_SERVES_FIELD_NUMBER: _builtins.int
+    OTHER_CERTIFICATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _types_pb2.NodeState.ValueType
     reason: _builtins.str
@@ -217,6 +219,19 @@ class NodeView(_message.Message):
     when_quiet_seconds (awaiting_report says the wait before the report). Only where
     awaiting_report is shown (the schema, the viewer), never in the admin commands' replies.
     """
+    now_serves: _builtins.str
+    """What the node's server serves now by its latest heartbeat ("http", "https", "http+https"),
+    where that is not what this row says it was left serving: only on the node's newest row in
+    the schema that is done, dual or skipped as already done, in a rollout not running (its
+    server changed since, by hand: `schema show` says "done — now serves http (changed
+    since)"). Empty: as the row says, or not known (down, not heard). Never in the admin
+    commands' replies. (Session 70: numbered 40, clear of the other helpers' next ones.)
+    """
+    other_certificate: _builtins.bool
+    """In a plan of enable-tls only: the node serves https already, with a certificate not known
+    as one of this cluster's CA (the practice's own, put in outside tlsroll); the switch
+    replaces it with one of this CA, and old_url is its https address (no http to close).
+    """
     @_builtins.property
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -247,10 +262,12 @@ class NodeView(_message.Message):
         awaiting_report: _builtins.bool = ...,
         ca_pin: _builtins.str = ...,
         waits_until_quiet: _builtins.bool = ...,
+        now_serves: _builtins.str = ...,
+        other_certificate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "awaiting_report", b"awaiting_report", "bootstrap_port", b"bootstrap_port", "ca_pin", b"ca_pin", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http", "waits_until_quiet", b"waits_until_quiet"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "awaiting_report", b"awaiting_report", "bootstrap_port", b"bootstrap_port", "ca_pin", b"ca_pin", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "now_serves", b"now_serves", "old_url", b"old_url", "other_certificate", b"other_certificate", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http", "waits_until_quiet", b"waits_until_quiet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__freeze_seconds: _TypeAlias = _typing.Literal["freeze_seconds"]  # noqa: Y015
     _WhichOneofArgType__freeze_seconds: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds"]  # noqa: Y015
