@@ -196,6 +196,13 @@ class Driver(abc.ABC):
         ``facts`` has read) can fail here: ``TemplateDriver``."""
         return None
 
+    def named_files(self) -> dict[str, str] | None:
+        """The https files the live config names, as ``Journal.live_tls`` keys them
+        (``cert_file``, ``key_file``, ``ca_file``, ``verifier_file``; "" where it names none),
+        or None if this driver cannot read them back (blocking; ConfigError, OSError). A
+        template driver cannot: its config is the admin's format (review s70 drift M2)."""
+        return None
+
     def says(self, target: Target) -> bool:
         """Whether the live config says what ``render(target)`` would (blocking; DriverError,
         OSError). By default byte for byte: a config this driver renders from a template."""
@@ -921,6 +928,18 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             https_port=s.port("https_port", 8443),
             schemes=tuple(s.str_list("listen")),
         )
+
+    def named_files(self) -> dict[str, str]:
+        s = self._section()
+        return {
+            live: str(s.path(key, ""))
+            for live, key in (
+                ("cert_file", "cert_file"),
+                ("key_file", "key_file"),
+                ("ca_file", "client_ca_file"),
+                ("verifier_file", "auth_verifier_file"),
+            )
+        }
 
     def render(self, target: Target) -> bytes:
         cfg = self._load()

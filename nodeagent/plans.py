@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec
 
-from nodeagent.drivers import Driver, DriverError, Target
+from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
 from nodeagent.journal import Journal, Staged, StageNeeds, Txn
 from nodeagent.sharing import SECRET_FILES as SECRET_FILES  # noqa: PLC0414
 from nodeagent.sharing import Sharing as Sharing  # noqa: PLC0414
@@ -915,6 +915,38 @@ def finalize_plan(
     return Built(new_config, plan, fingerprint)
 
 
+def served_live(journal: Journal, driver: Driver, facts: ServerFacts) -> dict[str, str]:
+    """The https files the server serves with now, as live settings (``Journal.live_tls``'s
+    keys), for a change that keeps https (rotate-cert, change-password); ``PlanRefused`` if
+    it serves no https (blocking). What the server runs decides, the journal is its history
+    (review s70 drift M2): an agent whose data dir was begun again (a disk replaced, the
+    agent enrolled again) holds no live files while its server still serves https, and it
+    refused every change ("not on https here"; the rollout halted, the node shown rolled
+    back). A driver whose config names the files (``Driver.named_files``: the reference
+    server's) gives them from the config, the journal's server_url kept; a template driver
+    cannot read them back: the journal's, and without them the plan is refused, saying what
+    the admin does."""
+    if "https" not in facts.schemes:
+        raise PlanRefused("the server is not on https here; run enable-tls first")
+    live = journal.live_tls()
+    named = driver.named_files()
+    if named is not None and named.get("cert_file") and named.get("key_file"):
+        return {**(live or {}), **named, "server_url": facts.url("https")}
+    if live is not None and live.get("cert_file"):
+        return live
+    if named is not None:
+        raise PlanRefused(
+            f"the server's config {driver.config_file} serves https but names no certificate"
+            " and key; fix it, or set it back to http, then run enable-tls"
+        )
+    raise PlanRefused(
+        f"the server serves https on port {facts.https_port}, but this agent holds no https"
+        f" files it installed (its data dir begun again?) and the {driver.name} driver cannot"
+        f" read them from {driver.config_file}: set the server back to http by hand, then run"
+        " enable-tls (tlsroll rollout start)"
+    )
+
+
 @_keeps_cause
 def rotate_plan(
     journal: Journal,
@@ -927,11 +959,10 @@ def rotate_plan(
 ) -> Built:
     """rotate-cert: https on the newly staged certificate and key; the auth password stays
     the one live (its verifier file is kept), so workstations notice nothing: they trust the
-    CA, not the certificate."""
-    live = journal.live_tls()
+    CA, not the certificate. The live files are what the server's config names
+    (``served_live``), not only what the journal says this agent installed."""
     facts = driver.facts()
-    if live is None or "https" not in facts.schemes:
-        raise PlanRefused("the server is not on https here; run enable-tls first")
+    live = served_live(journal, driver, facts)
     staged = journal.staged(rollout_id)
     if staged is None or staged.cert_file is None or staged.ca_file is None:
         raise PlanRefused(f"nothing staged for rollout {rollout_id}; run Stage")
@@ -973,11 +1004,10 @@ def password_plan(
     *,
     keep_frozen: bool = False,
 ) -> Built:
-    """change-password: same server config, new verifier; it takes effect at the restart."""
-    live = journal.live_tls()
+    """change-password: same server config, new verifier; it takes effect at the restart.
+    The live files are what the server's config names (``served_live``)."""
     facts = driver.facts()
-    if live is None or "https" not in facts.schemes:
-        raise PlanRefused("the server is not on https here; run enable-tls first")
+    live = served_live(journal, driver, facts)
     verifier_file = write_verifier(driver, rollout_id, verifier)
     share_named(driver, _files_of({**live, "verifier_file": ""}))
     # The live certificate files go into the new config too: a template driver renders the
