@@ -1161,8 +1161,18 @@ def rollback_plan(
     ``rollout_id``. ``keep_frozen``: under a scope freeze the node stays frozen after it, as
     after a switch. A live config edited since tlsroll wrote it (``edited_since``) is kept
     beside it before it is replaced (``Plan.keep_edited``: ``Runner._keep_edited``). Refused
-    (``PlanRefused``) if a file it would make live again is gone."""
-    switch = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
+    (``PlanRefused``) if a file it would make live again is gone. The way back to http
+    (``undoes`` "") of a server on https that no switch in this journal took there:
+    ``unjournalled_way_back``."""
+    try:
+        switch = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
+    except PlanRefused as refused:
+        if undoes != "":
+            raise
+        built = unjournalled_way_back(journal, driver, txn_dir, rollout_id, refused, keep_frozen)
+        if built is None:
+            raise
+        return built
     done = Plan.from_json(switch.plan)
     gone = [f for f in _files_of(done.live_before) if not os.path.lexists(f)]
     if gone:
@@ -1192,3 +1202,46 @@ def rollback_plan(
         keep_edited=str(kept_config_path(driver, rollout_id)) if edited else "",
     )
     return Built(old_config, plan, "")
+
+
+def unjournalled_way_back(
+    journal: Journal,
+    driver: Driver,
+    txn_dir: Path,
+    rollout_id: str,
+    refused: PlanRefused,
+    keep_frozen: bool,
+) -> Built | None:
+    """The way back to http of a server on https whose switch this journal does not hold (its
+    agent's data dir begun again, a disk replaced: review s70 drift M2), or None if it serves
+    no https. What the server runs decides: a driver that can set its config back to http
+    (``Driver.http_config``: the reference server's, every other setting kept) gets that
+    config, the one it replaces kept beside it (``kept_config_path``); any other refuses,
+    saying what the admin does (``refused``'s reason and the config to set back by hand)."""
+    facts = driver.facts()
+    if "https" not in facts.schemes:
+        return None
+    config = driver.http_config()
+    if config is None:
+        raise PlanRefused(
+            f"{refused}; its server serves https from files this agent did not install (its"
+            f" data dir begun again?), and the {driver.name} driver cannot set it back to http:"
+            f" set {driver.config_file} back to http by hand and restart the server"
+        )
+    live = {**served_live(journal, driver, facts)}
+    share_named(driver, ())
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK)
+    plan = Plan(
+        facts,
+        facts.schemes,
+        ("http",),
+        new_file,
+        backup,
+        Path(live.get("ca_file") or live["cert_file"]),  # (not read: http is not verified)
+        "",
+        None,
+        live,
+        keep_frozen=keep_frozen,
+        keep_edited=str(kept_config_path(driver, rollout_id)),
+    )
+    return Built(config, plan, "")

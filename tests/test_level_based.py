@@ -530,7 +530,8 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
     assert "already done" in said["node1"] and "already done" in said["node3"], plan.stdout
     again = cluster.cli("rollout", "start", "--scope", "cluster", "--yes", "--wait")
     assert again.returncode == 0, (again.stdout, again.stderr)
-    states = {n["name"]: n["state"] for n in newest(cluster)["nodes"]}
+    switched = newest(cluster)
+    states = {n["name"]: n["state"] for n in switched["nodes"]}
     assert states == {"node1": "skipped", "node2": "done", "node3": "skipped"}, states
     assert node2.served_fingerprint() not in (own, before["node2"])  # this CA's, new
     writes_work(node2, "https", cluster.ca_pem)
@@ -561,6 +562,19 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
     assert node2.served_fingerprint() != revoked
     assert live(node2).verifier_digest == digests["node2"]  # the password kept
     writes_work(node2, "https", cluster.ca_pem)
+    # ... and its way back to http, which its journal holds no switch from http for (it
+    # halted: "never switched from http to https"): the server's config set back to http,
+    # every other setting kept, the https one kept beside it.
+    https_config = node2.server.config_path.read_bytes()
+    back = cluster.cli("rollout", "rollback", switched["id"], "--yes", "--wait")
+    assert back.returncode == 0, (back.stdout, back.stderr)
+    r = newest(cluster)
+    assert r["change"] == "disable-tls", r
+    assert {n["name"]: n["state"] for n in r["nodes"]}["node2"] == "done", r
+    assert live(node2).schemes == ["http"]
+    writes_work(node2, "http", cluster.ca_pem)
+    (kept,) = node2.config_dir.glob(f"{node2.server.config_path.name}.before-rollback-*")
+    assert kept.read_bytes() == https_config
 
 
 def hand_made_certificate(node: Node, directory: Path) -> str:
