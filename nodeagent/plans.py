@@ -1167,8 +1167,8 @@ def rollback_plan(
     try:
         switch = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
     except PlanRefused as refused:
-        if undoes != "":
-            raise
+        if undoes != "" or journal.restored_copy_at() is not None:
+            raise  # (a copy put back: the refusal says where its way back went)
         built = unjournalled_way_back(journal, driver, txn_dir, rollout_id, refused, keep_frozen)
         if built is None:
             raise
@@ -1217,7 +1217,9 @@ def unjournalled_way_back(
     no https. What the server runs decides: a driver that can set its config back to http
     (``Driver.http_config``: the reference server's, every other setting kept) gets that
     config, the one it replaces kept beside it (``kept_config_path``); any other refuses,
-    saying what the admin does (``refused``'s reason and the config to set back by hand)."""
+    saying what the admin does (``refused``'s reason and the config to set back by hand). Not
+    for a journal that is a copy put back (``Journal.restored_copy_at``): its refusal says
+    where the way back went."""
     facts = driver.facts()
     if "https" not in facts.schemes:
         return None
