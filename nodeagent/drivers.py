@@ -196,6 +196,19 @@ class Driver(abc.ABC):
         ``facts`` has read) can fail here: ``TemplateDriver``."""
         return None
 
+    def named_files(self) -> dict[str, str] | None:
+        """The https files the live config names, as ``Journal.live_tls`` keys them
+        (``cert_file``, ``key_file``, ``ca_file``, ``verifier_file``; "" where it names none),
+        or None if this driver cannot read them back (blocking; ConfigError, OSError). A
+        template driver cannot: its config is the admin's format (review s70 drift M2)."""
+        return None
+
+    def http_config(self) -> bytes | None:
+        """The live config set back to http alone, every other setting kept (the way back of
+        a switch this agent's journal does not hold), or None if this driver cannot derive it
+        (blocking; ConfigError, OSError)."""
+        return None
+
     def says(self, target: Target) -> bool:
         """Whether the live config says what ``render(target)`` would (blocking; DriverError,
         OSError). By default byte for byte: a config this driver renders from a template."""
@@ -922,14 +935,40 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             schemes=tuple(s.str_list("listen")),
         )
 
+    def named_files(self) -> dict[str, str]:
+        s = self._section()
+        return {
+            live: str(s.path(key, ""))
+            for live, key in (
+                ("cert_file", "cert_file"),
+                ("key_file", "key_file"),
+                ("ca_file", "client_ca_file"),
+                ("verifier_file", "auth_verifier_file"),
+            )
+        }
+
+    def http_config(self) -> bytes:
+        """``listen = ["http"]`` without the https settings (the certificate, its key and the
+        client CA); the password's verifier stays: the way back opens nothing."""
+        return self._dump(("http",), {}, drop=HTTPS_ONLY)
+
     def render(self, target: Target) -> bytes:
+        return self._dump(target.schemes, dict(_reference_files(target)))
+
+    def _dump(
+        self, schemes: Sequence[str], files: Mapping[str, Path | None], drop: Sequence[str] = ()
+    ) -> bytes:
+        """The live config with ``listen`` = ``schemes``, ``files`` set (None: kept as the
+        file says) and the keys ``drop`` names removed."""
         cfg = self._load()
         tables = {name: dict(value) for name, value in cfg.data.items() if isinstance(value, dict)}
         server = tables["server"]
-        server["listen"] = list(target.schemes)
-        for key, value in _reference_files(target):
+        server["listen"] = list(schemes)
+        for key, value in files.items():
             if value is not None:
                 server[key] = str(value)
+        for key in drop:
+            server.pop(key, None)
         return dump_toml(
             tables,
             "managed by tlsroll-agent; the previous version is kept in the agent's journal:\n"
@@ -1342,6 +1381,10 @@ class TemplateDriver(Driver):
             raise DriverError(
                 f"template {self.template_file}: unknown or bad placeholder {exc}"
             ) from None
+
+
+# The reference server's settings for https alone (its way back to http drops them).
+HTTPS_ONLY = ("cert_file", "key_file", "client_ca_file", "require_client_cert")
 
 
 def _reference_files(target: Target) -> tuple[tuple[str, Path | None], ...]:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec
 
-from nodeagent.drivers import Driver, DriverError, Target
+from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
 from nodeagent.journal import Journal, Staged, StageNeeds, Txn
 from nodeagent.sharing import SECRET_FILES as SECRET_FILES  # noqa: PLC0414
 from nodeagent.sharing import Sharing as Sharing  # noqa: PLC0414
@@ -933,6 +933,38 @@ def finalize_plan(
     return Built(new_config, plan, fingerprint)
 
 
+def served_live(journal: Journal, driver: Driver, facts: ServerFacts) -> dict[str, str]:
+    """The https files the server serves with now, as live settings (``Journal.live_tls``'s
+    keys), for a change that keeps https (rotate-cert, change-password); ``PlanRefused`` if
+    it serves no https (blocking). What the server runs decides, the journal is its history
+    (review s70 drift M2): an agent whose data dir was begun again (a disk replaced, the
+    agent enrolled again) holds no live files while its server still serves https, and it
+    refused every change ("not on https here"; the rollout halted, the node shown rolled
+    back). A driver whose config names the files (``Driver.named_files``: the reference
+    server's) gives them from the config, the journal's server_url kept; a template driver
+    cannot read them back: the journal's, and without them the plan is refused, saying what
+    the admin does."""
+    if "https" not in facts.schemes:
+        raise PlanRefused("the server is not on https here; run enable-tls first")
+    live = journal.live_tls()
+    named = driver.named_files()
+    if named is not None and named.get("cert_file") and named.get("key_file"):
+        return {**(live or {}), **named, "server_url": facts.url("https")}
+    if live is not None and live.get("cert_file"):
+        return live
+    if named is not None:
+        raise PlanRefused(
+            f"the server's config {driver.config_file} serves https but names no certificate"
+            " and key; fix it, or set it back to http, then run enable-tls"
+        )
+    raise PlanRefused(
+        f"the server serves https on port {facts.https_port}, but this agent holds no https"
+        f" files it installed (its data dir begun again?) and the {driver.name} driver cannot"
+        f" read them from {driver.config_file}: set the server back to http by hand, then run"
+        " enable-tls (tlsroll rollout start)"
+    )
+
+
 @_keeps_cause
 def rotate_plan(
     journal: Journal,
@@ -945,11 +977,10 @@ def rotate_plan(
 ) -> Built:
     """rotate-cert: https on the newly staged certificate and key; the auth password stays
     the one live (its verifier file is kept), so workstations notice nothing: they trust the
-    CA, not the certificate."""
-    live = journal.live_tls()
+    CA, not the certificate. The live files are what the server's config names
+    (``served_live``), not only what the journal says this agent installed."""
     facts = driver.facts()
-    if live is None or "https" not in facts.schemes:
-        raise PlanRefused("the server is not on https here; run enable-tls first")
+    live = served_live(journal, driver, facts)
     staged = journal.staged(rollout_id)
     if staged is None or staged.cert_file is None or staged.ca_file is None:
         raise PlanRefused(f"nothing staged for rollout {rollout_id}; run Stage")
@@ -991,11 +1022,10 @@ def password_plan(
     *,
     keep_frozen: bool = False,
 ) -> Built:
-    """change-password: same server config, new verifier; it takes effect at the restart."""
-    live = journal.live_tls()
+    """change-password: same server config, new verifier; it takes effect at the restart.
+    The live files are what the server's config names (``served_live``)."""
     facts = driver.facts()
-    if live is None or "https" not in facts.schemes:
-        raise PlanRefused("the server is not on https here; run enable-tls first")
+    live = served_live(journal, driver, facts)
     verifier_file = write_verifier(driver, rollout_id, verifier)
     share_named(driver, _files_of({**live, "verifier_file": ""}))
     # The live certificate files go into the new config too: a template driver renders the
@@ -1149,8 +1179,18 @@ def rollback_plan(
     ``rollout_id``. ``keep_frozen``: under a scope freeze the node stays frozen after it, as
     after a switch. A live config edited since tlsroll wrote it (``edited_since``) is kept
     beside it before it is replaced (``Plan.keep_edited``: ``Runner._keep_edited``). Refused
-    (``PlanRefused``) if a file it would make live again is gone."""
-    switch = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
+    (``PlanRefused``) if a file it would make live again is gone. The way back to http
+    (``undoes`` "") of a server on https that no switch in this journal took there:
+    ``unjournalled_way_back``."""
+    try:
+        switch = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
+    except PlanRefused as refused:
+        if undoes != "" or journal.restored_copy_at() is not None:
+            raise  # (a copy put back: the refusal says where its way back went)
+        built = unjournalled_way_back(journal, driver, txn_dir, rollout_id, refused, keep_frozen)
+        if built is None:
+            raise
+        return built
     done = Plan.from_json(switch.plan)
     gone = [f for f in _files_of(done.live_before) if not os.path.lexists(f)]
     if gone:
@@ -1180,3 +1220,48 @@ def rollback_plan(
         keep_edited=str(kept_config_path(driver, rollout_id)) if edited else "",
     )
     return Built(old_config, plan, "")
+
+
+def unjournalled_way_back(
+    journal: Journal,
+    driver: Driver,
+    txn_dir: Path,
+    rollout_id: str,
+    refused: PlanRefused,
+    keep_frozen: bool,
+) -> Built | None:
+    """The way back to http of a server on https whose switch this journal does not hold (its
+    agent's data dir begun again, a disk replaced: review s70 drift M2), or None if it serves
+    no https. What the server runs decides: a driver that can set its config back to http
+    (``Driver.http_config``: the reference server's, every other setting kept) gets that
+    config, the one it replaces kept beside it (``kept_config_path``); any other refuses,
+    saying what the admin does (``refused``'s reason and the config to set back by hand). Not
+    for a journal that is a copy put back (``Journal.restored_copy_at``): its refusal says
+    where the way back went."""
+    facts = driver.facts()
+    if "https" not in facts.schemes:
+        return None
+    config = driver.http_config()
+    if config is None:
+        raise PlanRefused(
+            f"{refused}; its server serves https from files this agent did not install (its"
+            f" data dir begun again?), and the {driver.name} driver cannot set it back to http:"
+            f" set {driver.config_file} back to http by hand and restart the server"
+        )
+    live = {**served_live(journal, driver, facts)}
+    share_named(driver, ())
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK)
+    plan = Plan(
+        facts,
+        facts.schemes,
+        ("http",),
+        new_file,
+        backup,
+        Path(live.get("ca_file") or live["cert_file"]),  # (not read: http is not verified)
+        "",
+        None,
+        live,
+        keep_frozen=keep_frozen,
+        keep_edited=str(kept_config_path(driver, rollout_id)),
+    )
+    return Built(config, plan, "")

@@ -1316,7 +1316,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             with driver.reading_once():
                 source = driver.read_config()
                 live = self.journal.live_tls()
-                https = live is not None and "https" in driver.facts().schemes
+                # What the server serves decides, not the journal (``plans.served_live``).
+                https = "https" in driver.facts().schemes
                 txn_dir = self._txn_dir()
                 if https:  # a rotation keeps the live verifier and http as they are
                     built = plans.rotate_plan(self.journal, driver, txn_dir, rollout_id, None)

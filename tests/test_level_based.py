@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import tomllib
 from collections.abc import Iterator
@@ -543,10 +544,51 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
     assert row2["old_url"].startswith("https://"), row2
     again = cluster.cli("rollout", "start", "--scope", "cluster", "--yes", "--wait")
     assert again.returncode == 0, (again.stdout, again.stderr)
-    states = {n["name"]: n["state"] for n in newest(cluster)["nodes"]}
+    switched = newest(cluster)
+    states = {n["name"]: n["state"] for n in switched["nodes"]}
     assert states == {"node1": "skipped", "node2": "done", "node3": "skipped"}, states
     assert node2.served_fingerprint() not in (own, before["node2"])  # this CA's, new
     writes_work(node2, "https", cluster.ca_pem)
+
+    # Review s70 drift M2: node2's agent loses its data dir (a disk replaced) and is enrolled
+    # again (`nodes remove`, a new token) while its server goes on serving https. The removal
+    # revoked the certificate served; the agent planned from its (new, empty) journal, not
+    # from what the server runs: rotate-cert halted ("not on https here") and showed node2
+    # rolled_back. Now the plan starts from the server's config: node2 gets a new certificate.
+    agent = node2.agent
+    assert agent is not None
+    agent.stop()
+    removal = cluster.cli("nodes", "remove", "node2", "--yes")
+    assert removal.returncode == 0, (removal.stdout, removal.stderr)
+    shutil.rmtree(agent.data_dir)
+    agent.write_config({"leader": {"join_token": cluster.create_token("node2", node2.address)}})
+    agent.start()
+    cluster.wait_for_nodes_online(["node2"], timeout=30)
+    revoked = node2.served_fingerprint()
+    plan = cluster.cli("plan", "--nodes", "node2", "--change", "rotate-cert")
+    assert plan.returncode == 0, (plan.stdout, plan.stderr)
+    rotate = cluster.cli(
+        "rollout", "start", "--nodes", "node2", "--change", "rotate-cert", "--yes", "--wait"
+    )
+    assert rotate.returncode == 0, (rotate.stdout, rotate.stderr)
+    states = {n["name"]: n["state"] for n in newest(cluster)["nodes"]}
+    assert states == {"node2": "done"}, states
+    assert node2.served_fingerprint() != revoked
+    assert live(node2).verifier_digest == digests["node2"]  # the password kept
+    writes_work(node2, "https", cluster.ca_pem)
+    # ... and its way back to http, which its journal holds no switch from http for (it
+    # halted: "never switched from http to https"): the server's config set back to http,
+    # every other setting kept, the https one kept beside it.
+    https_config = node2.server.config_path.read_bytes()
+    back = cluster.cli("rollout", "rollback", switched["id"], "--yes", "--wait")
+    assert back.returncode == 0, (back.stdout, back.stderr)
+    r = newest(cluster)
+    assert r["change"] == "disable-tls", r
+    assert {n["name"]: n["state"] for n in r["nodes"]}["node2"] == "done", r
+    assert live(node2).schemes == ["http"]
+    writes_work(node2, "http", cluster.ca_pem)
+    (kept,) = node2.config_dir.glob(f"{node2.server.config_path.name}.before-rollback-*")
+    assert kept.read_bytes() == https_config
 
 
 def hand_made_certificate(node: Node, directory: Path) -> str:

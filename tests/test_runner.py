@@ -2293,6 +2293,32 @@ def completed_switch(
     return plan
 
 
+def test_a_server_on_https_its_journal_never_switched_is_refused_saying_what_to_do(
+    node: tuple[Journal, FakeDriver, Path],
+) -> None:
+    """Review s70 drift M2: the agent's data dir begun again while its server serves https. A
+    driver that cannot read the files back from its config (a template's: this fake's, as
+    systemd's and exec's) refuses rotate-cert, change-password and the way back in one line
+    naming the config and what to do by hand; nothing is written. (The reference server's
+    plans start from its config: tests/test_level_based.py.)"""
+    journal, driver, txn_dir = node
+    driver.server.running = driver.server.config = TARGET
+    verifier = dict(password.make_verifier("pw", **password.TEST_PARAMS))
+    stage(journal, driver, "r2")
+    by_hand = f"cannot read them from {driver.config_file}: set the server back to http by hand"
+    with pytest.raises(plans.PlanRefused, match=by_hand):
+        plans.rotate_plan(journal, driver, txn_dir, "r2", None)
+    with pytest.raises(plans.PlanRefused, match=by_hand):
+        plans.password_plan(journal, driver, txn_dir, "p1", verifier)
+    with pytest.raises(plans.PlanRefused) as refused:
+        plans.rollback_plan(journal, driver, txn_dir, "b1", undoes="")
+    said = str(refused.value)
+    assert said.startswith("this node was never switched from http to https"), said
+    assert f"set {driver.config_file} back to http by hand and restart the server" in said
+    assert "\n" not in said
+    assert driver.server.config == TARGET and not driver.server.ops
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_password_and_rollback_plans_need_what_they_change(
     node: tuple[Journal, FakeDriver, Path], layout: str
