@@ -372,13 +372,23 @@ class Commands:
             # the leader knows it no more) is left out, as a retry leaves it out; it was
             # refused "not enrolled", so no way back of that rollout could start (s50retry).
             gone = await self._removed()
-            kept = tuple(n for n in target.order if n not in gone)
+            # Its nodes are those it did not skip: a node it left "already done" (switched by
+            # an earlier rollout) or out of its way is not taken back by naming it (review s70
+            # reenrol: naming the rollout that switched one drifted node took back every node
+            # of the cluster, which its plan had skipped).
+            skipped = {
+                r.name
+                for r in next(rec for ro, rec in candidates if ro.id == target.id)
+                if r.state is NodeState.SKIPPED
+            }
+            own = tuple(n for n in target.order if n not in skipped)
+            kept = tuple(n for n in own if n not in gone)
             if not kept:
                 raise planner.PlanError(
                     f"nothing to take back: the nodes of rollout {target.id} were removed since"
-                    f" ({planner.some_names(sorted(target.order))}); see: tlsroll schema show"
+                    f" ({planner.some_names(sorted(own))}); see: tlsroll schema show"
                 )
-            removed = tuple(n for n in target.order if n in gone)
+            removed = tuple(n for n in own if n in gone)
             if removed:
                 log.info("rollout.undo_left_out", rollout_id=target.id, removed=list(removed))
             scope = Scope.of_nodes(kept)

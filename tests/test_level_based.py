@@ -587,6 +587,11 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
     assert {n["name"]: n["state"] for n in r["nodes"]}["node2"] == "done", r
     assert live(node2).schemes == ["http"]
     writes_work(node2, "http", cluster.ca_pem)
+    # Only what the named rollout switched goes back: node1 and node3, which it skipped as
+    # already done (an earlier rollout switched them), stay on https (review s70 reenrol).
+    assert sorted(n["name"] for n in r["nodes"]) == ["node2"], r
+    for other in (nodes[0], nodes[2]):
+        assert live(other).schemes == ["https"], other.name
     (kept,) = node2.config_dir.glob(f"{node2.server.config_path.name}.before-rollback-*")
     assert kept.read_bytes() == https_config
 
