@@ -891,15 +891,21 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _test_delay(env: str) -> float:
-    """Seconds of a test-only delay (``WRITE_DELAY_ENV``, ``START_DELAY_ENV``); 0 when unset."""
+def _test_seconds(env: str) -> float | None:
+    """A test-only knob's seconds (a float), None when unset; StartupError if not a number."""
     raw = os.environ.get(env, "").strip()
     if not raw:
-        return 0.0
+        return None
     try:
-        value = float(raw)
+        return float(raw)
     except ValueError:
         raise StartupError(f"{env}={raw!r} is not a number of seconds") from None
+
+
+def _test_delay(env: str) -> float:
+    """Seconds of a test-only delay (``WRITE_DELAY_ENV``, ``START_DELAY_ENV``); 0 when unset."""
+    if (value := _test_seconds(env)) is None:
+        return 0.0
     if not 0 <= value <= 600:  # also refuses nan
         raise StartupError(f"{env} must be from 0 to 600 seconds")
     return value
@@ -908,13 +914,8 @@ def _test_delay(env: str) -> float:
 def _test_body_seconds(env: str) -> float:
     """Seconds of the test-only body deadline (``BODY_SECONDS_ENV``); 0 when unset. Only below
     ``gate.BODY_SECONDS``: a test's deadline never gives a body longer."""
-    raw = os.environ.get(env, "").strip()
-    if not raw:
+    if (value := _test_seconds(env)) is None:
         return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise StartupError(f"{env}={raw!r} is not a number of seconds") from None
     if not 0 < value <= gate.BODY_SECONDS:  # also refuses nan
         raise StartupError(f"{env} must be over 0 and at most {gate.BODY_SECONDS:g} seconds")
     return value

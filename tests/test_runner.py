@@ -981,6 +981,21 @@ async def held_told(runner: Runner, told: asyncio.Event) -> None:
     told.clear()
 
 
+async def resumed_into_hold(
+    w: World,
+) -> tuple[Filling, Runner, asyncio.Task[Txn], asyncio.Event]:
+    """A runner on a journal that fails its writes (``Filling``), resumed: its one task, held
+    (told once: ``held_told``); the event tells each later change of its hold."""
+    journal = Filling(w.journal_path)
+    runner = w.runner(journal)
+    told = asyncio.Event()
+    runner.on_held = told.set
+    await runner.resume_all()
+    (task,) = runner.tasks.values()
+    await held_told(runner, told)
+    return journal, runner, task, told
+
+
 @pytest.mark.parametrize("why", ["unfreeze refused", "scope lease"])
 async def test_a_held_switch_lifts_the_freeze_its_death_left_once_it_may(
     why: str, world: Callable[..., World]
@@ -1007,13 +1022,7 @@ async def test_a_held_switch_lifts_the_freeze_its_death_left_once_it_may(
             journal.set_freeze_lease(Lease("r1", w.time.clock() + dt.timedelta(seconds=300), 300))
     driver = w.driver = RefusingUnfreeze(s, w.driver.config_file)
     driver.refusing = why == "unfreeze refused"
-    journal = Filling(w.journal_path)
-    runner = w.runner(journal)
-    told = asyncio.Event()
-    runner.on_held = told.set
-    await runner.resume_all()
-    (task,) = runner.tasks.values()
-    await held_told(runner, told)
+    journal, runner, task, told = await resumed_into_hold(w)
     why_now = runner.needs_admin()
     assert why_now is not None and "waits mid-way, writes refused" in why_now, why_now
     assert s.frozen and not task.done()
@@ -1050,13 +1059,7 @@ async def test_a_held_switch_keeps_the_freeze_until_the_server_proves_its_config
     assert (s.running, s.frozen) == (sc.target, True)
     s.running = None  # down (slow to start, say) as the task dies: nothing proved
     s.ops.clear()
-    journal = Filling(w.journal_path)
-    runner = w.runner(journal)
-    told = asyncio.Event()
-    runner.on_held = told.set
-    await runner.resume_all()
-    (task,) = runner.tasks.values()
-    await held_told(runner, told)
+    journal, runner, task, told = await resumed_into_hold(w)
     why = runner.needs_admin()
     assert why is not None and "writes refused" in why and "the freeze is kept" in said(runner)
     assert s.frozen and s.ops == [], s.ops
