@@ -274,6 +274,21 @@ def _own_count(seen: NodeObservation, installed: Collection[str]) -> NodeObserva
     return seen
 
 
+# The states of an enable-tls rollout's node that its switch took, or may have taken, to https
+# (a named way back takes these back: ``Commands._resolve``); the others it never switched
+# (pending, preflight, staging, staged: halted before it; skipped) or took back (rolled_back).
+_REACHED = frozenset(
+    {
+        NodeState.DONE,
+        NodeState.DUAL,
+        NodeState.FAILED,
+        NodeState.NEEDS_ATTENTION,
+        NodeState.SWITCHING,
+        NodeState.CONFIRMING,
+    }
+)
+
+
 def _says_nothing_of_edits(
     name: str, agents: Mapping[str, tuple[str, tuple[str, ...]]], not_heard: Collection[str]
 ) -> bool:
@@ -346,7 +361,8 @@ class Commands:
     ) -> tuple[RolloutRequest, str, planner.AlreadyUndone | None]:
         """disable-tls: which enable-tls rollout it takes back (``undoes``) and its scope.
 
-        Named (``undo_rollout_id``): that rollout's nodes, once per rollout
+        Named (``undo_rollout_id``): the nodes that rollout or its retries switched or began
+        to (``_REACHED``), once per rollout
         (``planner.AlreadyUndone`` names the one that did). Not named: every enrolled node that
         runs https now (the plan skips those on http), whichever rollout switched it; the newest
         enable-tls rollout that switched a node is the one recorded as taken back, and its
@@ -372,16 +388,19 @@ class Commands:
             # the leader knows it no more) is left out, as a retry leaves it out; it was
             # refused "not enrolled", so no way back of that rollout could start (s50retry).
             gone = await self._removed()
-            # Its nodes are those it did not skip: a node it left "already done" (switched by
-            # an earlier rollout) or out of its way is not taken back by naming it (review s70
-            # reenrol: naming the rollout that switched one drifted node took back every node
-            # of the cluster, which its plan had skipped).
-            skipped = {
-                r.name
-                for r in next(rec for ro, rec in candidates if ro.id == target.id)
-                if r.state is NodeState.SKIPPED
-            }
-            own = tuple(n for n in target.order if n not in skipped)
+            # Its nodes are those it (or its retry, ``rollout retry``: the same rollout carried
+            # on) switched or began to switch: a node it left "already done" (switched by an
+            # earlier rollout), never reached (halted before it) or took back itself is not
+            # taken back by naming it (review s70 reenrol: naming the rollout that switched one
+            # drifted node took back every node of the cluster, which its plan had skipped;
+            # review2: a node it halted before, which a later rollout switched, went back too).
+            records = next(rec for ro, rec in candidates if ro.id == target.id)
+            reached = {r.name for r in records if r.state in _REACHED}
+            order = list(target.order)
+            for retry in await asyncio.to_thread(self._retries, target.id):
+                reached |= {r.name for r in retry.records if r.state in _REACHED}
+                order += [n for n in retry.rollout.order if n not in order]
+            own = tuple(n for n in order if n in reached)
             kept = tuple(n for n in own if n not in gone)
             if not kept:
                 raise planner.PlanError(
@@ -402,6 +421,17 @@ class Commands:
             undone = planner.AlreadyUndone(exc.target, exc.rollout, named=False)
             return replace(request, scope=Scope.cluster()), "", undone
         return replace(request, scope=Scope.cluster()), target.id, None
+
+    def _retries(self, rollout_id: str) -> list[RolloutRow]:
+        """The retries of ``rollout_id`` (``rollout retry``), each of the one before, oldest
+        first (blocking)."""
+        found: list[RolloutRow] = []
+        seen = {rollout_id}
+        while (retry := self.schema.retried_by(rollout_id)) is not None and retry[0] not in seen:
+            rollout_id = retry[0]
+            seen.add(rollout_id)
+            found += [r for r in self.schema.undo_rows(rollout_id) if r.rollout.id == rollout_id]
+        return found
 
     async def plan(self, request: RolloutRequest) -> Planned:
         """What a rollout would start with, from what each node runs now; PlanError if the

@@ -13,6 +13,7 @@ import contextlib
 import json
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,14 @@ from leader import planner
 from leader.cli.base import Leader
 from leader.cli.draw import render_rollout
 from leader.commands import NotRetriable, RolloutRequest
-from leader.rollout_core import Change, Rollout, Scope, cut_off_halt
+from leader.rollout_core import (
+    Change,
+    NodeState,
+    Rollout,
+    RolloutEvent,
+    Scope,
+    cut_off_halt,
+)
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import rollout_view, schema_json, schema_message
 from leader.service import ERRORS
@@ -411,3 +419,31 @@ def test_the_cli_names_the_nodes_the_start_left_out(
     lines = said.splitlines()
     for name in ("bravo", "charlie"):
         assert f"  {name} left out: removed since (tlsroll nodes remove)" in lines, said
+
+
+@pytest.mark.parametrize("retry", [False, True], ids=["another", "its retry"])
+async def test_a_named_way_back_takes_back_what_that_rollout_or_its_retry_switched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retry: bool
+) -> None:
+    """`rollout rollback e1` takes back what e1 switched or began to (alpha done, bravo
+    failed: its switch may have left it on https). charlie, which e1 halted before (left
+    pending), goes back if e1's retry switched it (the same rollout carried on), not if
+    another enable-tls did (review s70 review2: every node e1 did not skip went back, so
+    naming e1 undid another rollout's switch of charlie)."""
+    from tests.test_engine import make_world
+
+    leader_ = make_world(tmp_path, monkeypatch).boot()
+    schema, commands = leader_.schema, leader_.commands
+    names = ["alpha", "bravo", "charlie"]
+    e1 = rollout(schema, "e1", Change.ENABLE_TLS, names)
+    states = {"alpha": NodeState.DONE, "bravo": NodeState.FAILED, "charlie": NodeState.PENDING}
+    records = [replace(r, state=states[r.name]) for r in e1.records]
+    head = e1.rollout.with_event(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
+    schema.save_states(e1, head.with_event(RolloutEvent.NODES_SETTLED), records, NOW, "engine")
+    later = rollout(schema, "e2", Change.ENABLE_TLS, ["charlie"], retry_of="e1" if retry else "")
+    settle(schema, later, {"charlie"})
+    request = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id="e1")
+    planned = await commands.plan(request)
+    expected = ["alpha", "bravo", "charlie"] if retry else ["alpha", "bravo"]
+    assert sorted(r.name for r in planned.records) == expected, planned.records
+    await leader_.stop()
