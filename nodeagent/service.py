@@ -567,9 +567,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 # The server down, its config read: the way back can still take it to http.
                 configured_schemes=list(facts.schemes) if facts is not None else [],
             )
-        cert_pem, digest = await asyncio.to_thread(self._live_files)
+        cert_pem, digest, config = await asyncio.to_thread(self._live_files, driver)
         if "https" in facts.schemes:
-            cert_pem = await self._served(driver, facts, status) or cert_pem
+            cert_pem = await self._served(driver, facts, status, config) or cert_pem
         failures, last_failure = login_failures(status)
         view = agent_pb2.ServerView(
             driver=driver.name,
@@ -596,30 +596,45 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             view = ClientsView(problem=f"cannot read the clients: {describe(exc)}"[:200])
         return clients_message(view)
 
-    async def _served(self, driver: Driver, facts: ServerFacts, status: dict[str, Any]) -> bytes:
+    async def _served(
+        self,
+        driver: Driver,
+        facts: ServerFacts,
+        status: dict[str, Any],
+        config: tuple[int, int, int],
+    ) -> bytes:
         """The certificate the server serves on https now, as a client gets it (a handshake,
         nothing verified), b"" if none came. What the journal says this agent installed
         (``_live_files``) is a record: the admin may have put another certificate in since, by
         hand, or this agent's data dir was begun again; the leader plans from what is served
         (review s70 drift, H1). Asked again at once after the config file, the server's pid or
-        a restart of this agent's own changed, else at most every ``SERVED_RECHECK`` seconds."""
-        try:
-            st = await asyncio.to_thread(os.stat, driver.config_file)
-            config: tuple[int, int, int] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            config = (0, 0, 0)
-        key = (facts.address, facts.https_port, config, status.get("pid"), _restarts(driver))
+        a restart of this agent's own changed, else at most every ``SERVED_RECHECK`` seconds.
+        ``config``: the config file's (inode, size, mtime), ``_live_files``'s."""
+        begun = _restarts(driver)
+        key = (facts.address, facts.https_port, config, status.get("pid"), begun)
         now = time.monotonic()
         kept = self._served_seen
         if kept is not None and kept[0] == key and now - kept[1] < SERVED_RECHECK:
             return kept[2]
+        quiet = getattr(driver, "restarting", None) is None
         pem = await asyncio.to_thread(served_certificate, facts.address, facts.https_port)
-        self._served_seen = (key, now, pem)
+        # Not kept if a restart of this agent's own was under way before or after, or began
+        # meanwhile: the old server may have answered, and a driver naming no pid changes
+        # nothing else in the key (the old certificate said up to 30 s after a rotation).
+        quiet = quiet and getattr(driver, "restarting", None) is None
+        self._served_seen = (key, now, pem) if quiet and _restarts(driver) == begun else None
         return pem
 
-    def _live_files(self) -> tuple[bytes, str]:
+    def _live_files(self, driver: Driver) -> tuple[bytes, str, tuple[int, int, int]]:
         """The certificate served on https and the digest of the live verifier (journal's
-        ``live_tls``); empty where there is none or a file cannot be read."""
+        ``live_tls``); empty where there is none or a file cannot be read. And the server's
+        config file's (inode, size, mtime), zeros if none (``_served``'s), in the same worker
+        thread hop (a Check's view took one hop more for it)."""
+        try:
+            st = os.stat(driver.config_file)
+            config = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            config = (0, 0, 0)
         live = self.journal.live_tls() or {}
         cert_pem, digest = b"", ""
         with contextlib.suppress(OSError, ValueError, NotRegularFile):
@@ -628,7 +643,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         with contextlib.suppress(OSError, ValueError, NotRegularFile):
             if live.get("verifier_file"):
                 digest = password.verifier_digest(read_regular(Path(live["verifier_file"])))
-        return cert_pem, digest
+        return cert_pem, digest, config
 
     async def watch_freeze_lease(self) -> None:
         """Lift a scope freeze whose lease ran out: the leader is gone or cut off, and a node

@@ -207,9 +207,40 @@ async def test_the_checks_on_the_machine_take_one_worker_thread(
         hops.append(getattr(func, "__name__", repr(func)))
         return await real(func, *args, **kwargs)
 
+    def served_certificate(*_: object) -> bytes:  # (no handshake at a port of the host's)
+        return b""
+
+    monkeypatch.setattr(service, "served_certificate", served_certificate)
     monkeypatch.setattr(asyncio, "to_thread", counted)
     reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
     assert reply.ok, reply.problems
     assert reply.new_url == "https://127.0.0.1:8443/app/"
-    assert sorted(hops) == ["_live_files", "_local_checks", "facts"], hops
+    # The view's handshake (review s70 drift H1) is one hop more; its config stat is not
+    # (in ``_live_files``' hop: it took one of its own, and this test failed on main).
+    assert sorted(hops) == ["_live_files", "_local_checks", "facts", "served_certificate"], hops
     journal.close()
+
+
+async def test_a_certificate_found_served_while_a_restart_ran_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s70 review1 L1: the agent keeps the certificate its handshake found for up to
+    ``SERVED_RECHECK`` seconds while the config file, the server's pid and its own restart
+    count stay the same. A handshake made while a restart of its own ran (begun, the old server
+    still answering) found the old certificate; a driver whose status names no pid (an exec
+    driver's) changed nothing after, and the rotated node said the old certificate for 30 s."""
+    driver = type("Driver", (), {})()
+    driver.restarts_begun = 1
+    driver.restarting = asyncio.Event()  # a restart begun, not ended
+    answers = [b"OLD", b"NEW"]
+    monkeypatch.setattr(service, "served_certificate", lambda *_: answers.pop(0))
+    svc = make_service(tmp_path, Journal(tmp_path / "journal.sqlite3"), 1)
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+
+    def served() -> Any:
+        return svc._served(cast(Any, driver), facts, {}, (1, 1, 1))
+
+    assert await served() == b"OLD"  # the old server answered
+    driver.restarting = None  # the restart ended: the new server serves the new certificate
+    assert await served() == b"NEW"
+    assert await served() == b"NEW"  # kept now (none left to answer)
