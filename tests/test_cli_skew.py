@@ -200,6 +200,10 @@ def older_leader(monkeypatch: pytest.MonkeyPatch, *, certificates: bool = False)
             started.append(request)
             return schema_pb2.RolloutView(id="r1", strategy=types_pb2.STRATEGY_DIRECT)
 
+        def ListNodes(self, request: Any, timeout: float = 30) -> Any:
+            # (a start with --password-file asks for the nodes' names first: session 70)
+            return admin_pb2.ListNodesResponse()
+
     @contextlib.contextmanager
     def admin(self: Leader) -> Iterator[Any]:
         yield OlderLeader()
