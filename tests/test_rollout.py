@@ -79,9 +79,11 @@ class Setups:
         agent_env: Mapping[str, Mapping[str, str]] | None = None,
         server: Mapping[str, Mapping[str, object]] | None = None,
         leader_node: str | None = None,
+        leader_config: Mapping[str, object] | None = None,
     ) -> Setup:
         """A leader and one node (reference server + agent) per name, all online.
-        ``leader_node`` names the node that runs on the leader's own address."""
+        ``leader_node`` names the node that runs on the leader's own address; ``leader_config``
+        is written into its leader.toml before it starts."""
         root = self.root / f"c{len(self.clusters)}"
         cluster = AdminTokenCluster(root, next_loopback(), heartbeat_interval=1)
         self.clusters.append(cluster)
@@ -94,6 +96,8 @@ class Setups:
             nodes[name] = node
             node.server.spawn()  # (it needs no leader: it starts while init and the leader do)
         cluster.init(*(("--node-name", leader_node) if leader_node else ()))
+        if leader_config:
+            cluster.write_leader_config(leader_config)
         cluster.start_leader()
         start_nodes(list(nodes.values()), node_env=agent_env)
         cluster.wait_for_nodes_online(names)
@@ -634,10 +638,14 @@ def test_a_retry_refused_for_a_node_blocked_at_once_says_what_a_retry_can_do(
     port taken) is refused up front (``planner.BlockedAtOnce``), as a start is; its message
     said "leave it out (--nodes)", an option `rollout retry` does not have. Now it says what
     the admin can do: fix it and retry again, or start the change anew without the node."""
-    s = setups("b1", "b2", "b3", "b4")
+    # No node prepared ahead: b3's preflight comes once b2 is done. With one (the default), a
+    # loaded machine could preflight b3 before b2's switch began (b2 slow to prepare, b1 done):
+    # b3 then halted the rollout with b2 still on http, and the retry's first node was b2, not
+    # blocked (the session 70 CI: 7 of 12 concurrent runs, the same on 874cbb1e).
+    s = setups("b1", "b2", "b3", "b4", leader_config={"prepare_ahead": 0})
     with port_holder(s["b3"].address, 8443):
-        # b3 is blocked, but not preflighted at once (stepped third, past max_parallel and the
-        # one prepared ahead: review s67 rev2 M3): started; b1 and b2 switch, b3 halts it.
+        # b3 is blocked, but not preflighted at once (stepped third, past max_parallel: review
+        # s67 rev2 M3): started; b1 and b2 switch, b3 halts it.
         rid = start(s, "--nodes", "b1,b2,b3,b4", "--max-parallel", "1", "--failure-budget", "0")
         snap = wait_ended(s.cluster)
         assert snap.state == "halted", snap
