@@ -274,21 +274,6 @@ def _own_count(seen: NodeObservation, installed: Collection[str]) -> NodeObserva
     return seen
 
 
-# The states of an enable-tls rollout's node that its switch took, or may have taken, to https
-# (a named way back takes these back: ``Commands._resolve``); the others it never switched
-# (pending, preflight, staging, staged: halted before it; skipped) or took back (rolled_back).
-_REACHED = frozenset(
-    {
-        NodeState.DONE,
-        NodeState.DUAL,
-        NodeState.FAILED,
-        NodeState.NEEDS_ATTENTION,
-        NodeState.SWITCHING,
-        NodeState.CONFIRMING,
-    }
-)
-
-
 def _says_nothing_of_edits(
     name: str, agents: Mapping[str, tuple[str, tuple[str, ...]]], not_heard: Collection[str]
 ) -> bool:
@@ -362,7 +347,7 @@ class Commands:
         """disable-tls: which enable-tls rollout it takes back (``undoes``) and its scope.
 
         Named (``undo_rollout_id``): the nodes that rollout or its retries switched or began
-        to (``_REACHED``), once per rollout
+        to (``planner.reached_nodes``), once per rollout
         (``planner.AlreadyUndone`` names the one that did). Not named: every enrolled node that
         runs https now (the plan skips those on http), whichever rollout switched it; the newest
         enable-tls rollout that switched a node is the one recorded as taken back, and its
@@ -388,19 +373,10 @@ class Commands:
             # the leader knows it no more) is left out, as a retry leaves it out; it was
             # refused "not enrolled", so no way back of that rollout could start (s50retry).
             gone = await self._removed()
-            # Its nodes are those it (or its retry, ``rollout retry``: the same rollout carried
-            # on) switched or began to switch: a node it left "already done" (switched by an
-            # earlier rollout), never reached (halted before it) or took back itself is not
-            # taken back by naming it (review s70 reenrol: naming the rollout that switched one
-            # drifted node took back every node of the cluster, which its plan had skipped;
-            # review2: a node it halted before, which a later rollout switched, went back too).
+            # Its nodes: those it or its retries switched or began to (not those it skipped).
             records = next(rec for ro, rec in candidates if ro.id == target.id)
-            reached = {r.name for r in records if r.state in _REACHED}
-            order = list(target.order)
-            for retry in await asyncio.to_thread(self._retries, target.id):
-                reached |= {r.name for r in retry.records if r.state in _REACHED}
-                order += [n for n in retry.rollout.order if n not in order]
-            own = tuple(n for n in order if n in reached)
+            retries = await asyncio.to_thread(self._retries, target.id)
+            own = planner.reached_nodes(target, records, [(r.rollout, r.records) for r in retries])
             kept = tuple(n for n in own if n not in gone)
             if not kept:
                 raise planner.PlanError(

@@ -1290,6 +1290,41 @@ def undo_target(
     return target, switched
 
 
+# The states of an enable-tls rollout's node that its switch took, or may have taken, to https
+# (a named way back takes these back: ``reached_nodes``); the others it never switched
+# (pending, preflight, staging, staged: halted before it; skipped) or took back (rolled_back).
+REACHED_NODE_STATES = frozenset(
+    {
+        NodeState.DONE,
+        NodeState.DUAL,
+        NodeState.FAILED,
+        NodeState.NEEDS_ATTENTION,
+        NodeState.SWITCHING,
+        NodeState.CONFIRMING,
+    }
+)
+
+
+def reached_nodes(
+    target: Rollout,
+    records: Sequence[NodeRecord],
+    retries: Sequence[tuple[Rollout, Sequence[NodeRecord]]],
+) -> tuple[str, ...]:
+    """The nodes a named way back takes back: those the enable-tls ``target`` or its
+    ``retries`` (``rollout retry``: the same rollout carried on, oldest first) switched or
+    began to switch (``REACHED_NODE_STATES``), in their order. A node it left "already done"
+    (switched by an earlier rollout), never reached (halted before it) or took back itself is
+    not taken back by naming it (review s70: naming the rollout that switched one drifted node
+    took back every node of the cluster; a node it halted before, which a later rollout
+    switched, went back too)."""
+    reached = {r.name for r in records if r.state in REACHED_NODE_STATES}
+    order = list(target.order)
+    for rollout, nodes in retries:
+        reached |= {r.name for r in nodes if r.state in REACHED_NODE_STATES}
+        order += [n for n in rollout.order if n not in order]
+    return tuple(n for n in order if n in reached)
+
+
 def _switched(rollout: Rollout, records: Sequence[NodeRecord]) -> tuple[str, ...]:
     """The nodes of the enable-tls ``rollout`` it left switched (done or dual), in its order."""
     by_name = {r.name: r for r in records}

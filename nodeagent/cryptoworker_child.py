@@ -92,14 +92,7 @@ def serve(message: Any) -> dict[str, Any]:
     except (TlsrollError, OSError, ValueError) as exc:
         return {"error": answer_for(exc)}
     except Exception as exc:  # its class only: the message might hold a secret
-        log.error(
-            "cryptoworker.op_failed",
-            op=op,
-            error_type=type(exc).__name__,
-            hint="the operation failed and is answered as such; a bug in tlsroll: report it with"
-            " the lines before this one",
-        )
-        return {"error": {"type": "WorkerBug", "message": failed(op, exc)}}
+        return {"error": bug(op, exc)}
 
 
 WARNING_LIMIT = 200
@@ -137,15 +130,20 @@ def answer_line(message: Any) -> bytes:
         return json.dumps(answer).encode() + b"\n"
     except Exception as exc:  # its class only, as ``serve``'s
         op = str(message.get("op", "")) if isinstance(message, dict) else ""
-        log.error(
-            "cryptoworker.op_failed",
-            op=op,
-            error_type=type(exc).__name__,
-            hint="the operation failed and is answered as such; a bug in tlsroll: report it with"
-            " the lines before this one",
-        )
-        bug = {"error": {"type": "WorkerBug", "message": failed(op, exc)}}
-        return json.dumps(bug).encode() + b"\n"
+        return json.dumps({"error": bug(op, exc)}).encode() + b"\n"
+
+
+def bug(op: str, exc: BaseException) -> dict[str, str]:
+    """An op's unexpected failure, logged by its class only (its message might hold a
+    secret), as the error answered for it."""
+    log.error(
+        "cryptoworker.op_failed",
+        op=op,
+        error_type=type(exc).__name__,
+        hint="the operation failed and is answered as such; a bug in tlsroll: report it with"
+        " the lines before this one",
+    )
+    return {"type": "WorkerBug", "message": failed(op, exc)}
 
 
 def failed(op: str, exc: BaseException) -> str:

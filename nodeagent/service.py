@@ -195,12 +195,8 @@ SERVED_TIMEOUT = 2.0
 def served_certificate(address: str, port: int, timeout: float = SERVED_TIMEOUT) -> bytes:
     """The certificate ``address:port`` presents in a TLS handshake, as PEM; b"" if none (no
     answer, no TLS). Nothing is verified: this is what the server runs, not whom to trust."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        with tls.connect(context, address, port, timeout=timeout) as sock:
+        with tls.connect(tls.unverified_client_context(), address, port, timeout=timeout) as sock:
             der = sock.getpeercert(binary_form=True)
     except (OSError, ValueError):
         return b""

@@ -43,6 +43,7 @@ from leader.planner import (
     password_in_use,
     plan_moves,
     plan_rollout,
+    reached_nodes,
     report_stale_after,
     stale_reports,
     undo_target,
@@ -2266,3 +2267,18 @@ def test_a_drain_unfreezes_the_scope_when_every_node_in_flight_is_unanswered() -
     draining = replace(running, state=RolloutState.ABORTING)
     plan = next_actions(draining, two, lapsed=everyone, unanswered={"a"})  # b still answers
     assert not plan.nodes_with_step(Step.UNFREEZE), plan
+
+
+def test_a_named_way_back_takes_back_what_its_rollout_or_its_retries_reached() -> None:
+    """``reached_nodes``: done, dual, failed, needs attention, switching and confirming nodes
+    of the rollout and its retries, in their order; never one it skipped as already done, never
+    reached (pending, staged) or took back itself (rolled back)."""
+    N = NodeState
+    target, records = _stored(
+        "e1",
+        Change.ENABLE_TLS,
+        {"a": N.DONE, "b": N.SKIPPED, "c": N.FAILED, "d": N.PENDING, "e": N.ROLLED_BACK},
+    )
+    retry = _stored("e2", Change.ENABLE_TLS, {"d": N.DONE, "f": N.NEEDS_ATTENTION, "g": N.STAGED})
+    assert reached_nodes(target, records, []) == ("a", "c")
+    assert reached_nodes(target, records, [retry]) == ("a", "c", "d", "f")
