@@ -48,6 +48,7 @@ from tests import grpc_env
 from tests.refserver_helper import write_toml
 from tlsroll import __version__, pki, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
+from tlsroll.errors import PKIError
 from tlsroll.httpcheck import port_open
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, enrolment_pb2, enrolment_pb2_grpc
 
@@ -661,8 +662,22 @@ class Cluster:
     # --- channels -----------------------------------------------------------------------------
 
     def leader_credentials(self) -> tuple[bytes, bytes]:
-        """The leader's certificate chain and key (DATA/tls): what it calls agents with."""
-        return self.tls_cert_path.read_bytes(), self.tls_key_path.read_bytes()
+        """The leader's certificate chain and key (DATA/tls): what it calls agents with. A
+        pair that belongs together: the leader renewing its certificate writes leader.key
+        first, then leader.pem, and a read between the two found the old certificate with
+        the new key (KEY_VALUES_MISMATCH in the session 70 project CI). Read again until the
+        two match (a few seconds at most); a pair that stays apart is returned as it is."""
+        deadline = time.monotonic() + 5
+        while True:
+            chain = self.tls_cert_path.read_bytes()
+            key = self.tls_key_path.read_bytes()
+            try:
+                matches = pki.key_matches(pki.load_certs_pem(chain)[0], pki.load_key_pem(key))
+            except (PKIError, ValueError, IndexError):
+                matches = False
+            if matches or time.monotonic() > deadline:
+                return chain, key
+            time.sleep(0.05)
 
     def join_channel(self) -> grpc.Channel:
         """Server-TLS channel to the join port, trusting the cluster CA."""
