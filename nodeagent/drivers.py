@@ -488,7 +488,8 @@ class AdminSocketClient:
                 # [server] admin_socket names another path), not a security refusal.
                 raise DriverError(
                     f"managed server not answering on {self.socket_path}: {exc.filename} "
-                    "does not exist: start the server, or fix [server] admin_socket"
+                    "does not exist (the server not started yet, or [server] admin_socket "
+                    "names another path)"
                 ) from None
             except OSError as exc:
                 problem = f"{exc.strerror}: {exc.filename}"

@@ -2185,8 +2185,8 @@ async def test_a_socket_dir_that_is_not_there_is_a_server_not_running(tmp_path: 
         with pytest.raises(DriverError) as info:
             await driver.status()
         assert str(info.value) == (
-            f"managed server not answering on {sock}: {sock.parent} does not exist: start the "
-            "server, or fix [server] admin_socket"
+            f"managed server not answering on {sock}: {sock.parent} does not exist (the server "
+            "not started yet, or [server] admin_socket names another path)"
         )
 
 
