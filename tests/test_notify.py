@@ -662,8 +662,8 @@ def test_a_node_whose_driver_does_not_report_clients_is_not_an_agent_not_heard()
     say that its driver does not report who connects; a node never heard keeps its words."""
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    from leader.cli.draw import render_clients
     from leader.cli.base import to_dict
+    from leader.cli.draw import render_clients
     from tlsroll.v1 import schema_pb2, types_pb2
 
     heard = Timestamp()
