@@ -70,6 +70,14 @@ class AgentConfig:
         if problem := node_name_problem(name):
             raise node.error("name", problem)
         pin = leader.text("ca_pin")
+        if "\u2026" in pin:  # install.sh's example, "sha256:…": the node has not joined yet
+            raise leader.error(
+                "ca_pin",
+                "still the example's placeholder: this node has not joined yet; on the leader "
+                "make its join script (tlsroll token create --node NAME --address IP "
+                "--print-join-command), run it here as root, then start the agent (README, "
+                '"On real servers", step 7)',
+            )
         try:
             pin = parse_pin(pin)
         except ValueError as exc:

@@ -483,6 +483,14 @@ class AdminSocketClient:
                 if owner is None:
                     owner = os.stat(self.socket_path.parent).st_uid
                 problem = socket_dir_problem(self.socket_path.parent, owner)
+            except FileNotFoundError as exc:
+                # No directory, so no socket to distrust: the server is not running (or
+                # [server] admin_socket names another path), not a security refusal.
+                raise DriverError(
+                    f"managed server not answering on {self.socket_path}: {exc.filename} "
+                    "does not exist (the server not started yet, or [server] admin_socket "
+                    "names another path)"
+                ) from None
             except OSError as exc:
                 problem = f"{exc.strerror}: {exc.filename}"
             if problem is not None:

@@ -34,6 +34,7 @@ from tests.cluster import (
 )
 from tests.conftest import next_loopback
 from tlsroll import __version__, pki
+from tlsroll.cli import main
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc
 
 TOKEN = re.compile(r"^([a-z0-9]{6})\.([a-z2-7]{26})$")
@@ -536,6 +537,45 @@ def test_cli_without_a_leader_is_one_line_exit_1(tmp_path: Path) -> None:
             assert "is tlsroll-leader running?" in line
         line = cli_error(idle.cli("--data-dir", str(tmp_path / "nowhere"), "token", "list"), 1)
         assert str(tmp_path / "nowhere") in line
+
+
+def test_cli_on_a_machine_without_a_leader_says_to_run_it_on_the_leader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Session 71 walkthrough: `tlsroll nodes` on an agent's node (no /var/lib/tlsroll there)
+    asked "is tlsroll-leader running?", as if one should be started there. No data dir: one
+    line saying that no leader is on this machine and to run tlsroll on the leader node."""
+    data = tmp_path / "var-lib-tlsroll"
+    for args in (["nodes"], ["schema", "show"]):
+        assert main(["--data-dir", str(data), *args]) == 1
+        err = capsys.readouterr().err
+        assert err == (
+            f"tlsroll: error: no admin socket at {data}/run/admin.sock: {data} does not exist: "
+            "no leader on this machine; run tlsroll on the leader node (see --data-dir/--socket)\n"
+        )
+    data.mkdir()  # a leader's data dir whose leader is not running: that question stays
+    assert main(["--data-dir", str(data), "nodes"]) == 1
+    assert "is tlsroll-leader running?" in capsys.readouterr().err
+
+
+def test_disable_tls_as_a_change_names_the_way_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Session 71 walkthrough: README calls the way back "a `disable-tls` rollout" and `notify
+    --change disable-tls` announces it, so an admin tries `rollout start --change disable-tls`;
+    it said only "not one of 'enable-tls', …". A usage error naming `tlsroll rollout
+    rollback`, before the leader is asked (none runs here)."""
+    data = ["--data-dir", str(tmp_path)]
+    for args in (["rollout", "start", "--scope", "cluster"], ["plan", "--scope", "cluster"]):
+        assert main([*data, *args, "--change", "disable-tls"]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            "tlsroll: error: Invalid value for '--change': the way back to http (disable-tls) "
+            "is `tlsroll rollout rollback`, which shows its plan and asks; it is no --change "
+            f"here (see: tlsroll {' '.join(args[:-2])} --help)\n"
+        )
+    assert main([*data, "plan", "--change", "bogus"]) == 2
+    assert "'bogus' is not one of 'enable-tls'" in capsys.readouterr().err
 
 
 def test_cli_with_an_admin_socket_path_that_cannot_be_one_says_which(tmp_path: Path) -> None:

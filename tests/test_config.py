@@ -215,6 +215,23 @@ def test_agent_config_errors(
     assert info.value.path == path
 
 
+def test_the_example_agent_config_says_to_join_first(tmp_path: Path) -> None:
+    """Session 71 walkthrough: install.sh agent writes the example agent.toml; an admin who
+    starts the agent before running the join script was told only "a CA pin looks like
+    sha256:<64 hex digits>" of the example's placeholder, with no next step."""
+    example = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "agent.toml"
+    path = tmp_path / "agent.toml"
+    path.write_bytes(example.read_bytes())
+    with pytest.raises(ConfigError) as info:
+        AgentConfig.load(path)
+    said = str(info.value)
+    assert said.startswith(
+        f"config error: {path}: [leader].ca_pin: still the example's placeholder"
+    )
+    assert "tlsroll token create --node NAME --address IP --print-join-command" in said
+    assert "\n" not in said
+
+
 def test_agent_config_token_and_token_file_are_exclusive(tmp_path: Path) -> None:
     path = write_agent(tmp_path, {"leader": {"join_token": "a", "join_token_file": "t"}})
     with pytest.raises(ConfigError, match=r"\[leader\]\.join_token: give join_token or"):

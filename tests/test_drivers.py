@@ -2167,6 +2167,29 @@ async def test_reference_driver_refuses_a_socket_others_could_have_put_there(
         await runner.cleanup()
 
 
+async def test_a_socket_dir_that_is_not_there_is_a_server_not_running(tmp_path: Path) -> None:
+    """Session 71 walkthrough: the example agent.toml's systemd driver on a node whose server
+    is not started (its /run/praxis not made yet) showed in `tlsroll nodes` and `plan` as
+    "not trusting the admin socket /run/praxis/admin.sock: No such file or directory", a
+    security refusal to the admin's eye; it is a server not running (or a wrong path)."""
+    sock = tmp_path / "run" / "praxis" / "admin.sock"
+    settings = {
+        "config_file": str(tmp_path / "srv.conf"),
+        "template": str(tmp_path / "srv.conf.tmpl"),
+        "app_path": "/",
+        "unit": "srv.service",
+        "admin_socket": str(sock),
+    }
+    unit = SystemdDriver(Section(tmp_path / "agent.toml", "server", settings), "10.0.0.5")
+    for driver in (unit, reference_driver(tmp_path, admin_socket=str(sock))):
+        with pytest.raises(DriverError) as info:
+            await driver.status()
+        assert str(info.value) == (
+            f"managed server not answering on {sock}: {sock.parent} does not exist (the server "
+            "not started yet, or [server] admin_socket names another path)"
+        )
+
+
 # --- who is on which scheme: the systemd driver's access logs, the exec driver's command ------
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)

@@ -653,3 +653,41 @@ def test_a_paused_finalize_is_not_told_as_closing_http_now(state: str, closing: 
         schema_pb2.Schema(rollouts=[finalize]), "t1"
     )
     assert list(closed) == ["node1"] and now_closing is closing
+
+
+def test_a_node_whose_driver_does_not_report_clients_is_not_an_agent_not_heard() -> None:
+    """Session 71 walkthrough: a node on the systemd driver without access logs (the example
+    agent.toml's), its agent online for minutes: `notify --remaining` said "its agent has not
+    reported yet", and `schema show` "0 still on http; window 0s, source unknown". Both now
+    say that its driver does not report who connects; a node never heard keeps its words."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from leader.cli.base import to_dict
+    from leader.cli.draw import render_clients
+    from tlsroll.v1 import schema_pb2, types_pb2
+
+    heard = Timestamp()
+    heard.FromDatetime(dt.datetime(2026, 12, 7, 9, 0, tzinfo=dt.UTC))
+    views = [
+        schema_pb2.NodeClientsView(node="srv3", clients=types_pb2.ClientsView(), reported_at=heard),
+        schema_pb2.NodeClientsView(node="srv4", clients=types_pb2.ClientsView()),
+    ]
+    schema = schema_pb2.Schema(node_clients=views)
+    english = notify_cmd.remaining_text(schema, "en", zoneinfo.ZoneInfo("UTC")).splitlines()
+    assert english[1:] == [
+        "  srv3: cannot tell (its driver does not report who connects: systemd needs the "
+        'access_log settings in [server], exec [server.commands] clients (README, "The managed '
+        'server (drivers)"))',
+        "  srv4: cannot tell (its agent has not reported yet)",
+    ], english
+    german = notify_cmd.remaining_text(schema, "de", BERLIN).splitlines()
+    assert german[1].startswith("  srv3: nicht feststellbar (sein Treiber meldet nicht"), german
+    assert german[2] == "  srv4: nicht feststellbar (der Agent hat noch nichts gemeldet)", german
+
+    notes = render_clients([to_dict(v) for v in views]).lines(400, color=False)
+    srv3 = [line for line in notes if line.startswith("srv3: ")]
+    assert srv3 == [
+        "srv3: cannot tell who is still on http: its driver does not report who connects "
+        '(README, "The managed server (drivers)"); reported 2026-12-07 09:00:00 UTC'
+    ], notes
+    assert not any("0 still on http" in line for line in notes if line.startswith("srv3")), notes

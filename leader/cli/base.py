@@ -353,6 +353,14 @@ class Leader:
         try:
             os.stat(sock)
         except FileNotFoundError:  # (also while the leader restarts: ``while_away``)
+            data = sock.parent.parent  # DATA/run/admin.sock
+            if sock.parent.name == "run" and not data.exists():
+                # No leader's data dir at all: an agent node, say; no wait mends it.
+                fail(
+                    f"no admin socket at {shown_path(sock)}: {shown_path(data)} does not "
+                    "exist: no leader on this machine; run tlsroll on the leader node "
+                    "(see --data-dir/--socket)"
+                )
             raise Unreachable(
                 f"no admin socket at {shown_path(sock)}: is tlsroll-leader running? "
                 "(see --data-dir/--socket)"

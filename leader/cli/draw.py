@@ -409,6 +409,17 @@ def render_clients(views: Sequence[View]) -> Block:
         problem = f"; problem: {clients['problem']}" if clients.get("problem") else ""
         if v.get("awaiting_report"):
             problem += f"; {AWAITING}"
+        silent = not clients.get("source") and not clients.get("problem") and not still
+        if silent and v.get("reported_at"):
+            # (not "0 still on http": its driver does not say who connects)
+            notes.append(
+                Styled(
+                    f"{v['node']}: cannot tell who is still on http: its driver does not report "
+                    f'who connects (README, "The managed server (drivers)"); reported '
+                    f"{fmt_time(v, 'reported_at')}{problem}"
+                )
+            )
+            continue
         notes.append(
             Styled(
                 f"{v['node']}: {len(still)} still on http; window "

@@ -1013,6 +1013,9 @@ _REMAINING = {
         "row": "  {node}: {address}{ws}, zuletzt {last}",
         "unknown": "  {node}: nicht feststellbar ({why})",
         "never": "der Agent hat noch nichts gemeldet",
+        "no_source": "sein Treiber meldet nicht, wer sich verbindet: systemd braucht "
+        "die access_log-Einstellungen in [server], exec [server.commands] clients (README, „The "
+        "managed server (drivers)“)",
         "awaiting": "noch kein Bericht des Agenten seit dem Start des Leaders",
         "nobody": "  Für keinen Knoten feststellbar: noch kein Agent hat etwas gemeldet",
     },
@@ -1025,6 +1028,9 @@ _REMAINING = {
         "row": "  {node}: {address}{ws}, last seen {last}",
         "unknown": "  {node}: cannot tell ({why})",
         "never": "its agent has not reported yet",
+        "no_source": "its driver does not report who connects: systemd needs the access_log "
+        'settings in [server], exec [server.commands] clients (README, "The managed server '
+        '(drivers)")',
         "awaiting": "no report from its agent since the leader started yet",
         "nobody": "  Cannot tell for any node: no agent has reported yet",
     },
@@ -1054,7 +1060,10 @@ def remaining_text(schema: schema_pb2.Schema, lang: str, zone: zoneinfo.ZoneInfo
                 )
             rows.append(row)
         if view.clients.problem or not view.clients.source:
-            why = view.clients.problem or t["never"]
+            # An agent that reported without a source: its driver cannot tell (session 71
+            # walkthrough: "has not reported yet" of an agent online for hours).
+            said = t["no_source"] if view.HasField("reported_at") else t["never"]
+            why = view.clients.problem or said
             rows.append(t["unknown"].format(node=view.node, why=why))
         elif view.awaiting_report:  # (the stored report speaks for the node no more)
             rows.append(t["unknown"].format(node=view.node, why=t["awaiting"]))

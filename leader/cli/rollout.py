@@ -91,6 +91,21 @@ GENERATED_INSTEAD = (
 )
 
 
+class ChangeChoice(click.Choice):  # type: ignore[type-arg]
+    """``--change`` of ``plan`` and ``rollout start``: disable-tls, which README and ``notify
+    --change`` name, is not started here; the refusal says what starts it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "disable-tls":
+            self.fail(
+                "the way back to http (disable-tls) is `tlsroll rollout rollback`, which shows "
+                "its plan and asks; it is no --change here",
+                param,
+                ctx,
+            )
+        return super().convert(value, param, ctx)
+
+
 def scope_options(f: Any) -> Any:
     f = click.option(
         "--strategy",
@@ -103,11 +118,12 @@ def scope_options(f: Any) -> Any:
     )(f)
     f = click.option(
         "--change",
-        type=click.Choice(["enable-tls", "change-password", "rotate-cert"]),
+        type=ChangeChoice(["enable-tls", "change-password", "rotate-cert"]),
         default="enable-tls",
         show_default=True,
         help="enable-tls: the switch to https; change-password: apply a staged password; "
-        "rotate-cert: a new server key and certificate on nodes already on https.",
+        "rotate-cert: a new server key and certificate on nodes already on https. (The way "
+        "back to http: tlsroll rollout rollback.)",
     )(f)
     f = click.option(
         "--freeze",
