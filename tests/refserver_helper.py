@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,9 @@ class RefServer:
         self.log_path = self.root / "refserver.log"
         # sun_path holds at most 107 bytes: pytest's tmp_path can be longer, /tmp/xyz is not.
         self._sock_dir = Path(tempfile.mkdtemp(prefix="trs-"))
+        # Gone with the object too (or at the worker's exit): many tests never call close(),
+        # and their empty directories piled up in /tmp (969 after a day's runs, session 71).
+        self._remove_sock_dir = weakref.finalize(self, shutil.rmtree, self._sock_dir, True)
         self.admin_socket = self._sock_dir / "admin.sock"
         self.settings: dict[str, object] = {
             "address": address,
@@ -297,7 +301,7 @@ class RefServer:
     def close(self) -> None:
         """Kill the process if it still runs and remove the socket directory; idempotent."""
         self.kill()
-        shutil.rmtree(self._sock_dir, ignore_errors=True)
+        self._remove_sock_dir()
 
     def __enter__(self) -> Self:
         return self

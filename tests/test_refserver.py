@@ -1862,3 +1862,16 @@ def test_the_served_fingerprint_is_the_first_certificate_s_without_cryptography(
     chain = tmp_path / "chain.pem"
     chain.write_bytes(pki.cert_to_pem(cert) + test_ca.cert_pem)
     assert served_fingerprint(chain) == pki.fingerprint(cert)
+
+
+def test_a_reference_server_never_closed_leaves_no_socket_directory(tmp_path: Path) -> None:
+    """The helper's short socket directory (/tmp/trs-*) goes with the object, also when a test
+    never calls close(): before, every such test left one behind in /tmp."""
+    import gc
+
+    server = RefServer(tmp_path / "srv", "127.0.0.1")
+    sock_dir = server.admin_socket.parent
+    assert sock_dir.is_dir() and sock_dir.name.startswith("trs-")
+    del server
+    gc.collect()
+    assert not sock_dir.exists()
