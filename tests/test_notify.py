@@ -299,6 +299,21 @@ def test_practice_zone(monkeypatch: pytest.MonkeyPatch) -> None:
         notify_cmd.practice_zone(None, "en")
 
 
+def test_a_zone_chosen_by_the_language_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a UTC leader with no zone given or configured, a German notice reads --when in
+    Europe/Berlin and an English one in UTC: the note names both and the way to make them
+    agree; nothing is said where the zone does not depend on the language."""
+    monkeypatch.setenv("TZ", "UTC")
+    de = notify_cmd.zone_by_language(None, "de")
+    en = notify_cmd.zone_by_language(None, "en")
+    assert de is not None and "read in Europe/Berlin" in de and "in UTC" in de
+    assert en is not None and "read in UTC" in en and "in Europe/Berlin" in en
+    assert notify_cmd.zone_by_language("UTC", "en") is None  # --timezone given
+    assert notify_cmd.zone_by_language(None, "de", "Europe/Vienna") is None  # configured
+    monkeypatch.setenv("TZ", "Europe/Vienna")
+    assert notify_cmd.zone_by_language(None, "de") is None  # the leader's own zone
+
+
 def test_announced_addresses_come_from_the_record_else_the_seed_ports() -> None:
     known = {
         "http": ("http://10.0.0.5:8080/praxis_live/", 9443),

@@ -142,6 +142,11 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
         "notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--scope", "cluster", env={"TZ": "UTC"}
     )
     assert f"um 18:00 Uhr ({zone})" in ok(utc)
+    # ... and says so on stderr, with what makes a German and an English notice agree (the
+    # two of one switch named times an hour apart with nothing saying so: s71 walkthrough M3)
+    said = " ".join(utc.stderr.split())
+    assert "--when is read in Europe/Berlin" in said and "would read it in UTC" in said, said
+    assert "--timezone ZONE" in said and "maintenance_timezone" in said, said
     ny = world.cluster.cli(
         "notify",
         "--lang",
@@ -153,6 +158,7 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
         env={"TZ": "America/New_York"},
     )
     assert "(EST)" in ok(ny) or "(EDT)" in ny.stdout
+    assert "--when is read in" not in ny.stderr  # the leader's own zone: no language's choice
 
     with world.cluster.admin() as admin, pytest.raises(grpc.RpcError) as none_yet:
         admin.CheckPassword(admin_pb2.CheckPasswordRequest(), timeout=10)

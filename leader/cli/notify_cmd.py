@@ -132,6 +132,27 @@ def practice_zone(option: str | None, lang: str, configured: str = "") -> zonein
         ) from None
 
 
+def zone_by_language(option: str | None, lang: str, configured: str = "") -> str | None:
+    """The note for stderr when ``practice_zone`` chose the zone by the notice's language (no
+    ``--timezone``, no ``maintenance_timezone``, a leader on UTC or an unknown zone): a German
+    notice reads ``--when`` in Europe/Berlin and an English one in UTC, so the two notices of
+    one switch announced times an hour or two apart with nothing saying so (session 71's
+    walkthrough, M3). None when the zone did not depend on the language."""
+    if option is not None or configured:
+        return None
+    own = local_zone_name()
+    if own is not None and own not in UTC_NAMES:
+        return None
+    used, other, other_lang = (
+        (GERMAN_DEFAULT_ZONE, "UTC", "en") if lang == "de" else ("UTC", GERMAN_DEFAULT_ZONE, "de")
+    )
+    return (
+        f"tlsroll: note: --when is read in {used} (this leader runs on UTC; a notice with "
+        f"--lang {other_lang} would read it in {other}): give --timezone ZONE, or set "
+        "maintenance_timezone in leader.toml, so that every notice names the same time"
+    )
+
+
 _ROOM_AFTER = dt.timedelta(days=7)
 
 
@@ -794,7 +815,9 @@ def notify(
         terminal_only(_ASK_PASSWORD)
     # The schema first when the zone may be the leader's maintenance_timezone.
     first = fetch_schema(leader) if tz_name is None else None
-    zone = practice_zone(tz_name, lang, first.auto_rotate.timezone if first else "")
+    configured = first.auto_rotate.timezone if first else ""
+    zone = practice_zone(tz_name, lang, configured)
+    note = zone_by_language(tz_name, lang, configured) if when is not None else None
     now = dt.datetime.now(dt.UTC)
     start = when_in_zone(naive_when, when, zone, now) if naive_when and when else None
 
@@ -975,6 +998,8 @@ def notify(
         else None,
         closing=closing,
     )
+    if note is not None:  # (with the notice only: a refusal stays its one line)
+        click.echo(note, err=True)
     click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret), nl=False)
     _remind(include_password)
 
