@@ -973,6 +973,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     issued_at=timestamp(c.issued_at),
                     not_after=timestamp(c.not_after),
                     revoked_at=timestamp(c.revoked_at),
+                    revoke_reason=c.revoke_reason,
                 )
                 for c in certs
             ]

@@ -102,8 +102,9 @@ ADVICE = {
     "it now: "
     "tlsroll rollout start --change rotate-cert --nodes NODE (with auto_rotate, the leader "
     "starts that itself in the maintenance window)",
-    "workstation": "run `tlsroll client test-connection` on that workstation again (or, if "
-    "the PC is gone: tlsroll workstations revoke NAME)",
+    "workstation": "run `tlsroll client renew` on that workstation (no password; best on a "
+    "schedule: README, Workstations); once it has ended, `tlsroll client test-connection` "
+    "with the password (or, if the PC is gone: tlsroll workstations revoke NAME)",
 }
 # A practice's own server certificate whose chain ends first (``Expiry.chain`` names it).
 CHAIN_ENDS_FIRST = (
@@ -190,6 +191,8 @@ class Expiry:
         if self.ends_with_ca and self.kind != "ca":
             return ENDS_WITH_CA
         advice = ADVICE.get(self.kind, "")
+        if self.kind == "workstation":  # (its subject is the PC's name, ws-…)
+            return advice.replace("NAME", self.subject)
         if self.kind != "agent":
             return advice
         # An agent's subject is its node's name: the commands name it, and its names.

@@ -80,6 +80,7 @@ from leader.store import (
     Node,
     NodeCert,
     NotFound,
+    NotRenewable,
     NotWorkstation,
     Queued,
     RenewalReport,
@@ -169,6 +170,7 @@ ERRORS = {
     NotWorkstation: grpc.StatusCode.INVALID_ARGUMENT,
     TooMany: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooLate: grpc.StatusCode.FAILED_PRECONDITION,
+    NotRenewable: grpc.StatusCode.FAILED_PRECONDITION,
     Superseded: grpc.StatusCode.UNAUTHENTICATED,
     InRollout: grpc.StatusCode.FAILED_PRECONDITION,
     EpochFixed: grpc.StatusCode.FAILED_PRECONDITION,
@@ -2979,6 +2981,22 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         PC holds is refused (ALREADY_EXISTS) unless the CSR proves this is that PC or replaces
         it on purpose (``bootstrap_csr.Reenrolment``, ``Store.issue_workstation``). The answer
         carries the CA certificate it was issued under."""
+        return await self._sign_workstation(request, context, renewal=False)
+
+    @map_errors(ERRORS)
+    async def RenewWorkstationCertificate(
+        self, request: leader_pb2.SignWorkstationRequest, context: Ctx
+    ) -> leader_pb2.SignWorkstationResponse:
+        """A node's bootstrap service passes on a workstation's renewal (``tlsroll client
+        renew``): no password was checked, so the CSR's proof of the workstation's current
+        certificate is all it rests on; signed only if that certificate is on record for the
+        name, unrevoked and unexpired (``Store.issue_workstation`` with ``renewal``:
+        NotRenewable, FAILED_PRECONDITION, otherwise). The rest as SignWorkstationCertificate."""
+        return await self._sign_workstation(request, context, renewal=True)
+
+    async def _sign_workstation(
+        self, request: leader_pb2.SignWorkstationRequest, context: Ctx, *, renewal: bool
+    ) -> leader_pb2.SignWorkstationResponse:
         caller = await self._caller_cert(context)
         node = caller.name
         key, cn = bootstrap_csr.check_workstation_csr(request.csr_pem)
@@ -3012,22 +3030,28 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 presented=caller.fingerprint,
                 presented_serial=caller.serial,
                 previous=claim.previous,
-                replace=claim.replace,
+                replace=claim.replace and not renewal,
                 per_hour=self.workstation_certs_per_hour,
+                renewal=renewal,
             )
-        except (TooMany, NameTaken) as exc:
+        except (TooMany, NameTaken, NotRenewable) as exc:
             log.warning(
                 "workstation.refused",
                 node=node,
                 workstation=cn,
                 reason=str(exc),
                 hint="the reason says why: over the hourly cap (workstation_certs_per_hour in "
-                "leader.toml) or a name another PC holds (tlsroll workstations list)",
+                "leader.toml), a name another PC holds (tlsroll workstations list), or a "
+                "renewal of a certificate revoked, ended or not on record (the PC enrols with "
+                "the password)",
             )
             if isinstance(exc, TooMany):
                 await self._over_cap(context, node, cn, now, exc)
             raise
-        log.info("workstation.enrolled", node=node, workstation=cn)
+        if renewal:
+            log.info("workstation.renewed", node=node, workstation=cn)
+        else:
+            log.info("workstation.enrolled", node=node, workstation=cn)
         # With the CA certificate it was issued under: after `tlsroll ca renew`, the node's
         # bootstrap service hands the workstation the renewed one too, before a rotate-cert
         # rollout stages it (review s48rev1 H1).

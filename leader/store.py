@@ -271,6 +271,12 @@ class TooLate(TerminalError):
     (``Store.withdraw_workstation``)."""
 
 
+class NotRenewable(TerminalError):
+    """A workstation's renewal without the password (``Store.issue_workstation`` with
+    ``renewal``): the certificate it proves it holds is not on record for its name, revoked, or
+    ended. The PC enrols again with the password (``tlsroll client test-connection``)."""
+
+
 class Superseded(TerminalError):
     """A node's certificate is neither the one on record nor the one before it, or it is
     revoked, or the node is removed: it may not call (``LeaderService._check_on_record``)."""
@@ -1928,6 +1934,7 @@ class Store(LeaderStore):
         previous: str | None = None,
         replace: bool = False,
         per_hour: int | None = None,
+        renewal: bool = False,
     ) -> IssuedCert:
         """Record a workstation certificate that node ``node`` asks for, calling with the
         certificate whose fingerprint is ``presented`` (serial ``presented_serial``), all in
@@ -1946,10 +1953,18 @@ class Store(LeaderStore):
         It is recorded as issued from the node's certificate presented (``issued_from``), on
         whose strength it was signed: a revocation of that one takes it too (``lineage_in``).
         Not from the certificate it supersedes: that one's revocation is the re-enrolment's
-        own, and must not take the new one."""
+        own, and must not take the new one.
+
+        ``renewal`` (``tlsroll client renew``: no password was checked): signed only if
+        ``previous`` is a certificate on record for ``workstation``, unrevoked and unexpired
+        (NotRenewable otherwise), or one a renewal revoked less than ``WITHDRAW_WINDOW`` ago
+        (its answer lost: the PC asks again with the certificate it still holds). That one is
+        revoked as "renewed" (not urgently: its key is not lost), the new certificate linked to
+        it in the audit trail (``workstation.renewed``, ``renews``)."""
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
             counted_at = self.cap_now()
+            renews = _renewable(db, workstation, previous, now) if renewal else None
             _check_hourly_certs(db, node, counted_at, "workstation", per_hour)
             held = db.execute(
                 "SELECT serial, node, fingerprint FROM certificates WHERE kind = 'workstation'"
@@ -1957,7 +1972,7 @@ class Store(LeaderStore):
                 (workstation, to_text(now)),
             ).fetchall()
             proven = previous is not None and any(r["fingerprint"] == previous for r in held)
-            if not proven:
+            if not proven and renews is None:
                 other = next((r["node"] for r in held if r["node"] != node), None)
                 if other is not None:
                     raise NameTaken(
@@ -1979,9 +1994,16 @@ class Store(LeaderStore):
             cert = issue()
             db.executemany(
                 "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
-                [(to_text(now), "superseded", r["serial"]) for r in held],
+                [
+                    (
+                        to_text(now),
+                        "renewed" if r["serial"] == renews else "superseded",
+                        r["serial"],
+                    )
+                    for r in held
+                ],
             )
-            if held:
+            if held and renews is None:
                 # Urgent all the same: a workstation enrolled again may be a new PC for a lost
                 # one, whose certificate the practice's servers should refuse at once.
                 _bump_crl(db, now)
@@ -2001,12 +2023,13 @@ class Store(LeaderStore):
                 db,
                 now,
                 f"node:{node}",
-                "workstation.enrolled",
+                "workstation.renewed" if renews is not None else "workstation.enrolled",
                 workstation,
                 serial=cert.serial,
                 fingerprint=cert.fingerprint,
                 superseded=[r["serial"] for r in held],
-                **({"replaced": True} if held and not proven else {}),
+                **({"renews": renews} if renews is not None else {}),
+                **({"replaced": True} if held and not proven and renews is None else {}),
             )
         return cert
 
@@ -3429,6 +3452,37 @@ def _accepted_before(db: sqlite3.Connection, serials: Sequence[str]) -> list[str
         ).fetchall():
             found += [s for s in _agent_serials(db, row) if s not in serials and s not in found]
     return found
+
+
+def _renewable(
+    db: sqlite3.Connection, workstation: str, previous: str | None, now: dt.datetime
+) -> str:
+    """The serial of the certificate a workstation's renewal renews (``Store.
+    issue_workstation``): ``previous`` (its fingerprint, proven by the CSR) on record for
+    ``workstation``, unrevoked and unexpired, or revoked as "renewed" less than
+    ``WITHDRAW_WINDOW`` ago (a renewal whose answer was lost, asked again); NotRenewable
+    naming why not, and what the PC does instead."""
+    again = "; enrol this PC again with the password: tlsroll client test-connection URL"
+    if previous is None:
+        raise NotRenewable(f"no proof of the certificate to renew{again}")
+    row = db.execute(
+        "SELECT serial, not_after, revoked_at, revoke_reason FROM certificates"
+        " WHERE kind = 'workstation' AND subject = ? AND fingerprint = ?",
+        (workstation, previous),
+    ).fetchone()
+    if row is None:
+        raise NotRenewable(
+            f"the certificate of {workstation} is not one this cluster's leader issued{again}"
+        )
+    revoked = from_text(row["revoked_at"])
+    if revoked is not None and not (
+        row["revoke_reason"] == "renewed" and now - revoked < WITHDRAW_WINDOW
+    ):
+        raise NotRenewable(f"the certificate of {workstation} is revoked{again}")
+    ends = from_text(row["not_after"])
+    if ends is None or ends <= now:
+        raise NotRenewable(f"the certificate of {workstation} has ended{again}")
+    return str(row["serial"])
 
 
 def lineage_in(db: sqlite3.Connection, serials: Sequence[str]) -> dict[str, str]:

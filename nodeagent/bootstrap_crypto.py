@@ -12,6 +12,10 @@ text (the worker calls ``OPS[NAME](request)`` for the op ``"bootstrap.NAME"``):
 - ``respond`` {pake_pw, blind, unblind, msg_a} -> {msg_b, key}: the node's SPAKE2;
 - ``open_csr`` {key, transcript, sealed} -> {csr_pem, cn, key_pin}: the workstation's sealed
   CSR opened (AES-256-GCM, to the node) and checked (``bootstrap_csr.check_workstation_csr``);
+- ``renewal_csr`` {csr_pem} -> {cn, key_pin}: a renewal's CSR (``tlsroll client renew``, in
+  the clear over the node's TLS) checked: a workstation's, with a proof of the certificate it
+  renews that verifies (``bootstrap_csr.reenrolment_of``; the leader checks that certificate
+  against its records);
 - ``cert_facts`` {pem[, ca_pem, bundle, ca_pin]} -> {pem, spki_pin, fingerprint[, bundle |
   ca_refused]}: the certificate the leader signed; with the CA certificate it was issued under
   (``ca_pem``), the node's CA ``bundle`` with it added (``bundle``) if it is not in it and is a
@@ -106,6 +110,21 @@ def open_csr(request: dict[str, Any]) -> dict[str, Any]:
     return {"csr_pem": _b64(csr_pem), "cn": cn, "key_pin": pki.spki_pin(public)}
 
 
+def renewal_csr(request: dict[str, Any]) -> dict[str, Any]:
+    from tlsroll import bootstrap_csr, pki  # noqa: PLC0415
+
+    try:
+        public, cn = bootstrap_csr.check_workstation_csr(_bytes(request, "csr_pem"))
+        claim = bootstrap_csr.reenrolment_of(_bytes(request, "csr_pem"))
+    except BootstrapError as exc:
+        return _refused(exc)
+    if claim.previous is None:
+        return _refused(
+            BootstrapError(BootstrapReason.BAD_CSR, "no proof of the certificate to renew")
+        )
+    return {"cn": cn, "key_pin": pki.spki_pin(public)}
+
+
 def cert_facts(request: dict[str, Any]) -> dict[str, Any]:
     from tlsroll import pki  # noqa: PLC0415
     from tlsroll.errors import PKIError  # noqa: PLC0415
@@ -172,6 +191,7 @@ OPS: dict[str, Op] = {
     "blinds": blinds,
     "respond": respond,
     "open_csr": open_csr,
+    "renewal_csr": renewal_csr,
     "cert_facts": cert_facts,
     "seal": seal,
     "check_ca_bundle": check_ca_bundle,

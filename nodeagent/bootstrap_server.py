@@ -20,6 +20,15 @@ the leader's CA, which issues a client certificate (EKU clientAuth only) for ``w
 signed that the node could not deliver, which would otherwise hold the name against the
 workstation's next try (it makes a new key each run); True if the leader withdrew it now.
 
+``renew(csr_pem) -> Signed`` too (None: no renewals): a workstation's renewal without the
+password (``tlsroll client renew``, ``proto.RENEW_PATH``): its CSR, sent in the clear over this
+service's TLS, carries the proof that it holds its current certificate (that certificate, and
+its key's signature over the new key and the name: ``bootstrap_csr.Reenrolment``), checked here
+(by the worker) and passed on; the leader signs only if that certificate is on its record for
+the name, unrevoked and unexpired (``Leader.RenewWorkstationCertificate``). A renewal refused
+(no proof, the leader's no) counts against its source's own backoff (``PER_RENEWAL``), never
+against the password's limits.
+
 ``crypto`` runs the exchange's cryptography (``nodeagent.bootstrap_crypto``'s ops: SPAKE2,
 AES-GCM, the CSR's and the certificates' checks): in production the agent's crypto worker, a
 child process (``nodeagent.cryptoworker``), so that the agent never holds ``cryptography`` or
@@ -193,6 +202,7 @@ def _worker_bytes(answer: Mapping[str, Any], name: str) -> bytes:
 PER_SOURCE = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
 PER_NAME = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
 PER_NODE = Policy(free=20, base=1.0, cap=60.0, forget=3600.0)
+PER_RENEWAL = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)  # refused renewals, a source
 
 
 @dataclass(frozen=True)
@@ -373,6 +383,7 @@ class BootstrapService:
         verifier: Mapping[str, Any],
         sign: SignFn,
         withdraw: WithdrawFn | None = None,
+        renew: SignFn | None = None,
         port: int = BOOTSTRAP_PORT,
         clock: Clock = time.monotonic,
         wall: WallClock = lambda: dt.datetime.now(dt.UTC),
@@ -403,6 +414,8 @@ class BootstrapService:
         # adds none.
         self.ca_pin = ca_pin
         self.withdraw = withdraw  # None: nothing is withdrawn (as with an older leader)
+        self.renew = renew  # None: no renewals (404, as from an older agent)
+        self.renewals = Backoff(PER_RENEWAL)  # refused renewals per source
         self.crypto = crypto
         self.finish_deadline = finish_deadline
         self.clock = clock
@@ -518,6 +531,8 @@ class BootstrapService:
             ("GET", proto.V1_BOOTSTRAP_PATH): self.old_client,
             ("POST", proto.V1_ENROL_PATH): self.old_client,
         }
+        if self.renew is not None:
+            routes[("POST", proto.RENEW_PATH)] = self.post_renew
         limits = HttpLimits(max_body=proto.MAX_REQUEST_BYTES)
         return JsonHttpsListener(
             routes, limits, shutdown_timeout=SHUTDOWN_TIMEOUT, clock=self.clock
@@ -787,6 +802,86 @@ class BootstrapService:
             return _refusal(exc)
         answer = proto.FinishAnswer(confirm=ex.keys.confirmation(proto.Side.NODE), payload=sealed)
         return _answer(answer.to_json())
+
+    async def post_renew(self, request: Request) -> Reply:
+        """A workstation's renewal (``tlsroll client renew``; see the module docstring): the
+        renewed certificate, checked to be for the CSR's key, and the CA bundle to hand out
+        with it (``_checked``), or a refusal in one line. What the leader signed and this
+        service could not check is withdrawn; a renewal whose answer was lost is asked again
+        by the PC with the certificate it still holds (the leader allows that for minutes)."""
+        source = source_key(request.remote)
+        try:
+            self._check_removed()
+            assert self.renew is not None
+            wait = self.renewals.wait(source, self.clock())
+            if wait > 0:
+                raise Refused(
+                    429,
+                    proto.ErrorCode.RATE_LIMITED,
+                    f"too many refused renewals; try again in {retry_after(wait)} s",
+                    retry=wait,
+                )
+            try:
+                renewal = proto.parse_renew_request(request.body)
+                csr = await self._crypto("renewal_csr", {"csr_pem": proto.b64(renewal.csr_pem)})
+            except proto.BootstrapError as exc:
+                self.renewals.failed(source, self.clock())
+                raise Refused(422, proto.ErrorCode.BAD_CSR, str(exc)) from None
+            except WorkerFailed:
+                raise _busy() from None
+            cn, key_pin = csr.get("cn"), csr.get("key_pin")
+            if not isinstance(cn, str) or not isinstance(key_pin, str):
+                raise _busy()
+            signed = await self._renewed(source, renewal.csr_pem)
+            try:
+                pem, bundle = await self._checked(
+                    request, signed.certificate_pem, cn, key_pin, signed.ca_certificate_pem
+                )
+            except (Refused, WorkerFailed, proto.BootstrapError) as exc:
+                await self._withdraw(request, cn, signed.certificate_pem)
+                raise exc if isinstance(exc, Refused) else _busy() from None
+        except Refused as exc:
+            # Sampled per source: anybody on the network can send these (as the starts).
+            if self.refusals.first(source, f"renew:{exc.code.value}"):
+                log.warning(
+                    "bootstrap.renew_refused",
+                    remote=request.remote,
+                    reason=exc.code.value,
+                    message=exc.message[:300],
+                    detail="a PC's renewal (tlsroll client renew) was refused; the message says "
+                    "why (sampled per source)",
+                )
+            return _refusal(exc)
+        log.info("bootstrap.renewed", remote=request.remote, cn=cn)
+        return _answer(proto.RenewAnswer(pem, bundle).to_json())
+
+    async def _renewed(self, source: str, csr_pem: bytes) -> Signed:
+        """The leader's renewal of ``csr_pem`` (``renew``); Refused in one line if it said no
+        (403, counted against ``source``; 429 at the node's hourly cap), or could not be asked
+        (502, not counted)."""
+        assert self.renew is not None
+        try:
+            return _as_signed(await self.renew(csr_pem))
+        except TerminalError as exc:
+            self._check_removed()
+            if not getattr(exc, "refused", False):
+                raise Refused(
+                    502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
+                ) from None
+            retry = getattr(exc, "retry", None)
+            if retry is not None:
+                raise Refused(429, proto.ErrorCode.SIGN_FAILED, str(exc), retry=retry) from None
+            self.renewals.failed(source, self.clock())
+            raise Refused(403, proto.ErrorCode.RENEW_REFUSED, str(exc)) from None
+        except Exception as exc:  # whatever the CA path raises, the client gets one answer
+            log.error(
+                "bootstrap.sign_failed",
+                error=type(exc).__name__,
+                detail="the leader did not renew the PC's certificate; the PC is told to try later",
+            )
+            raise Refused(
+                502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
+            ) from None
 
     async def _signed_delivery(
         self,

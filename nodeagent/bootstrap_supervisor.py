@@ -102,6 +102,12 @@ def retry_of(exc: grpc.aio.AioRpcError) -> float | None:
 
 # What the leader answers when it will not sign for a reason the workstation can act on.
 REFUSALS = frozenset({grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# And a renewal's (``BootstrapHost.renew``): its certificate revoked, ended or not on
+# record, no proof of it (FAILED_PRECONDITION), a CSR or proof refused (INVALID_ARGUMENT).
+RENEW_REFUSALS = REFUSALS | {
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
 
 
 def guard_times(earlier: list[float], wall: float, mono: float) -> list[float]:
@@ -236,6 +242,36 @@ class BootstrapHost:
                 raise SignRefused(
                     f"the leader did not sign: {exc.details()}",
                     refused=exc.code() in REFUSALS,
+                    retry=retry_of(exc),
+                ) from None
+        return Signed(bytes(reply.certificate_pem), bytes(reply.ca_certificate_pem))
+
+    async def renew(self, csr_pem: bytes) -> Signed:
+        """The leader renews a workstation's certificate without the password
+        (``Leader.RenewWorkstationCertificate``: the CSR's proof of the current certificate
+        is checked against its records). SignRefused (``refused``) if it said no, or is older
+        than that call (UNIMPLEMENTED: no renewal through it)."""
+        from nodeagent.bootstrap_server import Signed  # noqa: PLC0415 (imported by now)
+
+        async with self._channel() as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            try:
+                reply = await stub.RenewWorkstationCertificate(
+                    leader_pb2.SignWorkstationRequest(csr_pem=csr_pem), timeout=15
+                )
+            except grpc.aio.AioRpcError as exc:
+                if node_removed(exc.code(), exc.details()):
+                    self._signing_refused(str(exc.details()))
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    raise SignRefused(
+                        "the cluster's leader is too old to renew without the password: "
+                        "upgrade it, or enrol this PC again with the password (tlsroll client "
+                        "test-connection URL)",
+                        refused=True,
+                    ) from None
+                raise SignRefused(
+                    f"the leader did not renew: {exc.details()}",
+                    refused=exc.code() in RENEW_REFUSALS,
                     retry=retry_of(exc),
                 ) from None
         return Signed(bytes(reply.certificate_pem), bytes(reply.ca_certificate_pem))
@@ -509,6 +545,7 @@ class BootstrapHost:
                 verifier=verifier,
                 sign=self.sign,
                 withdraw=self.withdraw,
+                renew=self.renew,
                 port=self.cfg.bootstrap_port,
                 guard=self.guard,
                 failures=self.failures,

@@ -94,6 +94,7 @@ LEADER_METHODS = (
     "Heartbeat",
     "SignWorkstationCertificate",
     "WithdrawWorkstationCertificate",
+    "RenewWorkstationCertificate",
     "RenewNodeCertificate",
     "Heartbeats",
 )
@@ -103,6 +104,8 @@ LEADER_METHODS = (
 NODE_GETS = dict.fromkeys(LEADER_METHODS, OK) | {
     "RenewNodeCertificate": INVALID,
     "WithdrawWorkstationCertificate": INVALID,
+    # (a workstation's CSR without the proof of its certificate: no renewal)
+    "RenewWorkstationCertificate": grpc.StatusCode.FAILED_PRECONDITION,
 }
 LEADER_EXPECTED = {
     "leader": dict.fromkeys(LEADER_METHODS, DENIED),
@@ -278,6 +281,9 @@ def test_leader_service(world: tuple[Cluster, dict[str, Creds]], caller: str) ->
     requests = {
         "Heartbeat": leader_pb2.HeartbeatRequest(agent_version="matrix"),
         "SignWorkstationCertificate": leader_pb2.SignWorkstationRequest(
+            csr_pem=pki.csr_to_pem(csr)
+        ),
+        "RenewWorkstationCertificate": leader_pb2.SignWorkstationRequest(
             csr_pem=pki.csr_to_pem(csr)
         ),
         "WithdrawWorkstationCertificate": leader_pb2.WithdrawWorkstationRequest(

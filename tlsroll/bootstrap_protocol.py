@@ -144,6 +144,7 @@ VERSION = 2
 HELLO_PATH = "/v2/hello"
 START_PATH = "/v2/exchange/start"
 FINISH_PATH = "/v2/exchange/finish"
+RENEW_PATH = "/v2/renew"  # ``tlsroll client renew``: no password, the current certificate's proof
 V1_BOOTSTRAP_PATH = "/v1/bootstrap"  # answered with "upgrade_required" for old clients
 V1_ENROL_PATH = "/v1/enroll"
 EXCHANGE_TTL = 30  # seconds from start to finish; the password is asked before start
@@ -204,6 +205,9 @@ class ErrorCode(StrEnum):
     # certificate revoked); no password is checked (a client that does not know the code
     # shows its message)
     NODE_REMOVED = "node_removed"
+    # 403: a renewal refused (the certificate revoked, ended, not this cluster's, or no proof
+    # of it): the PC enrols again with the password (``tlsroll client test-connection``)
+    RENEW_REFUSED = "renew_refused"
 
 
 # --- canonical encoding -----------------------------------------------------------------------
@@ -566,6 +570,47 @@ class FinishAnswer:
 def parse_finish_answer(body: bytes) -> FinishAnswer:
     data = _object(body, {"confirm": str, "payload": str})
     return FinishAnswer(data["confirm"], data["payload"])
+
+
+@dataclass(frozen=True)
+class RenewRequest:
+    """A renewal (``RENEW_PATH``): the CSR of a new key (PEM), which carries the proof that the
+    workstation holds its current certificate (``bootstrap_csr.reenrolment_extension``); over
+    the node's TLS only, which the workstation verifies against its settings' CA."""
+
+    csr_pem: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": VERSION, "csr": b64(self.csr_pem)}
+
+
+def parse_renew_request(body: bytes) -> RenewRequest:
+    data = _object(body, {"version": int, "csr": str})
+    if data["version"] != VERSION:
+        raise BootstrapError(BootstrapReason.VERSION, f"{data['version']!r}, this node: 2")
+    return RenewRequest(unb64(data["csr"], "csr"))
+
+
+@dataclass(frozen=True)
+class RenewAnswer:
+    """The renewed certificate and the CA bundle the node hands out with it (PEM)."""
+
+    certificate_pem: bytes
+    ca_bundle_pem: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "certificate_pem": b64(self.certificate_pem),
+            "ca_bundle_pem": b64(self.ca_bundle_pem),
+        }
+
+
+def parse_renew_answer(body: bytes) -> RenewAnswer:
+    data = _object(body, {"certificate_pem": str, "ca_bundle_pem": str})
+    return RenewAnswer(
+        unb64(data["certificate_pem"], "certificate_pem"),
+        unb64(data["ca_bundle_pem"], "ca_bundle_pem"),
+    )
 
 
 @dataclass(frozen=True)

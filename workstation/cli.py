@@ -150,6 +150,44 @@ def test_connection(
     click.echo("restart the client to finish")
 
 
+@client.command("renew")
+@click.option(
+    "--settings-dir",
+    type=PathParam(path_type=Path, file_okay=False),
+    callback=lambda _ctx, _param, value: _plain_dir(value),
+    envvar="TLSROLL_CLIENT_DIR",
+    default=default_settings_dir,
+    show_default="~/.config/tlsroll/client",
+    help="The workstation's settings (as test-connection wrote them).",
+)
+@click.option("--force", is_flag=True, help="Renew now, not only within the last 30 % of its life.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.5, 120),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help=f"Seconds to wait for the connection (the answer: at least {MIN_EXCHANGE_WAIT:g} s).",
+)
+def renew(settings_dir: Path, force: bool, timeout: float) -> None:
+    """Renew this workstation's client certificate, without the password.
+
+    Within the last 30 % of the certificate's life (or with --force), a new key and a
+    certificate of the same name from the node the settings name, proving this PC holds its
+    current certificate; the settings are replaced as one set. Before that it says "not due
+    until DATE" (exit 0): safe to run daily (Task Scheduler, a systemd user timer, cron).
+    Exit codes: 0 renewed or not due, 1 failure, 2 usage, 4 node unreachable or no answer in
+    time, 5 connection refused, 6 TLS failure, 8 the node's agent renews nothing (too old),
+    10 the node is not of this PC's cluster, 11 refused (the certificate revoked, ended, not
+    the cluster's, or the leader's no): enrol again with `tlsroll client test-connection URL`
+    and the password. Restart the client to use the new certificate.
+    """
+    from workstation.renew import Renewal  # noqa: PLC0415 - only this command needs it
+
+    done = Renewal(settings_dir, force=force, timeout=timeout, say=click.echo).run()
+    if done.renewed:
+        click.echo("restart the client to use it")
+
+
 MAX_SETTINGS_DIR = 1024
 """Characters of a --settings-dir: every message about the settings names it (review s47rtin
 L5: a 100 KB one came back whole)."""

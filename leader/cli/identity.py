@@ -308,8 +308,11 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
 
     table = Table("workstation", "node", "issued", "expires", "state", "serial")
     for w in reply.workstations:
+        # (renewed: `tlsroll client renew`; the row of the same name issued then replaces it)
         state = (
-            Text(f"revoked {fmt_time(w, 'revoked_at')}", style="red")
+            Text(f"renewed {fmt_time(w, 'revoked_at')}", style="yellow")
+            if w.HasField("revoked_at") and w.revoke_reason == "renewed"
+            else Text(f"revoked {fmt_time(w, 'revoked_at')}", style="red")
             if w.HasField("revoked_at")
             else Text("valid", style="green")
         )

@@ -1312,12 +1312,18 @@ class WorkstationInfo(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
+    REVOKE_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """ws-<name>, as the workstation asked for it."""
     serial: _builtins.str
     fingerprint: _builtins.str
     node: _builtins.str
     """The node whose bootstrap service asked for it (after the workstation's password proof)."""
+    revoke_reason: _builtins.str
+    """With revoked_at: why ("renewed": the PC renewed it, `tlsroll client renew`, and the
+    certificate of the same name issued then replaces it; "superseded": the PC enrolled
+    again; else the admin's reason). Empty from an older leader.
+    """
     @_builtins.property
     def issued_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1334,10 +1340,11 @@ class WorkstationInfo(_message.Message):
         issued_at: _timestamp_pb2.Timestamp | None = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        revoke_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at", "not_after", b"not_after", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "issued_at", b"issued_at", "name", b"name", "node", b"node", "not_after", b"not_after", "revoked_at", b"revoked_at", "serial", b"serial"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "issued_at", b"issued_at", "name", b"name", "node", b"node", "not_after", b"not_after", "revoke_reason", b"revoke_reason", "revoked_at", b"revoked_at", "serial", b"serial"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,6 +49,11 @@ class LeaderStub:
                 request_serializer=tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationResponse.FromString,
                 _registered_method=True)
+        self.RenewWorkstationCertificate = channel.unary_unary(
+                '/tlsroll.v1.Leader/RenewWorkstationCertificate',
+                request_serializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.FromString,
+                _registered_method=True)
         self.RenewNodeCertificate = channel.unary_unary(
                 '/tlsroll.v1.Leader/RenewNodeCertificate',
                 request_serializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateRequest.SerializeToString,
@@ -93,6 +98,25 @@ class LeaderServicer:
         certificate; NOT_FOUND: no workstation certificate this node asked for; FAILED_PRECONDITION:
         issued too long ago (the admin revokes it: `tlsroll workstations revoke`). An agent whose
         leader answers UNIMPLEMENTED (older than this RPC) leaves the name held, as before.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewWorkstationCertificate(self, request, context):
+        """Renew a workstation's client certificate without the password: the node's bootstrap
+        service passes on the workstation's CSR, which must carry the proof of possession of the
+        workstation's current certificate (its re-enrolment extension: that certificate, and its
+        key's signature over the new key and the name). The leader signs only if that certificate
+        is on its record for the name, unrevoked and unexpired (a renewal whose answer was lost
+        may be asked again with it for minutes); the new certificate supersedes it (revoked,
+        "renewed"), and is recorded as asked for by this node, as SignWorkstationCertificate's
+        are. INVALID_ARGUMENT: not a workstation CSR, or a proof that does not verify;
+        FAILED_PRECONDITION: no proof, or the certificate is revoked, has ended, or is not on
+        record (another cluster's): the PC enrols again with the password (`tlsroll client
+        test-connection`); RESOURCE_EXHAUSTED:
+        the node's hourly cap. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
+        refuses the renewal.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +172,11 @@ def add_LeaderServicer_to_server(servicer, server):
                     servicer.WithdrawWorkstationCertificate,
                     request_deserializer=tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationResponse.SerializeToString,
+            ),
+            'RenewWorkstationCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewWorkstationCertificate,
+                    request_deserializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.SerializeToString,
             ),
             'RenewNodeCertificate': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewNodeCertificate,
@@ -241,6 +270,33 @@ class Leader:
             '/tlsroll.v1.Leader/WithdrawWorkstationCertificate',
             tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationRequest.SerializeToString,
             tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewWorkstationCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Leader/RenewWorkstationCertificate',
+            tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.SerializeToString,
+            tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.FromString,
             options,
             channel_credentials,
             insecure,

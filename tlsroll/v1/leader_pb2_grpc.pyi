@@ -57,6 +57,21 @@ class LeaderStub:
     issued too long ago (the admin revokes it: `tlsroll workstations revoke`). An agent whose
     leader answers UNIMPLEMENTED (older than this RPC) leaves the name held, as before.
     """
+    RenewWorkstationCertificate: _grpc.UnaryUnaryMultiCallable[_leader_pb2.SignWorkstationRequest, _leader_pb2.SignWorkstationResponse]
+    """Renew a workstation's client certificate without the password: the node's bootstrap
+    service passes on the workstation's CSR, which must carry the proof of possession of the
+    workstation's current certificate (its re-enrolment extension: that certificate, and its
+    key's signature over the new key and the name). The leader signs only if that certificate
+    is on its record for the name, unrevoked and unexpired (a renewal whose answer was lost
+    may be asked again with it for minutes); the new certificate supersedes it (revoked,
+    "renewed"), and is recorded as asked for by this node, as SignWorkstationCertificate's
+    are. INVALID_ARGUMENT: not a workstation CSR, or a proof that does not verify;
+    FAILED_PRECONDITION: no proof, or the certificate is revoked, has ended, or is not on
+    record (another cluster's): the PC enrols again with the password (`tlsroll client
+    test-connection`); RESOURCE_EXHAUSTED:
+    the node's hourly cap. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
+    refuses the renewal.
+    """
     RenewNodeCertificate: _grpc.UnaryUnaryMultiCallable[_leader_pb2.RenewNodeCertificateRequest, _leader_pb2.RenewNodeCertificateResponse]
     """Renew the calling agent's own certificate: a CSR for a new key made on the node, naming
     exactly the node's names on record. The caller is authenticated by its current
@@ -107,6 +122,21 @@ class LeaderAsyncStub(LeaderStub):
     certificate; NOT_FOUND: no workstation certificate this node asked for; FAILED_PRECONDITION:
     issued too long ago (the admin revokes it: `tlsroll workstations revoke`). An agent whose
     leader answers UNIMPLEMENTED (older than this RPC) leaves the name held, as before.
+    """
+    RenewWorkstationCertificate: _aio.UnaryUnaryMultiCallable[_leader_pb2.SignWorkstationRequest, _leader_pb2.SignWorkstationResponse]  # type: ignore[assignment]
+    """Renew a workstation's client certificate without the password: the node's bootstrap
+    service passes on the workstation's CSR, which must carry the proof of possession of the
+    workstation's current certificate (its re-enrolment extension: that certificate, and its
+    key's signature over the new key and the name). The leader signs only if that certificate
+    is on its record for the name, unrevoked and unexpired (a renewal whose answer was lost
+    may be asked again with it for minutes); the new certificate supersedes it (revoked,
+    "renewed"), and is recorded as asked for by this node, as SignWorkstationCertificate's
+    are. INVALID_ARGUMENT: not a workstation CSR, or a proof that does not verify;
+    FAILED_PRECONDITION: no proof, or the certificate is revoked, has ended, or is not on
+    record (another cluster's): the PC enrols again with the password (`tlsroll client
+    test-connection`); RESOURCE_EXHAUSTED:
+    the node's hourly cap. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
+    refuses the renewal.
     """
     RenewNodeCertificate: _aio.UnaryUnaryMultiCallable[_leader_pb2.RenewNodeCertificateRequest, _leader_pb2.RenewNodeCertificateResponse]  # type: ignore[assignment]
     """Renew the calling agent's own certificate: a CSR for a new key made on the node, naming
@@ -173,6 +203,27 @@ class LeaderServicer(metaclass=_abc_1.ABCMeta):
         certificate; NOT_FOUND: no workstation certificate this node asked for; FAILED_PRECONDITION:
         issued too long ago (the admin revokes it: `tlsroll workstations revoke`). An agent whose
         leader answers UNIMPLEMENTED (older than this RPC) leaves the name held, as before.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewWorkstationCertificate(
+        self,
+        request: _leader_pb2.SignWorkstationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leader_pb2.SignWorkstationResponse, _abc.Awaitable[_leader_pb2.SignWorkstationResponse]]:
+        """Renew a workstation's client certificate without the password: the node's bootstrap
+        service passes on the workstation's CSR, which must carry the proof of possession of the
+        workstation's current certificate (its re-enrolment extension: that certificate, and its
+        key's signature over the new key and the name). The leader signs only if that certificate
+        is on its record for the name, unrevoked and unexpired (a renewal whose answer was lost
+        may be asked again with it for minutes); the new certificate supersedes it (revoked,
+        "renewed"), and is recorded as asked for by this node, as SignWorkstationCertificate's
+        are. INVALID_ARGUMENT: not a workstation CSR, or a proof that does not verify;
+        FAILED_PRECONDITION: no proof, or the certificate is revoked, has ended, or is not on
+        record (another cluster's): the PC enrols again with the password (`tlsroll client
+        test-connection`); RESOURCE_EXHAUSTED:
+        the node's hourly cap. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
+        refuses the renewal.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,453 @@
+"""``tlsroll client renew``: a PC's client certificate renewed without the password (session 71).
+
+Nothing renewed a workstation's certificate: at its end (397 days, all PCs of switch day within
+a week) the only way on was ``client test-connection`` with the password at every PC. Here the
+PC proves it holds its current certificate (the CSR's re-enrolment proof), the node's bootstrap
+service (real, on its TLS port) checks the CSR and passes it on with the agent's own calls
+(``BootstrapHost.renew``/``sign``/``withdraw``, the agent's code) to the real Leader
+service on a real mutual-TLS port with its real store (``tests.leader_rig``), and the CLI runs
+in-process (a worker thread) on a settings dir as an enrolment leaves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from leader.admin_service import AdminService
+from leader.expiry import Expiry
+from leader.store import WITHDRAW_WINDOW
+from nodeagent.bootstrap_server import BootstrapService
+from nodeagent.bootstrap_supervisor import BootstrapHost
+from tests.leader_rig import InProcessLeader, leader_with_a_node
+from tests.test_bootstrap import VERIFIER, InProcessCrypto
+from tlsroll import bootstrap_csr, cli, pki
+from tlsroll import bootstrap_protocol as proto
+from tlsroll.fsutil import PRIVATE, PUBLIC, write_atomic
+from tlsroll.tls import client_context
+from tlsroll.v1 import admin_pb2
+from workstation import renew as ws_renew
+from workstation.connection import Exit, request
+
+NAME = "ws-empfang-1"
+
+
+class Link(BootstrapHost):
+    """The agent's calls to its leader for the bootstrap service: ``BootstrapHost``'s
+    own ``sign``, ``renew`` and ``withdraw``, on the rig's leader as its enrolled node (none
+    of the rest of the host: its journal, its service's life)."""
+
+    def __init__(self, rig: InProcessLeader) -> None:  # (not the host's: no journal here)
+        self.rig = rig
+        self.removed: str | None = None
+        self.on_signing_removed = None
+
+    def set_removed(self, why: str | None) -> None:
+        self.removed = why
+
+    def _channel(self) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(self.rig.target, self.rig.node)
+
+
+@dataclass
+class World:
+    rig: InProcessLeader
+    service: BootstrapService
+    link: Link
+    settings: Path
+    node_address: str
+    db_file: Path
+
+    def certs(self) -> dict[str, Any]:
+        return {c.serial: c for c in self.rig.store.list_certificates("workstation")}
+
+    def audit(self, kind: str) -> list[dict[str, Any]]:
+        with sqlite3.connect(self.db_file) as db:
+            rows = db.execute("SELECT detail FROM audit WHERE kind = ?", (kind,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+
+@pytest.fixture(autouse=True)
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    with structlog.testing.capture_logs() as events:
+        yield events
+
+
+def write_settings(
+    d: Path, node: str, port: int, ca_pem: bytes, cert_pem: bytes, key: pki.PrivateKey
+) -> None:
+    """A settings dir as ``client test-connection`` leaves it (``connection.write_settings``)."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings = {
+        "version": 1,
+        "server_url": f"https://{node}:8443/praxis_live/",
+        "bootstrap_port": port,
+        "node": "hb1",
+        "ca_pin": "",
+        "ca_file": "ca.pem",
+        "client_cert_file": "client.pem",
+        "client_key_file": "client.key",
+        "server_fingerprint": "",
+        "client_fingerprint": pki.fingerprint(pki.load_cert_pem(cert_pem)),
+        "written_at": "2026-11-30T10:00:00+00:00",
+    }
+    write_atomic(d / "settings.json", json.dumps(settings).encode(), PUBLIC)
+    write_atomic(d / "ca.pem", ca_pem, PUBLIC)
+    write_atomic(d / "client.pem", cert_pem, PUBLIC)
+    write_atomic(d / "client.key", pki.key_to_pem(key), PRIVATE)
+
+
+@asynccontextmanager
+async def world(tmp_path: Path, loopback: Callable[[], str]) -> AsyncIterator[World]:
+    """The leader, node hb1's bootstrap service, and a PC enrolled through the leader's own
+    signing (``SignWorkstationCertificate``, as after a password exchange)."""
+    node_address = loopback()
+    rig = leader_with_a_node(tmp_path, loopback(), node_address)
+    await rig.server.start()
+    ca = rig.state.ca
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    node_key = pki.generate_key()
+    node_cert = ca.issue(node_key.public_key(), pki.Names.of("hb1", [node_address]), server=True)
+    pki.write_key(node_dir / "key.pem", node_key)
+    pki.write_cert(node_dir / "cert.pem", node_cert)
+    link = Link(rig)
+    service = BootstrapService(
+        address=node_address,
+        port=0,
+        cert_file=node_dir / "cert.pem",
+        key_file=node_dir / "key.pem",
+        ca_bundle_pem=ca.cert_pem,
+        server_url=f"https://{node_address}:8443/praxis_live/",
+        node_name="hb1",
+        verifier=VERIFIER,
+        sign=link.sign,
+        withdraw=link.withdraw,
+        renew=link.renew,
+        crypto=InProcessCrypto(),
+        ca_pin=pki.spki_pin(ca.cert),
+    )
+    await service.start()
+    try:
+        key = pki.generate_key()
+        signed = await link.sign(pki.csr_to_pem(pki.make_csr(key, proto.workstation_names(NAME))))
+        settings = tmp_path / "settings"
+        write_settings(
+            settings, node_address, service.bound_port, ca.cert_pem, signed.certificate_pem, key
+        )
+        yield World(rig, service, link, settings, node_address, tmp_path / "leader.sqlite3")
+    finally:
+        await service.stop()
+        await rig.close()
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+async def renew(
+    w: World, capsys: pytest.CaptureFixture[str], *args: str, settings: Path | None = None
+) -> Run:
+    argv = ["client", "renew", "--settings-dir", str(settings or w.settings), "--timeout", "5"]
+    code = await asyncio.wait_for(asyncio.to_thread(cli.main, [*argv, *args]), 60)
+    out, err = capsys.readouterr()
+    return Run(code, out, err)
+
+
+def pair(d: Path) -> tuple[bytes, bytes]:
+    return (d / "client.pem").read_bytes(), (d / "client.key").read_bytes()
+
+
+def test_due_in_the_last_30_percent_of_its_life() -> None:
+    ca = pki.CertificateAuthority.create("unit CA")
+    key = pki.generate_key()
+    cert = ca.issue(key.public_key(), proto.workstation_names(NAME), client=True)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    due = ws_renew.due_at(cert)
+    assert abs((due - start) / (end - start) - 0.7) < 1e-6
+    assert start < due < end
+
+
+async def test_not_due_says_when_and_changes_nothing(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with world(tmp_path, loopback) as w:
+        before = pair(w.settings)
+        got = await renew(w, capsys)
+        assert got.code == 0, got
+        assert got.out.startswith("not due until 20"), got.out
+        assert pair(w.settings) == before
+        assert len(w.certs()) == 1  # no leader call
+
+
+async def test_renewed_without_the_password_and_linked_to_the_one_it_renews(
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    async with world(tmp_path, loopback) as w:
+        old_pem, old_key = pair(w.settings)
+        old = pki.load_cert_pem(old_pem)
+        got = await renew(w, capsys, "--force")
+        assert got.code == 0, got
+        assert "renewed   client certificate of ws-empfang-1" in got.out
+        assert "restart the client" in got.out
+        new_pem, new_key = pair(w.settings)
+        new = pki.load_cert_pem(new_pem)
+        assert new_key != old_key and not pki.key_matches(new, pki.load_key_pem(old_key))
+        assert pki.key_matches(new, pki.load_key_pem(new_key))
+        assert pki.names_of(new).common_name == NAME
+        assert (w.settings / "client.key").stat().st_mode & 0o077 == 0
+        settings = json.loads((w.settings / "settings.json").read_text())
+        assert settings["client_fingerprint"] == pki.fingerprint(new)
+        assert settings["bootstrap_port"] == w.service.bound_port
+        # The leader's records: the old one revoked as renewed, the new one asked for by the
+        # node (its certificate the parent), and the audit trail links the two.
+        certs = w.certs()
+        old_row, new_row = certs[f"{old.serial_number:x}"], certs[f"{new.serial_number:x}"]
+        assert old_row.revoked_at is not None and old_row.revoke_reason == "renewed"
+        assert new_row.revoked_at is None and new_row.node == "hb1"
+        # ``tlsroll workstations list`` (its admin call): the old one "renewed", the new valid.
+        listed = await AdminService.ListWorkstations(
+            SimpleNamespace(state=w.rig.state),  # type: ignore[arg-type]
+            admin_pb2.ListWorkstationsRequest(),
+            None,  # type: ignore[arg-type]
+        )
+        reasons = {
+            i.serial: (i.HasField("revoked_at"), i.revoke_reason) for i in listed.workstations
+        }
+        assert reasons == {old_row.serial: (True, "renewed"), new_row.serial: (False, "")}
+        events = w.audit("workstation.renewed")
+        assert events == [
+            {
+                "fingerprint": pki.fingerprint(new),
+                "renews": f"{old.serial_number:x}",
+                "serial": f"{new.serial_number:x}",
+                "superseded": [f"{old.serial_number:x}"],
+            }
+        ]
+        # No key in what was printed or logged.
+        everything = got.out + got.err + json.dumps(list(logs), default=str)
+        assert b"PRIVATE KEY" not in everything.encode()
+        # The old certificate renews nothing more (its renewal's answer was not lost: past
+        # the window the leader allows for one).
+        w.rig.clock[0] += WITHDRAW_WINDOW + dt.timedelta(seconds=1)
+        old_dir = tmp_path / "old-settings"
+        write_settings(
+            old_dir, w.node_address, w.service.bound_port, w.rig.state.ca.cert_pem, old_pem,
+            pki.load_key_pem(old_key),
+        )  # fmt: skip
+        again = await renew(w, capsys, "--force", settings=old_dir)
+        assert again.code == Exit.ENROL_REFUSED, again
+        assert "revoked" in again.err and "tlsroll client test-connection" in again.err
+        assert pair(old_dir) == (old_pem, old_key)
+        assert len(again.err.strip().splitlines()) == 1
+
+
+async def test_a_renewal_whose_answer_was_lost_is_asked_again_with_the_same_certificate(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with world(tmp_path, loopback) as w:
+        old_pem, old_key = pair(w.settings)
+        old = pki.load_cert_pem(old_pem)
+        # A renewal that reaches the leader, whose answer the PC never reads.
+        lost_key = pki.generate_key()
+        public = lost_key.public_key()
+        held = pki.load_key_pem(old_key)
+        assert isinstance(held, ec.EllipticCurvePrivateKey)
+        claim = bootstrap_csr.reenrolment_extension(public, NAME, previous=(old, held))
+        csr = pki.make_csr(lost_key, proto.workstation_names(NAME), [claim] if claim else [])
+        body = json.dumps(proto.RenewRequest(pki.csr_to_pem(csr)).to_json()).encode()
+        context = client_context(w.rig.state.ca.cert_pem)
+        reply = await asyncio.to_thread(
+            request, w.node_address, w.service.bound_port, "POST", proto.RENEW_PATH, context,
+            body=body, timeout=10,
+        )  # fmt: skip
+        assert reply.status == 200, reply.body
+        lost = pki.load_cert_pem(proto.parse_renew_answer(reply.body).certificate_pem)
+        w.rig.clock[0] += WITHDRAW_WINDOW / 2
+        got = await renew(w, capsys, "--force")
+        assert got.code == 0, got
+        certs = w.certs()
+        assert certs[f"{lost.serial_number:x}"].revoke_reason == "superseded"
+        new = pki.load_cert_pem(pair(w.settings)[0])
+        assert certs[f"{new.serial_number:x}"].revoked_at is None
+        assert [c.serial for c in certs.values() if c.revoked_at is None] == [
+            f"{new.serial_number:x}"
+        ]
+
+
+async def test_a_revoked_certificate_is_not_renewed(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with world(tmp_path, loopback) as w:
+        before = pair(w.settings)
+        w.rig.store.revoke(NAME, reason="lost", now=w.rig.clock[0], actor="test")
+        got = await renew(w, capsys, "--force")
+        assert got.code == Exit.ENROL_REFUSED, got
+        assert "is revoked" in got.err and "tlsroll client test-connection" in got.err
+        assert len(got.err.strip().splitlines()) == 1 and "Traceback" not in got.err
+        assert pair(w.settings) == before
+        assert len(w.certs()) == 1
+
+
+async def test_an_ended_certificate_is_refused_before_anything_is_sent(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with world(tmp_path, loopback) as w:
+        ca = w.rig.state.ca
+        key = pki.generate_key()
+        ended = ca.issue(
+            key.public_key(),
+            proto.workstation_names(NAME),
+            server=False,
+            client=True,
+            now=pki.utcnow() - dt.timedelta(days=40),
+            lifetime=dt.timedelta(days=30),
+        )
+        write_settings(
+            w.settings, w.node_address, w.service.bound_port, ca.cert_pem,
+            pki.cert_to_pem(ended), key,
+        )  # fmt: skip
+        got = await renew(w, capsys)
+        assert got.code == Exit.ENROL_REFUSED, got
+        assert "ended" in got.err and "tlsroll client test-connection" in got.err
+        assert len(w.certs()) == 1
+
+
+async def test_a_certificate_the_leader_ended_is_refused_by_it(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The leader's clock past the certificate's end (the PC's clock behind): refused there."""
+    async with world(tmp_path, loopback) as w:
+        cert = pki.load_cert_pem(pair(w.settings)[0])
+        ends = cert.not_valid_after_utc
+        with sqlite3.connect(w.db_file) as db:  # (its end, as the leader sees it, past)
+            db.execute(
+                "UPDATE certificates SET not_after = ? WHERE serial = ?",
+                ((w.rig.clock[0] - dt.timedelta(minutes=1)).isoformat(), f"{cert.serial_number:x}"),
+            )
+        got = await renew(w, capsys, "--force")
+        assert got.code == Exit.ENROL_REFUSED, got
+        assert "has ended" in got.err and "test-connection" in got.err
+        assert pki.load_cert_pem(pair(w.settings)[0]).not_valid_after_utc == ends
+
+
+async def test_another_clusters_certificate_is_not_renewed(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A certificate of another CA, with a proof its own key made: the node passes it on
+    (the proof holds together), the leader has no record of it."""
+    async with world(tmp_path, loopback) as w:
+        other = pki.CertificateAuthority.create("another cluster")
+        key = pki.generate_key()
+        cert = other.issue(
+            key.public_key(), proto.workstation_names(NAME), server=False, client=True
+        )
+        write_settings(
+            w.settings, w.node_address, w.service.bound_port, w.rig.state.ca.cert_pem,
+            pki.cert_to_pem(cert), key,
+        )  # fmt: skip
+        got = await renew(w, capsys, "--force")
+        assert got.code == Exit.ENROL_REFUSED, got
+        assert "not one this cluster's leader issued" in got.err
+        assert len(w.certs()) == 1
+
+
+async def test_a_node_of_another_cluster_gets_nothing(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The settings' CA is not the node's: the TLS handshake fails, no CSR goes out."""
+    async with world(tmp_path, loopback) as w:
+        other = pki.CertificateAuthority.create("another cluster")
+        write_atomic(w.settings / "ca.pem", other.cert_pem, PUBLIC)
+        got = await renew(w, capsys, "--force")
+        assert got.code == Exit.UNTRUSTED, got
+        assert "not of this PC's cluster" in got.err
+        assert len(w.certs()) == 1
+
+
+async def test_a_csr_without_the_proof_is_refused_at_the_node(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    async with world(tmp_path, loopback) as w:
+        csr = pki.make_csr(pki.generate_key(), proto.workstation_names(NAME))
+        body = json.dumps(proto.RenewRequest(pki.csr_to_pem(csr)).to_json()).encode()
+        context = client_context(w.rig.state.ca.cert_pem)
+        reply = await asyncio.to_thread(
+            request, w.node_address, w.service.bound_port, "POST", proto.RENEW_PATH, context,
+            body=body, timeout=10,
+        )  # fmt: skip
+        assert reply.status == 422, reply.body
+        assert json.loads(reply.body)["error"] == "bad_csr"
+        assert len(w.certs()) == 1
+
+
+async def test_revoking_the_node_s_certificate_takes_the_renewal_it_asked_for(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with world(tmp_path, loopback) as w:
+        got = await renew(w, capsys, "--force")
+        assert got.code == 0, got
+        new = pki.load_cert_pem(pair(w.settings)[0])
+        node_serial = next(c.serial for c in w.rig.store.list_certificates() if c.kind == "node")
+        w.rig.store.revoke(node_serial, reason="stolen", now=w.rig.clock[0], actor="test")
+        assert w.certs()[f"{new.serial_number:x}"].revoked_at is not None
+
+
+async def test_the_node_s_hourly_cap_holds_renewals_too_and_says_when(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with world(tmp_path, loopback) as w:
+        before = pair(w.settings)
+        w.rig.service.workstation_certs_per_hour = 1  # (the enrolment took it)
+        got = await renew(w, capsys, "--force")
+        assert got.code == Exit.ENROL_REFUSED, got
+        assert "try again in" in got.err, got.err
+        assert pair(w.settings) == before
+
+
+async def test_refused_renewals_from_one_address_are_slowed_down(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Anybody may send renewals: each refused one counts against its source (never against
+    the password's limits), and after a few the node answers 429 before any work."""
+    async with world(tmp_path, loopback) as w:
+        csr = pki.make_csr(pki.generate_key(), proto.workstation_names(NAME))
+        body = json.dumps(proto.RenewRequest(pki.csr_to_pem(csr)).to_json()).encode()
+        context = client_context(w.rig.state.ca.cert_pem)
+        statuses = []
+        for _ in range(7):
+            reply = await asyncio.to_thread(
+                request, w.node_address, w.service.bound_port, "POST", proto.RENEW_PATH,
+                context, body=body, timeout=10,
+            )  # fmt: skip
+            statuses.append(reply.status)
+        assert statuses[0] == 422 and statuses[-1] == 429, statuses
+        assert "retry-after" in reply.headers
+        assert w.service.guard.wait("127.0.0.1", NAME, w.service.clock()) == 0
+
+
+def test_the_leader_s_warning_of_a_workstation_names_renew_first() -> None:
+    when = dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
+    advice = Expiry("workstation", NAME, "1f", "sha256:x", when, dt.timedelta(days=30)).advice
+    assert advice.startswith("run `tlsroll client renew` on that workstation"), advice
+    assert advice.index("client renew") < advice.index("client test-connection")
+    assert f"tlsroll workstations revoke {NAME}" in advice
