@@ -377,10 +377,15 @@ async def test_a_certificate_the_leader_ended_is_refused_by_it(
 
 
 async def test_another_clusters_certificate_is_not_renewed(
-    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
+    logs: list[MutableMapping[str, Any]],
 ) -> None:
-    """A certificate of another CA, with a proof its own key made: the node passes it on
-    (the proof holds together), the leader has no record of it."""
+    """A certificate of another CA (or one anybody made for the name), with a proof its own
+    key made: the node refuses it without asking the leader (its CA bundle did not issue it),
+    so an unauthenticated caller's renewals cost the leader nothing (review s71 revrenew M1:
+    each one was a leader call, a write transaction and an unsampled warning there)."""
     async with world(tmp_path, loopback) as w:
         other = pki.CertificateAuthority.create("another cluster")
         key = pki.generate_key()
@@ -393,8 +398,11 @@ async def test_another_clusters_certificate_is_not_renewed(
         )  # fmt: skip
         got = await renew(w, capsys, "--force")
         assert got.code == Exit.ENROL_REFUSED, got
-        assert "not one this cluster's leader issued" in got.err
+        assert "not one this cluster's CA issued" in got.err, got.err
+        assert "tlsroll client test-connection" in got.err
+        assert len(got.err.strip().splitlines()) == 1
         assert len(w.certs()) == 1
+        assert not [e for e in logs if e.get("event") == "workstation.refused"], logs
 
 
 async def test_a_node_of_another_cluster_gets_nothing(
