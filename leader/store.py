@@ -2003,10 +2003,13 @@ class Store(LeaderStore):
                     for r in held
                 ],
             )
-            if held and renews is None:
+            if held:
                 # Urgent all the same: a workstation enrolled again may be a new PC for a lost
-                # one, whose certificate the practice's servers should refuse at once.
-                _bump_crl(db, now)
+                # one, whose certificate the practice's servers should refuse at once. A
+                # renewal's not (its key is not lost), but the list's number moves on all the
+                # same: a list of the same number without them was out already (review s71
+                # revrenew L1).
+                _bump_crl(db, now, urgent=renews is None)
             _record_cert(
                 db,
                 cert.serial,
