@@ -205,15 +205,15 @@ async def test_renewed_without_the_password_and_linked_to_the_one_it_renews(
     async with world(tmp_path, loopback) as w:
         old_pem, old_key = pair(w.settings)
         old = pki.load_cert_pem(old_pem)
-        listed_before = w.rig.store.revocations()
+        crl_before = w.rig.store.revocations()
         got = await renew(w, capsys, "--force")
         assert got.code == 0, got
         assert "renewed   client certificate of ws-empfang-1" in got.out
         # The revocation list with the old one has a number of its own (not urgent: its key
         # is not lost).
-        listed = w.rig.store.revocations()
-        assert listed.number > listed_before.number, (listed, listed_before)
-        assert listed.urgent == listed_before.urgent
+        crl = w.rig.store.revocations()
+        assert crl.number > crl_before.number, (crl, crl_before)
+        assert crl.urgent == crl_before.urgent
         assert "restart the client" in got.out
         new_pem, new_key = pair(w.settings)
         new = pki.load_cert_pem(new_pem)
