@@ -2003,10 +2003,13 @@ class Store(LeaderStore):
                     for r in held
                 ],
             )
-            if held and renews is None:
+            if held:
                 # Urgent all the same: a workstation enrolled again may be a new PC for a lost
-                # one, whose certificate the practice's servers should refuse at once.
-                _bump_crl(db, now)
+                # one, whose certificate the practice's servers should refuse at once. A
+                # renewal's not (its key is not lost), but the list's number moves on all the
+                # same: a list of the same number without them was out already (review s71
+                # revrenew L1).
+                _bump_crl(db, now, urgent=renews is None)
             _record_cert(
                 db,
                 cert.serial,
@@ -3476,13 +3479,37 @@ def _renewable(
         )
     revoked = from_text(row["revoked_at"])
     if revoked is not None and not (
-        row["revoke_reason"] == "renewed" and now - revoked < WITHDRAW_WINDOW
+        row["revoke_reason"] == "renewed"
+        and now - revoked < WITHDRAW_WINDOW
+        and not _revoked_since(db, workstation, revoked)
     ):
         raise NotRenewable(f"the certificate of {workstation} is revoked{again}")
     ends = from_text(row["not_after"])
     if ends is None or ends <= now:
         raise NotRenewable(f"the certificate of {workstation} has ended{again}")
     return str(row["serial"])
+
+
+# The reasons a workstation certificate is revoked by a renewal or an enrolment of its name, or
+# withdrawn undelivered: none of them is a revocation of the name by the admin (``_revoked_since``).
+_REPLACED = frozenset({"renewed", "superseded", "never delivered"})
+
+
+def _revoked_since(db: sqlite3.Connection, workstation: str, since: dt.datetime) -> bool:
+    """Whether a certificate of ``workstation`` was revoked at or after ``since`` for a reason
+    of its own (the admin's ``workstations revoke``, a node's removal, a revocation of the node
+    certificate it was issued from): then a renewal's retry with the certificate it renewed is
+    refused (``_renewable``), or the retry would undo that revocation (review s71 revrenew H1)."""
+    rows = db.execute(
+        "SELECT revoked_at, revoke_reason FROM certificates WHERE kind = 'workstation'"
+        " AND subject = ? AND revoked_at IS NOT NULL",
+        (workstation,),
+    ).fetchall()
+    for r in rows:
+        at = from_text(r["revoked_at"])
+        if at is not None and at >= since and r["revoke_reason"] not in _REPLACED:
+            return True
+    return False
 
 
 def lineage_in(db: sqlite3.Connection, serials: Sequence[str]) -> dict[str, str]:

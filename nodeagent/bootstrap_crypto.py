@@ -12,10 +12,11 @@ text (the worker calls ``OPS[NAME](request)`` for the op ``"bootstrap.NAME"``):
 - ``respond`` {pake_pw, blind, unblind, msg_a} -> {msg_b, key}: the node's SPAKE2;
 - ``open_csr`` {key, transcript, sealed} -> {csr_pem, cn, key_pin}: the workstation's sealed
   CSR opened (AES-256-GCM, to the node) and checked (``bootstrap_csr.check_workstation_csr``);
-- ``renewal_csr`` {csr_pem} -> {cn, key_pin}: a renewal's CSR (``tlsroll client renew``, in
-  the clear over the node's TLS) checked: a workstation's, with a proof of the certificate it
-  renews that verifies (``bootstrap_csr.reenrolment_of``; the leader checks that certificate
-  against its records);
+- ``renewal_csr`` {csr_pem, bundle} -> {cn, key_pin}: a renewal's CSR (``tlsroll client
+  renew``, in the clear over the node's TLS) checked: a workstation's, with a proof of the
+  certificate it renews that verifies (``bootstrap_csr.reenrolment_of``), that certificate
+  issued by a CA of the node's ``bundle`` (one anybody made for the name goes no further than
+  this: review s71 revrenew M1; the leader checks it against its records);
 - ``cert_facts`` {pem[, ca_pem, bundle, ca_pin]} -> {pem, spki_pin, fingerprint[, bundle |
   ca_refused]}: the certificate the leader signed; with the CA certificate it was issued under
   (``ca_pem``), the node's CA ``bundle`` with it added (``bundle``) if it is not in it and is a
@@ -118,9 +119,18 @@ def renewal_csr(request: dict[str, Any]) -> dict[str, Any]:
         claim = bootstrap_csr.reenrolment_of(_bytes(request, "csr_pem"))
     except BootstrapError as exc:
         return _refused(exc)
-    if claim.previous is None:
+    if claim.previous is None or claim.certificate is None:
         return _refused(
             BootstrapError(BootstrapReason.BAD_CSR, "no proof of the certificate to renew")
+        )
+    cas = pki.load_certs_pem(_bytes(request, "bundle"))  # (the node's own: its bug if bad)
+    if not any(pki.issued_by(claim.certificate, ca) for ca in cas):
+        return _refused(
+            BootstrapError(
+                BootstrapReason.BAD_CSR,
+                f"the certificate of {cn} is not one this cluster's CA issued; enrol this PC "
+                "again with the password: tlsroll client test-connection URL",
+            )
         )
     return {"cn": cn, "key_pin": pki.spki_pin(public)}
 

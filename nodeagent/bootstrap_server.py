@@ -823,7 +823,13 @@ class BootstrapService:
                 )
             try:
                 renewal = proto.parse_renew_request(request.body)
-                csr = await self._crypto("renewal_csr", {"csr_pem": proto.b64(renewal.csr_pem)})
+                csr = await self._crypto(
+                    "renewal_csr",
+                    {
+                        "csr_pem": proto.b64(renewal.csr_pem),
+                        "bundle": proto.b64(self.ca_bundle_pem),
+                    },
+                )
             except proto.BootstrapError as exc:
                 self.renewals.failed(source, self.clock())
                 raise Refused(422, proto.ErrorCode.BAD_CSR, str(exc)) from None

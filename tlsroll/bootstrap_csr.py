@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -85,10 +85,13 @@ class Reenrolment:
     - ``replace``: the workstation's admin asked to take the name over from another PC
       (``--replace``).
 
-    The leader signs the name over a certificate another PC holds only with one of them."""
+    The leader signs the name over a certificate another PC holds only with one of them.
+    ``certificate``: the previous certificate itself (a renewal's issuer is checked at the
+    node: ``nodeagent.bootstrap_crypto.renewal_csr``)."""
 
     previous: str | None = None
     replace: bool = False
+    certificate: x509.Certificate | None = field(default=None, compare=False, repr=False)
 
 
 def reenrolment_extension(
@@ -164,7 +167,9 @@ def reenrolment_of(csr_pem: bytes) -> Reenrolment:
         raise BootstrapError(
             BootstrapReason.BAD_CSR, "the previous certificate's key did not sign the new key"
         ) from None
-    return Reenrolment(previous=pki.fingerprint(previous), replace=body["replace"])
+    return Reenrolment(
+        previous=pki.fingerprint(previous), replace=body["replace"], certificate=previous
+    )
 
 
 def _reenrol_message(cn: str, new_key: ec.EllipticCurvePublicKey) -> bytes:

@@ -28,11 +28,13 @@ certificate it proves is revoked once used), the agent needs no new cryptography
 checks the CSR) and the port's TLS stays as it is for every enrolment.
 
 Exit codes: 0 renewed, or not due (``not due until DATE``); 1 failure (the settings cannot be
-read or written, an unexpected answer, the node busy: try later); 2 usage; 4 node unreachable
-or no answer in time; 5 connection refused; 6 TLS failure; 8 the node's agent has no
-renewal (older: upgrade it) or another program answers there; 10 the node is not of the
-settings' cluster (its certificate does not verify against ``ca.pem``); 11 refused: the
-certificate revoked, ended, not the cluster's, the leader's no, too many tries (try later).
+read or written, an unexpected answer, the leader not reached by the node: try later); 2 usage;
+4 node unreachable or no answer in time; 5 connection refused; 6 TLS failure; 8 the node's
+agent has no renewal (older: upgrade it) or another program answers there; 10 the node is not
+of the settings' cluster (its certificate does not verify against ``ca.pem``); 11 refused: the
+certificate revoked, ended, not the cluster's, the leader's no; or, the line saying "try
+again in N s", too many tries, the node busy or at its hourly cap (as ``client
+test-connection``'s 11).
 """
 
 from __future__ import annotations
