@@ -841,7 +841,12 @@ class BootstrapService:
             signed = await self._renewed(source, renewal.csr_pem)
             try:
                 pem, bundle = await self._checked(
-                    request, signed.certificate_pem, cn, key_pin, signed.ca_certificate_pem
+                    request,
+                    signed.certificate_pem,
+                    cn,
+                    key_pin,
+                    signed.ca_certificate_pem,
+                    renewal=True,
                 )
             except (Refused, WorkerFailed, proto.BootstrapError) as exc:
                 await self._withdraw(request, cn, signed.certificate_pem)
@@ -858,7 +863,6 @@ class BootstrapService:
                     "why (sampled per source)",
                 )
             return _refusal(exc)
-        log.info("bootstrap.renewed", remote=request.remote, cn=cn)
         return _answer(proto.RenewAnswer(pem, bundle).to_json())
 
     async def _renewed(self, source: str, csr_pem: bytes) -> Signed:
@@ -1156,10 +1160,18 @@ class BootstrapService:
         await self._withdrawn_at_stop(request, cn, _as_signed(signed).certificate_pem)
 
     async def _checked(
-        self, request: Request, signed: bytes, cn: str, key_pin: str, ca_pem: bytes = b""
+        self,
+        request: Request,
+        signed: bytes,
+        cn: str,
+        key_pin: str,
+        ca_pem: bytes = b"",
+        *,
+        renewal: bool = False,
     ) -> tuple[bytes, bytes]:
         """The certificate the leader ``signed``, checked (by the worker) to be for the CSR's
-        key: its PEM, and the CA bundle to hand the workstation with it.
+        key: its PEM, and the CA bundle to hand the workstation with it; logged (info) once it is,
+        as enrolled or (``renewal``) renewed.
 
         That bundle is the staged one, with ``ca_pem`` (the CA certificate the leader issued
         under) added if it is not in it and the worker finds it a renewal with the same key
@@ -1195,12 +1207,11 @@ class BootstrapService:
                 detail="the leader did not sign the PC's certificate; the PC is told to try later",
             )
             raise Refused(502, proto.ErrorCode.SIGN_FAILED, "the CA returned a wrong certificate")
-        log.info(
-            "bootstrap.enrolled",
-            remote=request.remote,
-            cn=cn,
-            fingerprint=str(cert.get("fingerprint")),
-        )
+        fingerprint = str(cert.get("fingerprint"))
+        if renewal:
+            log.info("bootstrap.renewed", remote=request.remote, cn=cn, fingerprint=fingerprint)
+        else:
+            log.info("bootstrap.enrolled", remote=request.remote, cn=cn, fingerprint=fingerprint)
         if isinstance(refused := cert.get("ca_refused"), str):
             log.warning(
                 "bootstrap.ca_refused",

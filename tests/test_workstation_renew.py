@@ -249,6 +249,12 @@ async def test_renewed_without_the_password_and_linked_to_the_one_it_renews(
                 "superseded": [f"{old.serial_number:x}"],
             }
         ]
+        # The node's log says a renewal, once, with the new certificate's fingerprint, and no
+        # enrolment (review s71 L6: "bootstrap.enrolled" came first for every renewal).
+        said = ("bootstrap.enrolled", "bootstrap.renewed")
+        node_said = [e for e in logs if e.get("event") in said]
+        assert [e["event"] for e in node_said] == ["bootstrap.renewed"], node_said
+        assert node_said[0]["fingerprint"] == pki.fingerprint(new), node_said
         # No key in what was printed or logged.
         everything = got.out + got.err + json.dumps(list(logs), default=str)
         assert b"PRIVATE KEY" not in everything.encode()
