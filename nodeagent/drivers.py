@@ -936,9 +936,15 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         )
 
     def named_files(self) -> dict[str, str]:
+        """As ``Driver.named_files``, each path as the config names it: a relative one joined
+        to the config's directory, never resolved (``Section.path`` resolves it). A symbolic
+        link there (``verifier.json`` -> ``pw/v3.json``, which the admin repoints) stays the
+        link in the plans, the journal and the configs tlsroll writes from them, as for a
+        file the config names by its absolute path (review s70 L4: its target was taken, and
+        a rotation wrote it into the config in place of the link)."""
         s = self._section()
         return {
-            live: str(s.path(key, ""))
+            live: _as_named(self.config_file, s.text(key, ""))
             for live, key in (
                 ("cert_file", "cert_file"),
                 ("key_file", "key_file"),
@@ -1381,6 +1387,15 @@ class TemplateDriver(Driver):
             raise DriverError(
                 f"template {self.template_file}: unknown or bad placeholder {exc}"
             ) from None
+
+
+def _as_named(config_file: Path, value: str) -> str:
+    """A file the config ``config_file`` names (``value``; "" for none), as a path the agent
+    opens: relative to the config's directory, symbolic links left to the kernel."""
+    if not value:
+        return ""
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else config_file.parent / path)
 
 
 # The reference server's settings for https alone (its way back to http drops them).
