@@ -267,9 +267,7 @@ def test_files_the_config_names_through_a_link_stay_the_link(served: Served) -> 
 
 
 @pytest.mark.parametrize("journal_holds", ["nothing", "other files"])
-def test_finalize_plans_from_the_files_the_config_names(
-    served: Served, journal_holds: str
-) -> None:
+def test_finalize_plans_from_the_files_the_config_names(served: Served, journal_holds: str) -> None:
     """Review s70 L3: finalize (the transitional strategy's second phase) planned from the
     journal alone, unlike the switch and the way back since session 70: a dual node whose
     agent's journal was begun again was refused ("not dual"), and one whose config was
