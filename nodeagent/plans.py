@@ -39,6 +39,7 @@ from nodeagent.transaction import Plan, describe
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import (
+    ConfigError,
     NotRegularFile,
     PKIError,
     PKIReason,
@@ -1276,8 +1277,12 @@ def unjournalled_way_back(
     # naming no key, "fix it, or set it back to http": the way back is how the admin sets it
     # back to http, and writes nothing of the https files, so a broken https config is said,
     # never in its way).
-    live = {**(driver.named_files() or {}), "server_url": facts.url("https")}
-    if problem := https_files_problem(driver, live):
+    try:
+        named, unread = driver.named_files() or {}, ""
+    except ConfigError as exc:  # (a setting of the https files: the http config drops it)
+        named, unread = {}, str(exc)
+    live = {**named, "server_url": facts.url("https")}
+    if problem := unread or https_files_problem(driver, live):
         log.warning(
             "rollback.https_config_broken",
             rollout_id=rollout_id,
@@ -1324,5 +1329,8 @@ def https_files_problem(driver: Driver, live: dict[str, str]) -> str | None:
 def _named_or(driver: Driver, live: dict[str, str] | None) -> dict[str, str] | None:
     """The https files the server's config names (``Driver.named_files``), where the driver
     reads them and the config names a certificate, else ``live`` (the journal's)."""
-    named = driver.named_files()
+    try:
+        named = driver.named_files()
+    except ConfigError:  # (a setting the way back puts back as it is: the restore check says)
+        return live
     return named if named and named.get("cert_file") else live

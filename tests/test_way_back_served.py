@@ -205,17 +205,21 @@ async def test_a_restore_check_by_pin_fails_on_another_certificate(
     assert f"not the certificate it served before {pki.fingerprint(other)}" in done.reason
 
 
-@pytest.mark.parametrize("broken", ["no key named", "the key file gone"])
+@pytest.mark.parametrize("broken", ["no key named", "the key file gone", "an empty key setting"])
 def test_a_broken_https_config_does_not_block_the_way_back_to_http(
     served: Served, broken: str
 ) -> None:
     """Review s70 L6: a config on https that cannot serve (it names no key, or a key that is
-    not there) refused the way back of a node whose journal holds no switch ("fix it, or set
-    it back to http, then run enable-tls"): the way back is how the admin sets it back to
-    http, and it writes nothing of the https files. It goes on, the problem said."""
+    not there, or a setting the agent cannot read) refused the way back of a node whose
+    journal holds no switch ("fix it, or set it back to http, then run enable-tls"): the way
+    back is how the admin sets it back to http, and it writes nothing of the https files. It
+    goes on, the problem said."""
     if broken == "no key named":
         driver = served.driver(key_file=None)
         problem = "serves https but names no certificate and key"
+    elif broken == "an empty key setting":
+        driver = served.driver(key_file="")
+        problem = "[server].key_file: must not be empty"
     else:
         driver = served.driver(key_file="gone.key")
         problem = f"names {served.etc / 'gone.key'}, which is not there"
