@@ -1262,7 +1262,9 @@ def unjournalled_way_back(
     config, the one it replaces kept beside it (``kept_config_path``); any other refuses,
     saying what the admin does (``refused``'s reason and the config to set back by hand). Not
     for a journal that is a copy put back (``Journal.restored_copy_at``): its refusal says
-    where the way back went."""
+    where the way back went. An https config that cannot serve (``https_files_problem``) is
+    logged, never in the way; should the way back fail, the check of the config put back pins
+    the certificate it names (``source_pin``)."""
     facts = driver.facts()
     if "https" not in facts.schemes:
         return None
@@ -1300,8 +1302,8 @@ def unjournalled_way_back(
         backup,
         # The restore check (should the way back fail) pins the certificate the config names
         # (review s70 L1: it trusted the client CA, or the certificate itself as a CA, and
-        # said "restore failed" of a server that was fine); this CA file serves a certificate
-        # that cannot be read (its check fails then, as the server's start does).
+        # said "restore failed" of a server that was fine); this CA file is only for a
+        # certificate that cannot be read (the check fails then, as the server's start does).
         Path(live.get("ca_file") or live.get("cert_file") or driver.config_file),
         "",
         None,
