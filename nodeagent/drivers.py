@@ -1309,7 +1309,7 @@ class TemplateDriver(Driver):
 
     def __init__(self, section: Section, address: str) -> None:
         self.section = section
-        self.config_file = section.path("config_file")
+        self.config_file = server_config_file(section)
         self.template_file: Path = section.path("template")
         self.address = address
         self.app_path: str = section.text("app_path")
@@ -1387,6 +1387,15 @@ class TemplateDriver(Driver):
             raise DriverError(
                 f"template {self.template_file}: unknown or bad placeholder {exc}"
             ) from None
+
+
+def server_config_file(section: Section) -> Path:
+    """``[server].config_file`` of the agent's config as it names it: a relative path joined
+    to that config's directory, never resolved (``Section.path`` resolves it). A symbolic
+    link named by a relative path was followed, and the agent replaced its target, in a
+    directory it was never told of, while the same link named by its absolute path is refused
+    (``config_link_problem``, review s64 M2): both are refused now (review s70 L4)."""
+    return Path(_as_named(section.file, section.text("config_file")))
 
 
 def _as_named(config_file: Path, value: str) -> str:
@@ -1590,7 +1599,7 @@ def make_driver(
     refresh: int = section.integer("clients_refresh", int(CLIENTS_TTL), lo=0, hi=3600)
     driver: Driver
     if kind == "reference":
-        config_file: Path = section.path("config_file")
+        config_file = server_config_file(section)
         section.finish()
         driver = ReferenceDriver(config_file, data_dir / "refserver.log")
     elif kind == "systemd":

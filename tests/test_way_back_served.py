@@ -20,15 +20,16 @@ import pytest
 import structlog
 
 from nodeagent import plans
-from nodeagent.drivers import ReferenceDriver
+from nodeagent.drivers import ReferenceDriver, make_driver
 from nodeagent.journal import Journal, Txn
 from nodeagent.transaction import Phase, Plan, Runner
 from tests import byo_certs
 from tests.conftest import next_loopback
 from tests.private_files import write_private
 from tlsroll import pki
-from tlsroll.config import dump_toml
+from tlsroll.config import ConfigFile, dump_toml
 from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.errors import UnsafePermissions
 
 APP = "/praxis"
 HTTPS_PORT = 8443
@@ -312,3 +313,29 @@ def test_finalize_plans_from_the_files_the_config_names(served: Served, journal_
     assert built.plan.live_tls is not None
     assert built.plan.live_tls["cert_file"] == str(served.cert)
     assert built.plan.source_fingerprint == served.fingerprint
+
+
+@pytest.mark.parametrize("named", ["relative", "absolute"])
+def test_a_server_config_that_is_a_link_is_refused_however_the_agent_names_it(
+    served: Served, named: str
+) -> None:
+    """Review s70 L4 (the same resolve): the agent's ``[server] config_file`` named by a
+    relative path was resolved, so a symbolic link there was followed and its target replaced
+    (in a directory the agent was never told of), while the same link named by its absolute
+    path is refused, saying which path to name (review s64 M2). Both are refused now."""
+    real = served.driver().config_file
+    srv = served.etc.parent / "srv"
+    srv.mkdir()
+    real.rename(srv / "server.toml")
+    real.symlink_to(srv / "server.toml")
+    agent_toml = served.etc.parent / "agent.toml"
+    value = "etc/server.toml" if named == "relative" else str(real)
+    agent_toml.write_text(dump_toml({"server": {"driver": "reference", "config_file": value}}))
+    section = ConfigFile.load(agent_toml).section("server")
+
+    driver = make_driver(section, served.address, served.etc.parent / "agent-data")
+
+    assert driver.config_file == real and driver.config_file.is_symlink()
+    with pytest.raises(UnsafePermissions, match=f"set config_file = {srv / 'server.toml'}"):
+        plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    assert (srv / "server.toml").read_bytes() == real.read_bytes()  # (untouched)
