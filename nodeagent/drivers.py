@@ -944,9 +944,15 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         )
 
     def named_files(self) -> dict[str, str]:
+        """As ``Driver.named_files``, each path as the config names it: a relative one joined
+        to the config's directory, never resolved (``Section.path`` resolves it). A symbolic
+        link there (``verifier.json`` -> ``pw/v3.json``, which the admin repoints) stays the
+        link in the plans, the journal and the configs tlsroll writes from them, as for a
+        file the config names by its absolute path (review s70 L4: its target was taken, and
+        a rotation wrote it into the config in place of the link)."""
         s = self._section()
         return {
-            live: str(s.path(key, ""))
+            live: _as_named(self.config_file, s.text(key, ""))
             for live, key in (
                 ("cert_file", "cert_file"),
                 ("key_file", "key_file"),
@@ -1311,7 +1317,7 @@ class TemplateDriver(Driver):
 
     def __init__(self, section: Section, address: str) -> None:
         self.section = section
-        self.config_file = section.path("config_file")
+        self.config_file = server_config_file(section)
         self.template_file: Path = section.path("template")
         self.address = address
         self.app_path: str = section.text("app_path")
@@ -1389,6 +1395,24 @@ class TemplateDriver(Driver):
             raise DriverError(
                 f"template {self.template_file}: unknown or bad placeholder {exc}"
             ) from None
+
+
+def server_config_file(section: Section) -> Path:
+    """``[server].config_file`` of the agent's config as it names it: a relative path joined
+    to that config's directory, never resolved (``Section.path`` resolves it). A symbolic
+    link named by a relative path was followed, and the agent replaced its target, in a
+    directory it was never told of, while the same link named by its absolute path is refused
+    (``config_link_problem``, review s64 M2): both are refused now (review s70 L4)."""
+    return Path(_as_named(section.file, section.text("config_file")))
+
+
+def _as_named(config_file: Path, value: str) -> str:
+    """A file the config ``config_file`` names (``value``; "" for none), as a path the agent
+    opens: relative to the config's directory, symbolic links left to the kernel."""
+    if not value:
+        return ""
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else config_file.parent / path)
 
 
 # The reference server's settings for https alone (its way back to http drops them).
@@ -1583,7 +1607,7 @@ def make_driver(
     refresh: int = section.integer("clients_refresh", int(CLIENTS_TTL), lo=0, hi=3600)
     driver: Driver
     if kind == "reference":
-        config_file: Path = section.path("config_file")
+        config_file = server_config_file(section)
         section.finish()
         driver = ReferenceDriver(config_file, data_dir / "refserver.log")
     elif kind == "systemd":

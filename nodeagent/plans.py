@@ -39,6 +39,7 @@ from nodeagent.transaction import Plan, describe
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import (
+    ConfigError,
     NotRegularFile,
     PKIError,
     PKIReason,
@@ -898,9 +899,12 @@ def finalize_plan(
     """finalize (transitional phase 2): a dual node closes http. Certificate, key, CA and
     verifier stay the live ones, so https does not change at all; verify wants https live
     with that very certificate and 8080 closed. ``verifier`` is ignored (the password does
-    not change here)."""
-    live = journal.live_tls()
+    not change here). The live files are what the server's config names (``served_live``),
+    as for rotate-cert and change-password: a config changed since the journal's switch (by
+    hand, or a node whose agent was enrolled again) is finalized with the files it names, not
+    with the journal's (review s70 L3)."""
     facts = driver.facts()
+    live = served_live(journal, driver, facts) if "https" in facts.schemes else None
     if problem := dual_problem(facts.schemes, live):
         raise PlanRefused(problem)
     assert live is not None
@@ -929,8 +933,25 @@ def finalize_plan(
         live,
         keep_frozen=keep_frozen,
         change=Change.FINALIZE.value,
+        source_fingerprint=fingerprint,
     )
     return Built(new_config, plan, fingerprint)
+
+
+def source_pin(live: dict[str, str] | None) -> str:
+    """The fingerprint of the certificate ``live``'s ``cert_file`` holds (blocking), which a
+    transaction's restore check pins (``Plan.source_fingerprint``): a certificate the server's
+    config names may come from an issuer tlsroll does not know (the admin's own, or an
+    earlier CA), so the CA a plan names cannot check it (review s70 L1). "" where there is
+    none to read (on http, a file gone, no certificate in it): the check trusts the plan's CA
+    file, as before (and a source whose certificate cannot be read fails it either way)."""
+    name = (live or {}).get("cert_file")
+    if not name:
+        return ""
+    try:  # never a FIFO's endless read
+        return pem_fingerprint(read_regular(Path(name)))
+    except (OSError, NotRegularFile, PKIError):
+        return ""
 
 
 def served_live(journal: Journal, driver: Driver, facts: ServerFacts) -> dict[str, str]:
@@ -1008,6 +1029,7 @@ def rotate_plan(
         live,
         keep_frozen=keep_frozen,
         change=Change.ROTATE_CERT.value,
+        source_fingerprint=source_pin(live),
     )
     return Built(new_config, plan, staged.fingerprint or "")
 
@@ -1052,6 +1074,7 @@ def password_plan(
         live,
         keep_frozen=keep_frozen,
         change=Change.CHANGE_PASSWORD.value,
+        source_fingerprint=source_pin(live),
     )
     return Built(new_config, plan, "")
 
@@ -1206,6 +1229,7 @@ def rollback_plan(
     share_named(driver, _files_of(done.live_before))  # what the config going back names
     new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK)
     facts = driver.facts()
+    live = journal.live_tls()
     plan = Plan(
         facts,
         facts.schemes,
@@ -1215,9 +1239,10 @@ def rollback_plan(
         done.ca_file,
         "",
         done.live_before,
-        journal.live_tls(),
+        live,
         keep_frozen=keep_frozen,
         keep_edited=str(kept_config_path(driver, rollout_id)) if edited else "",
+        source_fingerprint=source_pin(_named_or(driver, live)) if "https" in facts.schemes else "",
     )
     return Built(old_config, plan, "")
 
@@ -1237,7 +1262,9 @@ def unjournalled_way_back(
     config, the one it replaces kept beside it (``kept_config_path``); any other refuses,
     saying what the admin does (``refused``'s reason and the config to set back by hand). Not
     for a journal that is a copy put back (``Journal.restored_copy_at``): its refusal says
-    where the way back went."""
+    where the way back went. An https config that cannot serve (``https_files_problem``) is
+    logged, never in the way; should the way back fail, the check of the config put back pins
+    the certificate it names (``source_pin``)."""
     facts = driver.facts()
     if "https" not in facts.schemes:
         return None
@@ -1248,7 +1275,23 @@ def unjournalled_way_back(
             f" data dir begun again?), and the {driver.name} driver cannot set it back to http:"
             f" set {driver.config_file} back to http by hand and restart the server"
         )
-    live = {**served_live(journal, driver, facts)}
+    # What the config names, as it names it (review s70 L6: ``served_live`` refused a config
+    # naming no key, "fix it, or set it back to http": the way back is how the admin sets it
+    # back to http, and writes nothing of the https files, so a broken https config is said,
+    # never in its way).
+    try:
+        named, unread = driver.named_files() or {}, ""
+    except ConfigError as exc:  # (a setting of the https files: the http config drops it)
+        named, unread = {}, str(exc)
+    live = {**named, "server_url": facts.url("https")}
+    if problem := unread or https_files_problem(driver, live):
+        log.warning(
+            "rollback.https_config_broken",
+            rollout_id=rollout_id,
+            problem=problem,
+            detail="the way back to http goes on: the http config names none of these files;"
+            " should it fail, the config put back is this one, and the server stays down",
+        )
     share_named(driver, ())
     new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK)
     plan = Plan(
@@ -1257,11 +1300,39 @@ def unjournalled_way_back(
         ("http",),
         new_file,
         backup,
-        Path(live.get("ca_file") or live["cert_file"]),  # (not read: http is not verified)
+        # The restore check (should the way back fail) pins the certificate the config names
+        # (review s70 L1: it trusted the client CA, or the certificate itself as a CA, and
+        # said "restore failed" of a server that was fine); this CA file is only for a
+        # certificate that cannot be read (the check fails then, as the server's start does).
+        Path(live.get("ca_file") or live.get("cert_file") or driver.config_file),
         "",
         None,
         live,
         keep_frozen=keep_frozen,
         keep_edited=str(kept_config_path(driver, rollout_id)),
+        source_fingerprint=source_pin(live),
     )
     return Built(config, plan, "")
+
+
+def https_files_problem(driver: Driver, live: dict[str, str]) -> str | None:
+    """Why the https config ``live`` holds (a driver's ``named_files``) cannot serve: no
+    certificate or key named, or one named that is not there (blocking); None if it names
+    both and both are there. Said by the way back, which goes on (``unjournalled_way_back``)."""
+    config = driver.config_file
+    if not (live.get("cert_file") and live.get("key_file")):
+        return f"the server's config {config} serves https but names no certificate and key"
+    gone = [live[k] for k in ("cert_file", "key_file") if not os.path.exists(live[k])]
+    if gone:
+        return f"the server's config {config} names {gone[0]}, which is not there"
+    return None
+
+
+def _named_or(driver: Driver, live: dict[str, str] | None) -> dict[str, str] | None:
+    """The https files the server's config names (``Driver.named_files``), where the driver
+    reads them and the config names a certificate, else ``live`` (the journal's)."""
+    try:
+        named = driver.named_files()
+    except ConfigError:  # (a setting the way back puts back as it is: the restore check says)
+        return live
+    return named if named and named.get("cert_file") else live

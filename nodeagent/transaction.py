@@ -513,6 +513,13 @@ class Plan:
     # (``plans.edited_since``): where that file is kept before the write replaces it
     # (``Runner._keep_edited``); "" keeps nothing (a release before it ignores the key).
     keep_edited: str = ""
+    # The certificate the source serves on https (``sha256:<hex>``), where tlsroll may not
+    # know its issuer (files the server's config names: ``plans.served_live``, the way back
+    # no switch in the journal made): the restore check pins it (``Checks.check_pinned``)
+    # instead of trusting ``ca_file``, which is the target's CA or the config's client CA,
+    # not the source certificate's issuer (review s70 L1: "restore failed" of a server that
+    # was fine). "" trusts ``ca_file``, as before (a release before it ignores the key).
+    source_fingerprint: str = ""
 
     def to_json(self) -> dict[str, Any]:
         f = self.facts
@@ -529,6 +536,7 @@ class Plan:
             "keep_frozen": self.keep_frozen,
             "change": self.change,
             **({"keep_edited": self.keep_edited} if self.keep_edited else {}),
+            **({"source_fingerprint": self.source_fingerprint} if self.source_fingerprint else {}),
         }
 
     @classmethod
@@ -547,6 +555,7 @@ class Plan:
             keep_frozen=bool(data.get("keep_frozen", False)),
             change=str(data.get("change", "")),
             keep_edited=str(data.get("keep_edited", "")),
+            source_fingerprint=str(data.get("source_fingerprint", "")),
         )
 
 
@@ -561,6 +570,7 @@ class Checks:
     check_https: Callable[[str, int, str, bytes, str | None], Awaitable[str | None]] = (
         probe.check_https
     )
+    check_pinned: Callable[[str, int, str, str], Awaitable[str | None]] = probe.check_pinned
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -822,7 +832,7 @@ class Runner:
             live, looked = None, f"its live config cannot be read ({describe(exc)})"
         target = txn.target_config or await dbthread.run(_read_or_none, plan.new_config_file)
         source = txn.source_config or await dbthread.run(_read_or_none, plan.backup_file)
-        outcome, fingerprint = TxnOutcome.FAILED, ""
+        outcome, fingerprint, pin = TxnOutcome.FAILED, "", ""
         schemes: tuple[str, ...] = ()
         if live is not None:
             if target is None or source is None or target == source:
@@ -832,12 +842,14 @@ class Runner:
                 fingerprint, looked = plan.target_fingerprint, "the server runs its target"
             elif live == source:
                 outcome, schemes = TxnOutcome.ROLLED_BACK, plan.source_schemes
-                looked = "the server runs its source"
+                pin, looked = plan.source_fingerprint, "the server runs its source"
             else:
                 looked = "the server's live config is neither its target nor its source"
         if outcome is not TxnOutcome.FAILED:
             try:
-                problems = await self._problems(plan, schemes, fingerprint, None)
+                problems = await self._problems(
+                    plan, schemes, pin or fingerprint, None, pinned=bool(pin)
+                )
             except Exception as exc:  # the CA file gone, the server's status unreadable
                 problems = [describe(exc)]
             if problems:
@@ -2069,6 +2081,8 @@ class Runner:
         schemes: tuple[str, ...],
         fingerprint: str,
         watermark: int | None,
+        *,
+        pinned: bool = False,
     ) -> None:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(VERIFY_ATTEMPTS),
@@ -2079,7 +2093,9 @@ class Runner:
         ):
             with attempt:
                 ca_pem = self._cas.get((txn.rollout_id, txn.kind.value))
-                problems = await self._problems(plan, schemes, fingerprint, watermark, ca_pem)
+                problems = await self._problems(
+                    plan, schemes, fingerprint, watermark, ca_pem, pinned=pinned
+                )
                 if problems:
                     raise StepFailed("; ".join(problems))
 
@@ -2090,14 +2106,18 @@ class Runner:
         fingerprint: str,
         watermark_was: int | None,
         staged_ca: bytes | None = None,
+        *,
+        pinned: bool = False,
     ) -> list[str]:
         """What is wrong with the server as ``schemes`` want it: each scheme's port and the
         watermark, asked at once on the event loop (they are independent; the freeze window
         waits for them), reported in this order. ``staged_ca``: the CA as the switch's staging
-        read it."""
+        read it. ``pinned``: https must present ``fingerprint``, whoever issued it (no CA)."""
         f, checks = plan.facts, self.checks
 
         async def https() -> str | None:
+            if "https" in schemes and pinned:
+                return await checks.check_pinned(f.address, f.https_port, f.app_path, fingerprint)
             if "https" in schemes:
                 # The CA as the switch's staging read it (``stage``); else (a transaction
                 # resumed after a restart) read here. Only for https: the way back to http
@@ -2135,7 +2155,10 @@ class Runner:
         return {}
 
     async def _verify_source(self, txn: Txn, plan: Plan) -> dict[str, Any]:
-        await self._verify(txn, plan, plan.source_schemes, "", None)
+        """The restore check: the source back as it was (``Plan.source_fingerprint``: by the
+        certificate it served, else trusting ``ca_file``)."""
+        pin = plan.source_fingerprint
+        await self._verify(txn, plan, plan.source_schemes, pin, None, pinned=bool(pin))
         return {}
 
     async def _unfreeze(self, txn: Txn, plan: Plan) -> dict[str, Any]:

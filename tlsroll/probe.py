@@ -30,6 +30,7 @@ journal, the logs, the leader's store and the viewer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import http.client
 import io
@@ -39,6 +40,7 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
+from tlsroll import tls
 from tlsroll.errors import TerminalError, raise_if_local
 from tlsroll.httpcheck import PROBE_HEADERS, asked_for_a_certificate, reason, trusting
 
@@ -314,17 +316,46 @@ async def check_https(
     (trusting only ``ca_pem``, the address checked against the certificate), else what is wrong
     (``LocalResourceError`` if the checking side ran short). The certificate is taken right
     after the handshake, before the request (a server may close after its answer)."""
+    url = f"https://{address}:{port}{path}"
+    look = _presents(address, port, fingerprint)
+    return await _check(url, address, port, path, timeout, trusting(ca_pem), look)
+
+
+async def check_pinned(
+    address: str, port: int, path: str, fingerprint: str, timeout: float = 5.0
+) -> str | None:
+    """None if https on ``address:port`` serves ``path`` with the certificate ``fingerprint``
+    (``sha256:<hex>`` of its DER), whoever issued it, else what is wrong (as ``check_https``).
+    For a certificate tlsroll did not install, whose issuer it does not know: the restore
+    check of a change or way back whose source serves one (``Plan.source_fingerprint``). The
+    handshake still proves that the server holds the certificate's key."""
+    if not fingerprint:
+        raise ValueError("check_pinned needs a fingerprint")
+    url = f"https://{address}:{port}{path}"
+    look = _presents(address, port, fingerprint, "the certificate it served before")
+    return await _check(url, address, port, path, timeout, _pinning(), look)
+
+
+@functools.cache
+def _pinning() -> ssl.SSLContext:
+    """``check_pinned``'s context, made once: any certificate, checked by its pin alone."""
+    return tls.unverified_client_context()
+
+
+def _presents(
+    address: str, port: int, fingerprint: str | None, expected: str = "the staged certificate"
+) -> Callable[[asyncio.StreamWriter], str | None]:
+    """A probe's look at its connection: what is wrong if the server presents no certificate,
+    or (``fingerprint`` given) another one than ``fingerprint`` (``expected`` says which)."""
 
     def certificate(writer: asyncio.StreamWriter) -> str | None:
-        tls = writer.get_extra_info("ssl_object")
-        der = tls.getpeercert(binary_form=True) if tls is not None else None
+        tls_object = writer.get_extra_info("ssl_object")
+        der = tls_object.getpeercert(binary_form=True) if tls_object is not None else None
         if der is None:
             raise _Answer("the server presented no certificate")
         served = "sha256:" + hashlib.sha256(der).hexdigest()
         if fingerprint and served != fingerprint:
-            staged = f"not the staged certificate {fingerprint}"
-            return f"https://{address}:{port} presents {served}, {staged}"
+            return f"https://{address}:{port} presents {served}, not {expected} {fingerprint}"
         return None
 
-    url = f"https://{address}:{port}{path}"
-    return await _check(url, address, port, path, timeout, trusting(ca_pem), certificate)
+    return certificate

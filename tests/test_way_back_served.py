@@ -1,0 +1,341 @@
+"""The agent's plans of a node whose server serves https from files the journal does not hold
+(its agent's data dir begun again, a config changed by hand): the corners a review of session
+70's change found (review s70 L1, L3, L4, L6). In process: the reference driver reads a real
+config file; the restore check's server is a real TLS listener on a loopback address of the
+test's own, serving a certificate no CA of tlsroll's issued; no daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import ssl
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from nodeagent import plans
+from nodeagent.drivers import ReferenceDriver, make_driver
+from nodeagent.journal import Journal, Txn
+from nodeagent.transaction import Phase, Plan, Runner
+from tests import byo_certs
+from tests.conftest import next_loopback
+from tests.private_files import write_private
+from tlsroll import pki
+from tlsroll.config import ConfigFile, dump_toml
+from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.errors import UnsafePermissions
+
+APP = "/praxis"
+HTTPS_PORT = 8443
+
+
+class QuietReference(ReferenceDriver):
+    """The reference driver with its config and files as they are, and the server's process
+    stood in for: a restart changes nothing (the test's TLS listener stays what it serves),
+    the freeze is granted at watermark 0."""
+
+    async def restart(self) -> None:
+        return None
+
+    async def status(self) -> dict[str, Any]:
+        return {"frozen": False, "watermark": 0}
+
+    async def freeze(self, drain_timeout: float) -> int:
+        return 0
+
+    async def unfreeze(self) -> None:
+        return None
+
+    async def health(self) -> str | None:
+        return None
+
+    async def watermark(self) -> int:
+        return 0
+
+
+@dataclass
+class Served:
+    """A node's config dir with a certificate of the admin's own CA (``cert``), its key, and a
+    client CA of another issuer (as tlsroll's CA is to a hand-made certificate)."""
+
+    address: str
+    etc: Path
+    cert: Path
+    key: Path
+    client_ca: Path
+    fingerprint: str
+    journal: Journal
+    txn_dir: Path
+
+    def driver(self, **server: Any) -> QuietReference:
+        settings: dict[str, Any] = {
+            "address": self.address,
+            "app_path": APP,
+            "https_port": HTTPS_PORT,
+            "listen": ["https"],
+            "data_dir": str(self.etc.parent / "data"),
+            "cert_file": self.cert.name,  # relative: to the config's directory
+            "key_file": self.key.name,
+            "client_ca_file": str(self.client_ca),
+        }
+        settings.update(server)
+        for key in [k for k, v in settings.items() if v is None]:
+            del settings[key]
+        config = self.etc / "server.toml"
+        config.write_text(dump_toml({"server": settings}))
+        return QuietReference(config, self.etc.parent / "refserver.log")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    address = next_loopback()
+    etc = tmp_path / "etc"
+    etc.mkdir(mode=0o700)
+    own = byo_certs.make_ca("Praxis own")
+    cert, key = byo_certs.leaf(own, [address])
+    (etc / "own.pem").write_bytes(byo_certs.pem(cert))
+    write_private(etc / "own.key", byo_certs.key_pem(key))
+    (etc / "client-ca.pem").write_bytes(byo_certs.make_ca("tlsroll CA").pem)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    yield Served(
+        address,
+        etc,
+        etc / "own.pem",
+        etc / "own.key",
+        etc / "client-ca.pem",
+        pki.fingerprint(cert),
+        journal,
+        tmp_path / "txn",
+    )
+    journal.close()
+
+
+@pytest.fixture
+async def https_listener(served: Served) -> AsyncIterator[None]:
+    """The node's https as the server serves it: ``own.pem``, 200 on any GET."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(served.cert, served.key)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, served.address, HTTPS_PORT, ssl=context)
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def run(served: Served, driver: QuietReference, built: plans.Built, rollout: str) -> Txn:
+    """``built`` journalled as rollout ``rollout``'s way back and run to its end (the runner's
+    waits between verify attempts cut short)."""
+
+    async def no_wait(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    def clock() -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    runner = Runner(served.journal, driver, clock, sleep=no_wait)
+    txn = served.journal.create(
+        Txn(
+            rollout,
+            TxnKind.ROLLBACK,
+            1,
+            Phase.STARTED,
+            built.plan.to_json(),
+            clock() + dt.timedelta(minutes=1),
+            target_config=built.config,
+            source_config=driver.read_config(),
+        )
+    )
+    return await runner.run(txn)
+
+
+@pytest.mark.parametrize("client_ca", ["another issuer's", "none"])
+async def test_the_restore_check_of_a_way_back_no_switch_made_pins_the_certificate_served(
+    served: Served, https_listener: None, client_ca: str
+) -> None:
+    """Review s70 L1: the way back to http of a server on https whose switch the journal does
+    not hold (``plans.unjournalled_way_back``) took the config's client CA as the issuer of
+    the server's certificate, or without one the certificate itself as a CA: should the way
+    back fail (here: http does not answer), the config from before is put back and checked,
+    and that check failed against a server that served https as before ("certificate verify
+    failed": the node failed, needing the admin). Now the check pins the certificate the
+    config names, whoever issued it: the way back is rolled back, the server as it was."""
+    driver = served.driver(client_ca_file=None if client_ca == "none" else str(served.client_ca))
+    https_config = driver.read_config()
+    built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    assert built.plan.source_fingerprint == served.fingerprint
+    assert Plan.from_json(built.plan.to_json()) == built.plan
+
+    done = await run(served, driver, built, "b1")
+
+    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+    assert done.reason.startswith("verify: "), done.reason  # (http never answered)
+    assert driver.read_config() == https_config
+
+
+async def test_a_restore_check_by_pin_fails_on_another_certificate(
+    served: Served, https_listener: None
+) -> None:
+    """The pin is a check, not a pass: a server that serves another certificate than the one
+    its config names fails the restore check (the node needs the admin, as before)."""
+    driver = served.driver()
+    built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    other = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])[0]
+    pinned = replace(built.plan, source_fingerprint=pki.fingerprint(other))
+
+    done = await run(served, driver, built._replace(plan=pinned), "b2")
+
+    assert done.outcome is TxnOutcome.FAILED, done.reason
+    assert f"not the certificate it served before {pki.fingerprint(other)}" in done.reason
+
+
+@pytest.mark.parametrize("broken", ["no key named", "the key file gone", "an empty key setting"])
+def test_a_broken_https_config_does_not_block_the_way_back_to_http(
+    served: Served, broken: str
+) -> None:
+    """Review s70 L6: a config on https that cannot serve (it names no key, or a key that is
+    not there, or a setting the agent cannot read) refused the way back of a node whose
+    journal holds no switch ("fix it, or set it back to http, then run enable-tls"): the way
+    back is how the admin sets it back to http, and it writes nothing of the https files. It
+    goes on, the problem said."""
+    if broken == "no key named":
+        driver = served.driver(key_file=None)
+        problem = "serves https but names no certificate and key"
+    elif broken == "an empty key setting":
+        driver = served.driver(key_file="")
+        problem = "[server].key_file: must not be empty"
+    else:
+        driver = served.driver(key_file="gone.key")
+        problem = f"names {served.etc / 'gone.key'}, which is not there"
+    with structlog.testing.capture_logs() as logs:
+        built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    server = tomllib.loads(built.config.decode())["server"]
+    assert server["listen"] == ["http"] and "cert_file" not in server and "key_file" not in server
+    assert built.plan.target_schemes == ("http",)
+    said = [e for e in logs if e["event"] == "rollback.https_config_broken"]
+    assert len(said) == 1 and problem in said[0]["problem"], logs
+    assert said[0]["log_level"] == "warning" and said[0]["detail"]
+
+
+def stage(journal: Journal, directory: Path, rollout_id: str, fingerprint: str) -> None:
+    journal.record_csr(rollout_id, directory / "server.key", b"csr")
+    journal.record_stage(
+        rollout_id,
+        directory / "server.pem",
+        directory / "ca.pem",
+        fingerprint,
+        dt.datetime(2027, 1, 1, tzinfo=dt.UTC),
+    )
+
+
+def test_files_the_config_names_through_a_link_stay_the_link(served: Served) -> None:
+    """Review s70 L4: a file the reference server's config names by a relative path was
+    resolved (``Section.path``): a verifier named ``verifier.json``, a link the admin repoints
+    to ``pw/v3.json``, became ``pw/v1.json`` in the plans, the journal and the config a
+    rotation wrote (the link gone from it: the admin's next repoint changed nothing, and the
+    agent's bootstrap service served the old verifier). Now the link is named, as a link
+    named by an absolute path always was; so is a certificate named through one."""
+    (served.etc / "pw").mkdir()
+    (served.etc / "pw" / "v1.json").write_text("{}")
+    os.symlink("pw/v1.json", served.etc / "verifier.json")
+    os.symlink(served.cert.name, served.etc / "current.pem")
+    driver = served.driver(auth_verifier_file="verifier.json", cert_file="current.pem")
+    named = driver.named_files()
+    assert named["verifier_file"] == str(served.etc / "verifier.json")
+    assert named["cert_file"] == str(served.etc / "current.pem")
+
+    stage(served.journal, plans.stage_dir(driver, "r2"), "r2", "sha256:" + "1" * 64)
+    built = plans.rotate_plan(served.journal, driver, served.txn_dir, "r2", None)
+    server = tomllib.loads(built.config.decode())["server"]
+    assert server["auth_verifier_file"] == str(served.etc / "verifier.json")
+    assert built.plan.live_tls is not None and built.plan.live_before is not None
+    assert built.plan.live_tls["verifier_file"] == str(served.etc / "verifier.json")
+    assert built.plan.live_before["cert_file"] == str(served.etc / "current.pem")
+    assert built.plan.source_fingerprint == served.fingerprint  # (read through the link)
+
+
+@pytest.mark.parametrize("journal_holds", ["nothing", "other files"])
+def test_finalize_plans_from_the_files_the_config_names(served: Served, journal_holds: str) -> None:
+    """Review s70 L3: finalize (the transitional strategy's second phase) planned from the
+    journal alone, unlike the switch and the way back since session 70: a dual node whose
+    agent's journal was begun again was refused ("not dual"), and one whose config was
+    changed since its phase-1 switch (another certificate named by hand) was finalized with
+    the journal's files, the ones the server no longer serves. Now the files the config
+    names are the ones kept, and verify wants that certificate."""
+    driver = served.driver(listen=["http", "https"])
+    if journal_holds == "other files":
+        stale = plans.stage_dir(driver, "r1")
+        live = {
+            "cert_file": str(stale / "server.pem"),
+            "key_file": str(stale / "server.key"),
+            "ca_file": str(stale / "ca.pem"),
+            "verifier_file": "",
+            "server_url": f"https://{served.address}:{HTTPS_PORT}{APP}",
+        }
+        plan = Plan(
+            driver.facts(),
+            ("http",),
+            ("http", "https"),
+            served.txn_dir / "r1-switch.new",
+            served.txn_dir / "r1-switch.old",
+            stale / "ca.pem",
+            "sha256:" + "2" * 64,
+            live,
+        )
+        txn = served.journal.create(
+            Txn("r1", TxnKind.SWITCH, 1, Phase.VERIFIED, plan.to_json(), dt.datetime.now(dt.UTC))
+        )
+        served.journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+
+    built = plans.finalize_plan(served.journal, driver, served.txn_dir, "r1f", None)
+
+    server = tomllib.loads(built.config.decode())["server"]
+    assert server["listen"] == ["https"]
+    assert server["cert_file"] == str(served.cert) and server["key_file"] == str(served.key)
+    assert built.fingerprint == served.fingerprint == built.plan.target_fingerprint
+    assert built.plan.live_tls is not None
+    assert built.plan.live_tls["cert_file"] == str(served.cert)
+    assert built.plan.source_fingerprint == served.fingerprint
+
+
+@pytest.mark.parametrize("named", ["relative", "absolute"])
+def test_a_server_config_that_is_a_link_is_refused_however_the_agent_names_it(
+    served: Served, named: str
+) -> None:
+    """Review s70 L4 (the same resolve): the agent's ``[server] config_file`` named by a
+    relative path was resolved, so a symbolic link there was followed and its target replaced
+    (in a directory the agent was never told of), while the same link named by its absolute
+    path is refused, saying which path to name (review s64 M2). Both are refused now."""
+    real = served.driver().config_file
+    srv = served.etc.parent / "srv"
+    srv.mkdir()
+    real.rename(srv / "server.toml")
+    real.symlink_to(srv / "server.toml")
+    agent_toml = served.etc.parent / "agent.toml"
+    value = "etc/server.toml" if named == "relative" else str(real)
+    agent_toml.write_text(dump_toml({"server": {"driver": "reference", "config_file": value}}))
+    section = ConfigFile.load(agent_toml).section("server")
+
+    driver = make_driver(section, served.address, served.etc.parent / "agent-data")
+
+    assert driver.config_file == real and driver.config_file.is_symlink()
+    with pytest.raises(UnsafePermissions, match=f"set config_file = {srv / 'server.toml'}"):
+        plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    assert (srv / "server.toml").read_bytes() == real.read_bytes()  # (untouched)
