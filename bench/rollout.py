@@ -268,6 +268,7 @@ class Run:
     switches: int = 0  # the leader's context switches during the rollout, all its threads
     loop_switches: int = 0  # of them, its main thread's (the event loop)
     switches_by_name: dict[str, tuple[int, int]] = field(default_factory=dict)
+    cpu_by_name: dict[str, float] = field(default_factory=dict)  # its CPU (s) by thread name
     # The leader's context switches and CPU (fine: schedstat) over the StartRollout call alone
     # (its planning: the agents asked, their way in proved, the first channels opened), and
     # its context switches per second while idle just before it (heartbeats, the engine's
@@ -442,6 +443,7 @@ def one_run(
             switches=switches.total,
             loop_switches=switches.main,
             switches_by_name=switches.by_name(),
+            cpu_by_name=switches.cpu_by_name(),
             start_switches=start1[0] - start0[0],
             start_cpu=start1[1] - start0[1],
             idle_rate=idle_rate,
@@ -947,8 +949,9 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(
                 f"{k} {v / run.nodes:.0f} ({t})" for k, (t, v) in run.switches_by_name.items()
             )
-            + ")"
-            f"{ans}",
+            + "); CPU ms/node by thread name: "
+            + ", ".join(f"{k} {v / run.nodes * 1000:.1f}" for k, v in run.cpu_by_name.items())
+            + ans,
             flush=True,
         )
     report(runs)

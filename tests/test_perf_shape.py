@@ -1622,6 +1622,49 @@ def test_the_outside_check_makes_its_tls_context_once_per_ca(
     assert made == [ca_pem, other]
 
 
+def test_an_https_probe_that_passes_runs_no_python_for_each_tls_message(
+    loopback: Callable[[], str],
+    issue_cert: Callable[..., IssuedCert],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15 (session 71): every https probe (the leader's confirm of each node, the
+    agent's verify inside each freeze window) ran ssl's message callback, Python called for
+    each TLS message and record of the connection (35 in a check that passes, about a tenth
+    of a millisecond of CPU, 7 % of the check), only to say better why a server that wants a
+    client certificate gave no answer. Now it runs only once a probe ended so, in a handshake
+    made again to see (``tests/test_probe_client_cert.py``): none in a probe that passes."""
+    from tests.test_httpcheck import APP, OK_CLOSE, tiny_server
+
+    calls: list[int] = []
+    real = httpcheck._note_certificate_request
+
+    def counting(*args: Any) -> None:
+        calls.append(1)
+        real(*args)
+
+    monkeypatch.setattr(httpcheck, "_note_certificate_request", counting)
+    httpcheck.trusting.cache_clear()  # contexts made from now on take the counting callback
+    if hasattr(httpcheck, "noting"):
+        httpcheck.noting.cache_clear()
+    try:
+        address = loopback()
+        cert = issue_cert(address)
+        fingerprint = pki.fingerprint(pki.read_cert(cert.cert_file))
+        with tiny_server(
+            address, OK_CLOSE, tls.server_context(cert.cert_file, cert.key_file)
+        ) as port:
+            for _ in range(2):
+                check = probe.check_https(
+                    address, port, APP, cert.ca_file.read_bytes(), fingerprint
+                )
+                assert asyncio.run(check) is None
+        assert calls == [], len(calls)  # the old code: 35 per check here
+    finally:  # no context with the counting callback outlives the test
+        httpcheck.trusting.cache_clear()
+        if hasattr(httpcheck, "noting"):
+            httpcheck.noting.cache_clear()
+
+
 def staging_agent(tmp_path: Path, issued: IssuedCert) -> tuple[Any, Any, Any]:
     """The agent's service as far as ``_store_cert`` needs it (its journal only), with a
     rollout r1 whose key (``issued``'s) and CSR are journalled: the service, the staged key's

@@ -42,7 +42,7 @@ from typing import cast
 
 from tlsroll import tls
 from tlsroll.errors import TerminalError, raise_if_local
-from tlsroll.httpcheck import PROBE_HEADERS, asked_for_a_certificate, reason, trusting
+from tlsroll.httpcheck import PROBE_HEADERS, asked_for_a_certificate, noting, reason, trusting
 
 ANSWER_MAX = 1 << 20  # bytes: a probe reads at most this much of an answer's body
 HEAD_MAX = 1 << 20  # bytes: and of its head (its status lines and headers, 100 Continue's too)
@@ -249,11 +249,13 @@ async def _check(
     timeout: float,
     context: ssl.SSLContext | None = None,
     look: Callable[[asyncio.StreamWriter], str | None] | None = None,
+    ca_pem: bytes | None = None,
 ) -> str | None:
     """Connect (with TLS under ``context``, the address checked against the certificate),
     ``look`` at the connection before the request (what is wrong, or None), then GET ``path``:
     None if it answers 200, else what is wrong (``LocalResourceError`` if the checking side
-    ran short)."""
+    ran short). ``ca_pem``: the CA ``context`` trusts, to ask again whether the server wants
+    a client certificate if the connection ends after its handshake with no answer."""
     tls: object = None  # the connection's SSLObject, once its handshake is done
     try:
         async with asyncio.timeout(timeout):
@@ -270,7 +272,11 @@ async def _check(
             await _close(writer)
     except PROBE_ERRORS as exc:
         raise_if_local(exc, f"checking {url}")
-        if tls is not None and (why := _wants_a_certificate(tls, exc)) is not None:
+        if (
+            tls is not None
+            and ca_pem is not None
+            and (why := await _wants_a_certificate(address, port, ca_pem, exc, timeout))
+        ):
             return reason(url, _Answer(why))
         return reason(url, exc)
     return None if status == 200 else f"{url} answered {status}"
@@ -280,22 +286,46 @@ CERTIFICATE_REQUIRED = "TLSV13_ALERT_CERTIFICATE_REQUIRED"  # OpenSSL's reason f
 _ENDED = (http.client.RemoteDisconnected, ConnectionError, ssl.SSLError)
 
 
-def _wants_a_certificate(tls: object, exc: BaseException) -> str | None:
+ASK_SECONDS = 2.0  # at most, for the handshake that asks whether a certificate is wanted
+
+
+async def _wants_a_certificate(
+    address: str, port: int, ca_pem: bytes, exc: BaseException, timeout: float
+) -> str | None:
     """What to say of a connection that ended with no answer (``exc``) after its handshake, if
-    the server wants a client certificate, which a probe has none of: it asked for one
-    (``httpcheck.asked_for_a_certificate``) or sent TLS 1.3's alert certificate_required. The
-    workstation tool says the same of such a port; it said "not an HTTP answer
-    (RemoteDisconnected)" (review s66 logs L2). None otherwise."""
+    the server wants a client certificate, which a probe has none of: it sent TLS 1.3's alert
+    certificate_required, or it asks for one in a handshake made again to see
+    (``_asks_for_a_certificate``). The workstation tool says the same of such a port; it said
+    "not an HTTP answer (RemoteDisconnected)" (review s66 logs L2). None otherwise."""
     if not isinstance(exc, _ENDED):
         return None
     alert = isinstance(exc, ssl.SSLError) and exc.reason == CERTIFICATE_REQUIRED
-    if not (alert or asked_for_a_certificate(tls)):
+    if not (alert or await _asks_for_a_certificate(address, port, ca_pem, timeout)):
         return None
     how = getattr(exc, "reason", None) or type(exc).__name__
     return (
         "no answer without a client certificate: a port that wants client certificates, "
         f"which this check cannot present ({how})"
     )
+
+
+async def _asks_for_a_certificate(address: str, port: int, ca_pem: bytes, timeout: float) -> bool:
+    """Whether the server on ``address:port`` asks for a client certificate in a TLS handshake
+    (``httpcheck.noting``: its message callback sees the CertificateRequest), within
+    ``ASK_SECONDS`` at most; False if the handshake fails. Asked only once a probe ended with
+    no answer after its handshake: a probe that passes, as nearly all do, runs no Python for
+    each TLS message (issue 15, session 71)."""
+    try:
+        async with asyncio.timeout(min(timeout, ASK_SECONDS)):
+            _reader, writer = await asyncio.open_connection(
+                address, port, ssl=noting(ca_pem), server_hostname=address
+            )
+    except PROBE_ERRORS:
+        return False
+    try:
+        return asked_for_a_certificate(writer.get_extra_info("ssl_object"))
+    finally:
+        await _close(writer)
 
 
 async def check_http(address: str, port: int, path: str, timeout: float = 5.0) -> str | None:
@@ -318,7 +348,7 @@ async def check_https(
     after the handshake, before the request (a server may close after its answer)."""
     url = f"https://{address}:{port}{path}"
     look = _presents(address, port, fingerprint)
-    return await _check(url, address, port, path, timeout, trusting(ca_pem), look)
+    return await _check(url, address, port, path, timeout, trusting(ca_pem), look, ca_pem=ca_pem)
 
 
 async def check_pinned(
