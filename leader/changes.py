@@ -271,6 +271,8 @@ class ChangeSteps:
             make_csr=make_csr,
             # The way back renders no template: the agent leaves that check out.
             way_back=self.switch_kind is TxnKind.ROLLBACK,
+            # The agent says why its plan of it would be refused (``CheckRequest.change``).
+            change=CHANGE.wire(self.change),
         )
         request.leader_time.FromDatetime(ctx.clock())
         try:

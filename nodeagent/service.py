@@ -76,7 +76,7 @@ from tlsroll.rpc import (
     unauthenticated,
 )
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, types_pb2
-from tlsroll.wire import clients_message
+from tlsroll.wire import WireError, clients_message
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 ERRORS: dict[type[BaseException], grpc.StatusCode] = {
@@ -370,6 +370,28 @@ def _restarting_view(driver: Driver) -> agent_pb2.ServerView | None:
         healthy=False,
         detail=f"{SERVER_RESTARTING}by this node's agent for {ran:.0f} s (a switch, its way back)",
     )
+
+
+def _planned_change(number: int) -> Change | None:
+    """The change a Check or Preflight is for (``CheckRequest.change``): None if not said (a
+    leader of an earlier release) or one this agent does not know (a newer leader's)."""
+    try:
+        return CHANGE.read_optional(number, "change")
+    except WireError:
+        return None
+
+
+def _plan_problem(
+    journal: Journal, driver: Driver, facts: ServerFacts, change: Change | None, way_back: bool
+) -> str | None:
+    """``plans.plan_problem`` for the checks (blocking): a config it cannot read is the checks'
+    problem already (``cannot read the server's config``), not this."""
+    if change is None and not way_back:
+        return None
+    try:
+        return plans.plan_problem(journal, driver, facts, change, way_back=way_back)
+    except (DriverError, ConfigError, OSError):
+        return None
 
 
 class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
@@ -842,8 +864,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         edits = isinstance(request, agent_pb2.CheckRequest) and request.want_edited_config
         # The way back restores the kept http config and renders nothing: a template moved or
         # broken since the switch must not halt it (review s66 closing M1).
+        change = _planned_change(request.change)
         local_checks = asyncio.ensure_future(
-            asyncio.to_thread(self._local_checks, driver, edits=edits, renders=not request.way_back)
+            asyncio.to_thread(
+                self._local_checks,
+                driver,
+                edits=edits,
+                renders=not request.way_back,
+                change=change,
+                way_back=request.way_back,
+            )
         )
         try:
             health = await driver.status_problem()  # (none answered: not healthy)
@@ -881,14 +911,23 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         )
 
     def _local_checks(
-        self, driver: Driver, *, edits: bool = False, renders: bool = True
+        self,
+        driver: Driver,
+        *,
+        edits: bool = False,
+        renders: bool = True,
+        change: Change | None = None,
+        way_back: bool = False,
     ) -> tuple[ServerFacts | None, str, list[str], str]:
         """The checks on this machine (blocking): the server's facts from its config, or why
         the config could not be read, the ports taken and the config directory not writable,
         and (``edits``: asked) the config's path if it was edited since tlsroll wrote it
         (``plans.edited_config``: the way back would undo that; the leader's plan of it says
         so, review rev58a H2). ``renders``: the change renders a config (all but the way back,
-        which puts back the kept one), so a template that does not render is a problem."""
+        which puts back the kept one), so a template that does not render is a problem.
+        ``change`` (``way_back``: the way back), the change planned: why its plan would be
+        refused on this node as its server runs now (``plans.plan_problem``), first: it says
+        what to do by hand."""
         facts: ServerFacts | None = None
         unread, edited = "", ""
         try:
@@ -898,6 +937,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if edits and facts is not None:  # (on https only: a node on http has no way back)
             edited = plans.edited_config(self.journal, driver, facts.schemes)
         problems = self._port_problems(facts) if facts is not None else []
+        if facts is not None and (
+            refused := _plan_problem(self.journal, driver, facts, change, way_back)
+        ):
+            problems.insert(0, refused)
         unrendered = driver.render_problem() if renders else None
         if unrendered:  # a switch would refuse it (``plans.switch_plan``: ``driver.render``)
             problems.append(unrendered)

@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "d20c8c5f15c9"
+REVISION = "1dae0dd5bbee"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 
