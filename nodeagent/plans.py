@@ -35,7 +35,7 @@ from nodeagent.sharing import Sharing as Sharing  # noqa: PLC0414
 from nodeagent.sharing import _said_group_wide, _said_unkept, refuse_linked_config
 from nodeagent.sharing import refuse_unsafe_dir as refuse_unsafe_dir  # noqa: PLC0414
 from nodeagent.sharing import write_staged as write_staged  # noqa: PLC0414
-from nodeagent.transaction import Plan, describe
+from nodeagent.transaction import HTTP_WRITTEN, Plan, describe
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import (
@@ -1258,6 +1258,7 @@ def unjournalled_way_back(
         None,
         live,
         keep_frozen=keep_frozen,
+        change=HTTP_WRITTEN,  # its reason says the http config was written (``kept_reason``)
         keep_edited=str(kept_config_path(driver, rollout_id)),
     )
     return Built(config, plan, "")

@@ -594,6 +594,13 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
         assert live(other).schemes == ["https"], other.name
     (kept,) = node2.config_dir.glob(f"{node2.server.config_path.name}.before-rollback-*")
     assert kept.read_bytes() == https_config
+    # Its reason says what happened: the http config written, the https one kept; not "the
+    # config from before the switch is back", which no switch left (session 71, reenrol).
+    (row,) = [n for n in r["nodes"] if n["name"] == "node2"]
+    assert row["reason"] == (
+        f"the https config it replaced is kept as {kept}; the server's config was set to http,"
+        " every other setting kept (this agent's journal holds no switch to put back)"
+    ), row
 
 
 def hand_made_certificate(node: Node, directory: Path) -> str:
