@@ -212,8 +212,9 @@ async def observe(
             warm_certificates=name in warm,
             want_edited_config=edits,
             way_back=way_back,
-            change=CHANGE.wire(change) if change is not None else 0,
         )
+        if change is not None:
+            request.change = CHANGE.wire(change)
         request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
         return request
 
