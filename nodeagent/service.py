@@ -585,7 +585,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 # The server down, its config read: the way back can still take it to http.
                 configured_schemes=list(facts.schemes) if facts is not None else [],
             )
-        cert_pem, digest, config = await asyncio.to_thread(self._live_files, driver)
+        https = "https" in facts.schemes
+        cert_pem, digest, config = await asyncio.to_thread(self._live_files, driver, https)
         if "https" in facts.schemes:
             cert_pem = await self._served(driver, facts, status, config) or cert_pem
         failures, last_failure = login_failures(status)
@@ -643,17 +644,27 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self._served_seen = (key, now, pem) if quiet and _restarts(driver) == begun else None
         return pem
 
-    def _live_files(self, driver: Driver) -> tuple[bytes, str, tuple[int, int, int]]:
+    def _live_files(
+        self, driver: Driver, https: bool = False
+    ) -> tuple[bytes, str, tuple[int, int, int]]:
         """The certificate served on https and the digest of the live verifier (journal's
         ``live_tls``); empty where there is none or a file cannot be read. And the server's
         config file's (inode, size, mtime), zeros if none (``_served``'s), in the same worker
-        thread hop (a Check's view took one hop more for it)."""
+        thread hop (a Check's view took one hop more for it). ``https``: the server serves
+        https; a journal that holds no live verifier there (the agent's data dir begun again)
+        gives the one the server's config names, where the driver reads it back
+        (``Driver.named_files``: the reference server's), as the plans do
+        (``plans.served_live``): the digest was empty until the node's first change (session
+        71, reenrol)."""
         try:
             st = os.stat(driver.config_file)
             config = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
             config = (0, 0, 0)
         live = self.journal.live_tls() or {}
+        if https and not live.get("verifier_file"):
+            with contextlib.suppress(DriverError, ConfigError, OSError):
+                live = {**live, **(driver.named_files() or {})}
         cert_pem, digest = b"", ""
         with contextlib.suppress(OSError, ValueError, NotRegularFile):
             if live.get("cert_file"):

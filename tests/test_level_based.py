@@ -565,6 +565,9 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
     agent.start()
     cluster.wait_for_nodes_online(["node2"], timeout=30)
     revoked = node2.served_fingerprint()
+    # Its password's digest is the one its config names at once: it was empty until its first
+    # change, its journal holding no live verifier (session 71, reenrol).
+    assert live(node2).verifier_digest == digests["node2"]
     plan = cluster.cli("plan", "--nodes", "node2", "--change", "rotate-cert")
     assert plan.returncode == 0, (plan.stdout, plan.stderr)
     rotate = cluster.cli(
