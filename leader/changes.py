@@ -38,6 +38,7 @@ import grpc
 
 from leader import byo
 from leader.agent_client import (
+    REFUSAL_CODES,
     WATCHED_PHASES,
     AgentApi,
     NotHeardYet,
@@ -57,6 +58,7 @@ from leader.rollout_core import (
     Strategy,
     down_on_https,
     live_and_closed,
+    refused_reason,
     wrong_source,
 )
 from leader.schema_store import (
@@ -269,6 +271,8 @@ class ChangeSteps:
             make_csr=make_csr,
             # The way back renders no template: the agent leaves that check out.
             way_back=self.switch_kind is TxnKind.ROLLBACK,
+            # The agent says why its plan of it would be refused (``CheckRequest.change``).
+            change=CHANGE.wire(self.change),
         )
         request.leader_time.FromDatetime(ctx.clock())
         try:
@@ -476,7 +480,7 @@ class ChangeSteps:
                 await _store_sighting(ctx)
                 why = str(exc)[str(exc).index(NOT_QUIET) :]
                 return NodeEvent.SWITCH_HELD, peertext.clean(why, REASON_LIMIT)
-            return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
+            return NodeEvent.SWITCH_REFUSED, refused_reason("switch", str(exc))
         except BaseException:
             _drop_begun(ctx, key, early)  # the step runs again: its own check, if any
             raise
@@ -757,7 +761,7 @@ class DisableTls(ChangeSteps):
             # back (a plain GetTransaction): followed if so (review s63 faults, M1: recorded
             # "refused" while the agent took the node back to http).
             if not await self.switch_begun(ctx.agent, ctx.rollout.id):
-                return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
+                return NodeEvent.SWITCH_REFUSED, refused_reason("going back to http", str(exc))
         except NotHeardYet:
             # Not sent either: its agent not heard since the leader started, the store holds
             # no word of ``rollback.undoes``, and asked, it did not say what it implements.
@@ -767,6 +771,8 @@ class DisableTls(ChangeSteps):
             if not await self.switch_begun(ctx.agent, ctx.rollout.id):
                 raise
         except StepFailed as exc:  # refused before it began: the node is as it was
+            if exc.code in REFUSAL_CODES:  # its plan's refusal: nothing on the node changed
+                return NodeEvent.SWITCH_REFUSED, refused_reason("going back to http", str(exc))
             return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
         if outcome is TxnOutcome.ROLLED_BACK:

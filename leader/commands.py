@@ -70,7 +70,8 @@ class Observe(Protocol):
     nodes a start steps (``first``; every node's way in is proved by a TCP connection);
     ``edits``: asking too whether their server configs were edited since tlsroll wrote them
     (a plan of the way back to http only); ``way_back``: the question is for the way back
-    (a plan or a start), which renders no template, so the agents do not check it."""
+    (a plan or a start), which renders no template, so the agents do not check it;
+    ``change``: the change planned (the agents say why their plans of it would be refused)."""
 
     async def __call__(
         self,
@@ -80,6 +81,7 @@ class Observe(Protocol):
         first: FirstSteps | None,
         edits: bool = False,
         way_back: bool = False,
+        change: Change | None = None,
     ) -> dict[str, NodeObservation]: ...
 
 
@@ -440,6 +442,7 @@ class Commands:
         *,
         edits: bool = False,
         way_back: bool = False,
+        change: Change | None = None,
     ) -> tuple[dict[str, bool], dict[str, NodeObservation] | None]:
         """Which enrolled nodes are online, and what the online ones run. ``request``: a
         rollout's start (not a plan shown to the admin), whose first nodes' agents load their
@@ -472,7 +475,9 @@ class Commands:
             if request is not None and steps is not None
             else None
         )
-        seen = await self.observe(up, warm=warm, first=first, edits=edits, way_back=way_back)
+        seen = await self.observe(
+            up, warm=warm, first=first, edits=edits, way_back=way_back, change=change
+        )
         return online, seen
 
     def _in_order(self, request: RolloutRequest, up: Sequence[str]) -> Sequence[str]:
@@ -615,6 +620,7 @@ class Commands:
             rollout_id,
             edits=edits,
             way_back=request.change is Change.DISABLE_TLS,
+            change=request.change,
         )
         practice = sorted(
             name

@@ -224,6 +224,7 @@ _FAILED_EVENTS = frozenset(
         NodeEvent.PREFLIGHT_FAILED,
         NodeEvent.STAGE_FAILED,
         NodeEvent.SWITCH_ROLLED_BACK,
+        NodeEvent.SWITCH_REFUSED,
         NodeEvent.CONFIRM_ROLLED_BACK,
     }
 )

@@ -60,9 +60,10 @@ from cryptography import x509
 from leader.agent_client import STATUS_CODES, Agents, NodeDiskFull, StepFailed, call_failed
 from leader.rollout_core import CONFIG_READING_DRIVERS, SERVER_DOWN, NodeObservation
 from tlsroll import peertext, pki
-from tlsroll.enums import NEEDS_ADMIN, of_server, problem_of_server
+from tlsroll.enums import NEEDS_ADMIN, Change, of_server, problem_of_server
 from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
+from tlsroll.wire import CHANGE
 
 OBSERVE_TIMEOUT = 5.0
 # Agents asked over the channel at once (those that cannot answer on their heartbeat stream):
@@ -151,6 +152,7 @@ async def observe(
     warm: Collection[str] = frozenset(),
     edits: bool = False,
     way_back: bool = False,
+    change: Change | None = None,
     ask: Ask | None = None,
     reach: Reach | None = None,
     first: FirstSteps | None = None,
@@ -161,7 +163,8 @@ async def observe(
     asks each agent whether the server's config was edited since tlsroll wrote it
     (``CheckRequest.want_edited_config``; ``NodeObservation.edited_config``). ``way_back``:
     a plan or start of the way back, which renders no template (``CheckRequest.way_back``:
-    the agents leave that check out). ``ask``: the
+    the agents leave that check out). ``change``: the change planned, for which each agent
+    says why its plan would be refused on its node (``CheckRequest.change``). ``ask``: the
     question goes on the node's heartbeat stream where it can (the module's docstring), else
     over the agent pool's channel; then ``reach`` proves the leader's way in: a TCP
     connection, made while the question is out, but for a starting rollout's (``first``)
@@ -210,6 +213,8 @@ async def observe(
             want_edited_config=edits,
             way_back=way_back,
         )
+        if change is not None:
+            request.change = CHANGE.wire(change)
         request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
         return request
 

@@ -1292,12 +1292,14 @@ def undo_target(
 
 # The states of an enable-tls rollout's node that its switch took, or may have taken, to https
 # (a named way back takes these back: ``reached_nodes``); the others it never switched
-# (pending, preflight, staging, staged: halted before it; skipped) or took back (rolled_back).
+# (pending, preflight, staging, staged: halted before it; skipped; failed: its preflight, its
+# stage or its agent refused it, nothing on the node changed) or took back (rolled_back). A
+# switch its agent refused was shown rolled_back, and so left out; shown failed now
+# (``NodeEvent.SWITCH_REFUSED``), it stays out (session 71, reenrol).
 REACHED_NODE_STATES = frozenset(
     {
         NodeState.DONE,
         NodeState.DUAL,
-        NodeState.FAILED,
         NodeState.NEEDS_ATTENTION,
         NodeState.SWITCHING,
         NodeState.CONFIRMING,
@@ -1313,7 +1315,8 @@ def reached_nodes(
     """The nodes a named way back takes back: those the enable-tls ``target`` or its
     ``retries`` (``rollout retry``: the same rollout carried on, oldest first) switched or
     began to switch (``REACHED_NODE_STATES``), in their order. A node it left "already done"
-    (switched by an earlier rollout), never reached (halted before it) or took back itself is
+    (switched by an earlier rollout), never reached (halted before it, or failed before any
+    change: its preflight, its stage, its switch refused) or took back itself is
     not taken back by naming it (review s70: naming the rollout that switched one drifted node
     took back every node of the cluster; a node it halted before, which a later rollout
     switched, went back too)."""

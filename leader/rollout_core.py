@@ -20,6 +20,9 @@ orders, through these states::
     switching ─switch_done→ confirming ─confirm_done→ done
     preflight/staging ─*_failed→ failed              (nothing was changed on the node)
     switching ─switch_rolled_back→ rolled_back       (the agent rolled its transaction back)
+    switching ─switch_refused→ failed                (the agent refused to begin it: its plan
+                                                      found the node not ready; nothing on
+                                                      the node was changed: ``refused_reason``)
     confirming ─confirm_rolled_back→ rolled_back     (outside check failed; agent rolled back)
     switching ─switch_failed→ needs_attention        (even the agent's way back failed)
     confirming ─confirm_failed→ needs_attention      (outside check failed, and so did the
@@ -57,7 +60,8 @@ idempotent, keyed by rollout id + node + step).
 
 A node is *in flight* from the moment it leaves ``pending`` until it reaches a terminal state
 (``done``, ``dual``, ``failed``, ``rolled_back``, ``needs_attention``, ``skipped``). ``failed``,
-``rolled_back`` and ``needs_attention`` count against the failure budget. ``needs_attention``
+``rolled_back`` and ``needs_attention`` count against the failure budget (``failed``: nothing on
+the node was changed, ``rolled_back``: changed and undone). ``needs_attention``
 is the one outcome in which the node is in no known good state: neither the target verified nor
 the source restored; the schema and the CLI show it apart from a clean rollback.
 
@@ -171,6 +175,10 @@ class NodeEvent(StrEnum):
     SKIP_UNSENT = "skip_unsent"  # a switch never sent, of a draining rollout (planner only)
     SWITCH_DONE = "switch_done"
     SWITCH_ROLLED_BACK = "switch_rolled_back"
+    # The agent refused to begin the switch (or the way back): nothing began, nothing on the
+    # node was changed (its plan found it not ready: ``refused_reason``). Not "rolled back",
+    # which says something happened and was undone (session 71, reenrol).
+    SWITCH_REFUSED = "switch_refused"
     SWITCH_FAILED = "switch_failed"
     # finalize --when-quiet: the agent, reading its server's clients afresh just before the
     # switch, saw http within the quiet time; nothing began, the node waits at the gate again.
@@ -376,6 +384,23 @@ def left_cut_off(name: str) -> str:
         f" it never comes back; `tlsroll nodes remove {name}` (once the rollout has ended)"
         " revokes its server's certificate"
     )
+
+
+NOTHING_CHANGED = "nothing on the node was changed"
+"""What the reason of a node whose switch its agent refused says (``refused_reason``)."""
+
+
+def refused_reason(what: str, said: str) -> str:
+    """The reason of a node whose ``what`` ("switch", "going back to http") its agent refused
+    before it began (``NodeEvent.SWITCH_REFUSED``: the node ``failed``): the agent's one line
+    ``said`` (its plan found the node not ready, and says what to do), and that nothing on the
+    node was changed, unless the line says so itself. It showed ``rolled_back``, which says
+    something happened and was undone (session 71, reenrol)."""
+    said = said.strip().rstrip(";").rstrip()
+    shown = said.lower()
+    if NOTHING_CHANGED in shown or "nothing was changed" in shown:
+        return f"{what} refused: {said}"
+    return f"{what} refused: {said}; {NOTHING_CHANGED}"
 
 
 def cut_off_reason(change: Change, name: str) -> str:
@@ -923,6 +948,7 @@ NODE_TRANSITIONS: Mapping[NodeState, Mapping[NodeEvent, NodeState]] = {
     _N.SWITCHING: {
         _NE.SWITCH_DONE: _N.CONFIRMING,
         _NE.SWITCH_ROLLED_BACK: _N.ROLLED_BACK,
+        _NE.SWITCH_REFUSED: _N.FAILED,
         _NE.SWITCH_FAILED: _N.NEEDS_ATTENTION,
         _NE.SKIP_UNSENT: _N.SKIPPED,
         _NE.SWITCH_HELD: _N.PENDING,

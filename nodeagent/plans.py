@@ -35,7 +35,7 @@ from nodeagent.sharing import Sharing as Sharing  # noqa: PLC0414
 from nodeagent.sharing import _said_group_wide, _said_unkept, refuse_linked_config
 from nodeagent.sharing import refuse_unsafe_dir as refuse_unsafe_dir  # noqa: PLC0414
 from nodeagent.sharing import write_staged as write_staged  # noqa: PLC0414
-from nodeagent.transaction import Plan, describe
+from nodeagent.transaction import HTTP_WRITTEN, Plan, describe
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import (
@@ -1270,11 +1270,7 @@ def unjournalled_way_back(
         return None
     config = driver.http_config()
     if config is None:
-        raise PlanRefused(
-            f"{refused}; its server serves https from files this agent did not install (its"
-            f" data dir begun again?), and the {driver.name} driver cannot set it back to http:"
-            f" set {driver.config_file} back to http by hand and restart the server"
-        )
+        raise PlanRefused(_no_way_back(refused, driver))
     # What the config names, as it names it (review s70 L6: ``served_live`` refused a config
     # naming no key, "fix it, or set it back to http": the way back is how the admin sets it
     # back to http, and writes nothing of the https files, so a broken https config is said,
@@ -1309,6 +1305,7 @@ def unjournalled_way_back(
         None,
         live,
         keep_frozen=keep_frozen,
+        change=HTTP_WRITTEN,  # its reason says the http config was written (``kept_reason``)
         keep_edited=str(kept_config_path(driver, rollout_id)),
         source_fingerprint=source_pin(live),
     )
@@ -1336,3 +1333,53 @@ def _named_or(driver: Driver, live: dict[str, str] | None) -> dict[str, str] | N
     except ConfigError:  # (a setting the way back puts back as it is: the restore check says)
         return live
     return named if named and named.get("cert_file") else live
+
+
+def _no_way_back(refused: PlanRefused, driver: Driver) -> str:
+    """Why the way back to http of a server on https that no switch in this journal took there
+    is refused by a driver that cannot set its config back to http (``unjournalled_way_back``)."""
+    return (
+        f"{refused}; its server serves https from files this agent did not install (its"
+        f" data dir begun again?), and the {driver.name} driver cannot set it back to http:"
+        f" set {driver.config_file} back to http by hand and restart the server"
+    )
+
+
+KEEPS_HTTPS_FILES = frozenset({Change.ROTATE_CERT, Change.CHANGE_PASSWORD})
+"""The changes whose plans start from the https files the server serves (``served_live``)."""
+
+
+def plan_problem(
+    journal: Journal,
+    driver: Driver,
+    facts: ServerFacts,
+    change: Change | None,
+    *,
+    way_back: bool,
+) -> str | None:
+    """Why this agent's plan of ``change`` (``way_back``: of the way back to http) would be
+    refused on this node as its server runs now, else None: read-only, for the preflight's
+    checks (``Check``: `tlsroll plan` and a start; ``Preflight``), so that the leader shows
+    the node blocked with the plan's own line and refuses the start up front, before a key,
+    a certificate and a halted switch (session 71, reenrol; it said "will get a new
+    certificate", then the switch was refused). Only what a server on https whose files this
+    agent did not install decides (its data dir begun again, a disk replaced, the agent
+    enrolled again): rotate-cert and change-password where the driver cannot read the files
+    back (``served_live``), the way back where it cannot set the config back to http
+    (``unjournalled_way_back``). A node not on https is the leader's to judge (``NOT_ON_HTTPS``);
+    a journal that is a copy put back says so at the way back's switch, as before."""
+    if "https" not in facts.schemes:
+        return None
+    if way_back:
+        try:
+            switch_to_undo(journal, None)
+        except PlanRefused as refused:
+            if journal.restored_copy_at() is None and driver.http_config() is None:
+                return _no_way_back(refused, driver)
+        return None
+    if change in KEEPS_HTTPS_FILES:
+        try:
+            served_live(journal, driver, facts)
+        except PlanRefused as refused:
+            return str(refused)
+    return None

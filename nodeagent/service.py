@@ -76,7 +76,7 @@ from tlsroll.rpc import (
     unauthenticated,
 )
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, types_pb2
-from tlsroll.wire import clients_message
+from tlsroll.wire import WireError, clients_message
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 ERRORS: dict[type[BaseException], grpc.StatusCode] = {
@@ -372,6 +372,28 @@ def _restarting_view(driver: Driver) -> agent_pb2.ServerView | None:
     )
 
 
+def _planned_change(number: int) -> Change | None:
+    """The change a Check or Preflight is for (``CheckRequest.change``): None if not said (a
+    leader of an earlier release) or one this agent does not know (a newer leader's)."""
+    try:
+        return CHANGE.read_optional(number, "change")
+    except WireError:
+        return None
+
+
+def _plan_problem(
+    journal: Journal, driver: Driver, facts: ServerFacts, change: Change | None, way_back: bool
+) -> str | None:
+    """``plans.plan_problem`` for the checks (blocking): a config it cannot read is the checks'
+    problem already (``cannot read the server's config``), not this."""
+    if change is None and not way_back:
+        return None
+    try:
+        return plans.plan_problem(journal, driver, facts, change, way_back=way_back)
+    except (DriverError, ConfigError, OSError):
+        return None
+
+
 class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     # Its one caller past ``require_leader`` is the leader, which shows the admin an agent's
     # failure: it reads an OSError's path (``tlsroll.rpc.SHOWS_PATHS``).
@@ -563,7 +585,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 # The server down, its config read: the way back can still take it to http.
                 configured_schemes=list(facts.schemes) if facts is not None else [],
             )
-        cert_pem, digest, config = await asyncio.to_thread(self._live_files, driver)
+        https = "https" in facts.schemes
+        cert_pem, digest, config = await asyncio.to_thread(self._live_files, driver, https)
         if "https" in facts.schemes:
             cert_pem = await self._served(driver, facts, status, config) or cert_pem
         failures, last_failure = login_failures(status)
@@ -621,17 +644,27 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self._served_seen = (key, now, pem) if quiet and _restarts(driver) == begun else None
         return pem
 
-    def _live_files(self, driver: Driver) -> tuple[bytes, str, tuple[int, int, int]]:
+    def _live_files(
+        self, driver: Driver, https: bool = False
+    ) -> tuple[bytes, str, tuple[int, int, int]]:
         """The certificate served on https and the digest of the live verifier (journal's
         ``live_tls``); empty where there is none or a file cannot be read. And the server's
         config file's (inode, size, mtime), zeros if none (``_served``'s), in the same worker
-        thread hop (a Check's view took one hop more for it)."""
+        thread hop (a Check's view took one hop more for it). ``https``: the server serves
+        https; a journal that holds no live verifier there (the agent's data dir begun again)
+        gives the one the server's config names, where the driver reads it back
+        (``Driver.named_files``: the reference server's), as the plans do
+        (``plans.served_live``): the digest was empty until the node's first change (session
+        71, reenrol)."""
         try:
             st = os.stat(driver.config_file)
             config = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
             config = (0, 0, 0)
         live = self.journal.live_tls() or {}
+        if https and not live.get("verifier_file"):
+            with contextlib.suppress(DriverError, ConfigError, OSError):
+                live = {**live, **(driver.named_files() or {})}
         cert_pem, digest = b"", ""
         with contextlib.suppress(OSError, ValueError, NotRegularFile):
             if live.get("cert_file"):
@@ -842,8 +875,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         edits = isinstance(request, agent_pb2.CheckRequest) and request.want_edited_config
         # The way back restores the kept http config and renders nothing: a template moved or
         # broken since the switch must not halt it (review s66 closing M1).
+        change = _planned_change(request.change)
         local_checks = asyncio.ensure_future(
-            asyncio.to_thread(self._local_checks, driver, edits=edits, renders=not request.way_back)
+            asyncio.to_thread(
+                self._local_checks,
+                driver,
+                edits=edits,
+                renders=not request.way_back,
+                change=change,
+                way_back=request.way_back,
+            )
         )
         try:
             health = await driver.status_problem()  # (none answered: not healthy)
@@ -881,14 +922,23 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         )
 
     def _local_checks(
-        self, driver: Driver, *, edits: bool = False, renders: bool = True
+        self,
+        driver: Driver,
+        *,
+        edits: bool = False,
+        renders: bool = True,
+        change: Change | None = None,
+        way_back: bool = False,
     ) -> tuple[ServerFacts | None, str, list[str], str]:
         """The checks on this machine (blocking): the server's facts from its config, or why
         the config could not be read, the ports taken and the config directory not writable,
         and (``edits``: asked) the config's path if it was edited since tlsroll wrote it
         (``plans.edited_config``: the way back would undo that; the leader's plan of it says
         so, review rev58a H2). ``renders``: the change renders a config (all but the way back,
-        which puts back the kept one), so a template that does not render is a problem."""
+        which puts back the kept one), so a template that does not render is a problem.
+        ``change`` (``way_back``: the way back), the change planned: why its plan would be
+        refused on this node as its server runs now (``plans.plan_problem``), first: it says
+        what to do by hand."""
         facts: ServerFacts | None = None
         unread, edited = "", ""
         try:
@@ -898,6 +948,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if edits and facts is not None:  # (on https only: a node on http has no way back)
             edited = plans.edited_config(self.journal, driver, facts.schemes)
         problems = self._port_problems(facts) if facts is not None else []
+        if facts is not None and (
+            refused := _plan_problem(self.journal, driver, facts, change, way_back)
+        ):
+            problems.insert(0, refused)
         unrendered = driver.render_problem() if renders else None
         if unrendered:  # a switch would refuse it (``plans.switch_plan``: ``driver.render``)
             problems.append(unrendered)

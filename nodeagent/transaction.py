@@ -331,15 +331,29 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
-def kept_note(path: Path) -> str:
+HTTP_WRITTEN = "http-written"
+"""``Plan.change`` of a way back that writes the server's http config anew (its https one kept
+beside it): no switch in the agent's journal to put back (``plans.unjournalled_way_back``)."""
+
+
+def kept_note(path: Path, *, written: bool = False) -> str:
     """Where a way back kept the live config, edited since tlsroll wrote it
-    (``Runner._keep_edited``)."""
+    (``Runner._keep_edited``); ``written`` (``HTTP_WRITTEN``): the https config it replaced."""
+    if written:
+        return f"the https config it replaced is kept as {path}"
     return f"the config as edited since the switch is kept as {path}"
 
 
-def kept_reason(path: Path) -> str:
+def kept_reason(path: Path, *, written: bool = False) -> str:
     """What a way back that kept the live config, edited since tlsroll wrote it, says of it
-    (its transaction's reason, shown beside the node by the leader)."""
+    (its transaction's reason, shown beside the node by the leader). ``written``
+    (``HTTP_WRITTEN``): no config from before a switch was put back, the http one was written
+    anew; it said "the config from before the switch is back" (session 71, reenrol)."""
+    if written:
+        return (
+            f"{kept_note(path, written=True)}; the server's config was set to http, every other"
+            " setting kept (this agent's journal holds no switch to put back)"
+        )
     return (
         f"{kept_note(path)}; the config from before the switch is back (make those edits again"
         " if they are still wanted)"
@@ -352,7 +366,7 @@ def _still_kept(txn: Txn, plan: Plan, reason: str) -> str:
     of s59-wayback L3), which tlsroll never removes."""
     if not plan.keep_edited:
         return reason
-    note = kept_note(Path(plan.keep_edited))
+    note = kept_note(Path(plan.keep_edited), written=plan.change == HTTP_WRITTEN)
     return f"{reason} ({note})" if txn.reason.startswith(note) else reason
 
 
@@ -1882,7 +1896,9 @@ class Runner:
         kept = await dbthread.run(lambda: self._put_target(txn, plan, _staged_now(staged)))
         # The node's outcome says where the edited config is (the leader shows the reason of a
         # completed way back beside the node: ``leader.changes.DisableTls``).
-        return {"reason": kept_reason(kept)} if kept is not None else {}
+        if kept is None:
+            return {}
+        return {"reason": kept_reason(kept, written=plan.change == HTTP_WRITTEN)}
 
     def stage(self, txn: Txn) -> Staged | None:
         """Blocking: ``txn``'s target config written and fsynced beside the live one

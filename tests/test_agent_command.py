@@ -169,6 +169,9 @@ class StillDriver:
     def render_problem(self) -> str | None:  # (the checks' since review s66 walk M1)
         return None  # renders from no template
 
+    def named_files(self) -> dict[str, str] | None:  # (a view's, on https: session 71)
+        return None  # reads no files back from its config, as a template driver
+
     async def status(self) -> dict[str, Any]:
         return {"frozen": False, "watermark": 0}
 

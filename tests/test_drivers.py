@@ -685,6 +685,61 @@ def test_the_way_back_is_not_blocked_by_a_template_it_does_not_render(
     assert node.get("http").status == 200
 
 
+def test_a_node_whose_agent_lost_its_journal_is_blocked_up_front_where_its_driver_cannot_change_it(
+    cluster: Cluster, nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """Session 71, reenrol (2): an exec node on https whose agent lost its journal (its data
+    dir begun again, a disk replaced) cannot be rotated nor taken back by tlsroll: the driver
+    cannot read its https files back from the config it renders. `tlsroll plan` said "will get
+    a new certificate", the start signed one, and the switch was refused (the node shown
+    rolled back). Now the agent's read-only checks say its plan's one line: the plan shows the
+    node blocked with it (exit 1), the start is refused up front, the way back's prompt names
+    it; nothing on the node changes."""
+    node, _control = exec_node(nodes, timeout=20)
+    password = tmp_path / "pw"
+    password.touch(0o600)
+    password.write_text("the-practice-password-for-a-lost-journal\n")
+    start = cluster.cli(
+        "rollout", "start", "--nodes", node.name, "--password-file", str(password), "--yes",
+        "--wait", timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    agent = node.agent
+    assert agent is not None
+    agent.stop()
+    for suffix in ("", "-wal", "-shm"):  # the journal lost (the agent's key and certificate kept)
+        Path(f"{node.journal_path}{suffix}").unlink(missing_ok=True)
+    Journal(node.journal_path).close()  # begun empty (as `tlsroll-agent --reinitialise` does)
+    node.start_agent_heard()
+    before = (node.server.config_path.read_bytes(), node.served_fingerprint())
+    newest = [r["id"] for r in cluster.schema_json()["rollouts"]]
+    by_hand = f"the exec driver cannot read them from {node.server.config_path}"
+
+    plan = cluster.cli("plan", "--nodes", node.name, "--change", "rotate-cert")
+    said = " ".join(plan.stdout.split())
+    assert plan.returncode == 1 and "Traceback" not in plan.stderr, plan.stdout + plan.stderr
+    assert "blocked: the server serves https on port" in said and by_hand in said, said
+    assert "will get a new certificate" not in said, said
+    rotate = cluster.cli(
+        "rollout", "start", "--nodes", node.name, "--change", "rotate-cert", "--yes", "--wait"
+    )
+    (line,) = rotate.stderr.splitlines()
+    assert rotate.returncode != 0 and "cannot start" in line and by_hand in line, line
+    back = cluster.cli("rollout", "rollback")  # its prompt; not a terminal: nothing started
+    said = " ".join(back.stdout.split())
+    assert back.returncode == 2 and f"{node.name}: blocked: " in said, back.stdout + back.stderr
+    assert f"set {node.server.config_path} back to http by hand" in said, said
+
+    assert [r["id"] for r in cluster.schema_json()["rollouts"]] == newest  # none was made
+    assert (node.server.config_path.read_bytes(), node.served_fingerprint()) == before
+    assert node.journal_query("SELECT * FROM staged") == []
+    assert node.journal_query("SELECT * FROM txns") == []
+    # Out of the module's cluster: a node left on https with this test's password, then
+    # stopped, would hold the next start's password check ("cannot confirm ...: offline").
+    removed = cluster.cli("nodes", "remove", node.name, "--yes")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+
+
 def test_the_way_backs_prompt_names_a_blocked_node_with_its_reasons(
     cluster: Cluster, nodes: NodeFactory, tmp_path: Path
 ) -> None:

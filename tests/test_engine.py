@@ -2085,7 +2085,8 @@ def switch_refused(agent: FakeAgent) -> None:
     [
         (switch_fails, N.NEEDS_ATTENTION, "restoring the old config failed: disk full"),
         (switch_rolls_back, N.ROLLED_BACK, "the server did not come back on https"),
-        (switch_refused, N.ROLLED_BACK, "switch refused: this node is busy with switch"),
+        # Refused before it began: nothing changed, so failed, not rolled back (s71 reenrol).
+        (switch_refused, N.FAILED, "switch refused: this node is busy with switch"),
     ],
     ids=["failed", "rolled-back", "refused"],
 )
@@ -2102,6 +2103,11 @@ async def test_a_switch_that_does_not_complete_halts_the_rollout(
     assert states(row) == {"bravo": N.DONE, "charlie": state, "alpha": N.SKIPPED}
     assert node(row.records, "charlie").reason.startswith(reason)
     assert row.meta.reason.startswith(f"halted: charlie {state.value}: {reason}")
+    refused = state is N.FAILED  # nothing began: it says so (session 71, reenrol)
+    assert ("nothing on the node was changed" in node(row.records, "charlie").reason) is refused
+    rid = row.rollout.id  # the retry, and the way back for bravo (switched)
+    way_on = f"tlsroll rollout retry {rid} or go back to http: tlsroll rollout rollback {rid}"
+    assert row.meta.reason.endswith(f"next: finish the nodes left: {way_on}"), row.meta.reason
     assert not world.agents.calls_to("alpha", "preflight")
     await leader.stop()
 

@@ -117,12 +117,25 @@ def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_ht
     assert node.agent.event_names().count("journal.restored") == 1
 
     back = run(cluster, "rollback")
-    assert back["state"] != "completed"
+    assert back["state"] == "halted", back
     why = reasons(back)
     assert "this node was never switched from http to https" in why, back
     assert "which is the copy kept before an upgrade" in why
     assert "its way back to http went with the newer journal (README 'Downgrading tlsroll')" in why
     assert list(live(node).schemes) == ["https"]  # nothing was done
+    # ... and the node says so: failed, nothing on it changed, not "rolled_back", which says
+    # something happened and was undone (session 71, reenrol); `rollout status` and `schema
+    # show` show the same row, and the halt's note the same words.
+    (row,) = back["nodes"]
+    assert row["state"] == "failed", row
+    assert row["reason"].startswith("going back to http refused: "), row
+    assert row["reason"].endswith("; nothing on the node was changed"), row
+    status = cluster.cli("rollout", "status", back["id"])
+    assert "failed" in status.stdout and "rolled_back" not in status.stdout, status.stdout
+    assert "nothing on the node was changed" in " ".join(status.stdout.split())
+    note = back.get("reason", "")
+    assert f"{node.name} failed: going back to http refused: " in note, back
+    assert note.endswith("then tlsroll rollout rollback again"), note  # (the way back's way on)
 
 
 def test_an_agent_runs_on_a_newer_journal_whose_migrations_it_may_ignore(

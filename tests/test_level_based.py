@@ -565,6 +565,9 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
     agent.start()
     cluster.wait_for_nodes_online(["node2"], timeout=30)
     revoked = node2.served_fingerprint()
+    # Its password's digest is the one its config names at once: it was empty until its first
+    # change, its journal holding no live verifier (session 71, reenrol).
+    assert live(node2).verifier_digest == digests["node2"]
     plan = cluster.cli("plan", "--nodes", "node2", "--change", "rotate-cert")
     assert plan.returncode == 0, (plan.stdout, plan.stderr)
     rotate = cluster.cli(
@@ -594,6 +597,13 @@ def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_hear
         assert live(other).schemes == ["https"], other.name
     (kept,) = node2.config_dir.glob(f"{node2.server.config_path.name}.before-rollback-*")
     assert kept.read_bytes() == https_config
+    # Its reason says what happened: the http config written, the https one kept; not "the
+    # config from before the switch is back", which no switch left (session 71, reenrol).
+    (row,) = [n for n in r["nodes"] if n["name"] == "node2"]
+    assert row["reason"] == (
+        f"the https config it replaced is kept as {kept}; the server's config was set to http,"
+        " every other setting kept (this agent's journal holds no switch to put back)"
+    ), row
 
 
 def hand_made_certificate(node: Node, directory: Path) -> str:

@@ -2270,9 +2270,10 @@ def test_a_drain_unfreezes_the_scope_when_every_node_in_flight_is_unanswered() -
 
 
 def test_a_named_way_back_takes_back_what_its_rollout_or_its_retries_reached() -> None:
-    """``reached_nodes``: done, dual, failed, needs attention, switching and confirming nodes
-    of the rollout and its retries, in their order; never one it skipped as already done, never
-    reached (pending, staged) or took back itself (rolled back)."""
+    """``reached_nodes``: done, dual, needs attention, switching and confirming nodes of the
+    rollout and its retries, in their order; never one it skipped as already done, never
+    reached (pending, staged), failed before any change (its preflight, its stage, its switch
+    refused by its agent: session 71, reenrol) or took back itself (rolled back)."""
     N = NodeState
     target, records = _stored(
         "e1",
@@ -2280,5 +2281,5 @@ def test_a_named_way_back_takes_back_what_its_rollout_or_its_retries_reached() -
         {"a": N.DONE, "b": N.SKIPPED, "c": N.FAILED, "d": N.PENDING, "e": N.ROLLED_BACK},
     )
     retry = _stored("e2", Change.ENABLE_TLS, {"d": N.DONE, "f": N.NEEDS_ATTENTION, "g": N.STAGED})
-    assert reached_nodes(target, records, []) == ("a", "c")
-    assert reached_nodes(target, records, [retry]) == ("a", "c", "d", "f")
+    assert reached_nodes(target, records, []) == ("a",)
+    assert reached_nodes(target, records, [retry]) == ("a", "d", "f")

@@ -98,6 +98,7 @@ class Agents:
         first: FirstSteps | None,
         edits: bool = False,
         way_back: bool = False,
+        change: Change | None = None,
     ) -> dict[str, NodeObservation]:
         self.asked.append(list(names))
         return {
@@ -690,6 +691,7 @@ class Serving:
         first: FirstSteps | None,
         edits: bool = False,
         way_back: bool = False,
+        change: Change | None = None,
     ) -> dict[str, NodeObservation]:
         return {
             n: NodeObservation(
@@ -869,6 +871,7 @@ class Flapping(Serving):
         first: FirstSteps | None,
         edits: bool = False,
         way_back: bool = False,
+        change: Change | None = None,
     ) -> dict[str, NodeObservation]:
         seen = await super().__call__(names, warm=warm, first=first, edits=edits)
         for n in self.silent & set(seen):

@@ -19,6 +19,7 @@ from leader.rollout_core import (
     RESULT_NODE_EVENTS,
     ROLLOUT_TRANSITIONS,
     STEP_FOR_STATE,
+    TAKEN_BACK_FROM,
     TERMINAL_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
     WAITING_ROLLOUT_STATES,
@@ -42,6 +43,7 @@ from leader.rollout_core import (
     halt_offers_way_back,
     halt_way_out,
     next_command,
+    refused_reason,
     way_out,
 )
 
@@ -84,6 +86,7 @@ NODE_ROWS = [
     (N.STAGED, NE.SKIP, N.SKIPPED),
     (N.SWITCHING, NE.SWITCH_DONE, N.CONFIRMING),
     (N.SWITCHING, NE.SWITCH_ROLLED_BACK, N.ROLLED_BACK),
+    (N.SWITCHING, NE.SWITCH_REFUSED, N.FAILED),  # its agent refused to begin: nothing changed
     (N.SWITCHING, NE.SWITCH_FAILED, N.NEEDS_ATTENTION),
     (N.SWITCHING, NE.SKIP_UNSENT, N.SKIPPED),  # draining, its Switch never sent (planner only)
     (N.SWITCHING, NE.SWITCH_HELD, N.PENDING),  # --when-quiet: the agent saw http, nothing began
@@ -265,6 +268,27 @@ def test_a_node_rolled_back_by_the_agent_keeps_the_reason() -> None:
     node = NodeRecord("a", N.SWITCHING)
     node = node.with_event(NE.SWITCH_ROLLED_BACK, "verify: 8080 still open")
     assert node == NodeRecord("a", N.ROLLED_BACK, reason="verify: 8080 still open")
+
+
+def test_a_switch_its_agent_refused_fails_the_node_saying_nothing_changed() -> None:
+    """Session 71, reenrol: a switch (or the way back) its agent refused before it began (its
+    plan found the node not ready: ``PlanRefused``) leaves the node ``failed``, with the
+    agent's line and that nothing on the node was changed; it showed ``rolled_back``, which
+    says something happened and was undone. It counts against the failure budget (the
+    rollout halts at it) and is left to ``rollout retry``, never to a named way back."""
+    said = "the server serves https on port 8443, but this agent holds no https files"
+    node = NodeRecord("a", N.SWITCHING).with_event(
+        NE.SWITCH_REFUSED, refused_reason("switch", said)
+    )
+    assert node.state is N.FAILED and node.state in FAILED_NODE_STATES
+    assert node.reason == f"switch refused: {said}; nothing on the node was changed"
+    assert node.state not in TAKEN_BACK_FROM
+    # The agent's line that says so already is not said twice.
+    gone = "the files its way back restores are gone; nothing was changed (FAILED_PRECONDITION)"
+    assert refused_reason("going back to http", gone) == f"going back to http refused: {gone}"
+    assert refused_reason("switch", "not ready; ") == (
+        "switch refused: not ready; nothing on the node was changed"
+    )
 
 
 def test_a_rollout_paused_resumed_and_aborted() -> None:

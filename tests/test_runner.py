@@ -51,7 +51,7 @@ from tests.conftest import count_thread_hops
 from tests.private_files import write_private
 from tlsroll import dbthread, fsutil, password, peertext
 from tlsroll.config import ConfigFile
-from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.enums import Change, TxnKind, TxnOutcome
 
 ADDRESS = "192.0.2.10"
 APP = "/praxis_live/"
@@ -2319,6 +2319,17 @@ def test_a_server_on_https_its_journal_never_switched_is_refused_saying_what_to_
     assert said.startswith("this node was never switched from http to https"), said
     assert f"set {driver.config_file} back to http by hand and restart the server" in said
     assert "\n" not in said
+    assert driver.server.config == TARGET and not driver.server.ops
+    # Session 71, reenrol: the preflight's checks (`tlsroll plan`, a start) say the same line
+    # up front, read-only, for the changes that would be refused; enable-tls (which renders
+    # afresh) and a change not named (a leader of an earlier release) are not blocked.
+    facts = driver.facts()
+    for change in (Change.ROTATE_CERT, Change.CHANGE_PASSWORD):
+        problem = plans.plan_problem(journal, driver, facts, change, way_back=False)
+        assert problem is not None and by_hand in problem, problem
+    assert plans.plan_problem(journal, driver, facts, None, way_back=True) == said
+    assert plans.plan_problem(journal, driver, facts, Change.ENABLE_TLS, way_back=False) is None
+    assert plans.plan_problem(journal, driver, facts, None, way_back=False) is None
     assert driver.server.config == TARGET and not driver.server.ops
 
 

@@ -49,6 +49,7 @@ class Recorder:
         first: FirstSteps | None = None,
         edits: bool = False,
         way_back: bool = False,
+        change: Change | None = None,
     ) -> dict[str, NodeObservation]:
         self.warmed.append(frozenset(warm))
         return {name: NodeObservation(True, schemes=("http",)) for name in names}

@@ -269,6 +269,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.edits: list[bool] = []
+        self.changes: list[Change | None] = []
 
     async def __call__(
         self,
@@ -278,8 +279,10 @@ class Recorder:
         first: FirstSteps | None = None,
         edits: bool = False,
         way_back: bool = False,
+        change: Change | None = None,
     ) -> dict[str, NodeObservation]:
         self.edits.append(edits)
+        self.changes.append(change)
         return {
             n: NodeObservation(
                 True,
@@ -311,5 +314,9 @@ async def test_only_a_plan_of_the_way_back_asks_the_agents_for_edited_configs(
         assert planned.edited_configs == (("bravo", "/etc/praxis/server.toml"),)
         await commands.start(back, ADMIN)
         assert recorder.edits == [False, True, False]
+        # Each question names the change planned: the agents say why their plans of it would
+        # be refused (``CheckRequest.change``; session 71, reenrol).
+        d = Change.DISABLE_TLS
+        assert recorder.changes == [Change.ROTATE_CERT, d, d]
     finally:
         await leader_.stop()

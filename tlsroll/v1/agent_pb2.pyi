@@ -339,6 +339,7 @@ class CheckRequest(_message.Message):
     WARM_CERTIFICATES_FIELD_NUMBER: _builtins.int
     WANT_EDITED_CONFIG_FIELD_NUMBER: _builtins.int
     WAY_BACK_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
     max_clock_offset_seconds: _builtins.int
     warm_certificates: _builtins.bool
     """The leader is starting a rollout that will make a key and CSR on this node among its
@@ -357,6 +358,13 @@ class CheckRequest(_message.Message):
     the kept http config and renders nothing: a template driver's template is not checked
     (review s66 closing M1). An agent of an earlier release checks it or not, as it did.
     """
+    change: _types_pb2.Change.ValueType
+    """The change planned (a plan or a start): the agent also says, as a problem, why its plan of
+    that change would be refused on this node as it is (read-only): rotate-cert and
+    change-password on a server on https whose files this agent did not install and its driver
+    cannot read back (its data dir begun again; systemd, exec). CHANGE_UNSPECIFIED (a leader
+    of an earlier release): not checked. An agent of an earlier release ignores it.
+    """
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -367,10 +375,11 @@ class CheckRequest(_message.Message):
         warm_certificates: _builtins.bool = ...,
         want_edited_config: _builtins.bool = ...,
         way_back: _builtins.bool = ...,
+        change: _types_pb2.Change.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds", "want_edited_config", b"want_edited_config", "warm_certificates", b"warm_certificates", "way_back", b"way_back"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds", "want_edited_config", b"want_edited_config", "warm_certificates", b"warm_certificates", "way_back", b"way_back"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -385,6 +394,7 @@ class PreflightRequest(_message.Message):
     MAX_CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     MAKE_CSR_FIELD_NUMBER: _builtins.int
     WAY_BACK_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
     max_clock_offset_seconds: _builtins.int
     make_csr: _builtins.bool
     """If the checks pass, also make the server key and CSR that CreateCSR would (the same
@@ -394,6 +404,8 @@ class PreflightRequest(_message.Message):
     """
     way_back: _builtins.bool
     """The preflight of the way back to http (disable-tls): as `CheckRequest.way_back`."""
+    change: _types_pb2.Change.ValueType
+    """The rollout's change: as `CheckRequest.change`."""
     @_builtins.property
     def command(self) -> Global___Command: ...
     @_builtins.property
@@ -408,10 +420,11 @@ class PreflightRequest(_message.Message):
         max_clock_offset_seconds: _builtins.int = ...,
         make_csr: _builtins.bool = ...,
         way_back: _builtins.bool = ...,
+        change: _types_pb2.Change.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "leader_time", b"leader_time", "make_csr", b"make_csr", "max_clock_offset_seconds", b"max_clock_offset_seconds", "way_back", b"way_back"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "command", b"command", "leader_time", b"leader_time", "make_csr", b"make_csr", "max_clock_offset_seconds", b"max_clock_offset_seconds", "way_back", b"way_back"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
