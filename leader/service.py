@@ -943,32 +943,19 @@ def renewal_deadline(heartbeat_interval: int) -> float:
     return renew_seconds(heartbeat_interval) + heartbeat_interval + RENEW_GRACE
 
 
-KEEPALIVE_NOTICE = 2.5
-"""Intervals within which the leader notices an agent connection that went silent (the sum of
-``keepalive_seconds``): under the 3 silent intervals after which a node is offline, with half
-an interval to spare, so that a node whose agent stopped goes offline as promptly as when
-every heartbeat was a message (``_uncount``)."""
+KEEPALIVE_NOTICE = rpc.KEEPALIVE_NOTICE  # (``tlsroll.rpc``: the agent's PINGs go by it)
 
 
 def keepalive_seconds(heartbeat_interval: int) -> tuple[float, float]:
-    """The control port's HTTP/2 keepalive: a PING on an agent connection that was silent
-    this long (2 intervals at 2 s and more, 1.5 at 1 s), and the connection closed when its
-    answer has not come within half an interval, at least a second; together
-    ``KEEPALIVE_NOTICE`` intervals. gRPC's C core sends and answers them without Python, but
-    each still wakes the leader's gRPC threads: with an agent's message every 4 intervals, a
-    PING every interval was about a third of what heartbeats cost the leader (issue 15), so
-    they come as rarely as the offline bound allows. An agent that closes its stream
-    (stopping, restarting, a new certificate) says so, and counts alive up to then; only a
-    connection that broke without a word counts alive up to the last PING it could have
-    answered (``_uncount``)."""
-    wait = max(1.0, heartbeat_interval / 2)
-    every = max(float(heartbeat_interval), KEEPALIVE_NOTICE * heartbeat_interval - wait)
-    return every, wait
+    """The control port's HTTP/2 keepalive: ``tlsroll.rpc.keepalive_seconds`` (shared: the
+    agents time their own PINGs by it, ``tlsroll.rpc.agent_ping_seconds``)."""
+    return rpc.keepalive_seconds(heartbeat_interval)
 
 
 def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
-    """The control port's gRPC server options: the keepalive above (PINGs are sent whether or
-    not a call carried data meanwhile: a renewal-mode stream is quiet for several PINGs), and
+    """The control port's gRPC server options: the keepalive (``keepalive_seconds``: a PING
+    once nothing arrived for its time, a call open or not: a renewal-mode stream is quiet for
+    longer; an agent's own PINGs come sooner, ``tlsroll.rpc.agent_ping_seconds``), and
     no bandwidth-delay probe: gRPC's core otherwise answers data that arrives on a quiet
     connection with a PING of its own to size the flow-control window, one more PING round
     trip for every heartbeat message (issue 15), for a window that heartbeats never fill.
@@ -980,7 +967,7 @@ def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", int(wait * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
-        # Agents ping too (``tlsroll.rpc.keepalive_options``), at most every second.
+        # Agents ping too (``tlsroll.rpc.agent_ping_seconds``), at most every second.
         ("grpc.http2.min_ping_interval_without_data_ms", 1000),
         NO_BDP_PROBE,
     ]

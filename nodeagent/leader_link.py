@@ -93,8 +93,6 @@ STREAM_RETRY_BEATS = 60
 # Intervals the agent's kernel waits for the leader to acknowledge what the agent sent (a
 # heartbeat message, a PING) before it drops the connection (``leader_channel_options``).
 UNACKED_HEARTBEATS = 2
-# The agent's own keepalive PING to the leader: a backstop only (``leader_channel_options``).
-KEEPALIVE_PING_SECONDS = 300
 # A renewal-mode message asks for an answer when the leader has said nothing on the stream for
 # about this many renewal bounds (``wants_answer``): how the agent notices a leader whose Python
 # stopped. 1 (every message at the bound asks) noticed it within 25 s at 5 s, for about 0.1 ms
@@ -221,7 +219,7 @@ def wants_answer(heard: float, now: float, interval: float, renew: float) -> boo
     its kernel still acknowledges what the agent writes, and, unless the whole process
     stopped, its gRPC core still answers PINGs, left the stream up, and a routine message
     waits for nothing: the agent noticed it only when the stream's flow-control window filled
-    (many minutes) or at its PING every ``KEEPALIVE_PING_SECONDS`` (audit 2 of session 33,
+    (many minutes) or at its PING then every 300 s (audit 2 of session 33,
     L3). With no news meanwhile every second message at the bound asks, without waiting for
     the answer; when the leader has said nothing by the next message at the bound, the stream
     is dropped (``heartbeat.failed``, logged once): a leader that stopped is noticed within
@@ -442,18 +440,22 @@ def leader_channel_options(heartbeat_interval: int) -> list[tuple[str, int]]:
     connection whose sent data the leader has not acknowledged within ``UNACKED_HEARTBEATS``
     intervals (TCP_USER_TIMEOUT, which gRPC's core sets to ``grpc.keepalive_timeout_ms`` on
     a channel that has a keepalive time), and the agent sends a message at least every
-    renewal bound (``leader.service.renew_seconds``: 20 s at the product's 5 s), so a
-    vanished leader is noticed within that bound and 2 intervals (30 s at 5 s; 20 s before)
-    and the next heartbeat opens a new stream. The agent's own HTTP/2 PINGs, every 2
-    intervals before (issue 15), woke the leader's gRPC threads for nothing its messages do
-    not prove: they come every ``KEEPALIVE_PING_SECONDS`` now, a backstop (a keepalive time
-    must be set, or gRPC leaves the socket without its user timeout). The leader PINGs its
-    agents for its own notice of a vanished one (``leader.service.keepalive_seconds``). No
+    renewal bound (``leader.service.renew_seconds``: 20 s at the product's 5 s) and a PING
+    more often (below), so a vanished leader is noticed within a PING and 2 intervals (18 s at
+    5 s; 30 s before session 71) and the next heartbeat opens a new stream. The agent PINGs
+    the leader every
+    ``tlsroll.rpc.agent_ping_seconds`` (8 s at 5 s), just before the leader's own keepalive
+    PING would be due (``tlsroll.rpc.keepalive_seconds``): gRPC's core starts that time again
+    whenever something arrives, so the leader, whose own PING costs it about five times what
+    answering one does (session 71, issue 15), PINGs only an agent that went silent, and
+    notices it as before. The PING's answer is bounded as a message's is: an agent whose
+    leader has not answered within ``UNACKED_HEARTBEATS`` intervals drops the connection (a
+    leader whose process stopped is noticed so too, within a PING and 2 intervals). No
     bandwidth-delay probe either: gRPC's core otherwise answers a leader's message on a quiet
     connection with a PING (as the leader's channels to agents, ``tlsroll.rpc.NO_BDP_PROBE``).
     """
     return [
-        ("grpc.keepalive_time_ms", KEEPALIVE_PING_SECONDS * 1000),
+        ("grpc.keepalive_time_ms", int(rpc.agent_ping_seconds(heartbeat_interval) * 1000)),
         ("grpc.keepalive_timeout_ms", UNACKED_HEARTBEATS * 1000 * heartbeat_interval),
         ("grpc.http2.max_pings_without_data", 0),
         NO_BDP_PROBE,

@@ -71,7 +71,7 @@ from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import RPC_TIMEOUT, NodeFactory
 from tests.private_files import write_private
-from tlsroll import features, pki, spiffe, wire
+from tlsroll import features, pki, rpc, spiffe, wire
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc, types_pb2
 
@@ -1076,6 +1076,72 @@ def test_the_leader_pings_a_quiet_agent_as_rarely_as_the_offline_bound_allows() 
         assert every >= interval and wait >= 1
         options = dict(service.control_server_options(interval))
         assert options["grpc.keepalive_time_ms"] == int(every * 1000)
+
+
+QUIET_AGENTS = """
+import asyncio, sys
+import grpc
+from leader.service import control_server_options
+from nodeagent.leader_link import leader_channel_options
+
+async def main(address: str) -> None:
+    async def handler(requests, context):
+        async for _ in requests:
+            yield b"ok"
+
+    server = grpc.aio.server(options=control_server_options(1))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.T", {"S": grpc.stream_stream_rpc_method_handler(handler)}),))
+    port = server.add_insecure_port(f"{address}:0")
+    await server.start()
+    target = f"{address}:{port}"
+    # An agent's channel, and one that sends no PING (a silent agent, for the leader).
+    async with grpc.aio.insecure_channel(target, options=leader_channel_options(1)) as agent, \
+            grpc.aio.insecure_channel(target) as silent:
+        calls = [channel.stream_stream("/t.T/S")() for channel in (agent, silent)]
+        for call in calls:
+            await call.write(b"x")  # the first message, answered
+            assert await call.read() == b"ok"
+        print("QUIET BEGINS", file=sys.stderr, flush=True)
+        await asyncio.sleep(6)  # 4 of the leader's keepalive times at 1 s: quiet streams
+        print("QUIET ENDED", file=sys.stderr, flush=True)  # (the stop's GOAWAY PINGs)
+        for call in calls:
+            await call.done_writing()
+    await server.stop(None)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_the_leader_pings_no_agent_that_pings_it(loopback: Callable[[], str]) -> None:
+    """Issue 15 (session 71): a keepalive PING the leader sends costs it about five times what
+    answering one does (a timer, a write and the answer's read on gRPC's event-engine threads:
+    0.42-0.46 ms of leader CPU per agent and interval at 50 agents, 0.27 without them). gRPC's
+    core starts a connection's keepalive time again whenever something arrives on it, so an
+    agent that PINGs a little more often than the leader would (``rpc.agent_ping_seconds``) is
+    never PINGed by it; one that goes silent is, as before. Real gRPC in a child process with
+    its keepalive trace on (it logs every PING sent, by either side, with its connection): a
+    server with the control port's options and two quiet streams, each on its own connection,
+    one from a channel with the agent's options (which PINGs), one from a channel that sends
+    none: the first connection gets no PING from the server, the second two or more (which
+    shows the count sees them). (One is let pass: a timer late on a loaded machine.)"""
+    assert rpc.agent_ping_seconds(5) == 8.0 < rpc.keepalive_seconds(5)[0]  # the product's 5 s
+    for interval in (1, 2, 5, 10, 60):  # never more often than the control port takes them
+        assert 1.0 <= rpc.agent_ping_seconds(interval) < rpc.keepalive_seconds(interval)[0]
+        taken = dict(service.control_server_options(interval))
+        assert taken["grpc.http2.min_ping_interval_without_data_ms"] <= 1000
+    done = python_child(QUIET_AGENTS, loopback(), trace=True, timeout=60)
+    quiet = done.stderr.split("QUIET BEGINS")[1].split("QUIET ENDED")[0].splitlines()
+    by_connection: dict[str, int] = {}
+    for line in quiet:
+        if "SERVER[" in line and "Ping" in line:
+            connection = line.split("SERVER[")[1].split("]")[0]
+            by_connection[connection] = by_connection.get(connection, 0) + 1
+    counts = sorted(by_connection.values())
+    assert counts and counts[-1] >= 2, done.stderr[-2000:]  # the silent one's
+    assert len(counts) == 1 or counts[0] <= 1, by_connection  # none (or one) to the agent's
+    client = [line for line in quiet if "CLIENT" in line and "Ping" in line]
+    assert len(client) >= 2, done.stderr[-2000:]  # the agent's own PINGs
 
 
 def watch_waits_for_a_change(svc: LeaderService) -> bool:
