@@ -75,7 +75,7 @@ from typing import Any
 
 from nodeagent.failure_log import FailureCount
 from nodeagent.lease import Boot, Lease
-from nodeagent.transaction import Phase
+from nodeagent.transaction import Passed, Phase
 from tlsroll import logs
 from tlsroll.backoff import FUTURE_SLACK
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -1107,11 +1107,19 @@ class Journal:
             self._begin(db, txn, begin)
         return txn
 
-    def update(self, txn: Txn, *, begin: str | None = None, **changes: Any) -> Txn:
+    def update(
+        self,
+        txn: Txn,
+        *,
+        begin: str | None = None,
+        passed: Passed | None = None,
+        **changes: Any,
+    ) -> Txn:
         """Record what a step changed (``phase`` and what it found; never the plan). ``begin``:
-        the next step, whose ``begin`` event goes in the same write (one write per step)."""
+        the next step, whose ``begin`` event goes in the same write (one write per step).
+        ``passed``: the step before, not journalled yet, recorded first in the same write."""
         with self._tx() as db:
-            new = self._update(db, txn, changes)
+            new = self._update(db, self._passed(db, txn, passed), changes)
             self._begin(db, new, begin)
             return new
 
@@ -1123,12 +1131,15 @@ class Journal:
         *,
         unfreeze_owed: bool = False,
         begin: str | None = None,
+        passed: Passed | None = None,
         **changes: Any,
     ) -> Txn:
         """Record, in one write, that ``step`` failed (its ``error`` event) and where that leaves
         the transaction: a crash cannot separate the two. ``unfreeze_owed``: the transaction
-        ends with the server still frozen (see ``unfreeze_owed``). ``begin`` as for ``update``."""
+        ends with the server still frozen (see ``unfreeze_owed``). ``begin`` and ``passed`` as
+        for ``update``."""
         with self._tx() as db:
+            txn = self._passed(db, txn, passed)
             self._event(db, txn, step, "error", {"reason": error})
             if unfreeze_owed:
                 self._set_meta(db, "unfreeze_owed", txn.rollout_id)
@@ -1146,9 +1157,21 @@ class Journal:
             db.execute("DELETE FROM meta WHERE key = 'restored_copy_at'")
             return self._update(db, txn, changes)
 
-    def _begin(self, db: sqlite3.Connection, txn: Txn, step: str | None) -> None:
+    def _begin(
+        self, db: sqlite3.Connection, txn: Txn, step: str | None, at: dt.datetime | None = None
+    ) -> None:
         if step is not None:
-            self._event(db, txn, step, "begin", {})
+            self._event(db, txn, step, "begin", {}, at)
+
+    def _passed(self, db: sqlite3.Connection, txn: Txn, passed: Passed | None) -> Txn:
+        """The record of a step that ended before the one being written (``Passed``: a
+        switch's restart, ``Runner._defers``): its changes, its phase's ``end`` and the
+        ``begin`` of the step after it, stamped when it ended, in the same write."""
+        if passed is None:
+            return txn
+        new = self._update(db, txn, dict(passed.changes), passed.at)
+        self._begin(db, new, passed.begin, passed.at)
+        return new
 
     def last_begun(self, txn: Txn) -> str | None:
         """The step whose ``begin`` is this transaction's last event, if it is one: begun (or
@@ -1176,7 +1199,13 @@ class Journal:
             ).fetchone()
         return row is not None and row["what"] == "again"
 
-    def _update(self, db: sqlite3.Connection, txn: Txn, changes: dict[str, Any]) -> Txn:
+    def _update(
+        self,
+        db: sqlite3.Connection,
+        txn: Txn,
+        changes: dict[str, Any],
+        at: dt.datetime | None = None,
+    ) -> Txn:
         if "plan" in changes:
             raise ValueError("a transaction's plan is fixed when it starts")
         new = replace(txn, **changes)  # TypeError for a name that is not a field
@@ -1187,7 +1216,7 @@ class Journal:
         )
         if "phase" in changes or "outcome" in changes:
             detail = {"outcome": new.outcome.value} if new.finished else {}
-            self._event(db, new, new.phase, "end", detail)
+            self._event(db, new, new.phase, "end", detail, at)
         return new
 
     def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
@@ -1195,13 +1224,19 @@ class Journal:
             self._event(db, txn, step, what, detail or {})
 
     def _event(
-        self, db: sqlite3.Connection, txn: Txn, step: str, what: str, detail: dict[str, Any]
+        self,
+        db: sqlite3.Connection,
+        txn: Txn,
+        step: str,
+        what: str,
+        detail: dict[str, Any],
+        at: dt.datetime | None = None,
     ) -> None:
         db.execute(
             "INSERT INTO events (at, rollout_id, kind, step, what, detail)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (
-                dt.datetime.now(dt.UTC).isoformat(),
+                (at or dt.datetime.now(dt.UTC)).isoformat(),
                 txn.rollout_id,
                 txn.kind.value,
                 str(step),

@@ -788,7 +788,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             self._warm_certificates()
         reply = await self._checks(request, received, leader_time)
         if request.make_csr and reply.ok:  # the stage then needs no CreateCSR call
-            reply.csr_pem = await self._csr(self._driver(), rollout_id)
+            driver = self._driver()
+            if self.on_prepare is not None:
+                # A switch follows: what the Stage gets ready for it (the bootstrap service's
+                # import, at a low priority) begins now, while the CSR waits for the crypto
+                # worker (mostly its cold start, at a rollout's first node): begun by the
+                # Stage, it shared the GIL with the Stage's own work, which the first
+                # switch waits for (issue 15). (The Stage asks again: nothing if begun.)
+                self.on_prepare()
+            reply.csr_pem = await self._csr(driver, rollout_id)
         return reply
 
     def _warm_certificates(self) -> None:

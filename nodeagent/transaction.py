@@ -16,7 +16,9 @@ most the one action it was in the middle of; every action is idempotent (freeze 
 the same watermark, the config write is atomic, a restart is a restart, unfreeze twice is
 unfreeze), so repeating it is safe. A failed action's error and the phase it leads to are one
 journal write, and so are the last phase and what is then live, so that a crash cannot come
-between them::
+between them. A switch's ``restarted`` is journalled in the write of its verify's outcome
+(``Runner._defers``): killed before that write, the agent repeats the restart, as when killed
+during it::
 
     FORWARD   started ─freeze→ frozen ─write_config→ config_written ─restart→ restarted
               ─verify→ verified ─unfreeze→ completed
@@ -91,7 +93,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -498,6 +500,17 @@ class Ahead:
 
     act: Callable[[Txn], object]
     record: Callable[[Txn], Txn]
+
+
+@dataclass(frozen=True)
+class Passed:
+    """A step that ended and is journalled with the next one's record, in its write
+    (``Runner._defers``: a switch's restart, recorded with its verify): what it changed (its
+    ``phase`` included), when it ended (its ``end`` event's time) and the step it began."""
+
+    changes: dict[str, Any]
+    at: dt.datetime
+    begin: str | None
 
 
 @dataclass(frozen=True)
@@ -1464,6 +1477,7 @@ class Runner:
         self, txn: Txn, plan: Plan, begun: str | None, *, resumed: bool = False
     ) -> Txn:
         looking: asyncio.Task[dict[str, Any]] | None = None  # a verify begun with its record
+        passed: Passed | None = None  # a step ended, journalled with the next record
         while txn.phase not in TERMINAL:
             forward = txn.phase in FORWARD
             action, after = FORWARD[txn.phase] if forward else BACKWARD[txn.phase]
@@ -1511,7 +1525,9 @@ class Runner:
                         reason=reason,
                         failed_phase=txn.phase,
                         begin=begun,
+                        passed=passed,
                     )
+                    passed = None
                 else:
                     txn = await self._give_up(txn, action, reason, plan)
                 continue
@@ -1524,6 +1540,18 @@ class Runner:
             else:
                 begun = next_action(after)
                 looking = self._look_ahead(txn, plan, after)
+                if looking is not None and self._defers(after):
+                    # Journalled with the verify's outcome, in its write (``_defers``).
+                    passed = Passed({"phase": after, **changes}, dt.datetime.now(dt.UTC), begun)
+                    txn = replace(txn, phase=after, **changes)
+                    log.info(
+                        "txn.step",
+                        rollout_id=txn.rollout_id,
+                        kind=txn.kind,
+                        step=action,
+                        phase=after,
+                    )
+                    continue
                 try:
                     txn = await self._record(
                         self.journal.update,
@@ -1531,6 +1559,7 @@ class Runner:
                         phase=after,
                         begin=begun,
                         then=self._ahead_of(txn, plan, after),
+                        passed=passed,
                         **changes,
                     )
                 except BaseException:
@@ -1539,6 +1568,7 @@ class Runner:
                         with contextlib.suppress(BaseException):
                             await looking
                     raise
+                passed = None
             log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
             followed = self._followed.pop((txn.rollout_id, txn.kind.value), None)
             if followed is not None:  # the next action and its record came with this one
@@ -1568,6 +1598,7 @@ class Runner:
         txn: Txn,
         *args: Any,
         then: Ahead | None = None,
+        passed: Passed | None = None,
         **changes: Any,
     ) -> Txn:
         """Journal the transaction's new phase (and what the action found) with one of the
@@ -1575,7 +1606,10 @@ class Runner:
         (``tlsroll.dbthread``: one thread, woken alone, not the default executor's). ``then``:
         the next action, when it is blocking work (``_ahead_of``), and its own record, run right
         after the write has committed, in the same hand-off; its error waits in ``_ahead`` for
-        ``_act``, the record it led to in ``_followed`` for the loop."""
+        ``_act``, the record it led to in ``_followed`` for the loop. ``passed``: the step
+        before, not journalled yet (``_defers``), recorded first in the same write."""
+        if passed is not None:
+            changes["passed"] = passed
         if then is None:
             txn = await dbthread.run(write, txn, *args, **changes)
             self._journalled(txn.phase)
@@ -2034,6 +2068,19 @@ class Runner:
         return asyncio.create_task(
             self._attempt(action, txn, plan, attempts), name=f"txn-{txn.rollout_id}-{action}"
         )
+
+    def _defers(self, phase: Phase) -> bool:
+        """Whether the record of ``phase`` waits for the verify begun with it (``_look_ahead``)
+        and goes in that verify's record (``Passed``, one write): a switch's ``restarted``.
+        Its own write (a commit and its fsync, inside every freeze window; under a busy disk
+        it outlasted the verify: issue 15) held the verify's outcome back until it committed,
+        and changed nothing a crash could need: killed after the restart and before that one
+        write, the agent resumes at ``config_written`` with the restart begun, as when killed
+        during the restart, and freezes again (``_refreeze``), restarts and verifies; the
+        unfreeze's ``begin`` is still journalled before the unfreeze. The verify only looks
+        (``_look_ahead``). Not on the way back (its attempts), nor when a test hook stops the
+        agent at ``phase``, which needs its record."""
+        return phase is Phase.RESTARTED and phase not in (self.crash_after, self.term_after)
 
     def _put_target(self, txn: Txn, plan: Plan, staged: StagedConfig | None = None) -> Path | None:
         """The target config live (blocking); first, for a way back whose live config was

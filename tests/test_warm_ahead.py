@@ -191,6 +191,54 @@ async def test_a_warming_check_answers_first_and_loads_afterwards(
     assert order == (["auth", "checks", "warm"] if warm else ["auth", "checks"])
 
 
+@pytest.mark.parametrize("ok", [True, False], ids=["passes", "fails"])
+@pytest.mark.parametrize("make_csr", [True, False], ids=["csr", "no-csr"])
+async def test_a_preflight_that_makes_the_csr_readies_the_switch_while_the_csr_waits(
+    ok: bool, make_csr: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (session 71), the rollout's start: the Stage began what a switch needs ready
+    (``on_prepare``: the bootstrap service's import, 9 ms of CPU, at a low priority), which
+    then shared the GIL with the Stage's own work, the last step before the first switch.
+    A preflight whose checks pass and that makes the CSR (a stage and a switch follow) begins
+    it now, before the CSR, which waits for the crypto worker (at the first node, mostly its
+    cold start); one that fails or makes no CSR begins nothing."""
+    order: list[str] = []
+    agent = service.NodeAgentService(
+        cast(Any, None), cast(Any, None), cast(Any, None), None, None, now, trust=cast(Any, 1)
+    )
+
+    async def command(context: object, command: object) -> str:
+        order.append("command")
+        return "r1"
+
+    async def checks(
+        request: object, received: object, leader_time: object
+    ) -> agent_pb2.PreflightResponse:
+        order.append("checks")
+        return agent_pb2.PreflightResponse(ok=ok)
+
+    async def csr(driver: object, rollout_id: str) -> bytes:
+        order.append("csr")
+        return b"the CSR"
+
+    monkeypatch.setattr(agent, "_command", command)
+    monkeypatch.setattr(agent, "_checks", checks)
+    monkeypatch.setattr(agent, "_csr", csr)
+    monkeypatch.setattr(agent, "_driver", lambda: None)
+    monkeypatch.setattr(agent, "_warm_certificates", lambda: order.append("warm"))
+    agent.on_prepare = lambda: order.append("prepare")
+    request = agent_pb2.PreflightRequest(
+        command=agent_pb2.Command(rollout_id="r1", epoch=1), make_csr=make_csr
+    )
+    reply = await agent.Preflight(request, cast(Any, None))
+    assert reply.ok is ok
+    if make_csr and ok:
+        assert order == ["command", "warm", "checks", "prepare", "csr"]
+        assert reply.csr_pem == b"the CSR"
+    else:
+        assert order == ["command", *(["warm"] if make_csr else []), "checks"]
+
+
 async def ready(
     name: str, request: agent_pb2.CheckRequest, timeout: float
 ) -> leader_pb2.CheckAnswer:
