@@ -3020,6 +3020,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 replace=claim.replace and not renewal,
                 per_hour=self.workstation_certs_per_hour,
                 renewal=renewal,
+                key_pin=pki.spki_pin(key),
             )
         except (TooMany, NameTaken, NotRenewable) as exc:
             log.warning(

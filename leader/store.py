@@ -1935,6 +1935,7 @@ class Store(LeaderStore):
         replace: bool = False,
         per_hour: int | None = None,
         renewal: bool = False,
+        key_pin: str = "",
     ) -> IssuedCert:
         """Record a workstation certificate that node ``node`` asks for, calling with the
         certificate whose fingerprint is ``presented`` (serial ``presented_serial``), all in
@@ -1948,7 +1949,10 @@ class Store(LeaderStore):
         of the certificate whose key signed the new one, is that certificate (the same PC
         enrolling again, at any node); or ``replace`` and the name is this node's (a new PC for
         an old one). Anything else is refused (NameTaken): two PCs of the same host name no
-        longer take the name from each other in turn (audit s39ws M2).
+        longer take the name from each other in turn (audit s39ws M2). A ``previous`` that a
+        renewal revoked ("renewed") counts as the certificate held while the name's live
+        certificate is the one that renewal issued (``_lost_renewal``: its answer lost, the PC
+        enrols again with the password and the certificate it still holds).
 
         It is recorded as issued from the node's certificate presented (``issued_from``), on
         whose strength it was signed: a revocation of that one takes it too (``lineage_in``).
@@ -1960,18 +1964,24 @@ class Store(LeaderStore):
         (NotRenewable otherwise), or one a renewal revoked less than ``WITHDRAW_WINDOW`` ago
         (its answer lost: the PC asks again with the certificate it still holds). That one is
         revoked as "renewed" (not urgently: its key is not lost), the new certificate linked to
-        it in the audit trail (``workstation.renewed``, ``renews``)."""
+        it in the audit trail (``workstation.renewed``, ``renews``). A renewal for a key
+        ``key_pin`` (the CSR's, ``pki.spki_pin``) certified for the name already is refused (a
+        copy of a renewal's request: ``client renew`` makes a new key each run); the key of
+        each workstation certificate is recorded for that (``key_pin``, '' if not known)."""
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
             counted_at = self.cap_now()
-            renews = _renewable(db, workstation, previous, now) if renewal else None
+            renews = _renewable(db, workstation, previous, now, key_pin) if renewal else None
             _check_hourly_certs(db, node, counted_at, "workstation", per_hour)
             held = db.execute(
-                "SELECT serial, node, fingerprint FROM certificates WHERE kind = 'workstation'"
-                " AND subject = ? AND revoked_at IS NULL AND not_after > ?",
+                "SELECT serial, node, fingerprint, issued_at FROM certificates"
+                " WHERE kind = 'workstation' AND subject = ? AND revoked_at IS NULL"
+                " AND not_after > ?",
                 (workstation, to_text(now)),
             ).fetchall()
             proven = previous is not None and any(r["fingerprint"] == previous for r in held)
+            lost = not proven and renews is None and _lost_renewal(db, workstation, previous, held)
+            proven = proven or lost
             if not proven and renews is None:
                 other = next((r["node"] for r in held if r["node"] != node), None)
                 if other is not None:
@@ -2021,6 +2031,7 @@ class Store(LeaderStore):
                 cert.not_after,
                 counted_at=counted_at,
                 issued_from=presented_serial,
+                key_pin=key_pin,
             )
             self._audit(
                 db,
@@ -2033,6 +2044,7 @@ class Store(LeaderStore):
                 superseded=[r["serial"] for r in held],
                 **({"renews": renews} if renews is not None else {}),
                 **({"replaced": True} if held and not proven and renews is None else {}),
+                **({"lost_renewal": True} if lost else {}),
             )
         return cert
 
@@ -3458,16 +3470,34 @@ def _accepted_before(db: sqlite3.Connection, serials: Sequence[str]) -> list[str
 
 
 def _renewable(
-    db: sqlite3.Connection, workstation: str, previous: str | None, now: dt.datetime
+    db: sqlite3.Connection,
+    workstation: str,
+    previous: str | None,
+    now: dt.datetime,
+    key_pin: str = "",
 ) -> str:
     """The serial of the certificate a workstation's renewal renews (``Store.
     issue_workstation``): ``previous`` (its fingerprint, proven by the CSR) on record for
     ``workstation``, unrevoked and unexpired, or revoked as "renewed" less than
     ``WITHDRAW_WINDOW`` ago (a renewal whose answer was lost, asked again); NotRenewable
-    naming why not, and what the PC does instead."""
+    naming why not, and what the PC does instead. Also NotRenewable for a new key
+    ``key_pin`` that a certificate of ``workstation`` holds already: the request is a copy
+    of one signed before (review s71: within the window, it revoked the PC's fresh
+    certificate as "superseded" and certified its key again, and the PC's next renewal was
+    refused); ``client renew`` makes a new key each run, its retry of a lost answer too."""
     again = "; enrol this PC again with the password: tlsroll client test-connection URL"
     if previous is None:
         raise NotRenewable(f"no proof of the certificate to renew{again}")
+    if key_pin:
+        certified = db.execute(
+            "SELECT 1 FROM certificates WHERE kind = 'workstation' AND subject = ? AND key_pin = ?",
+            (workstation, key_pin),
+        ).fetchone()
+        if certified:
+            raise NotRenewable(
+                f"the new key of {workstation} is certified already (a copy of an earlier "
+                "renewal's request): tlsroll client renew asks with a new key each run"
+            )
     row = db.execute(
         "SELECT serial, not_after, revoked_at, revoke_reason FROM certificates"
         " WHERE kind = 'workstation' AND subject = ? AND fingerprint = ?",
@@ -3483,11 +3513,49 @@ def _renewable(
         and now - revoked < WITHDRAW_WINDOW
         and not _revoked_since(db, workstation, revoked)
     ):
+        if row["revoke_reason"] == "renewed" and not _revoked_since(db, workstation, revoked):
+            # Its renewal's answer lost, asked again too late: the password's enrolment
+            # proves the name with it (``_lost_renewal``), no --replace needed.
+            raise NotRenewable(
+                f"the certificate of {workstation} is revoked: renewed {revoked:%Y-%m-%d %H:%M}"
+                f" UTC, more than {WITHDRAW_WINDOW.seconds // 60} minutes ago (if this PC never"
+                f" got the new one, its answer was lost){again}"
+            )
         raise NotRenewable(f"the certificate of {workstation} is revoked{again}")
     ends = from_text(row["not_after"])
     if ends is None or ends <= now:
         raise NotRenewable(f"the certificate of {workstation} has ended{again}")
     return str(row["serial"])
+
+
+def _lost_renewal(
+    db: sqlite3.Connection,
+    workstation: str,
+    previous: str | None,
+    held: Sequence[sqlite3.Row],
+) -> bool:
+    """Whether an enrolment with the password (``Store.issue_workstation``, no renewal) that
+    proves ``previous`` is the PC whose renewal's answer was lost: ``previous`` is a
+    certificate of ``workstation`` revoked as "renewed" (that reason only: not by the admin,
+    not superseded), and the name's live certificates ``held`` are the one that renewal
+    issued (recorded in its transaction: issued when ``previous`` was revoked), which the PC
+    never got. Then it counts as proven, as the live certificate would (review s71: the PC,
+    told to enrol again with the password, was refused the name as "taken" by the renewal
+    nobody got: ``--replace`` at that node, `workstations revoke` at another). Once that
+    certificate is renewed, superseded or revoked, or the name enrolled since, it does not:
+    that one's holder keeps the name. Nor does it for a retry within the window whose answer
+    was lost too (the live one is the retry's, issued later): ``--replace`` at that node."""
+    if previous is None or not held:
+        return False
+    row = db.execute(
+        "SELECT revoked_at, revoke_reason FROM certificates WHERE kind = 'workstation'"
+        " AND subject = ? AND fingerprint = ?",
+        (workstation, previous),
+    ).fetchone()
+    if row is None or row["revoke_reason"] != "renewed":
+        return False
+    revoked = from_text(row["revoked_at"])
+    return revoked is not None and all(from_text(r["issued_at"]) == revoked for r in held)
 
 
 # The reasons a workstation certificate is revoked by a renewal or an enrolment of its name, or
@@ -3632,7 +3700,9 @@ def _record_cert(
     None: they never do: a kind no cap counts, or one recorded after the fact).
     ``issued_from``: the serial (hex) of the certificate it was issued on the strength of
     (``leader.db._V17``, ``lineage_in``); None: none, or not known. ``key_pin``: a node
-    certificate's key (``_record_node_cert``, ``leader.db._V18``); '' for the other kinds."""
+    certificate's key (``_record_node_cert``, ``leader.db._V18``), a workstation
+    certificate's (``Store.issue_workstation``, from session 71: a renewal's key is never one
+    certified before); '' for the other kinds, and where not known."""
     recorded = db.execute(
         "INSERT OR IGNORE INTO certificates (serial, kind, subject, node, fingerprint,"
         " issued_at, not_after, counted_at, rollout_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -3685,8 +3755,8 @@ def _stamp_row_keys(db: sqlite3.Connection, name: str | None = None) -> None:
 
 
 def _record_key_pin(db: sqlite3.Connection, serial: str, key_pin: str) -> None:
-    """The key of the node certificate ``serial`` just recorded (schema 18), unless one is on
-    record already (a certificate is recorded once)."""
+    """The key of the node or workstation certificate ``serial`` just recorded (schema 18),
+    unless one is on record already (a certificate is recorded once)."""
     db.execute(
         "UPDATE certificates SET key_pin = ? WHERE serial = ? AND key_pin = ''", (key_pin, serial)
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -31,7 +32,7 @@ from leader.admin_service import AdminService
 from leader.expiry import Expiry
 from leader.store import WITHDRAW_WINDOW
 from nodeagent.bootstrap_server import BootstrapService
-from nodeagent.bootstrap_supervisor import BootstrapHost
+from nodeagent.bootstrap_supervisor import BootstrapHost, SignRefused
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_bootstrap import VERIFIER, InProcessCrypto
 from tlsroll import bootstrap_csr, cli, pki
@@ -174,6 +175,36 @@ def pair(d: Path) -> tuple[bytes, bytes]:
     return (d / "client.pem").read_bytes(), (d / "client.key").read_bytes()
 
 
+def proven_csr(
+    new_key: ec.EllipticCurvePrivateKey,
+    previous: tuple[bytes, bytes] | None = None,
+    *,
+    name: str = NAME,
+    replace: bool = False,
+) -> bytes:
+    """A CSR for ``new_key`` and ``name``, with the re-enrolment proof of ``previous`` (its
+    certificate and key, PEM) as ``client renew`` and ``client test-connection`` make it."""
+    held = None
+    if previous is not None:
+        key = pki.load_key_pem(previous[1])
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        held = (pki.load_cert_pem(previous[0]), key)
+    public = new_key.public_key()
+    claim = bootstrap_csr.reenrolment_extension(public, name, previous=held, replace=replace)
+    csr = pki.make_csr(new_key, proto.workstation_names(name), [claim] if claim else [])
+    return pki.csr_to_pem(csr)
+
+
+async def post_renewal(w: World, csr_pem: bytes) -> Any:
+    """The renewal request ``client renew`` sends, sent as it is (its answer read here)."""
+    body = json.dumps(proto.RenewRequest(csr_pem).to_json()).encode()
+    context = client_context(w.rig.state.ca.cert_pem)
+    return await asyncio.to_thread(
+        request, w.node_address, w.service.bound_port, "POST", proto.RENEW_PATH, context,
+        body=body, timeout=10,
+    )  # fmt: skip
+
+
 def test_due_in_the_last_30_percent_of_its_life() -> None:
     ca = pki.CertificateAuthority.create("unit CA")
     key = pki.generate_key()
@@ -304,6 +335,125 @@ async def test_a_renewal_whose_answer_was_lost_is_asked_again_with_the_same_cert
         assert [c.serial for c in certs.values() if c.revoked_at is None] == [
             f"{new.serial_number:x}"
         ]
+
+
+async def test_after_a_lost_renewal_answer_the_password_enrols_the_pc_again(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A renewal whose answer was lost, asked again too late (past ``WITHDRAW_WINDOW``), is
+    refused, and the PC enrols again with the password (``client test-connection``, which
+    proves the name with the certificate it holds: the one that renewal revoked). That proof
+    counts while the name's live certificate is the one that renewal issued, which nobody
+    got: no ``--replace``, at any node (review s71: "taken", the lost renewal held the name).
+    A certificate of the name issued since by anything else is not taken so."""
+    async with world(tmp_path, loopback) as w:
+        held = pair(w.settings)
+        reply = await post_renewal(w, proven_csr(pki.generate_key(), held))
+        assert reply.status == 200, reply.body
+        lost = pki.load_cert_pem(proto.parse_renew_answer(reply.body).certificate_pem)
+        w.rig.clock[0] += WITHDRAW_WINDOW + dt.timedelta(seconds=1)
+        got = await renew(w, capsys, "--force")
+        assert got.code == Exit.ENROL_REFUSED, got
+        assert "renewed" in got.err and "never got" in got.err, got.err
+        assert "tlsroll client test-connection" in got.err
+        assert len(got.err.strip().splitlines()) == 1
+        # The password's enrolment (what the node asks the leader once the password is
+        # confirmed), proving with the certificate the PC still holds.
+        signed = await w.link.sign(proven_csr(pki.generate_key(), held))
+        new = pki.load_cert_pem(signed.certificate_pem)
+        certs = w.certs()
+        assert certs[f"{lost.serial_number:x}"].revoke_reason == "superseded"
+        assert [c.serial for c in certs.values() if c.revoked_at is None] == [
+            f"{new.serial_number:x}"
+        ]
+        enrolled = w.audit("workstation.enrolled")[-1]
+        assert enrolled["superseded"] == [f"{lost.serial_number:x}"], enrolled
+        assert enrolled.get("lost_renewal") is True and "replaced" not in enrolled, enrolled
+
+        # Another name: after its lost renewal, a new PC replaced it on purpose (--replace):
+        # the proof of the certificate renewed takes nothing from that one.
+        other = "ws-empfang-2"
+        key2 = pki.generate_key()
+        first = await w.link.sign(proven_csr(key2, name=other))
+        held2 = (first.certificate_pem, pki.key_to_pem(key2))
+        reply = await post_renewal(w, proven_csr(pki.generate_key(), held2, name=other))
+        assert reply.status == 200, reply.body
+        w.rig.clock[0] += WITHDRAW_WINDOW + dt.timedelta(seconds=1)
+        replacing = await w.link.sign(proven_csr(pki.generate_key(), name=other, replace=True))
+        with pytest.raises(SignRefused, match="taken"):
+            await w.link.sign(proven_csr(pki.generate_key(), held2, name=other))
+        live = [c.serial for c in w.certs().values() if c.revoked_at is None]
+        replacer = pki.load_cert_pem(replacing.certificate_pem)
+        assert f"{replacer.serial_number:x}" in live, live
+
+
+async def test_a_copy_of_a_renewal_request_renews_nothing(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A renewal request sent again as it was (a copy, within the window a lost answer is
+    allowed): its key is certified for the name already, so the leader refuses it. It
+    revoked the PC's fresh certificate ("superseded") and issued another for the same key
+    (review s71: the PC's next renewal was refused). A PC asking again makes a new key."""
+    async with world(tmp_path, loopback) as w:
+        csr_pem = proven_csr(key := pki.generate_key(), pair(w.settings))
+        reply = await post_renewal(w, csr_pem)
+        assert reply.status == 200, reply.body
+        cert_pem = proto.parse_renew_answer(reply.body).certificate_pem
+        fresh = pki.load_cert_pem(cert_pem)
+        w.rig.clock[0] += WITHDRAW_WINDOW / 2
+        again = await post_renewal(w, csr_pem)
+        assert again.status == 403, again.body
+        assert json.loads(again.body)["error"] == "renew_refused"
+        assert "certified already" in json.loads(again.body)["message"], again.body
+        certs = w.certs()
+        assert len(certs) == 2, certs
+        assert [c.serial for c in certs.values() if c.revoked_at is None] == [
+            f"{fresh.serial_number:x}"
+        ]
+        # The PC, which got its answer, renews on.
+        write_settings(
+            w.settings, w.node_address, w.service.bound_port, w.rig.state.ca.cert_pem, cert_pem,
+            key,
+        )  # fmt: skip
+        got = await renew(w, capsys, "--force")
+        assert got.code == 0, got
+
+
+async def test_a_client_pem_the_practice_software_holds_is_replaced_by_the_next_run(
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where a file held open cannot be renamed over (Windows, an SMB share), the new set is
+    committed and its client.pem not moved in: the run says so (exit 1, "run this again"),
+    and the next run, the file let go, completes the set (the leader holds the new
+    certificate: no time limit, no second renewal). README "A workstation's certificate"."""
+    async with world(tmp_path, loopback) as w:
+        held = w.settings / "client.pem"
+        rename = os.replace
+
+        def sharing_violation(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(dst) == held:
+                raise PermissionError(13, "The process cannot access the file", str(dst))
+            rename(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", sharing_violation)
+        got = await renew(w, capsys, "--force")
+        monkeypatch.setattr(os, "replace", rename)
+        assert got.code == 1, got
+        assert "committed" in got.err and "run this again to finish them" in got.err, got.err
+        assert len(got.err.strip().splitlines()) == 1
+        live = [c.serial for c in w.certs().values() if c.revoked_at is None]
+        assert len(live) == 1 and len(w.certs()) == 2, w.certs()
+        again = await renew(w, capsys)
+        assert again.code == 0, again
+        assert again.out.startswith("settings  an interrupted run's new settings completed in")
+        assert "\nnot due until" in again.out, again
+        cert_pem, key_pem = pair(w.settings)
+        cert = pki.load_cert_pem(cert_pem)
+        assert pki.key_matches(cert, pki.load_key_pem(key_pem))
+        assert [f"{cert.serial_number:x}"] == live
 
 
 async def test_a_revoked_certificate_is_not_renewed(

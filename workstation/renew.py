@@ -114,7 +114,9 @@ class Renewal:
     def _read(self) -> tuple[dict[str, Any], bytes, x509.Certificate, ec.EllipticCurvePrivateKey]:
         d = self.d
         try:
-            settings_files.finish(d)
+            done = settings_files.finish(d)
+            if done is not None:  # (as ``client test-connection`` says it)
+                self.say(f"settings  an interrupted run's new settings {done.value} in {d}")
             settings = json.loads(settings_files.read_file(d / "settings.json"))
             ca_pem = settings_files.read_file(d / "ca.pem")
             cert_pem = settings_files.read_file(d / "client.pem")
