@@ -174,7 +174,8 @@ def renew(settings_dir: Path, force: bool, timeout: float) -> None:
     Within the last 30 % of the certificate's life (or with --force), a new key and a
     certificate of the same name from the node the settings name, proving this PC holds its
     current certificate; the settings are replaced as one set. Before that it says "not due
-    until DATE" (exit 0): safe to run daily (Task Scheduler, a systemd user timer, cron).
+    until DATE" (exit 0): safe to run daily, before the practice software starts (a systemd
+    user timer, cron).
     Exit codes: 0 renewed or not due, 1 failure, 2 usage, 4 node unreachable or no answer in
     time, 5 connection refused, 6 TLS failure, 8 the node's agent renews nothing (too old),
     10 the node is not of this PC's cluster, 11 refused (the certificate revoked, ended, not
