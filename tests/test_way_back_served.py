@@ -339,3 +339,30 @@ def test_a_server_config_that_is_a_link_is_refused_however_the_agent_names_it(
     with pytest.raises(UnsafePermissions, match=f"set config_file = {srv / 'server.toml'}"):
         plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
     assert (srv / "server.toml").read_bytes() == real.read_bytes()  # (untouched)
+
+
+def test_an_agent_config_named_by_a_relative_path_names_the_server_files_absolutely(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s71 revplans (of s70 L4's fix): the agent started with ``--config agent.toml``
+    (a relative path) and ``[server] config_file = "etc/server.toml"`` took the server's config
+    as ``etc/server.toml``, relative to the agent's working directory: the stage directory,
+    so the certificate a switch writes into the server's config, was ``etc/tlsroll-tls/...``,
+    which the server reads from its own config's directory (``etc/etc/tlsroll-tls/...``: its
+    restart fails), and the files the config names went into the journal relative to a
+    directory an agent started elsewhere does not share. Made absolute, never resolved (a link
+    named stays the link)."""
+    served.driver()
+    root = served.etc.parent
+    (root / "agent.toml").write_text(
+        dump_toml({"server": {"driver": "reference", "config_file": "etc/server.toml"}})
+    )
+    monkeypatch.chdir(root)
+    section = ConfigFile.load(Path("agent.toml")).section("server")
+
+    driver = make_driver(section, served.address, root / "agent-data")
+
+    assert driver.config_file == served.etc / "server.toml", driver.config_file
+    assert plans.stage_dir(driver, "r1") == served.etc / "tlsroll-tls" / "r1"
+    named = driver.named_files()
+    assert named is not None and named["cert_file"] == str(served.cert), named
