@@ -366,3 +366,52 @@ def test_an_agent_config_named_by_a_relative_path_names_the_server_files_absolut
     assert plans.stage_dir(driver, "r1") == served.etc / "tlsroll-tls" / "r1"
     named = driver.named_files()
     assert named is not None and named["cert_file"] == str(served.cert), named
+
+
+def test_a_broken_https_setting_does_not_block_the_way_back_of_a_journalled_switch(
+    served: Served,
+) -> None:
+    """Review s71 revplans (of s71 wayback's pin): the way back of a switch the journal holds
+    read the files the server's config names, to pin its certificate, and a setting there the
+    agent cannot read (an empty key_file: the server cannot start) refused it with a config
+    error: the admin's way back to http, which puts back the journal's http config, blocked by
+    the https setting it drops (the agent's checks said nothing: `tlsroll plan` showed it
+    ready). It goes on, the pin from the journal's files."""
+    driver = served.driver(key_file="")
+    http = dump_toml({"server": {"listen": ["http"], "address": served.address}}).encode()
+    live = {
+        "cert_file": str(served.cert),
+        "key_file": str(served.key),
+        "ca_file": str(served.client_ca),
+        "verifier_file": "",
+        "server_url": f"https://{served.address}:{HTTPS_PORT}{APP}",
+    }
+    plan = Plan(
+        driver.facts(),
+        ("http",),
+        ("https",),
+        served.txn_dir / "s1-switch.new",
+        served.txn_dir / "s1-switch.old",
+        served.client_ca,
+        served.fingerprint,
+        live,
+    )
+    txn = served.journal.create(
+        Txn(
+            "s1",
+            TxnKind.SWITCH,
+            1,
+            Phase.VERIFIED,
+            plan.to_json(),
+            dt.datetime.now(dt.UTC),
+            source_config=http,
+            target_config=driver.read_config(),
+        )
+    )
+    served.journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+
+    built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+
+    assert built.config == http
+    assert built.plan.target_schemes == ("http",)
+    assert built.plan.source_fingerprint == served.fingerprint  # (the journal's certificate)
