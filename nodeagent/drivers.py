@@ -1402,8 +1402,11 @@ def server_config_file(section: Section) -> Path:
     to that config's directory, never resolved (``Section.path`` resolves it). A symbolic
     link named by a relative path was followed, and the agent replaced its target, in a
     directory it was never told of, while the same link named by its absolute path is refused
-    (``config_link_problem``, review s64 M2): both are refused now (review s70 L4)."""
-    return Path(_as_named(section.file, section.text("config_file")))
+    (``config_link_problem``, review s64 M2): both are refused now (review s70 L4). Made
+    absolute (never resolved): an agent config named by a relative path gave a path relative
+    to the agent's working directory, which the staged files' paths written into the server's
+    config and the journal took on (review s71 revplans)."""
+    return Path(_as_named(section.file, section.text("config_file"))).absolute()
 
 
 def _as_named(config_file: Path, value: str) -> str:

@@ -1345,8 +1345,9 @@ def _no_way_back(refused: PlanRefused, driver: Driver) -> str:
     )
 
 
-KEEPS_HTTPS_FILES = frozenset({Change.ROTATE_CERT, Change.CHANGE_PASSWORD})
-"""The changes whose plans start from the https files the server serves (``served_live``)."""
+KEEPS_HTTPS_FILES = frozenset({Change.ROTATE_CERT, Change.CHANGE_PASSWORD, Change.FINALIZE})
+"""The changes whose plans start from the https files the server serves (``served_live``;
+finalize's too since session 71, wayback)."""
 
 
 def plan_problem(
@@ -1364,10 +1365,11 @@ def plan_problem(
     a certificate and a halted switch (session 71, reenrol; it said "will get a new
     certificate", then the switch was refused). Only what a server on https whose files this
     agent did not install decides (its data dir begun again, a disk replaced, the agent
-    enrolled again): rotate-cert and change-password where the driver cannot read the files
-    back (``served_live``), the way back where it cannot set the config back to http
-    (``unjournalled_way_back``). A node not on https is the leader's to judge (``NOT_ON_HTTPS``);
-    a journal that is a copy put back says so at the way back's switch, as before."""
+    enrolled again): rotate-cert, change-password and finalize where the driver cannot read
+    the files back (``served_live``), the way back where it cannot set the config back to
+    http (``unjournalled_way_back``). A node not on https is the leader's to judge
+    (``NOT_ON_HTTPS``); a journal that is a copy put back says so at the way back's switch,
+    as before."""
     if "https" not in facts.schemes:
         return None
     if way_back:

@@ -1546,6 +1546,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 )
             if existing is not None:  # a replay: report, never run twice
                 return existing, False, None
+            # Refused once it is no replay: a transaction that ran before the node came to need
+            # the admin is reported, not refused as never begun (review s71 revplans, H1).
+            self._refuse_if_needs_admin()
             busy = seen.running
             if busy is not None:
                 raise failed_precondition(
@@ -1627,7 +1630,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         """Begin the switch (or find it, on a replay): Switch, and WatchTransaction with
         ``switch`` set."""
         rollout_id = await self._command(context, request.command)
-        self._refuse_if_needs_admin()
         change = CHANGE.read(request.change, "change")
         builders = {
             Change.ENABLE_TLS: plans.switch_plan,
@@ -1681,6 +1683,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         the leader asks again) is not judged again: it is under way."""
         if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
             return
+        self._refuse_if_needs_admin()  # before a look that would hold it at the gate
         view = await self._driver().clients_now()
         why = quiet_refusal(view, dt.datetime.now(dt.UTC), quiet_seconds)
         if why is not None:
@@ -1705,7 +1708,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         rollout_id = await self._command(context, request.command)
         if request.undoes:  # (empty: the newest switch from http)
             _rollout_id(request.undoes, "undoes")
-        self._refuse_if_needs_admin()
         driver = self._driver()
 
         def make() -> Built:

@@ -262,6 +262,14 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
     assert not pre.server.healthy
     assert pre.server.detail.startswith("needs the admin: journal put back mid-switch"), pre
     assert_needs_admin(node, "pb-hand", pid, config)  # M1
+    # The switch itself asked again (its leader's step run again: a leader restart, a stream
+    # broken by the agent's restart) is a replay, answered with what the journal holds, never
+    # refused as a switch not begun: the leader records a refusal "failed: nothing on the node
+    # was changed" and leaves the node out of a named way back (review s71 revplans, H1).
+    again = node.switch("pb-hand")
+    assert (again.outcome, again.phase) == ("failed", "failed"), again
+    assert node.server_pid() == pid
+    assert node.server.config_path.read_bytes() == config
 
     def shown() -> str:
         listed = cluster.cli("nodes", "--json")

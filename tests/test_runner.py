@@ -2472,6 +2472,16 @@ def test_a_server_on_https_its_journal_never_switched_is_refused_saying_what_to_
     assert plans.plan_problem(journal, driver, facts, Change.ENABLE_TLS, way_back=False) is None
     assert plans.plan_problem(journal, driver, facts, None, way_back=False) is None
     assert driver.server.config == TARGET and not driver.server.ops
+    # Review s71 revplans: finalize plans from the files the config names too (s71 wayback:
+    # ``served_live``), so a dual node whose agent lost its journal is refused at its switch:
+    # its plan says so up front, as for rotate-cert and change-password.
+    dual = b'listen = ["http", "https"]\n'
+    driver.server.running = driver.server.config = dual
+    with pytest.raises(plans.PlanRefused, match=by_hand):
+        plans.finalize_plan(journal, driver, txn_dir, "f1", None)
+    problem = plans.plan_problem(journal, driver, driver.facts(), Change.FINALIZE, way_back=False)
+    assert problem is not None and by_hand in problem, problem
+    assert driver.server.config == dual and not driver.server.ops
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

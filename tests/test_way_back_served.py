@@ -339,3 +339,79 @@ def test_a_server_config_that_is_a_link_is_refused_however_the_agent_names_it(
     with pytest.raises(UnsafePermissions, match=f"set config_file = {srv / 'server.toml'}"):
         plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
     assert (srv / "server.toml").read_bytes() == real.read_bytes()  # (untouched)
+
+
+def test_an_agent_config_named_by_a_relative_path_names_the_server_files_absolutely(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s71 revplans (of s70 L4's fix): the agent started with ``--config agent.toml``
+    (a relative path) and ``[server] config_file = "etc/server.toml"`` took the server's config
+    as ``etc/server.toml``, relative to the agent's working directory: the stage directory,
+    so the certificate a switch writes into the server's config, was ``etc/tlsroll-tls/...``,
+    which the server reads from its own config's directory (``etc/etc/tlsroll-tls/...``: its
+    restart fails), and the files the config names went into the journal relative to a
+    directory an agent started elsewhere does not share. Made absolute, never resolved (a link
+    named stays the link)."""
+    served.driver()
+    root = served.etc.parent
+    (root / "agent.toml").write_text(
+        dump_toml({"server": {"driver": "reference", "config_file": "etc/server.toml"}})
+    )
+    monkeypatch.chdir(root)
+    section = ConfigFile.load(Path("agent.toml")).section("server")
+
+    driver = make_driver(section, served.address, root / "agent-data")
+
+    assert driver.config_file == served.etc / "server.toml", driver.config_file
+    assert plans.stage_dir(driver, "r1") == served.etc / "tlsroll-tls" / "r1"
+    named = driver.named_files()
+    assert named is not None and named["cert_file"] == str(served.cert), named
+
+
+def test_a_broken_https_setting_does_not_block_the_way_back_of_a_journalled_switch(
+    served: Served,
+) -> None:
+    """Review s71 revplans (of s71 wayback's pin): the way back of a switch the journal holds
+    read the files the server's config names, to pin its certificate, and a setting there the
+    agent cannot read (an empty key_file: the server cannot start) refused it with a config
+    error: the admin's way back to http, which puts back the journal's http config, blocked by
+    the https setting it drops (the agent's checks said nothing: `tlsroll plan` showed it
+    ready). It goes on, the pin from the journal's files."""
+    driver = served.driver(key_file="")
+    http = dump_toml({"server": {"listen": ["http"], "address": served.address}}).encode()
+    live = {
+        "cert_file": str(served.cert),
+        "key_file": str(served.key),
+        "ca_file": str(served.client_ca),
+        "verifier_file": "",
+        "server_url": f"https://{served.address}:{HTTPS_PORT}{APP}",
+    }
+    plan = Plan(
+        driver.facts(),
+        ("http",),
+        ("https",),
+        served.txn_dir / "s1-switch.new",
+        served.txn_dir / "s1-switch.old",
+        served.client_ca,
+        served.fingerprint,
+        live,
+    )
+    txn = served.journal.create(
+        Txn(
+            "s1",
+            TxnKind.SWITCH,
+            1,
+            Phase.VERIFIED,
+            plan.to_json(),
+            dt.datetime.now(dt.UTC),
+            source_config=http,
+            target_config=driver.read_config(),
+        )
+    )
+    served.journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+
+    built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+
+    assert built.config == http
+    assert built.plan.target_schemes == ("http",)
+    assert built.plan.source_fingerprint == served.fingerprint  # (the journal's certificate)
