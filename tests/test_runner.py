@@ -1161,6 +1161,39 @@ async def test_a_held_way_back_freezes_again_before_its_restart(
     journal.close()
 
 
+async def test_a_way_back_resumed_after_its_freeze_was_lifted_freezes_again(
+    world: Callable[..., World],
+) -> None:
+    """The agent's exit's side of the test above: killed right after the way back journalled
+    ``restored`` (its restart owed), the agent finds the server unfrozen at its next start
+    (the exit of a dying task lifts it, ``_die``) and writes taken: the way back freezes it
+    again before its restart, once, and ends rolled back."""
+    w = world(SCENARIOS["completes"])
+    driver = w.driver = RefusedRestart(w.server, w.driver.config_file)
+    first = CrashingJournal(w.journal_path)
+
+    def killed_at_restored() -> None:
+        if first.writes[-1].startswith("restored"):
+            raise Crash(first.writes[-1])
+
+    first.after_write = killed_at_restored
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    s = w.server
+    assert (s.config, s.running, s.frozen) == (SOURCE, SOURCE, True), s.ops
+    s.frozen, s.watermark = False, s.watermark + 1
+    s.ops.clear()
+    driver.frozen_at.clear()
+    _, journal = await w.resume()
+    txn = journal.get("r1", TxnKind.SWITCH)
+    assert txn is not None and txn.outcome is TxnOutcome.ROLLED_BACK, txn
+    assert s.ops == ["freeze", "restart", "unfreeze"] and driver.frozen_at == [True], s.ops
+    assert journal.writes[:2] == ["freeze again", "restored"], journal.writes
+    assert txn.watermark == s.watermark == 8 and not s.frozen
+    journal.close()
+
+
 class Aborted(Exception):
     """What ``FakeContext.abort`` raises: the gRPC status a servicer answered with."""
 
