@@ -91,7 +91,9 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
 # (``tlsroll.rpc.DISK_FULL``), which the leader tells from an agent it cannot reach (UNAVAILABLE,
 # as any other disk trouble still is) and retries all the same (``leader.agent_client``).
 FULL_DISK = grpc.StatusCode.RESOURCE_EXHAUSTED
-STAGING = "stage"  # what a Stage begins (``_command``'s ``begins``): no transaction of its own
+# What a Preflight, CreateCSR or Stage begins (``_command``'s ``begins``): no transaction, so
+# never the one a node holds (``_refuse_if_held``).
+PREPARES = "prepare"
 ROLLOUT_ID = plans.ROLLOUT_ID
 DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
@@ -476,9 +478,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, context: Ctx, command: agent_pb2.Command, *, begins: str | None = None
     ) -> str:
         """The command's rollout id once the leader's command is admitted (its epoch).
-        ``begins``: what a Stage, Switch or Rollback begins (a transaction's kind, or
-        ``STAGING``): refused first while another transaction is held (``_refuse_if_held``),
-        before the epoch's write, which a held node's journal would refuse."""
+        ``begins``: what a Preflight, CreateCSR, Stage, Switch or Rollback begins (a
+        transaction's kind, or ``PREPARES``): refused first while another transaction is held
+        (``_refuse_if_held``), before the epoch's write, which a held node's journal would
+        refuse."""
         require_leader(context, self.trust)
         _rollout_id(command.rollout_id)
         if command.epoch == 0:
@@ -524,12 +527,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     def _refuse_if_held(self, rollout_id: str, begins: str) -> None:
         """A node that holds a transaction on a journal it cannot write (``Runner.held``: a
-        full disk under its data dir, say) refuses at once every Stage, Switch and Rollback
-        but a repeat of the held transaction's own command (``rollout_id`` and kind
-        ``begins``), with the hold's reason (FAILED_PRECONDITION: nothing began; the leader
-        records the node refused, unchanged). It answered them with the disk's error (the
-        epoch's or the begin's write: RESOURCE_EXHAUSTED), which the leader tries again for as
-        long as the disk stays full, or with "busy". The repeat is answered as ever (the
+        full disk under its data dir, say) refuses at once every Preflight, CreateCSR, Stage,
+        Switch and Rollback but a repeat of the held transaction's own command (``rollout_id``
+        and kind ``begins``), with the hold's reason (FAILED_PRECONDITION: nothing began; the
+        leader records the node failed, unchanged). It answered them with the disk's error
+        (the epoch's or the begin's write: RESOURCE_EXHAUSTED), which the leader tries again
+        for as long as the disk stays full (a preflight and a stage until their deadline), or
+        with "busy". The repeat is answered as ever (the
         transaction as it stands: the leader follows it, and it goes on by itself once the
         journal takes writes): refused, the leader would have recorded "nothing began" of a
         transaction that then ends on its own (session 71, held2)."""
@@ -807,7 +811,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.PreflightRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
         received = self.clock()  # the clock's check: before our own work (clock audit I, s35)
-        rollout_id = await self._command(context, request.command)
+        rollout_id = await self._command(context, request.command, begins=PREPARES)
         leader_time = _leader_time(request)
         if request.make_csr:
             self._warm_certificates()
@@ -1031,7 +1035,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def CreateCSR(
         self, request: agent_pb2.CreateCSRRequest, context: Ctx
     ) -> agent_pb2.CreateCSRResponse:
-        rollout_id = await self._command(context, request.command)
+        rollout_id = await self._command(context, request.command, begins=PREPARES)
         return agent_pb2.CreateCSRResponse(csr_pem=await self._csr(self._driver(), rollout_id))
 
     async def _csr(self, driver: Driver, rollout_id: str) -> bytes:
@@ -1099,7 +1103,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
-        rollout_id = await self._command(context, request.command, begins=STAGING)
+        rollout_id = await self._command(context, request.command, begins=PREPARES)
         self._refuse_if_needs_admin()
         if self.on_prepare is not None:  # a switch follows: get ready while nothing restarts
             self.on_prepare()

@@ -1209,11 +1209,12 @@ async def test_a_node_holding_a_switch_refuses_other_commands_with_the_hold_s_re
     world: Callable[..., World], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Session 70's hold left it (s71 held2): a node whose switch is held on a journal it
-    cannot write answered a Stage, Switch or Rollback of another rollout with the disk's
-    error (the new epoch's write: RESOURCE_EXHAUSTED, which the leader tries again for as
-    long as the disk stays full) or "busy". Now every one of them but the held switch's own
-    repeat is refused at once with the hold's reason (FAILED_PRECONDITION: nothing began),
-    a Rollback of the held switch's rollout included; nothing is journalled. The repeat is
+    cannot write answered a Preflight, CreateCSR, Stage, Switch or Rollback of another
+    rollout with the disk's error (the new epoch's write: RESOURCE_EXHAUSTED, which the
+    leader tries again for as long as the disk stays full, a preflight or stage until its
+    deadline) or "busy". Now every one of them but the held switch's own repeat is refused
+    at once with the hold's reason (FAILED_PRECONDITION: nothing began), a Rollback of the
+    held switch's rollout included; nothing is journalled. The repeat is
     answered with the switch as it stands (the leader follows it: it goes on by itself),
     and the switch completes once the journal takes writes."""
     sc = SCENARIOS["completes"]
@@ -1242,6 +1243,12 @@ async def test_a_node_holding_a_switch_refuses_other_commands_with_the_hold_s_re
         ),
         "switch at the epoch held": lambda: agent.Switch(
             agent_pb2.SwitchRequest(command=command("r2", 1), change=tls), context
+        ),
+        "preflight": lambda: agent.Preflight(
+            agent_pb2.PreflightRequest(command=command("r2", 2), make_csr=True), context
+        ),
+        "csr": lambda: agent.CreateCSR(
+            agent_pb2.CreateCSRRequest(command=command("r2", 2)), context
         ),
         "stage": lambda: agent.Stage(agent_pb2.StageRequest(command=command("r2", 2)), context),
         "way back": lambda: agent.Rollback(
@@ -3058,7 +3065,7 @@ def staged_agent(
         cfg, cast(Any, None), journal, driver, runner, w.time.clock, trust=trust
     )
 
-    async def admitted(context: Any, command: Any) -> str:
+    async def admitted(context: Any, command: Any, **_: Any) -> str:
         return str(command.rollout_id)
 
     monkeypatch.setattr(agent, "_command", admitted)
