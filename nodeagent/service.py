@@ -533,10 +533,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         leader records the node failed, unchanged). It answered them with the disk's error
         (the epoch's or the begin's write: RESOURCE_EXHAUSTED), which the leader tries again
         for as long as the disk stays full (a preflight and a stage until their deadline), or
-        with "busy". The repeat is answered as ever (the
-        transaction as it stands: the leader follows it, and it goes on by itself once the
-        journal takes writes): refused, the leader would have recorded "nothing began" of a
-        transaction that then ends on its own (session 71, held2)."""
+        with "busy". The repeat is answered as ever (the transaction as it stands: the leader
+        follows it, and it goes on by itself once the journal takes writes): refused, the
+        leader would have recorded "nothing began" of a transaction that then ends on its own
+        (session 71, held2)."""
         held = self.runner.held if self.runner is not None else {}
         for key, why in held.items():
             if key != (rollout_id, begins):
