@@ -63,7 +63,9 @@ lift or kept freeze), the agent's view of its server says the node needs the adm
 and carries the transaction on once a write takes (session 70). A transaction resumed or
 restarted first makes a write to its journal (``_probe``): a journal that cannot be written
 makes no action on the server (the restart of a server left at ``config_written``
-came again at each start of the agent, four times, while the disk stayed full).
+came again at each start of the agent, four times, while the disk stayed full). One resumed
+before its restart, on the way there or back, freezes the server again first if its freeze
+was lifted meanwhile (``_refreeze``, ``_refreeze_back``).
 
 The runner does no blocking work on the event loop: journal writes, config files and the
 outside checks run in threads. Time (``clock``, ``sleep``) and the outside checks
