@@ -365,7 +365,7 @@ def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_nee
             for other in (node.switch, node.rollback):
                 with pytest.raises(grpc.RpcError) as caught:
                     other("jother")
-                code, details = caught.value.code(), caught.value.details()
+                code, details = caught.value.code(), caught.value.details() or ""
                 assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
                 assert details.startswith(said), details
             assert node.switch("jfull").phase == "config_written"
