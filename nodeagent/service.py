@@ -91,6 +91,9 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
 # (``tlsroll.rpc.DISK_FULL``), which the leader tells from an agent it cannot reach (UNAVAILABLE,
 # as any other disk trouble still is) and retries all the same (``leader.agent_client``).
 FULL_DISK = grpc.StatusCode.RESOURCE_EXHAUSTED
+# What a Preflight, CreateCSR or Stage begins (``_command``'s ``begins``): no transaction, so
+# never the one a node holds (``_refuse_if_held``).
+PREPARES = "prepare"
 ROLLOUT_ID = plans.ROLLOUT_ID
 DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
@@ -471,11 +474,20 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     # --- guards -------------------------------------------------------------------------------
 
-    async def _command(self, context: Ctx, command: agent_pb2.Command) -> str:
+    async def _command(
+        self, context: Ctx, command: agent_pb2.Command, *, begins: str | None = None
+    ) -> str:
+        """The command's rollout id once the leader's command is admitted (its epoch).
+        ``begins``: what a Preflight, CreateCSR, Stage, Switch or Rollback begins (a
+        transaction's kind, or ``PREPARES``): refused first while another transaction is held
+        (``_refuse_if_held``), before the epoch's write, which a held node's journal would
+        refuse."""
         require_leader(context, self.trust)
         _rollout_id(command.rollout_id)
         if command.epoch == 0:
             raise invalid("epoch must be set")
+        if begins is not None:
+            self._refuse_if_held(command.rollout_id, begins)
         if (
             not self._admitting
             and command.epoch == self._epoch
@@ -512,6 +524,23 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         until the admin checked it (review s41rev1 M1: a rollout already running did both)."""
         if (why := self.journal.needs_admin()) is not None:
             raise failed_precondition(f"{NEEDS_ADMIN}{why}")
+
+    def _refuse_if_held(self, rollout_id: str, begins: str) -> None:
+        """A node that holds a transaction on a journal it cannot write (``Runner.held``: a
+        full disk under its data dir, say) refuses at once every Preflight, CreateCSR, Stage,
+        Switch and Rollback but a repeat of the held transaction's own command (``rollout_id``
+        and kind ``begins``), with the hold's reason (FAILED_PRECONDITION: nothing began; the
+        leader records the node failed, unchanged). It answered them with the disk's error
+        (the epoch's or the begin's write: RESOURCE_EXHAUSTED), which the leader tries again
+        for as long as the disk stays full (a preflight and a stage until their deadline), or
+        with "busy". The repeat is answered as ever (the transaction as it stands: the leader
+        follows it, and it goes on by itself once the journal takes writes): refused, the
+        leader would have recorded "nothing began" of a transaction that then ends on its own
+        (session 71, held2)."""
+        held = self.runner.held if self.runner is not None else {}
+        for key, why in held.items():
+            if key != (rollout_id, begins):
+                raise failed_precondition(f"{NEEDS_ADMIN}{why}")
 
     def _needs_admin(self) -> str | None:
         """Why the node needs the admin now: its journal put back from a copy (above), or a
@@ -782,7 +811,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.PreflightRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
         received = self.clock()  # the clock's check: before our own work (clock audit I, s35)
-        rollout_id = await self._command(context, request.command)
+        rollout_id = await self._command(context, request.command, begins=PREPARES)
         leader_time = _leader_time(request)
         if request.make_csr:
             self._warm_certificates()
@@ -1006,7 +1035,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def CreateCSR(
         self, request: agent_pb2.CreateCSRRequest, context: Ctx
     ) -> agent_pb2.CreateCSRResponse:
-        rollout_id = await self._command(context, request.command)
+        rollout_id = await self._command(context, request.command, begins=PREPARES)
         return agent_pb2.CreateCSRResponse(csr_pem=await self._csr(self._driver(), rollout_id))
 
     async def _csr(self, driver: Driver, rollout_id: str) -> bytes:
@@ -1074,7 +1103,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
-        rollout_id = await self._command(context, request.command)
+        rollout_id = await self._command(context, request.command, begins=PREPARES)
         self._refuse_if_needs_admin()
         if self.on_prepare is not None:  # a switch follows: get ready while nothing restarts
             self.on_prepare()
@@ -1629,7 +1658,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def _switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> Txn:
         """Begin the switch (or find it, on a replay): Switch, and WatchTransaction with
         ``switch`` set."""
-        rollout_id = await self._command(context, request.command)
+        rollout_id = await self._command(context, request.command, begins=TxnKind.SWITCH)
         change = CHANGE.read(request.change, "change")
         builders = {
             Change.ENABLE_TLS: plans.switch_plan,
@@ -1705,7 +1734,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def Rollback(
         self, request: agent_pb2.RollbackRequest, context: Ctx
     ) -> agent_pb2.Transaction:
-        rollout_id = await self._command(context, request.command)
+        rollout_id = await self._command(context, request.command, begins=TxnKind.ROLLBACK)
         if request.undoes:  # (empty: the newest switch from http)
             _rollout_id(request.undoes, "undoes")
         driver = self._driver()

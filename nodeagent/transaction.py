@@ -63,7 +63,9 @@ lift or kept freeze), the agent's view of its server says the node needs the adm
 and carries the transaction on once a write takes (session 70). A transaction resumed or
 restarted first makes a write to its journal (``_probe``): a journal that cannot be written
 makes no action on the server (the restart of a server left at ``config_written``
-came again at each start of the agent, four times, while the disk stayed full).
+came again at each start of the agent, four times, while the disk stayed full). One resumed
+before its restart, on the way there or back, freezes the server again first if its freeze
+was lifted meanwhile (``_refreeze``, ``_refreeze_back``).
 
 The runner does no blocking work on the event loop: journal writes, config files and the
 outside checks run in threads. Time (``clock``, ``sleep``) and the outside checks
@@ -237,6 +239,9 @@ BACKWARD: dict[Phase, tuple[Action, Phase]] = {
     Phase.RB_RESTARTED: (Action.VERIFY_SOURCE, Phase.RB_VERIFIED),
     Phase.RB_VERIFIED: (Action.UNFREEZE, Phase.ROLLED_BACK),
 }
+# Backward phases before the way back's restart: resumed there, the runner checks that the
+# server is still frozen right before that restart, if one is needed (``_refreeze_back``).
+REFREEZE_BACK = frozenset({Phase.ROLLING_BACK, Phase.RESTORED})
 # terminal phase -> the transaction's outcome
 TERMINAL: dict[Phase, TxnOutcome] = {
     Phase.COMPLETED: TxnOutcome.COMPLETED,
@@ -1478,12 +1483,18 @@ class Runner:
     ) -> Txn:
         looking: asyncio.Task[dict[str, Any]] | None = None  # a verify begun with its record
         passed: Passed | None = None  # a step ended, journalled with the next record
+        # A way back resumed before its restart: frozen again for it (``_refreeze_back``).
+        back = resumed and txn.phase in REFREEZE_BACK
         while txn.phase not in TERMINAL:
             forward = txn.phase in FORWARD
             action, after = FORWARD[txn.phase] if forward else BACKWARD[txn.phase]
             if begun != action:
                 await dbthread.run(self.journal.event, txn, action, "begin")
             begun = None
+            if back and txn.phase is Phase.RESTORED:
+                back = False
+                if txn.restart_needed is not False:
+                    txn = await self._refreeze_back(txn)
             try:
                 skipped = txn.phase is Phase.CONFIG_WRITTEN and txn.watermark is None
                 # (that one: the freeze found the server down; back by now, someone else's
@@ -1921,6 +1932,32 @@ class Runner:
         txn = await dbthread.run(self.journal.update, txn, phase=txn.phase, watermark=watermark)
         self.changes.changed(txn)
         return txn
+
+    async def _refreeze_back(self, txn: Txn) -> Txn:
+        """A way back resumed before its restart (``REFREEZE_BACK``): the server frozen again
+        for that restart if it is not, as ``_refreeze`` freezes a switch resumed past its
+        freeze (journalled before the freeze, its new watermark after it). The freeze may have
+        been lifted meanwhile: by a hold once the server proved it ran the source
+        (``_lift_held``), or by the exit of a dying task (``_die``); the way back then
+        restarted the server while it took writes (session 71, held2). The way back's verify
+        compares no watermark: the one journalled here says where writes stood. A server
+        that refuses the freeze does not stop the way back: it is restarted unfrozen, as it
+        was before, and that is logged. A journal that cannot be written stops it (the task
+        dies: nothing is frozen that is not journalled first)."""
+        try:
+            return await self._through_shortage(
+                Action.RESTART, txn, functools.partial(self._refreeze, txn)
+            )
+        except (StepFailed, DriverError, OSError, LocalResourceError) as exc:
+            log.warning(
+                "txn.way_back_unfrozen",
+                rollout_id=txn.rollout_id,
+                kind=txn.kind,
+                error=describe(exc),
+                detail="the way back restarts the server without its freeze (writes in flight"
+                " during the restart may fail); the error says why it could not be frozen",
+            )
+            return txn
 
     async def _write_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         key = (txn.rollout_id, txn.kind.value)

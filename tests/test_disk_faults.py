@@ -358,6 +358,17 @@ def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_nee
             assert "restart" not in [e.get("step") for e in events]
             (held,) = [e["detail"] for e in events if e.get("event") == "txn.held"]
             assert "the switch of rollout jfull waits mid-way, writes refused" in held, held
+            # Session 71 (held2): another rollout's switch, or a way back, is refused at once
+            # with the hold's reason (it was "busy", or with a new epoch the disk's error, which
+            # the leader tried again for as long as the disk stayed full); the held switch's
+            # own repeat is answered with it as it stands (the leader follows it).
+            for other in (node.switch, node.rollback):
+                with pytest.raises(grpc.RpcError) as caught:
+                    other("jother")
+                code, details = caught.value.code(), caught.value.details() or ""
+                assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
+                assert details.startswith(said), details
+            assert node.switch("jfull").phase == "config_written"
         finally:
             filler.unlink()
         txn = node.wait_txn("jfull", timeout=90)  # carried on by the same agent process

@@ -32,12 +32,13 @@ import sqlite3
 import stat
 import threading
 import tomllib
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import grpc
 import pytest
 
 from nodeagent import plans, service, transaction
@@ -46,12 +47,13 @@ from nodeagent.journal import Journal, JournalError, Txn
 from nodeagent.lease import Boot, Lease, Leases
 from nodeagent.transaction import Checks, Passed, Phase, Plan, Runner, Staged, next_action
 from nodeagent.trust import LeaderTrust
-from nodeagent.wire import TXN_PHASE
+from nodeagent.wire import CHANGE, TXN_PHASE
 from tests.conftest import count_thread_hops
 from tests.private_files import write_private
 from tlsroll import dbthread, fsutil, password, peertext
 from tlsroll.config import ConfigFile
-from tlsroll.enums import Change, TxnKind, TxnOutcome
+from tlsroll.enums import NEEDS_ADMIN, Change, TxnKind, TxnOutcome
+from tlsroll.v1 import agent_pb2
 
 ADDRESS = "192.0.2.10"
 APP = "/praxis_live/"
@@ -902,6 +904,11 @@ class Filling(CrashingJournal):
     def probe(self) -> None:
         self._write("probe", super().probe)
 
+    def admit_epoch(self, epoch: int) -> int | None:  # a new epoch's write (``_command``)
+        if epoch > self.highest_epoch():
+            self._write(f"epoch {epoch}", lambda: None)
+        return super().admit_epoch(epoch)
+
 
 @pytest.mark.parametrize("end", ["room again", "agent stopped"])
 async def test_an_agent_started_again_on_a_full_journal_restarts_nothing_and_holds_the_switch(
@@ -1078,7 +1085,193 @@ async def test_a_held_switch_keeps_the_freeze_until_the_server_proves_its_config
     assert not s.frozen and s.ops == ["unfreeze"], s.ops
     why = runner.needs_admin()
     assert why is not None and "writes refused" not in why, why
+    s.watermark += 2  # writes taken, unfrozen, while held
     journal.full = False
+    done = await task
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    # Resumed before its restart's record: frozen again (a new watermark, which its verify
+    # compares) for the restart it makes again, and verified (s71 held2: asked of a switch too).
+    assert s.ops == ["unfreeze", "freeze", "restart", "unfreeze"], s.ops
+    assert done.watermark == s.watermark == 9
+    w.assert_ended_well(journal)
+    journal.close()
+
+
+class RefusedRestart(FakeDriver):
+    """The fake whose first ``refusals`` restarts fail before they stop the server (the
+    service manager refused them: the server runs on as it was); ``frozen_at`` says whether
+    the server was frozen at each restart tried."""
+
+    refusals = 1
+
+    def __init__(self, server: FakeServer, config_file: Path) -> None:
+        super().__init__(server, config_file)
+        self.frozen_at: list[bool] = []
+
+    async def restart(self) -> None:
+        self.frozen_at.append(self.server.frozen)
+        if self.refusals:
+            self.refusals -= 1
+            self.server.ops.append("restart refused")
+            raise DriverError("restart: the service manager refused it")
+        await super().restart()
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["frozen", "freeze-refused"])
+async def test_a_held_way_back_freezes_again_before_its_restart(
+    refused: bool, world: Callable[..., World]
+) -> None:
+    """Session 70's hold left it (s71 held2): a switch whose restart was refused (the server
+    ran on, on its source) goes back; the journal's disk fills as the way back records
+    ``restored`` (the source back on disk, the restart owed). The server proves it runs the
+    source: the hold lifts the freeze, and writes are taken while the disk stays full. Once
+    the journal takes writes, the way back carried on from there and restarted the server
+    unfrozen, writes coming in through its restart. Now the way back resumed before its
+    restart freezes the server again first (journalled before the freeze, its new watermark
+    after it), restarts it once, verifies and unfreezes it. A server that refuses that freeze
+    does not fail the way back: it is restarted unfrozen, as before."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    driver = w.driver = RefusedRestart(w.server, w.driver.config_file)
+    await died_on_full(w, "restored")
+    s = w.server
+    assert (s.config, s.running, s.frozen) == (SOURCE, SOURCE, True), s.ops
+    journal, runner, task, _told = await resumed_into_hold(w)
+    assert not s.frozen and "writes are accepted again" in said(runner), (s.ops, said(runner))
+    s.watermark += 3  # writes taken while held
+    s.ops.clear()
+    driver.frozen_at.clear()
+    if refused:
+        s.failing = frozenset({"freeze"})
+    journal.full = False  # room again
+    done = await task
+    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+    assert s.ops == ["freeze", "restart", "unfreeze"], s.ops
+    assert driver.frozen_at == [not refused], driver.frozen_at  # one restart, frozen
+    if refused:
+        assert done.watermark == 7 and "freeze again" in journal.writes, journal.writes
+        assert (s.running, s.config, s.frozen) == (SOURCE, SOURCE, False)
+        journal.close()
+        return
+    assert done.watermark == s.watermark == 10
+    # that it freezes again first, then the watermark, then the restart (s34 review M2)
+    writes = [w for w in journal.writes if w != "probe"]
+    assert writes[:3] == ["restored + restart begin", "freeze again", "restored"], writes
+    assert (s.running, s.config, s.frozen) == (SOURCE, SOURCE, False)
+    journal.close()
+
+
+async def test_a_way_back_resumed_after_its_freeze_was_lifted_freezes_again(
+    world: Callable[..., World],
+) -> None:
+    """The agent's exit's side of the test above: killed right after the way back journalled
+    ``restored`` (its restart owed), the agent finds the server unfrozen at its next start
+    (the exit of a dying task lifts it, ``_die``) and writes taken: the way back freezes it
+    again before its restart, once, and ends rolled back."""
+    w = world(SCENARIOS["completes"])
+    driver = w.driver = RefusedRestart(w.server, w.driver.config_file)
+    first = CrashingJournal(w.journal_path)
+
+    def killed_at_restored() -> None:
+        if first.writes[-1].startswith("restored"):
+            raise Crash(first.writes[-1])
+
+    first.after_write = killed_at_restored
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    s = w.server
+    assert (s.config, s.running, s.frozen) == (SOURCE, SOURCE, True), s.ops
+    s.frozen, s.watermark = False, s.watermark + 1
+    s.ops.clear()
+    driver.frozen_at.clear()
+    _, journal = await w.resume()
+    txn = journal.get("r1", TxnKind.SWITCH)
+    assert txn is not None and txn.outcome is TxnOutcome.ROLLED_BACK, txn
+    assert s.ops == ["freeze", "restart", "unfreeze"] and driver.frozen_at == [True], s.ops
+    assert journal.writes[:2] == ["freeze again", "restored"], journal.writes
+    assert txn.watermark == s.watermark == 8 and not s.frozen
+    journal.close()
+
+
+class Aborted(Exception):
+    """What ``FakeContext.abort`` raises: the gRPC status a servicer answered with."""
+
+
+class FakeContext:
+    """The servicer's context, as far as ``map_errors`` uses it: ``abort`` raises."""
+
+    async def abort(self, code: object, details: str) -> None:
+        raise Aborted(code, details)
+
+
+async def test_a_node_holding_a_switch_refuses_other_commands_with_the_hold_s_reason(
+    world: Callable[..., World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 70's hold left it (s71 held2): a node whose switch is held on a journal it
+    cannot write answered a Preflight, CreateCSR, Stage, Switch or Rollback of another
+    rollout with the disk's error (the new epoch's write: RESOURCE_EXHAUSTED, which the
+    leader tries again for as long as the disk stays full, a preflight or stage until its
+    deadline) or "busy". Now every one of them but the held switch's own repeat is refused
+    at once with the hold's reason (FAILED_PRECONDITION: nothing began), a Rollback of the
+    held switch's rollout included; nothing is journalled. The repeat is
+    answered with the switch as it stands (the leader follows it: it goes on by itself),
+    and the switch completes once the journal takes writes."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    with contextlib.closing(Journal(w.journal_path)) as first:
+        first.admit_epoch(1)  # the rollout's epoch, journalled by its first command
+    await died_on_full(w, "config_written")
+    journal, runner, task, _told = await resumed_into_hold(w)
+    why = runner.needs_admin()
+    assert why is not None and "its journal cannot be written" in why, why
+    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
+    trust = LeaderTrust(w.root / "ca.pem", "example.test", w.root / "crl.pem")
+    trust.announce(2)
+    agent = service.NodeAgentService(
+        cast(Any, None), cast(Any, None), journal, w.driver, runner, w.time.clock, trust=trust
+    )
+    context: Any = FakeContext()
+    tls = CHANGE.wire(Change.ENABLE_TLS)
+
+    def command(rollout_id: str, epoch: int) -> agent_pb2.Command:
+        return agent_pb2.Command(rollout_id=rollout_id, epoch=epoch)
+
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "switch of a new rollout": lambda: agent.Switch(
+            agent_pb2.SwitchRequest(command=command("r2", 2), change=tls), context
+        ),
+        "switch at the epoch held": lambda: agent.Switch(
+            agent_pb2.SwitchRequest(command=command("r2", 1), change=tls), context
+        ),
+        "preflight": lambda: agent.Preflight(
+            agent_pb2.PreflightRequest(command=command("r2", 2), make_csr=True), context
+        ),
+        "csr": lambda: agent.CreateCSR(
+            agent_pb2.CreateCSRRequest(command=command("r2", 2)), context
+        ),
+        "stage": lambda: agent.Stage(agent_pb2.StageRequest(command=command("r2", 2)), context),
+        "way back": lambda: agent.Rollback(
+            agent_pb2.RollbackRequest(command=command("r2", 2)), context
+        ),
+        "rollback of the held switch's rollout": lambda: agent.Rollback(
+            agent_pb2.RollbackRequest(command=command("r1", 1)), context
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(Aborted) as caught:
+            await call()
+        code, details = caught.value.args
+        assert code is grpc.StatusCode.FAILED_PRECONDITION, (name, code, details)
+        assert details == f"{NEEDS_ADMIN}{why}", (name, details)
+    # The held switch's own repeat: the switch as it stands, nothing begun or refused.
+    answer = await agent.Switch(
+        agent_pb2.SwitchRequest(command=command("r1", 1), change=tls), context
+    )
+    assert (answer.rollout_id, answer.phase) == ("r1", TXN_PHASE.wire(Phase.FROZEN)), answer
+    assert journal.highest_epoch() == 1 and journal.writes == [], journal.writes
+    assert [t.rollout_id for t in journal.unfinished()] == ["r1"] and not task.done()
+    journal.full = False  # room again
     done = await task
     assert done.outcome is TxnOutcome.COMPLETED, done.reason
     w.assert_ended_well(journal)
@@ -2882,7 +3075,7 @@ def staged_agent(
         cfg, cast(Any, None), journal, driver, runner, w.time.clock, trust=trust
     )
 
-    async def admitted(context: Any, command: Any) -> str:
+    async def admitted(context: Any, command: Any, **_: Any) -> str:
         return str(command.rollout_id)
 
     monkeypatch.setattr(agent, "_command", admitted)

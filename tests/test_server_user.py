@@ -1022,7 +1022,7 @@ async def test_a_refused_certificate_leaves_the_staged_keys_access_as_it_was(
         crypto=crypto,
     )
 
-    async def command(_context: object, command: agent_pb2.Command) -> str:
+    async def command(_context: object, command: agent_pb2.Command, **_: object) -> str:
         return command.rollout_id  # the leader's call admitted (not what this test is about)
 
     monkeypatch.setattr(agent, "_command", command)

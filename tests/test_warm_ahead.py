@@ -207,7 +207,7 @@ async def test_a_preflight_that_makes_the_csr_readies_the_switch_while_the_csr_w
         cast(Any, None), cast(Any, None), cast(Any, None), None, None, now, trust=cast(Any, 1)
     )
 
-    async def command(context: object, command: object) -> str:
+    async def command(context: object, command: object, **_: object) -> str:
         order.append("command")
         return "r1"
 
