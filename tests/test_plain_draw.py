@@ -10,6 +10,7 @@ import json
 import re
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -17,7 +18,7 @@ from rich.table import Table as RichTable
 
 from leader import planner
 from leader.cli.base import to_dict
-from leader.cli.draw import render_rollout
+from leader.cli.draw import PENDING, render_rollout
 from leader.cli.plain import Block, Styled, Table, cell_len, clean, fit, wrap
 from leader.rollout_core import (
     Change,
@@ -298,10 +299,15 @@ class Tty(io.StringIO):
 
 
 def watched_rollout(state: types_pb2.RolloutState.ValueType, more: int = 0) -> dict[str, object]:
+    """``watched_view`` as ``schema show --watch`` reads it (``to_dict`` of the view, as
+    ``fetch_schema_json`` gives it)."""
+    return to_dict(watched_view(state, more))
+
+
+def watched_view(state: types_pb2.RolloutState.ValueType, more: int = 0) -> schema_pb2.RolloutView:
     """A rotate-cert of na, nb (done) and nc (switching; the third row), with a password
     staged since (the review's capture), and ``more`` nodes after them: one in seven failed,
-    the others pending; as ``schema show --watch`` reads it (``to_dict`` of the view, as
-    ``fetch_schema_json`` gives it)."""
+    the others pending."""
     began = dt.datetime(2026, 12, 6, 10, 54, tzinfo=dt.UTC)
     view = schema_pb2.RolloutView(
         id="r20261206-105354-bf7a",
@@ -338,7 +344,7 @@ def watched_rollout(state: types_pb2.RolloutState.ValueType, more: int = 0) -> d
         else:
             node.state = types_pb2.NODE_STATE_PENDING
         view.nodes.append(node)
-    return to_dict(view)
+    return view
 
 
 @pytest.mark.parametrize(("width", "height", "more"), [(80, 24, 0), (200, 50, 0), (80, 24, 60)])
@@ -406,7 +412,7 @@ def test_the_watch_fits_the_terminal_with_the_node_in_flight_on_it(
         head = next(line for line in frame if line.startswith("┃"))
         assert "old address" in head and "cert expires" in head and "freeze" in head
     # Once it ends, the live view goes and the whole table of the rollout stays, uncut.
-    assert stdout.getvalue() == "\n".join(render_rollout(ended).lines(width, False)) + "\n"
+    assert stdout.getvalue() == "\n".join(render_rollout(ended, width).lines(width, False)) + "\n"
 
 
 def test_a_watch_stopped_by_ctrl_c_leaves_the_whole_table_as_last_seen(
@@ -436,7 +442,7 @@ def test_a_watch_stopped_by_ctrl_c_leaves_the_whole_table_as_last_seen(
     with pytest.raises(KeyboardInterrupt):  # `schema show` says "stopped watching" then
         schema_cmd.watch_schema(None, "", False, interval=0)  # type: ignore[arg-type]
     monkeypatch.undo()
-    assert stdout.getvalue() == "\n".join(render_rollout(running).lines(80, False)) + "\n"
+    assert stdout.getvalue() == "\n".join(render_rollout(running, 80).lines(80, False)) + "\n"
 
 
 @pytest.mark.parametrize("term", ["dumb", "unknown"])
@@ -468,6 +474,123 @@ def test_a_terminal_that_cannot_move_its_cursor_gets_a_line_per_change(
     monkeypatch.undo()
     # While it ran (before the second answer was asked for), the switching node's line was out.
     assert re.search(r"^\d\d:\d\d:\d\d node nc: switching$", shown[-1], re.M), shown
-    assert stdout.getvalue().endswith("\n".join(render_rollout(ended).lines(80, False)) + "\n"), (
-        stdout.getvalue()
-    )
+    assert stdout.getvalue().endswith(
+        "\n".join(render_rollout(ended, 80).lines(80, False)) + "\n"
+    ), stdout.getvalue()
+
+
+# --- the whole table on a narrow terminal: `rollout status`, `--wait`, `schema show` --------------
+
+
+def narrow_screen(monkeypatch: pytest.MonkeyPatch, columns: int) -> Tty:
+    """stdout a terminal of ``columns`` columns, without colours."""
+    stdout = Tty()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setenv("NO_COLOR", "1")
+    return stdout
+
+
+def run_status(monkeypatch: pytest.MonkeyPatch, how: str, view: schema_pb2.RolloutView) -> None:
+    """``tlsroll rollout status`` (``how``: "status"), or what ``rollout start --wait`` prints
+    once the rollout has ended ("wait"), in process, the leader's answer given."""
+    import click
+
+    from leader.cli import rollout
+
+    schema = schema_pb2.Schema(rollouts=[view])
+    monkeypatch.setattr(rollout, "fetch_schema", lambda *_a, **_k: schema)
+    if how == "status":
+        rollout.rollout_status.main([view.id], standalone_mode=False)
+    else:
+        with click.Context(rollout.rollout_status):
+            rollout.wait_for_end(rollout.Leader(Path("/nonexistent")), view.id, interval=0)
+
+
+def run_schema_show(monkeypatch: pytest.MonkeyPatch, data: dict[str, object]) -> None:
+    """``tlsroll schema show`` in process, the leader's answer given."""
+    from leader.cli import schema_cmd
+
+    monkeypatch.setattr(schema_cmd, "fetch_schema_json", lambda *_a, **_k: data)
+    schema_cmd.schema.main(["show"], standalone_mode=False)
+
+
+def narrow_rows(text: str) -> list[list[str]]:
+    """The table's rows of ``text``, each as the lines it takes."""
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        if re.match(r"│ \d+ ", line):
+            rows.append([line])
+        elif line.startswith("│ ") and rows:
+            rows[-1].append(line)
+    return rows
+
+
+@pytest.mark.parametrize("how", ["status", "wait", "schema show"])
+def test_the_whole_table_fits_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Review s71 walkthrough L7: at 80 columns the end table of `rollout start --wait` and
+    `rollout status` (and `schema show`) folded its ten columns into cells five letters wide,
+    each row eight lines or more ("addre/ss", "passwo/rd"). On a terminal narrower than the
+    table it goes without the columns the watch's live view goes without, in that order, and
+    says which under it; what it shows is whole, folded, not cut: the reason at its spaces."""
+    view = watched_view(types_pb2.ROLLOUT_STATE_COMPLETED)
+    stdout = narrow_screen(monkeypatch, 80)
+    if how == "schema show":
+        run_schema_show(monkeypatch, {"rollouts": [to_dict(view)], "total_rollouts": 1})
+    else:
+        run_status(monkeypatch, how, view)
+    monkeypatch.undo()
+    text = stdout.getvalue()
+    lines = text.splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), text
+    head = next(line for line in lines if line.startswith("┃"))
+    assert [h.strip() for h in head.strip("┃").split("┃")] == [
+        "#",
+        "node",
+        "state",
+        "new address",
+        "reason",
+    ], text
+    rows = narrow_rows(text)
+    assert len(rows) == 3 and all(len(row) <= 6 for row in rows), text
+    assert "https://10.0.0.3:8443/pra" in rows[2][0] and "│ switching │" in rows[2][0], text
+    reason = " ".join(line.split("│")[5].strip() for line in rows[2])
+    assert reason == PENDING, text  # folded at its spaces, whole
+    said = " ".join(lines[lines.index(next(x for x in lines if x.startswith("└"))) + 1 :])
+    assert said == (
+        "not shown on 80 columns: cert expires, old address, restart, freeze window (node "
+        "clock), still on http (all: the same command | less -S)"
+    ), text
+    # The heading folded at its spaces, not by the terminal in a word.
+    assert lines[:2] == [
+        "rollout r20261206-105354-bf7a  completed  change rotate-cert  scope cluster",
+        "strategy direct  max-parallel 1  freeze node  epoch 3",
+    ], text
+
+
+@pytest.mark.parametrize("how", ["status", "schema show"])
+def test_a_pipe_keeps_every_column(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Into a pipe or a log the table keeps every column, as before (scripts read it), even
+    with COLUMNS=80 set."""
+    view = watched_view(types_pb2.ROLLOUT_STATE_COMPLETED)
+    stdout = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setenv("COLUMNS", "80")
+    if how == "schema show":
+        run_schema_show(monkeypatch, {"rollouts": [to_dict(view)], "total_rollouts": 1})
+    else:
+        run_status(monkeypatch, how, view)
+    monkeypatch.undo()
+    whole = "\n".join(render_rollout(to_dict(view)).lines(80, color=False))
+    assert stdout.getvalue() == whole + "\n"
+    assert "not shown" not in whole and whole.splitlines()[2].count("┳") == 9
+
+
+def test_a_wide_terminal_goes_without_no_column() -> None:
+    """A terminal wide enough for every column (the reason folded to 30 at least) keeps them
+    all, and says nothing under the table."""
+    data = watched_rollout(types_pb2.ROLLOUT_STATE_COMPLETED)
+    lines = render_rollout(data, 240).lines(240, color=False)
+    head = next(line for line in lines if line.startswith("┃"))
+    assert "cert expires" in head and "old address" in head and "still on http" in head
+    assert lines[-1].startswith("└"), lines
