@@ -263,7 +263,7 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
             "certificates are revoked.",
             "not removed",
         )
-    from leader.store_rules import token_command  # noqa: PLC0415 - for this command alone
+    from leader.store_rules import join_again, token_command  # noqa: PLC0415 - this command's
 
     with leader.admin() as admin:
         reply = leader.call(admin.RemoveNode, admin_pb2.RemoveNodeRequest(name=name))
@@ -271,12 +271,18 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
     # With a new key: the leader never enrols the removed node's key again, under any name
     # (review rev-enrol H1: a copy of it was the node again). With its DNS names too: a token
     # enrols only a node asking for exactly its names (review rev-enrol L2).
+    command = token_command(node.name, tuple(node.addresses), tuple(node.dns_names))
     out.print(
         f"removed node {node.name}; revoked {len(reply.revoked_serials)} certificate(s). "
-        f"To enrol it again, with a new key (its old one is refused from now on): on "
-        f"{node.name} mv DATA/node.key DATA/node.key.removed (DATA: the agent's data dir), "
-        f"{token_command(node.name, tuple(node.addresses), tuple(node.dns_names))}, the "
-        "token to its agent's join_token_file, start the agent (it makes a new key)"
+        "To enrol it again, with a new key (its old one is refused from now on): "
+        + join_again(
+            node.name,
+            command,
+            "systemctl enable --now tlsroll-agent",
+            before="mv DATA/node.key DATA/node.key.removed",
+        )
+        + " (DATA: the agent's data_dir in agent.toml, /var/lib/tlsroll-agent by default; "
+        "the agent makes a new key)"
     )
     # Its agent refuses workstation passwords once the leader refuses it (its next heartbeat),
     # but the machine still holds the password's verifier, which is as good as the password.
