@@ -11,13 +11,14 @@ import re
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 from rich.table import Table as RichTable
 
 from leader import planner
-from leader.cli.base import to_dict
+from leader.cli.base import Leader, to_dict
 from leader.cli.draw import PENDING, render_rollout
 from leader.cli.plain import Block, Styled, Table, cell_len, clean, fit, wrap
 from leader.rollout_core import (
@@ -30,7 +31,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow
 from leader.schema_view import rollout_view, schema_json, schema_message
-from tlsroll.v1 import schema_pb2, types_pb2
+from tlsroll.v1 import admin_pb2, schema_pb2, types_pb2
 
 ROWS = [
     ["1", "praxis-a (leader)", "done", "http://10.0.0.1:8080", "https://10.0.0.1:8443", "-"],
@@ -504,7 +505,7 @@ def run_status(monkeypatch: pytest.MonkeyPatch, how: str, view: schema_pb2.Rollo
         rollout.rollout_status.main([view.id], standalone_mode=False)
     else:
         with click.Context(rollout.rollout_status):
-            rollout.wait_for_end(rollout.Leader(Path("/nonexistent")), view.id, interval=0)
+            rollout.wait_for_end(Leader(Path("/nonexistent")), view.id, interval=0)
 
 
 def run_schema_show(monkeypatch: pytest.MonkeyPatch, data: dict[str, object]) -> None:
@@ -594,3 +595,154 @@ def test_a_wide_terminal_goes_without_no_column() -> None:
     head = next(line for line in lines if line.startswith("┃"))
     assert "cert expires" in head and "old address" in head and "still on http" in head
     assert lines[-1].startswith("└"), lines
+
+
+# --- `tlsroll nodes` and `token list` on a narrow terminal (rich tables) ------------------------
+
+
+class ListingLeader:
+    """The admin connection of an in-process `tlsroll nodes` / `token list`: its answer given."""
+
+    def __init__(self, reply: object) -> None:
+        self.reply = reply
+
+    def __call__(self, *_args: object) -> ListingLeader:  # (made as ``Leader(socket)``)
+        return self
+
+    def admin(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext(type("Stub", (), {"__getattr__": lambda *_: None})())
+
+    def call(self, *_args: object) -> object:
+        return self.reply
+
+    def close(self) -> None:
+        pass
+
+
+def listed_on(monkeypatch: pytest.MonkeyPatch, width: int, terminal: bool, *argv: str) -> str:
+    """``tlsroll ARGV`` in process, printed by the CLI's console on a terminal (or into a pipe)
+    ``width`` columns wide; what it printed, without styles."""
+    from leader.cli import base
+    from tlsroll.cli import cli
+
+    screen = io.StringIO()
+    console = Console(
+        file=screen,
+        force_terminal=terminal,
+        width=width,
+        no_color=True,
+        highlight=False,
+        soft_wrap=True,  # as leader.cli.base.console() makes it
+        markup=False,
+        emoji=False,
+    )
+    monkeypatch.setattr(base, "console", lambda: console)
+    cli.main(list(argv), standalone_mode=False)
+    return re.sub(r"\x1b\[[0-9;]*m", "", screen.getvalue())
+
+
+def two_nodes() -> admin_pb2.ListNodesResponse:
+    when = dt.datetime(2026, 12, 7, 9, 46, tzinfo=dt.UTC)
+    reply = admin_pb2.ListNodesResponse()
+    for name, address in (("node1", "127.148.0.2"), ("praxis-empfang-02", "192.168.100.203")):
+        node = reply.nodes.add(
+            name=name, addresses=[address], agent_version="0.2.0", online=True, server="https"
+        )
+        node.clock_offset_seconds = 0.0
+        node.last_heartbeat.FromDatetime(when)
+        node.cert_not_after.FromDatetime(when + dt.timedelta(days=30))
+        node.renewal_due_at.FromDatetime(when + dt.timedelta(days=11))
+    return reply
+
+
+def test_nodes_on_a_narrow_terminal_keeps_names_and_addresses_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s71 uxsmalls: at 80 columns `tlsroll nodes` cut every cell to a few letters
+    ("praxi…", "127.1…", "0.2.0…") and folded the times onto four lines. It goes without the
+    times (and the columns with nothing in red) it has no room for, says which, and keeps the
+    node's name and addresses whole; into a pipe every column stays."""
+    from leader.cli import identity
+
+    reply = two_nodes()
+    monkeypatch.setattr(identity, "Leader", ListingLeader(reply))
+    text = listed_on(monkeypatch, 80, True, "nodes")
+    lines = text.splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), text
+    (row,) = [line for line in lines if "praxis-empfang-02" in line]
+    assert "192.168.100.203" in row and "online" in row and "https" in row, text
+    assert len([line for line in lines if line.startswith("│")]) == 2, text  # a line a node
+    assert " ".join(lines[-2:]).startswith(
+        "not shown on 80 columns: last heartbeat, cert expires"
+    ), text
+    # A renewal failing is in red: that column stays, folded.
+    failing = two_nodes()
+    failing.nodes[1].renewal_failing_since.FromDatetime(dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
+    failing.nodes[1].renewal_error = "leader unreachable"
+    monkeypatch.setattr(identity, "Leader", ListingLeader(failing))
+    text = listed_on(monkeypatch, 80, True, "nodes")
+    assert "renewal" in text.splitlines()[1] and "failing" in text, text
+    # Into a pipe: every column, as before.
+    monkeypatch.setattr(identity, "Leader", ListingLeader(reply))
+    piped = listed_on(monkeypatch, 200, False, "nodes")
+    assert "not shown" not in piped and piped.splitlines()[1].count("┃") == 10, piped
+
+
+def test_token_list_on_a_narrow_terminal_keeps_the_node_s_name_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s71 uxsmalls: at 80 columns `token list` cut the node's name ("praxis-empfan…")."""
+    from leader.cli import base
+
+    reply = admin_pb2.ListTokensResponse()
+    token = reply.tokens.add(id="fcn5oc", node_name="praxis-empfang-02", uses_allowed=1)
+    token.expires_at.FromDatetime(dt.datetime(2026, 12, 7, 10, 48, tzinfo=dt.UTC))
+    monkeypatch.setattr(base, "Leader", ListingLeader(reply))
+    text = listed_on(monkeypatch, 80, True, "token", "list")
+    assert "│ praxis-empfang-02 │" in text, text
+
+
+def test_check_expiration_on_a_narrow_terminal_keeps_the_subject_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s71 uxsmalls: at 80 columns `certs check-expiration` cut the subject and the
+    serial ("praxis-e…", "16ba13e40…") and folded each date onto three lines. It goes without
+    the horizon and the serial, says so, and keeps the subject whole."""
+    from leader.cli import base
+
+    reply = admin_pb2.CheckExpirationResponse()
+    for kind, subject in (("agent", "praxis-empfang-02"), ("ca", "")):
+        cert = reply.certificates.add(
+            kind=kind,
+            subject=subject,
+            serial="16ba13e40c7f5e7d8a4b4b6f0a0c9e1d2f3a4b5c",
+            residual_seconds=29 * 86400,
+            horizon_seconds=15 * 86400,
+        )
+        cert.not_after.FromDatetime(dt.datetime(2027, 1, 6, 9, 46, 27, tzinfo=dt.UTC))
+    monkeypatch.setattr(base, "Leader", ListingLeader(reply))
+    text = listed_on(monkeypatch, 80, True, "certs", "check-expiration")
+    lines = text.splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), text
+    assert any("│ praxis-empfang-02 │ 2027-01-06 09:46:27 UTC │" in line for line in lines), text
+    assert (
+        lines[-1]
+        == "not shown on 80 columns: warn within, serial (all: the same command | less -S)"
+    )
+    piped = listed_on(monkeypatch, 200, False, "certs", "check-expiration")
+    assert "16ba13e40c7f5e7d8a4b4b6f0a0c9e1d2f3a4b5c" in piped and "not shown" not in piped
+
+
+def test_a_narrow_table_folds_the_address_before_the_node_s_name() -> None:
+    """The admin reads the end table by the nodes' names: what must still fold once the columns
+    are gone is the address (the widest), not "praxis-empfang-/02"."""
+    view = watched_view(types_pb2.ROLLOUT_STATE_COMPLETED)
+    for node in view.nodes:
+        node.password_pending = False
+    view.nodes[1].name = "praxis-empfang-02"
+    view.nodes[1].new_url = "https://127.148.0.3:8443/praxis_live/"
+    text = "\n".join(render_rollout(to_dict(view), 80).lines(80, color=False))
+    assert "│ 2 │ praxis-empfang-02 │ done " in text, text
+    assert all(cell_len(line) <= 80 for line in text.splitlines()), text

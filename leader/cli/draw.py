@@ -237,9 +237,10 @@ def render_rollout(r: View, screen: int | None = None) -> Block:
         "reason": [Styled(_reason(r, n)) for n in nodes],
     }
     # The columns go while the new address does not fit whole and the reason 30 wide (they
-    # fold: a reason may be long); what still does not fit folds, the reason first.
+    # fold: a reason may be long); what still does not fit folds, the reason first (down to
+    # 30), then the widest (the address before a node's name, by which the admin reads it).
     left = _fit_columns(columns, {"freeze": freeze, "on http": "still on http"}, screen, FOLDS)
-    table = Table(*columns, floors=None if screen is None else FOLDS)
+    table = Table(*columns, floors=None if screen is None else {"reason": FOLDS["reason"]})
     for k in range(len(nodes)):
         table.add_row(*(cells[k] for cells in columns.values()))
     lines: list[list[Styled]] = [head, [times]]

@@ -27,6 +27,7 @@ from leader.cli.base import (
     not_a_secret,
     out,
     pass_leader,
+    print_fitted,
     refuse_unfit_serial,
     say_still_taken,
     to_dict,
@@ -99,10 +100,9 @@ def nodes(
             ' --print-join-command (README, "On real servers", step 7)'
         )
         return
-    from rich.table import Table  # noqa: PLC0415 - see above
-    from rich.text import Text  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415 - see above
 
-    table = Table(
+    headers = [
         "node",
         "addresses",
         "state",
@@ -112,28 +112,39 @@ def nodes(
         "last heartbeat",
         "cert expires",
         "renewal",
-    )
+    ]
+    rows: list[list[Text]] = []
     for n in reply.nodes:
         if n.HasField("removed_at"):
             state = Text(f"removed {fmt_time(n, 'removed_at')}", style="dim")
         else:
             state = Text("online", style="green") if n.online else Text("offline", style="red")
-        table.add_row(
-            n.name,
-            ", ".join(n.addresses),
-            state,
-            _clock(n),
-            Text(n.server or "-", style="red" if n.server.startswith(_ALARMING) else ""),
-            _agent(n),
-            fmt_time(n, "last_heartbeat"),
-            fmt_time(n, "cert_not_after"),
-            _renewal(n),
+        rows.append(
+            [
+                Text(n.name),
+                Text(", ".join(n.addresses)),
+                state,
+                _clock(n),
+                Text(n.server or "-", style="red" if n.server.startswith(_ALARMING) else ""),
+                _agent(n),
+                Text(fmt_time(n, "last_heartbeat")),
+                Text(fmt_time(n, "cert_not_after")),
+                _renewal(n),
+            ]
         )
-    out.print(table)
+    # (at 80 columns rich cut every cell to a few letters: "praxi…", "127.1…")
+    print_fitted(headers, rows, NODES_DROPS, whole=("node", "addresses"))
     if mixed := _mixed_schemes(reply.nodes, leader):
         out.print(Text(mixed, style="yellow"))
     if reply.HasField("password_behind"):  # (a change-password that ended part way: s69)
         out.print(Text(_password_behind(reply.password_behind), style="yellow"))
+
+
+NODES_DROPS = ("last heartbeat", "cert expires", "renewal", "agent", "clock")
+"""The columns of `tlsroll nodes` a narrow terminal goes without, the first first: the times
+(online says the heartbeats are recent; `certs check-expiration` has each certificate's end),
+then, unless a cell of theirs is in red (a renewal failing, an agent too old, a clock off),
+the renewal's due time, the agent's version and the clock."""
 
 
 def _password_behind(behind: schema_pb2.PasswordBehindView) -> str:
