@@ -746,3 +746,23 @@ def test_a_narrow_table_folds_the_address_before_the_node_s_name() -> None:
     text = "\n".join(render_rollout(to_dict(view), 80).lines(80, color=False))
     assert "│ 2 │ praxis-empfang-02 │ done " in text, text
     assert all(cell_len(line) <= 80 for line in text.splitlines()), text
+
+
+def test_workstations_list_on_a_narrow_terminal_keeps_the_names_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s71 uxsmalls: at 80 columns `workstations list` cut the workstation's and the
+    node's names and the serial; it goes without the issue time and the serial, says so."""
+    from leader.cli import base
+
+    reply = admin_pb2.ListWorkstationsResponse()
+    pc = reply.workstations.add(
+        name="ws-empfang-pc17", node="praxis-empfang-02", serial="5e28d89f2" * 4
+    )
+    pc.issued_at.FromDatetime(dt.datetime(2026, 12, 7, 9, 46, tzinfo=dt.UTC))
+    pc.not_after.FromDatetime(dt.datetime(2027, 12, 7, 9, 46, tzinfo=dt.UTC))
+    monkeypatch.setattr(base, "Leader", ListingLeader(reply))
+    text = listed_on(monkeypatch, 80, True, "workstations", "list")
+    assert "│ ws-empfang-pc17 │ praxis-empfang-02 │ 2027-12-07 09:46:00 UTC │ valid │" in text, text
+    assert "not shown on 80 columns: issued, serial" in text, text
+    assert all(cell_len(line) <= 80 for line in text.splitlines()), text

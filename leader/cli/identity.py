@@ -320,10 +320,9 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
     if as_json:
         emit_json([to_dict(w) for w in reply.workstations])
         return
-    from rich.table import Table  # noqa: PLC0415 - see above
-    from rich.text import Text  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415 - see above
 
-    table = Table("workstation", "node", "issued", "expires", "state", "serial")
+    rows: list[list[Text]] = []
     for w in reply.workstations:
         # (renewed: `tlsroll client renew`; the row of the same name issued then replaces it)
         state = (
@@ -333,10 +332,21 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
             if w.HasField("revoked_at")
             else Text("valid", style="green")
         )
-        table.add_row(
-            w.name, w.node, fmt_time(w, "issued_at"), fmt_time(w, "not_after"), state, w.serial
+        rows.append(
+            [
+                *(Text(t) for t in (w.name, w.node, fmt_time(w, "issued_at"))),
+                Text(fmt_time(w, "not_after")),
+                state,
+                Text(w.serial),
+            ]
         )
-    out.print(table)
+    # (at 80 columns rich cut the names and the serial: `workstations revoke NAME` needs none)
+    print_fitted(
+        ["workstation", "node", "issued", "expires", "state", "serial"],
+        rows,
+        ("issued", "serial"),
+        whole=("workstation", "node"),
+    )
 
 
 @workstations.command("revoke")
