@@ -766,3 +766,15 @@ def test_workstations_list_on_a_narrow_terminal_keeps_the_names_whole(
     assert "│ ws-empfang-pc17 │ praxis-empfang-02 │ 2027-12-07 09:46:00 UTC │ valid │" in text, text
     assert "not shown on 80 columns: issued, serial" in text, text
     assert all(cell_len(line) <= 80 for line in text.splitlines()), text
+
+
+def test_an_empty_listing_on_a_narrow_terminal_is_its_headers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No workstation yet: the table's headers, as before (the narrow terminal's measure of
+    its columns found no cell)."""
+    from leader.cli import base
+
+    monkeypatch.setattr(base, "Leader", ListingLeader(admin_pb2.ListWorkstationsResponse()))
+    text = listed_on(monkeypatch, 80, True, "workstations", "list")
+    assert "┃ workstation ┃ node ┃ issued ┃ expires ┃ state ┃ serial ┃" in text, text

@@ -682,7 +682,7 @@ def print_fitted(
     with a cell in red (a problem) stays. Into a pipe every column stays (scripts read it)."""
     from rich.table import Table  # noqa: PLC0415 - see _Out
 
-    natural = [max(len(h), *(r[i].cell_len for r in rows)) for i, h in enumerate(headers)]
+    natural = [max([len(h), *(r[i].cell_len for r in rows)]) for i, h in enumerate(headers)]
     headers, rows, left = list(headers), [list(r) for r in rows], []
     for drop in drops:
         if not out.is_terminal or 1 + sum(w + 3 for w in natural) <= out.width:
