@@ -59,7 +59,7 @@ from cryptography import x509
 from leader.layout import own_warn_before
 from leader.schema_store import SchemaStore
 from leader.store import CARenewed, IssuedCert, Node, Store
-from leader.store_rules import token_command
+from leader.store_rules import join_again, token_command
 from tlsroll import logs, pki
 from tlsroll.errors import PKIError
 
@@ -90,10 +90,9 @@ ADVICE = {
     "its start",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired (the node was offline past its end), check the node's clock, then enrol it "
-    "again with its own key, no removal needed (also while a rollout holds it): TOKEN, the "
-    "token to its agent's join_token_file, then (re)start the agent there (systemctl restart "
-    "tlsroll-agent: a running one does not read it) (`tlsroll nodes remove NAME` is for a "
-    "machine lost or stolen)",
+    "again with its own key, no removal needed (also while a rollout holds it): JOIN (a "
+    "running agent does not read a new token) (`tlsroll nodes remove NAME` is for a machine "
+    "lost or stolen)",
     "server": "rotate it: tlsroll rollout start --change rotate-cert (a node serving the "
     "practice's own certificate: renew it and add --cert-dir DIR)",
     # A node's served certificate the admin revoked (``Expiry.revoked``; NODE: its node).
@@ -196,8 +195,12 @@ class Expiry:
         if self.kind != "agent":
             return advice
         # An agent's subject is its node's name: the commands name it, and its names.
-        token = self.token or token_command(self.subject)
-        return advice.replace("TOKEN", token).replace("NAME", self.subject)
+        join = join_again(
+            self.subject,
+            self.token or token_command(self.subject),
+            "systemctl restart tlsroll-agent",
+        )
+        return advice.replace("NAME", self.subject).replace("JOIN", join)
 
 
 def within(not_after: dt.datetime, horizon: dt.timedelta, now: dt.datetime) -> bool:

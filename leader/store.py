@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, TypeVar
 
 from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
-from leader.store_rules import serial_fits, token_command
+from leader.store_rules import join_again, serial_fits, token_command
 from tlsroll import bootstrap_base, clocks, logs, rpc
 from tlsroll.echo import hide_inside, shown
 from tlsroll.errors import TerminalError
@@ -196,8 +196,9 @@ def in_rollout_text(
         cut += " (as `tlsroll certs check-expiration` lists it)"
     else:
         cut = "its agent's certificate is revoked already: its agent is cut off"
-    # Measured against the CLI's one line (``tlsroll.echo.LINE_LIMIT``, 1000 characters):
-    # with two serials, a long rollout id and two addresses it stays well within.
+    # Measured against a status's details (``tlsroll.rpc.MAX_DETAILS``, 1000 characters): with
+    # two serials, a long rollout id, a long name and two addresses it stays within
+    # (tests/test_reenrol_ended.py).
     then = (
         "; finalize then leaves it out (it stays on http and https), rollback goes back without it"
         if waiting
@@ -205,9 +206,14 @@ def in_rollout_text(
     )
     return (
         f"node {name!r} is in rollout {rollout_id}, which is {state}{first}. If its agent's "
-        f"certificate has ended, it needs no removal: `{token_command(name, addresses, dns_names)}`"
-        ", the token to its agent (its join_token_file), then systemctl restart tlsroll-agent "
-        f"there: it enrols its own key again. If the machine is lost or stolen, {cut}, while "
+        "certificate has ended, it needs no removal: "
+        + join_again(
+            name,
+            token_command(name, addresses, dns_names),
+            "systemctl restart tlsroll-agent",
+            why=False,  # (the line's room: ``tlsroll.rpc.MAX_DETAILS``)
+        )
+        + f": it enrols its own key again. If the machine is lost or stolen, {cut}, while "
         f"the rollout {'waits' if waiting else 'goes on'}{then}; once the rollout has ended, "
         "`tlsroll nodes remove` it, which revokes its server's certificate (8443) too"
     )

@@ -1,5 +1,6 @@
 """Two of the store's rules that the admin CLI says too, apart from the store: which serial a
-certificate of this CA can have, and the `tlsroll token create` that lets a node enrol again.
+certificate of this CA can have, and the `tlsroll token create` (and join script) that lets a
+node enrol again.
 
 ``tlsroll ca revoke``, ``workstations revoke`` and ``nodes remove`` check a serial or name the
 token command before they call the leader; importing ``leader.store`` for that brought SQLite,
@@ -28,3 +29,20 @@ def token_command(name: str, addresses: Sequence[str] = (), dns_names: Sequence[
     """The `tlsroll token create` that lets node ``name`` enrol again under its names."""
     words = [f"--address {a}" for a in addresses] + [f"--dns {d}" for d in dns_names]
     return " ".join([f"tlsroll token create --node {name}", *(words or ["--address IP"])])
+
+
+def join_again(name: str, command: str, then: str, before: str = "", why: bool = True) -> str:
+    """How node ``name`` enrols again the README's way ("On real servers", step 7): its join
+    script, made by ``command`` (``token_command``; on the leader, where the admin reads this)
+    and run on the node as root, writes the token where the agent reads it and keeps
+    agent.toml's ``[server]`` table (said with ``why``; a bare token left the admin to find the
+    join_token_file, and README teaches the script: review s71 walkthrough L8); then, on the
+    node, ``before`` (a step, if any) and ``then`` (the agent's start)."""
+    script = f"join-{name}.sh"
+    return (
+        f"`(umask 077; {command} --print-join-command > {script})`, `sh {script}` on {name} as "
+        "root"
+        + (" (it keeps agent.toml's [server] table), " if why else ", ")
+        + (f"`{before}` and " if before else "")
+        + f"`{then}` there"
+    )

@@ -14,6 +14,7 @@ over the hourly cap (L3).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sqlite3
 import ssl
@@ -401,7 +402,16 @@ def test_the_removal_s_token_command_names_the_node_s_dns_names(cluster: Cluster
         ),
     )
     said = " ".join(_remove(cluster, "node7").stdout.split())
-    assert f"tlsroll token create --node node7 --address {address} --dns {dns}," in said, said
+    # The README's way (review s71 walkthrough L8): the join script, which writes the token
+    # where the agent reads it and keeps agent.toml's [server] table; the key moved aside.
+    assert re.findall(r"`([^`]*)`", said)[:4] == [
+        f"(umask 077; tlsroll token create --node node7 --address {address} --dns {dns}"
+        " --print-join-command > join-node7.sh)",
+        "sh join-node7.sh",
+        "mv DATA/node.key DATA/node.key.removed",
+        "systemctl enable --now tlsroll-agent",
+    ], said
+    assert "on node7 as root (it keeps agent.toml's [server] table)" in said, said
 
 
 def test_an_ipv4_address_written_as_ipv6_is_refused_in_one_line(cluster: Cluster) -> None:

@@ -10,14 +10,16 @@ import json
 import re
 import sys
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 from rich.table import Table as RichTable
 
 from leader import planner
-from leader.cli.base import to_dict
-from leader.cli.draw import render_rollout
+from leader.cli.base import Leader, to_dict
+from leader.cli.draw import PENDING, render_rollout
 from leader.cli.plain import Block, Styled, Table, cell_len, clean, fit, wrap
 from leader.rollout_core import (
     Change,
@@ -29,7 +31,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow
 from leader.schema_view import rollout_view, schema_json, schema_message
-from tlsroll.v1 import schema_pb2, types_pb2
+from tlsroll.v1 import admin_pb2, schema_pb2, types_pb2
 
 ROWS = [
     ["1", "praxis-a (leader)", "done", "http://10.0.0.1:8080", "https://10.0.0.1:8443", "-"],
@@ -298,10 +300,15 @@ class Tty(io.StringIO):
 
 
 def watched_rollout(state: types_pb2.RolloutState.ValueType, more: int = 0) -> dict[str, object]:
+    """``watched_view`` as ``schema show --watch`` reads it (``to_dict`` of the view, as
+    ``fetch_schema_json`` gives it)."""
+    return to_dict(watched_view(state, more))
+
+
+def watched_view(state: types_pb2.RolloutState.ValueType, more: int = 0) -> schema_pb2.RolloutView:
     """A rotate-cert of na, nb (done) and nc (switching; the third row), with a password
     staged since (the review's capture), and ``more`` nodes after them: one in seven failed,
-    the others pending; as ``schema show --watch`` reads it (``to_dict`` of the view, as
-    ``fetch_schema_json`` gives it)."""
+    the others pending."""
     began = dt.datetime(2026, 12, 6, 10, 54, tzinfo=dt.UTC)
     view = schema_pb2.RolloutView(
         id="r20261206-105354-bf7a",
@@ -338,7 +345,7 @@ def watched_rollout(state: types_pb2.RolloutState.ValueType, more: int = 0) -> d
         else:
             node.state = types_pb2.NODE_STATE_PENDING
         view.nodes.append(node)
-    return to_dict(view)
+    return view
 
 
 @pytest.mark.parametrize(("width", "height", "more"), [(80, 24, 0), (200, 50, 0), (80, 24, 60)])
@@ -406,7 +413,7 @@ def test_the_watch_fits_the_terminal_with_the_node_in_flight_on_it(
         head = next(line for line in frame if line.startswith("┃"))
         assert "old address" in head and "cert expires" in head and "freeze" in head
     # Once it ends, the live view goes and the whole table of the rollout stays, uncut.
-    assert stdout.getvalue() == "\n".join(render_rollout(ended).lines(width, False)) + "\n"
+    assert stdout.getvalue() == "\n".join(render_rollout(ended, width).lines(width, False)) + "\n"
 
 
 def test_a_watch_stopped_by_ctrl_c_leaves_the_whole_table_as_last_seen(
@@ -436,7 +443,7 @@ def test_a_watch_stopped_by_ctrl_c_leaves_the_whole_table_as_last_seen(
     with pytest.raises(KeyboardInterrupt):  # `schema show` says "stopped watching" then
         schema_cmd.watch_schema(None, "", False, interval=0)  # type: ignore[arg-type]
     monkeypatch.undo()
-    assert stdout.getvalue() == "\n".join(render_rollout(running).lines(80, False)) + "\n"
+    assert stdout.getvalue() == "\n".join(render_rollout(running, 80).lines(80, False)) + "\n"
 
 
 @pytest.mark.parametrize("term", ["dumb", "unknown"])
@@ -468,6 +475,306 @@ def test_a_terminal_that_cannot_move_its_cursor_gets_a_line_per_change(
     monkeypatch.undo()
     # While it ran (before the second answer was asked for), the switching node's line was out.
     assert re.search(r"^\d\d:\d\d:\d\d node nc: switching$", shown[-1], re.M), shown
-    assert stdout.getvalue().endswith("\n".join(render_rollout(ended).lines(80, False)) + "\n"), (
-        stdout.getvalue()
+    assert stdout.getvalue().endswith(
+        "\n".join(render_rollout(ended, 80).lines(80, False)) + "\n"
+    ), stdout.getvalue()
+
+
+# --- the whole table on a narrow terminal: `rollout status`, `--wait`, `schema show` --------------
+
+
+def narrow_screen(monkeypatch: pytest.MonkeyPatch, columns: int) -> Tty:
+    """stdout a terminal of ``columns`` columns, without colours."""
+    stdout = Tty()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setenv("NO_COLOR", "1")
+    return stdout
+
+
+def run_status(monkeypatch: pytest.MonkeyPatch, how: str, view: schema_pb2.RolloutView) -> None:
+    """``tlsroll rollout status`` (``how``: "status"), or what ``rollout start --wait`` prints
+    once the rollout has ended ("wait"), in process, the leader's answer given."""
+    import click
+
+    from leader.cli import rollout
+
+    schema = schema_pb2.Schema(rollouts=[view])
+    monkeypatch.setattr(rollout, "fetch_schema", lambda *_a, **_k: schema)
+    if how == "status":
+        rollout.rollout_status.main([view.id], standalone_mode=False)
+    else:
+        with click.Context(rollout.rollout_status):
+            rollout.wait_for_end(Leader(Path("/nonexistent")), view.id, interval=0)
+
+
+def run_schema_show(monkeypatch: pytest.MonkeyPatch, data: dict[str, object]) -> None:
+    """``tlsroll schema show`` in process, the leader's answer given."""
+    from leader.cli import schema_cmd
+
+    monkeypatch.setattr(schema_cmd, "fetch_schema_json", lambda *_a, **_k: data)
+    schema_cmd.schema.main(["show"], standalone_mode=False)
+
+
+def narrow_rows(text: str) -> list[list[str]]:
+    """The table's rows of ``text``, each as the lines it takes."""
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        if re.match(r"│ \d+ ", line):
+            rows.append([line])
+        elif line.startswith("│ ") and rows:
+            rows[-1].append(line)
+    return rows
+
+
+@pytest.mark.parametrize("how", ["status", "wait", "schema show"])
+def test_the_whole_table_fits_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Review s71 walkthrough L7: at 80 columns the end table of `rollout start --wait` and
+    `rollout status` (and `schema show`) folded its ten columns into cells five letters wide,
+    each row eight lines or more ("addre/ss", "passwo/rd"). On a terminal narrower than the
+    table it goes without the columns the watch's live view goes without, in that order, and
+    says which under it; what it shows is whole, folded, not cut: the reason at its spaces."""
+    view = watched_view(types_pb2.ROLLOUT_STATE_COMPLETED)
+    stdout = narrow_screen(monkeypatch, 80)
+    if how == "schema show":
+        run_schema_show(monkeypatch, {"rollouts": [to_dict(view)], "total_rollouts": 1})
+    else:
+        run_status(monkeypatch, how, view)
+    monkeypatch.undo()
+    text = stdout.getvalue()
+    lines = text.splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), text
+    head = next(line for line in lines if line.startswith("┃"))
+    assert [h.strip() for h in head.strip("┃").split("┃")] == [
+        "#",
+        "node",
+        "state",
+        "new address",
+        "reason",
+    ], text
+    rows = narrow_rows(text)
+    assert len(rows) == 3 and all(len(row) <= 6 for row in rows), text
+    assert "https://10.0.0.3:8443/pra" in rows[2][0] and "│ switching │" in rows[2][0], text
+    reason = " ".join(line.split("│")[5].strip() for line in rows[2])
+    assert reason == PENDING, text  # folded at its spaces, whole
+    said = " ".join(lines[lines.index(next(x for x in lines if x.startswith("└"))) + 1 :])
+    assert said == (
+        "not shown on 80 columns: cert expires, old address, restart, freeze window (node "
+        "clock), still on http (all: the same command | less -S)"
+    ), text
+    # The heading folded at its spaces, not by the terminal in a word.
+    assert lines[:2] == [
+        "rollout r20261206-105354-bf7a  completed  change rotate-cert  scope cluster",
+        "strategy direct  max-parallel 1  freeze node  epoch 3",
+    ], text
+
+
+@pytest.mark.parametrize("how", ["status", "schema show"])
+def test_a_pipe_keeps_every_column(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Into a pipe or a log the table keeps every column, as before (scripts read it), even
+    with COLUMNS=80 set."""
+    view = watched_view(types_pb2.ROLLOUT_STATE_COMPLETED)
+    stdout = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setenv("COLUMNS", "80")
+    if how == "schema show":
+        run_schema_show(monkeypatch, {"rollouts": [to_dict(view)], "total_rollouts": 1})
+    else:
+        run_status(monkeypatch, how, view)
+    monkeypatch.undo()
+    whole = "\n".join(render_rollout(to_dict(view)).lines(80, color=False))
+    assert stdout.getvalue() == whole + "\n"
+    assert "not shown" not in whole and whole.splitlines()[2].count("┳") == 9
+
+
+def test_a_wide_terminal_goes_without_no_column() -> None:
+    """A terminal wide enough for every column (the reason folded to 30 at least) keeps them
+    all, and says nothing under the table."""
+    data = watched_rollout(types_pb2.ROLLOUT_STATE_COMPLETED)
+    lines = render_rollout(data, 240).lines(240, color=False)
+    head = next(line for line in lines if line.startswith("┃"))
+    assert "cert expires" in head and "old address" in head and "still on http" in head
+    assert lines[-1].startswith("└"), lines
+
+
+# --- `tlsroll nodes` and `token list` on a narrow terminal (rich tables) ------------------------
+
+
+class ListingLeader:
+    """The admin connection of an in-process `tlsroll nodes` / `token list`: its answer given."""
+
+    def __init__(self, reply: object) -> None:
+        self.reply = reply
+
+    def __call__(self, *_args: object) -> ListingLeader:  # (made as ``Leader(socket)``)
+        return self
+
+    def admin(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext(type("Stub", (), {"__getattr__": lambda *_: None})())
+
+    def call(self, *_args: object) -> object:
+        return self.reply
+
+    def close(self) -> None:
+        pass
+
+
+def listed_on(monkeypatch: pytest.MonkeyPatch, width: int, terminal: bool, *argv: str) -> str:
+    """``tlsroll ARGV`` in process, printed by the CLI's console on a terminal (or into a pipe)
+    ``width`` columns wide; what it printed, without styles."""
+    from leader.cli import base
+    from tlsroll.cli import cli
+
+    screen = io.StringIO()
+    console = Console(
+        file=screen,
+        force_terminal=terminal,
+        width=width,
+        no_color=True,
+        highlight=False,
+        soft_wrap=True,  # as leader.cli.base.console() makes it
+        markup=False,
+        emoji=False,
     )
+    monkeypatch.setattr(base, "console", lambda: console)
+    cli.main(list(argv), standalone_mode=False)
+    return re.sub(r"\x1b\[[0-9;]*m", "", screen.getvalue())
+
+
+def two_nodes() -> admin_pb2.ListNodesResponse:
+    when = dt.datetime(2026, 12, 7, 9, 46, tzinfo=dt.UTC)
+    reply = admin_pb2.ListNodesResponse()
+    for name, address in (("node1", "127.148.0.2"), ("praxis-empfang-02", "192.168.100.203")):
+        node = reply.nodes.add(
+            name=name, addresses=[address], agent_version="0.2.0", online=True, server="https"
+        )
+        node.clock_offset_seconds = 0.0
+        node.last_heartbeat.FromDatetime(when)
+        node.cert_not_after.FromDatetime(when + dt.timedelta(days=30))
+        node.renewal_due_at.FromDatetime(when + dt.timedelta(days=11))
+    return reply
+
+
+def test_nodes_on_a_narrow_terminal_keeps_names_and_addresses_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s71 uxsmalls: at 80 columns `tlsroll nodes` cut every cell to a few letters
+    ("praxi…", "127.1…", "0.2.0…") and folded the times onto four lines. It goes without the
+    times (and the columns with nothing in red) it has no room for, says which, and keeps the
+    node's name and addresses whole; into a pipe every column stays."""
+    from leader.cli import identity
+
+    reply = two_nodes()
+    monkeypatch.setattr(identity, "Leader", ListingLeader(reply))
+    text = listed_on(monkeypatch, 80, True, "nodes")
+    lines = text.splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), text
+    (row,) = [line for line in lines if "praxis-empfang-02" in line]
+    assert "192.168.100.203" in row and "online" in row and "https" in row, text
+    assert len([line for line in lines if line.startswith("│")]) == 2, text  # a line a node
+    assert " ".join(lines[-2:]).startswith(
+        "not shown on 80 columns: last heartbeat, cert expires"
+    ), text
+    # A renewal failing is in red: that column stays, folded.
+    failing = two_nodes()
+    failing.nodes[1].renewal_failing_since.FromDatetime(dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
+    failing.nodes[1].renewal_error = "leader unreachable"
+    monkeypatch.setattr(identity, "Leader", ListingLeader(failing))
+    text = listed_on(monkeypatch, 80, True, "nodes")
+    assert "renewal" in text.splitlines()[1] and "failing" in text, text
+    # Into a pipe: every column, as before.
+    monkeypatch.setattr(identity, "Leader", ListingLeader(reply))
+    piped = listed_on(monkeypatch, 200, False, "nodes")
+    assert "not shown" not in piped and piped.splitlines()[1].count("┃") == 10, piped
+
+
+def test_token_list_on_a_narrow_terminal_keeps_the_node_s_name_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s71 uxsmalls: at 80 columns `token list` cut the node's name ("praxis-empfan…")."""
+    from leader.cli import base
+
+    reply = admin_pb2.ListTokensResponse()
+    token = reply.tokens.add(id="fcn5oc", node_name="praxis-empfang-02", uses_allowed=1)
+    token.expires_at.FromDatetime(dt.datetime(2026, 12, 7, 10, 48, tzinfo=dt.UTC))
+    monkeypatch.setattr(base, "Leader", ListingLeader(reply))
+    text = listed_on(monkeypatch, 80, True, "token", "list")
+    assert "│ praxis-empfang-02 │" in text, text
+
+
+def test_check_expiration_on_a_narrow_terminal_keeps_the_subject_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s71 uxsmalls: at 80 columns `certs check-expiration` cut the subject and the
+    serial ("praxis-e…", "16ba13e40…") and folded each date onto three lines. It goes without
+    the horizon and the serial, says so, and keeps the subject whole."""
+    from leader.cli import base
+
+    reply = admin_pb2.CheckExpirationResponse()
+    for kind, subject in (("agent", "praxis-empfang-02"), ("ca", "")):
+        cert = reply.certificates.add(
+            kind=kind,
+            subject=subject,
+            serial="16ba13e40c7f5e7d8a4b4b6f0a0c9e1d2f3a4b5c",
+            residual_seconds=29 * 86400,
+            horizon_seconds=15 * 86400,
+        )
+        cert.not_after.FromDatetime(dt.datetime(2027, 1, 6, 9, 46, 27, tzinfo=dt.UTC))
+    monkeypatch.setattr(base, "Leader", ListingLeader(reply))
+    text = listed_on(monkeypatch, 80, True, "certs", "check-expiration")
+    lines = text.splitlines()
+    assert all(cell_len(line) <= 80 for line in lines), text
+    assert any("│ praxis-empfang-02 │ 2027-01-06 09:46:27 UTC │" in line for line in lines), text
+    assert (
+        lines[-1]
+        == "not shown on 80 columns: warn within, serial (all: the same command | less -S)"
+    )
+    piped = listed_on(monkeypatch, 200, False, "certs", "check-expiration")
+    assert "16ba13e40c7f5e7d8a4b4b6f0a0c9e1d2f3a4b5c" in piped and "not shown" not in piped
+
+
+def test_a_narrow_table_folds_the_address_before_the_node_s_name() -> None:
+    """The admin reads the end table by the nodes' names: what must still fold once the columns
+    are gone is the address (the widest), not "praxis-empfang-/02"."""
+    view = watched_view(types_pb2.ROLLOUT_STATE_COMPLETED)
+    for node in view.nodes:
+        node.password_pending = False
+    view.nodes[1].name = "praxis-empfang-02"
+    view.nodes[1].new_url = "https://127.148.0.3:8443/praxis_live/"
+    text = "\n".join(render_rollout(to_dict(view), 80).lines(80, color=False))
+    assert "│ 2 │ praxis-empfang-02 │ done " in text, text
+    assert all(cell_len(line) <= 80 for line in text.splitlines()), text
+
+
+def test_workstations_list_on_a_narrow_terminal_keeps_the_names_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s71 uxsmalls: at 80 columns `workstations list` cut the workstation's and the
+    node's names and the serial; it goes without the issue time and the serial, says so."""
+    from leader.cli import base
+
+    reply = admin_pb2.ListWorkstationsResponse()
+    pc = reply.workstations.add(
+        name="ws-empfang-pc17", node="praxis-empfang-02", serial="5e28d89f2" * 4
+    )
+    pc.issued_at.FromDatetime(dt.datetime(2026, 12, 7, 9, 46, tzinfo=dt.UTC))
+    pc.not_after.FromDatetime(dt.datetime(2027, 12, 7, 9, 46, tzinfo=dt.UTC))
+    monkeypatch.setattr(base, "Leader", ListingLeader(reply))
+    text = listed_on(monkeypatch, 80, True, "workstations", "list")
+    assert "│ ws-empfang-pc17 │ praxis-empfang-02 │ 2027-12-07 09:46:00 UTC │ valid │" in text, text
+    assert "not shown on 80 columns: issued, serial" in text, text
+    assert all(cell_len(line) <= 80 for line in text.splitlines()), text
+
+
+def test_an_empty_listing_on_a_narrow_terminal_is_its_headers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No workstation yet: the table's headers, as before (the narrow terminal's measure of
+    its columns found no cell)."""
+    from leader.cli import base
+
+    monkeypatch.setattr(base, "Leader", ListingLeader(admin_pb2.ListWorkstationsResponse()))
+    text = listed_on(monkeypatch, 80, True, "workstations", "list")
+    assert "┃ workstation ┃ node ┃ issued ┃ expires ┃ state ┃ serial ┃" in text, text

@@ -68,6 +68,7 @@ from tests.test_transitional import (
 )
 from tlsroll import fsutil, pki
 from tlsroll.enums import Change
+from tlsroll.rpc import MAX_DETAILS
 from tlsroll.v1 import admin_pb2, leader_pb2, leader_pb2_grpc
 
 UTC = dt.UTC
@@ -139,8 +140,13 @@ def test_an_ended_agent_certificate_comes_back_by_token_while_phase_1_awaits_fin
         assert int(row["residual_seconds"]) < 0
         # the node's own names, and a restart (a running agent does not read a new token:
         # review s47rev1 M2, L4)
-        assert f"{token_command}, the token" in row["advice"]
-        assert "systemctl restart tlsroll-agent" in row["advice"]
+        assert (
+            f"`(umask 077; {token_command} --print-join-command > join-node2.sh)`"
+            in (
+                row["advice"]  # the join script, as README teaches (review s71 walkthrough L8)
+            )
+        )
+        assert "`systemctl restart tlsroll-agent` there" in row["advice"]
         assert "no removal needed" in row["advice"]
 
         # Started with the token it enrolled with (used up by that enrolment): refused, and
@@ -872,10 +878,14 @@ def test_the_refusal_of_a_removal_names_finalize_or_rollback_for_a_waiting_rollo
     waiting = in_rollout_text("b", "r7", "awaiting_finalize", ["10.0.0.2"], ["b.example"])
     assert "`tlsroll rollout finalize r7`" in waiting
     assert "`tlsroll rollout rollback r7`" in waiting and "abort" not in waiting
-    assert "`tlsroll token create --node b --address 10.0.0.2 --dns b.example`" in waiting
+    assert (
+        "`(umask 077; tlsroll token create --node b --address 10.0.0.2 --dns b.example"
+        " --print-join-command > join-b.sh)`, `sh join-b.sh` on b as root, `systemctl restart"
+        " tlsroll-agent` there: it enrols its own key again"
+    ) in waiting  # the join script, as README teaches (review s71 walkthrough L8)
     running = in_rollout_text("b", "r7", "running")
     assert "let it end (or `tlsroll rollout abort`) first" in running
-    assert "`tlsroll token create --node b --address IP`" in running
+    assert "`(umask 077; tlsroll token create --node b --address IP --print-join" in running
     # a machine lost or stolen (review s47rev1 L5): cut off by serial, the rollout held or not
     assert "`tlsroll ca revoke SERIAL`" in running and "check-expiration" in running
     both = in_rollout_text("b", "r7", "running", serials=["1a", "2b"])
@@ -883,6 +893,16 @@ def test_the_refusal_of_a_removal_names_finalize_or_rollback_for_a_waiting_rollo
     assert "while the rollout goes on" in both
     done = in_rollout_text("b", "r7", "awaiting_finalize", serials=[])
     assert "revoked already" in done and "ca revoke" not in done
+    # Within a status's details (cut at MAX_DETAILS with "…") with the join script's steps:
+    # two serials, a long rollout id, two addresses (review s71 walkthrough L8).
+    long = in_rollout_text(
+        "praxis-b",
+        "r20261206-105354-bf7a",
+        "awaiting_finalize",
+        ["192.168.100.200", "fd00::1234:5678"],
+        serials=[f"{k}a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d" for k in (1, 2)],
+    )
+    assert len(long) <= MAX_DETAILS and long.endswith("certificate (8443) too"), len(long)
     assert "finalize then leaves it out" in done and "rollback goes back without it" in done
     assert "finalize then leaves it out" not in running  # (a running rollout is let end)
     # the served certificate (8443) stays valid until the node is removed: said (review s48)
@@ -1038,7 +1058,13 @@ def test_check_expiration_advises_enrolling_an_agent_again_without_removing_it()
     entry = Expiry("agent", "pc9", "1f", "sha256:x", when, dt.timedelta(days=3))
     assert "tlsroll token create --node pc9 --address IP" in entry.advice
     named = Expiry("agent", "pc9", "1f", "sha256:x", when, dt.timedelta(days=3), token="T-CMD")
-    assert "T-CMD, the token" in named.advice and "--address IP" not in named.advice
+    assert "`(umask 077; T-CMD --print-join-command > join-pc9.sh)`" in named.advice
+    assert "--address IP" not in named.advice
+    # The join script, as README teaches (review s71 walkthrough L8): run on the node as root.
+    assert "`sh join-pc9.sh` on pc9 as root (it keeps agent.toml's [server] table)" in (
+        entry.advice
+    )
+    assert "`systemctl restart tlsroll-agent` there" in entry.advice
     assert "no removal needed" in entry.advice
     assert entry.advice.index("token create") < entry.advice.index("nodes remove pc9")
     assert "lost or stolen" in entry.advice

@@ -685,9 +685,10 @@ def test_a_node_is_not_removed_if_a_rollout_started_after_the_admins_check(
         store.remove_node("a", now=NOW, actor="admin")
     assert str(refused.value) == (
         "node 'a' is in rollout r1, which is running; let it end (or `tlsroll rollout abort`)"
-        " first. If its agent's certificate has ended, it needs no removal: `tlsroll token"
-        " create --node a --address 10.1.1.1`, the token to its agent (its join_token_file),"
-        " then systemctl restart tlsroll-agent there: it enrols its own key again. If the"
+        " first. If its agent's certificate has ended, it needs no removal: `(umask 077;"
+        " tlsroll token create --node a --address 10.1.1.1 --print-join-command > join-a.sh)`,"
+        " `sh join-a.sh` on a as root, `systemctl restart tlsroll-agent` there: it enrols its"
+        " own key again. If the"
         " machine is lost or stolen, cut its agent off now with `tlsroll ca revoke 1` (as"
         " `tlsroll certs check-expiration` lists it), while the rollout goes on; once the"
         " rollout has ended, `tlsroll nodes remove` it, which revokes its server's certificate"

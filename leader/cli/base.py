@@ -23,7 +23,7 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from google.protobuf.descriptor import ServiceDescriptor
     from google.protobuf.message import Message
     from rich.console import Console
+    from rich.text import Text
 
     from tlsroll.v1 import admin_pb2_grpc, schema_pb2
 
@@ -669,6 +670,47 @@ def to_dict(msg: Message) -> dict[str, Any]:
     from tlsroll import wire  # noqa: PLC0415 - see the module docstring
 
     return wire.to_dict(msg)
+
+
+def print_fitted(
+    headers: list[str], rows: list[list[Text]], drops: Sequence[str], whole: Sequence[str]
+) -> None:
+    """A rich table of ``headers`` and ``rows``, on a terminal narrower than it without the
+    columns of ``drops`` it has no room for, the first first (a line under it names them), and
+    with the columns of ``whole`` never cut (up to 32 columns): rich cut every cell of a wide
+    table to a few letters on 80 columns ("praxi…", "127.1…"; review s71 uxsmalls). A column
+    with a cell in red (a problem) stays. Into a pipe every column stays (scripts read it)."""
+    from rich.table import Table  # noqa: PLC0415 - see _Out
+
+    natural = [max([len(h), *(r[i].cell_len for r in rows)]) for i, h in enumerate(headers)]
+    headers, rows, left = list(headers), [list(r) for r in rows], []
+    for drop in drops:
+        if not out.is_terminal or 1 + sum(w + 3 for w in natural) <= out.width:
+            break
+        k = headers.index(drop)
+        if any(_red(r[k]) for r in rows):
+            continue
+        left.append(headers.pop(k))
+        del natural[k]
+        for r in rows:
+            del r[k]
+    table = Table()
+    for h, w in zip(headers, natural, strict=True):
+        table.add_column(h, min_width=min(w, 32) if h in whole else None)
+    for r in rows:
+        table.add_row(*r)
+    out.print(table)
+    if left:
+        out.print(
+            f"not shown on {out.width} columns: {', '.join(left)} (all: the same command"
+            " | less -S)",
+            soft_wrap=False,  # (folded at its spaces by rich, not in a word by the terminal)
+        )
+
+
+def _red(text: Text) -> bool:
+    """Whether ``text`` says something in red (a problem)."""
+    return "red" in str(text.style) or any("red" in str(span.style) for span in text.spans)
 
 
 def fmt_time(msg: Any, field: str) -> str:

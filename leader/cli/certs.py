@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import click
 
-from leader.cli.base import Leader, emit_json, fail, fmt_time, out, pass_leader, to_dict
+from leader.cli.base import (
+    Leader,
+    emit_json,
+    fail,
+    fmt_time,
+    out,
+    pass_leader,
+    print_fitted,
+    to_dict,
+)
 from leader.cli.draw import residual
 
 
@@ -38,10 +47,10 @@ def check_expiration(leader: Leader, as_json: bool) -> None:
         emit_json(data)
     else:
         # rich's tables: some 25 ms of imports that --json does without (session 66)
-        from rich.table import Table  # noqa: PLC0415
         from rich.text import Text  # noqa: PLC0415
 
-        table = Table("kind", "subject", "expires", "residual", "warn within", "state", "serial")
+        headers = ["kind", "subject", "expires", "residual", "warn within", "state", "serial"]
+        rows: list[list[Text]] = []
         for c in reply.certificates:
             if c.revoked:
                 state = Text("REVOKED", style="bold red")
@@ -51,16 +60,20 @@ def check_expiration(leader: Leader, as_json: bool) -> None:
                 state = Text("WARNING", style="bold yellow")
             else:
                 state = Text("ok", style="green")
-            table.add_row(
-                c.kind,
-                c.subject or "-",
-                fmt_time(c, "not_after"),
-                residual(c.residual_seconds),
-                residual(c.horizon_seconds),
-                state,
-                c.serial or "-",
+            rows.append(
+                [
+                    Text(c.kind),
+                    Text(c.subject or "-"),
+                    Text(fmt_time(c, "not_after")),
+                    Text(residual(c.residual_seconds)),
+                    Text(residual(c.horizon_seconds)),
+                    state,
+                    Text(c.serial or "-"),
+                ]
             )
-        out.print(table)
+        # At 80 columns rich cut the subject and the serial ("praxis-e…", "16ba13e40…"): a
+        # narrow terminal goes without the horizon and the serial (whole or not at all).
+        print_fitted(headers, rows, ("warn within", "serial"), whole=("subject",))
         for c in reply.certificates:
             if (c.warning or c.revoked) and c.advice:
                 out.print(f"{c.kind} {c.subject or ''}".rstrip() + f": {c.advice}")

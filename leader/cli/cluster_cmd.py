@@ -595,7 +595,12 @@ def token_list(leader: Leader, as_json: bool) -> None:
         return
     from rich.table import Table  # noqa: PLC0415 - see the imports
 
-    table = Table("id", "node", "uses left", "expires", "state", "description")
+    table = Table("id")
+    # The node's name whole on a narrow terminal (rich cut it to "praxis-empfan…" at 80).
+    width = max([4, *(len(t.node_name or "(none: not usable)") for t in reply.tokens)])
+    table.add_column("node", min_width=min(width, 24))
+    for header in ("uses left", "expires", "state", "description"):
+        table.add_column(header)
     now = dt.datetime.now(dt.UTC)
     for t in reply.tokens:
         expired = t.expires_at.ToDatetime(tzinfo=dt.UTC) <= now

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from leader.cli.plain import Block, Part, Styled, Table, cell_len, clean, fit
+from leader.cli.plain import Block, Part, Styled, Table, cell_len, clean, fit, wrap
 from tlsroll.enums import CAP_SOURCE
 
 if TYPE_CHECKING:
@@ -202,7 +203,13 @@ def _head(r: View) -> list[Styled]:
     return head
 
 
-def render_rollout(r: View) -> Block:
+def render_rollout(r: View, screen: int | None = None) -> Block:
+    """A rollout's heading and its nodes' table, every column (into a pipe or a log: scripts
+    read it). On a terminal of ``screen`` columns too narrow for the table (rich's fold made an
+    80-column row of eight lines, a cell a few letters wide; review s71 walkthrough L7), the
+    table goes without the columns of ``LIVE_DROPS`` it has no room for, the first first, as
+    the watch's live view does, and a line under it names them; its cells fold, never cut:
+    what it shows stays whole (a reason says what to do)."""
     head = _head(r)
     times = Styled(
         f"created {fmt_time(r, 'created_at')} by {r.get('started_by') or '-'}"
@@ -210,34 +217,98 @@ def render_rollout(r: View) -> Block:
         + (f"   note: {r['reason']}" if r.get("reason") else "")
     )
     removed = r.get("removed_since") or []
-    table = Table(
-        "#",
-        "node",
-        "state",
-        "old address",
-        "new address",
-        f"freeze window ({freeze_clock(r)})",
-        "restart",
-        "cert expires",
-        "still on http",
-        "reason",
-    )
-    for i, n in enumerate(r.get("nodes", []), 1):
-        table.add_row(
-            str(i),
-            n["name"] + (" (leader)" if n.get("leader_node") else ""),
-            _styled(n["state"]),
-            n.get("old_url") or "-",
-            n.get("new_url") or "-",
-            freeze_window(n),
-            _seconds(n["restart_seconds"]) if n.get("restart_seconds") else "-",
-            fmt_time(n, "cert_not_after"),
-            str(n["still_on_http"]) if n.get("still_on_http") else "-",
-            _reason(r, n),
-        )
+    nodes = r.get("nodes", [])
+    freeze = f"freeze window ({freeze_clock(r)})"
+    columns: dict[str, list[Styled]] = {
+        "#": [Styled(str(i)) for i, _ in enumerate(nodes, 1)],
+        "node": [Styled(n["name"] + (" (leader)" if n.get("leader_node") else "")) for n in nodes],
+        "state": [_styled(n["state"]) for n in nodes],
+        "old address": [Styled(n.get("old_url") or "-") for n in nodes],
+        "new address": [Styled(n.get("new_url") or "-") for n in nodes],
+        freeze: [Styled(freeze_window(n)) for n in nodes],
+        "restart": [
+            Styled(_seconds(n["restart_seconds"]) if n.get("restart_seconds") else "-")
+            for n in nodes
+        ],
+        "cert expires": [Styled(fmt_time(n, "cert_not_after")) for n in nodes],
+        "still on http": [
+            Styled(str(n["still_on_http"]) if n.get("still_on_http") else "-") for n in nodes
+        ],
+        "reason": [Styled(_reason(r, n)) for n in nodes],
+    }
+    # The columns go while the new address does not fit whole and the reason 30 wide (they
+    # fold: a reason may be long); what still does not fit folds, the reason first (down to
+    # 30), then the widest (the address before a node's name, by which the admin reads it).
+    left = _fit_columns(columns, {"freeze": freeze, "on http": "still on http"}, screen, FOLDS)
+    table = Table(*columns, floors=None if screen is None else {"reason": FOLDS["reason"]})
+    for k in range(len(nodes)):
+        table.add_row(*(cells[k] for cells in columns.values()))
+    lines: list[list[Styled]] = [head, [times]]
     if removed:
-        return Block(head, times, Styled(removed_since(removed)), table)
-    return Block(head, times, table)
+        lines.append([Styled(removed_since(removed))])
+    if screen is None:
+        return Block(*lines, table)
+    shown = f"not shown on {screen} columns: {', '.join(left)} (all: the same command | less -S)"
+    under = [[Styled(shown)]] if left else []
+    return Block(
+        *(folded for line in lines for folded in _fold(line, screen)),
+        table,
+        *(folded for line in under for folded in _fold(line, screen)),
+    )
+
+
+def _fold(pieces: Sequence[Styled], width: int) -> list[list[Styled]]:
+    """A line of styled pieces folded at spaces into lines of at most ``width`` columns (a
+    word longer than that is cut, as ``plain.wrap`` cuts it), each piece keeping its style:
+    a terminal folds a long line anywhere, in the middle of a word."""
+    out: list[list[Styled]] = [[]]
+    room = width
+    for piece in pieces:
+        for token in re.findall(r" +|[^ ]+", clean(piece.text)):
+            if token.startswith(" "):
+                if room < width:  # (none at a line's start)
+                    out[-1].append(Styled(token[:room], piece.style))
+                    room -= min(len(token), room)
+                continue
+            for part in wrap(token, width):
+                if cell_len(part) > room:
+                    out.append([])
+                    room = width
+                out[-1].append(Styled(part, piece.style))
+                room -= cell_len(part)
+    folded = []
+    for line in out:
+        while line and not line[-1].text.strip():  # (no spaces at a line's end)
+            line.pop()
+        if line:
+            folded.append(line)
+    return folded
+
+
+def _fit_columns(
+    columns: dict[str, list[Styled]],
+    names: Mapping[str, str],
+    width: int | None,
+    cuts: Mapping[str, int],
+) -> list[str]:
+    """Take out of ``columns`` those of ``LIVE_DROPS`` (``names`` maps a drop's name to its
+    header, where they differ) a table ``width`` wide has no room for, the first first, and
+    return their headers; None: no width, every column stays. A column counts as wide as its
+    widest cell, those of ``cuts`` at most as wide as it says."""
+    if width is None:
+        return []
+    natural = {
+        h: max(cell_len(clean(c.text)) for c in [Styled(h), *cells]) for h, cells in columns.items()
+    }
+    least = {h: min(w, cuts.get(h, w)) for h, w in natural.items()}
+    drops = [names.get(d, d) for d in LIVE_DROPS]
+    left: list[str] = []
+    while drops and 1 + sum(least[h] + 3 for h in columns) > width:
+        drop = drops.pop(0)
+        if drop in columns:
+            del columns[drop]
+            left.append(drop)
+    return left
 
 
 # --- `schema show --watch` on a terminal -------------------------------------------------------
@@ -246,6 +317,13 @@ IN_FLIGHT = ("preflight", "staging", "staged", "switching", "confirming")
 TROUBLE = ("needs_attention", "failed", "rolled_back")
 COUNTED = (*TROUBLE, *IN_FLIGHT, "pending", "dual", "done", "skipped")
 """The order of the states in the live view's line of counts: what wants a look first."""
+CUTS = {"node": 12, "reason": 30, "new address": 24}
+"""How narrow the live view cuts these columns before it cuts others (``_live_table``), and how
+narrow ``_fit_columns`` counts them when it decides which columns a table goes without."""
+FOLDS = {"node": 12, "reason": 30}
+"""How narrow ``render_rollout`` on a terminal counts these columns when it decides which
+columns its table goes without: its cells fold, never cut; the new address folds only if
+there is no other way."""
 LIVE_DROPS = ("cert expires", "old address", "restart", "freeze", "on http")
 """The live view's columns a narrow terminal goes without, the first first: what the admin
 watches is which node is where, at which address, and why it stopped."""
@@ -322,11 +400,8 @@ def _live_table(r: View, rows: Sequence[tuple[int, View]], width: int) -> Table:
     # address below 24 (why a node stopped, and where it is, are what the admin watches; a
     # reason cut to 10 at 80 columns said "confirm f…"); the name is cut to 12 first. If that
     # is still too wide, the widest cells are cut further, down to 3 columns (``fit``).
-    cuts = {"node": 12, "reason": 30, "new address": 24}
-    least = {h: min(w, cuts.get(h, w)) for h, w in natural.items()}
-    drops = [freeze if d == "freeze" else d for d in LIVE_DROPS]
-    while drops and 1 + sum(least[h] + 3 for h in columns) > width:
-        del columns[drops.pop(0)]
+    _fit_columns(columns, {"freeze": freeze}, width, CUTS)
+    least = {h: min(w, CUTS.get(h, w)) for h, w in natural.items()}
     widths = fit(
         [natural[h] for h in columns], [least[h] for h in columns], width - 1 - 3 * len(columns)
     )

@@ -27,6 +27,7 @@ from leader.cli.base import (
     not_a_secret,
     out,
     pass_leader,
+    print_fitted,
     refuse_unfit_serial,
     say_still_taken,
     to_dict,
@@ -99,10 +100,9 @@ def nodes(
             ' --print-join-command (README, "On real servers", step 7)'
         )
         return
-    from rich.table import Table  # noqa: PLC0415 - see above
-    from rich.text import Text  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415 - see above
 
-    table = Table(
+    headers = [
         "node",
         "addresses",
         "state",
@@ -112,28 +112,39 @@ def nodes(
         "last heartbeat",
         "cert expires",
         "renewal",
-    )
+    ]
+    rows: list[list[Text]] = []
     for n in reply.nodes:
         if n.HasField("removed_at"):
             state = Text(f"removed {fmt_time(n, 'removed_at')}", style="dim")
         else:
             state = Text("online", style="green") if n.online else Text("offline", style="red")
-        table.add_row(
-            n.name,
-            ", ".join(n.addresses),
-            state,
-            _clock(n),
-            Text(n.server or "-", style="red" if n.server.startswith(_ALARMING) else ""),
-            _agent(n),
-            fmt_time(n, "last_heartbeat"),
-            fmt_time(n, "cert_not_after"),
-            _renewal(n),
+        rows.append(
+            [
+                Text(n.name),
+                Text(", ".join(n.addresses)),
+                state,
+                _clock(n),
+                Text(n.server or "-", style="red" if n.server.startswith(_ALARMING) else ""),
+                _agent(n),
+                Text(fmt_time(n, "last_heartbeat")),
+                Text(fmt_time(n, "cert_not_after")),
+                _renewal(n),
+            ]
         )
-    out.print(table)
+    # (at 80 columns rich cut every cell to a few letters: "praxi…", "127.1…")
+    print_fitted(headers, rows, NODES_DROPS, whole=("node", "addresses"))
     if mixed := _mixed_schemes(reply.nodes, leader):
         out.print(Text(mixed, style="yellow"))
     if reply.HasField("password_behind"):  # (a change-password that ended part way: s69)
         out.print(Text(_password_behind(reply.password_behind), style="yellow"))
+
+
+NODES_DROPS = ("last heartbeat", "cert expires", "renewal", "agent", "clock")
+"""The columns of `tlsroll nodes` a narrow terminal goes without, the first first: the times
+(online says the heartbeats are recent; `certs check-expiration` has each certificate's end),
+then, unless a cell of theirs is in red (a renewal failing, an agent too old, a clock off),
+the renewal's due time, the agent's version and the clock."""
 
 
 def _password_behind(behind: schema_pb2.PasswordBehindView) -> str:
@@ -263,7 +274,7 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
             "certificates are revoked.",
             "not removed",
         )
-    from leader.store_rules import token_command  # noqa: PLC0415 - for this command alone
+    from leader.store_rules import join_again, token_command  # noqa: PLC0415 - this command's
 
     with leader.admin() as admin:
         reply = leader.call(admin.RemoveNode, admin_pb2.RemoveNodeRequest(name=name))
@@ -271,12 +282,18 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
     # With a new key: the leader never enrols the removed node's key again, under any name
     # (review rev-enrol H1: a copy of it was the node again). With its DNS names too: a token
     # enrols only a node asking for exactly its names (review rev-enrol L2).
+    command = token_command(node.name, tuple(node.addresses), tuple(node.dns_names))
     out.print(
         f"removed node {node.name}; revoked {len(reply.revoked_serials)} certificate(s). "
-        f"To enrol it again, with a new key (its old one is refused from now on): on "
-        f"{node.name} mv DATA/node.key DATA/node.key.removed (DATA: the agent's data dir), "
-        f"{token_command(node.name, tuple(node.addresses), tuple(node.dns_names))}, the "
-        "token to its agent's join_token_file, start the agent (it makes a new key)"
+        "To enrol it again, with a new key (its old one is refused from now on): "
+        + join_again(
+            node.name,
+            command,
+            "systemctl enable --now tlsroll-agent",
+            before="mv DATA/node.key DATA/node.key.removed",
+        )
+        + " (DATA: the agent's data_dir in agent.toml, /var/lib/tlsroll-agent by default; "
+        "the agent makes a new key)"
     )
     # Its agent refuses workstation passwords once the leader refuses it (its next heartbeat),
     # but the machine still holds the password's verifier, which is as good as the password.
@@ -303,10 +320,9 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
     if as_json:
         emit_json([to_dict(w) for w in reply.workstations])
         return
-    from rich.table import Table  # noqa: PLC0415 - see above
-    from rich.text import Text  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415 - see above
 
-    table = Table("workstation", "node", "issued", "expires", "state", "serial")
+    rows: list[list[Text]] = []
     for w in reply.workstations:
         # (renewed: `tlsroll client renew`; the row of the same name issued then replaces it)
         state = (
@@ -316,10 +332,21 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
             if w.HasField("revoked_at")
             else Text("valid", style="green")
         )
-        table.add_row(
-            w.name, w.node, fmt_time(w, "issued_at"), fmt_time(w, "not_after"), state, w.serial
+        rows.append(
+            [
+                *(Text(t) for t in (w.name, w.node, fmt_time(w, "issued_at"))),
+                Text(fmt_time(w, "not_after")),
+                state,
+                Text(w.serial),
+            ]
         )
-    out.print(table)
+    # (at 80 columns rich cut the names and the serial: `workstations revoke NAME` needs none)
+    print_fitted(
+        ["workstation", "node", "issued", "expires", "state", "serial"],
+        rows,
+        ("issued", "serial"),
+        whole=("workstation", "node"),
+    )
 
 
 @workstations.command("revoke")

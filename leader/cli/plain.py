@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,20 +78,26 @@ Cell = str | Styled
 class Table:
     """Headers and rows of cells, drawn as rich's default table."""
 
-    def __init__(self, *headers: str) -> None:
+    def __init__(self, *headers: str, floors: Mapping[str, int] | None = None) -> None:
         self.headers = list(headers)
         self.rows: list[list[Styled]] = []
+        # None: the widest columns fold first, down to their longest word, as rich folds them;
+        # else only the columns named fold, down to the width given, before any other does.
+        self.floors = floors
 
     def add_row(self, *cells: Cell) -> None:
         self.rows.append([c if isinstance(c, Styled) else Styled(c) for c in cells])
 
     def lines(self, width: int, color: bool) -> list[str]:
         head = [Styled(h, "bold") for h in self.headers]
-        widths = fit(
-            [max(cell_len(clean(r[i].text)) for r in [head, *self.rows]) for i in range(len(head))],
-            [max(min_width(r[i].text) for r in [head, *self.rows]) for i in range(len(head))],
-            width - 1 - 3 * len(head),  # the borders and a space either side of each cell
-        )
+        natural = [
+            max(cell_len(clean(r[i].text)) for r in [head, *self.rows]) for i in range(len(head))
+        ]
+        least = [max(min_width(r[i].text) for r in [head, *self.rows]) for i in range(len(head))]
+        if self.floors is not None:
+            floors = self.floors
+            least = [min(w, floors.get(h, w)) for h, w in zip(self.headers, natural, strict=True)]
+        widths = fit(natural, least, width - 1 - 3 * len(head))  # borders, a space each side
 
         def rule(left: str, fill: str, cross: str, right: str) -> str:
             return left + cross.join(fill * (w + 2) for w in widths) + right
@@ -207,6 +213,12 @@ def terminal() -> tuple[int, bool]:
         except OSError:
             given = 80
     return given, color
+
+
+def screen() -> int | None:
+    """The width of the terminal stdout is (``terminal``'s), None into a pipe or a log: what a
+    drawing that goes without columns on a narrow screen is given (scripts read the pipe)."""
+    return terminal()[0] if sys.stdout.isatty() else None
 
 
 def emit(*parts: Block | Part) -> None:

@@ -42,6 +42,7 @@ from leader.cli.password import (
     staged_text,
     verifier_json,
 )
+from leader.cli.plain import emit, screen
 from leader.cli.schema_cmd import AWAITING, ENDS, TERMINAL
 from leader.plan_texts import FINALIZE_WARNINGS, REPLACES_OTHER, plan_texts
 from leader.rollout_core import (
@@ -1030,7 +1031,7 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
     if as_json:
         emit_json(to_dict(r))
     else:
-        out.print(render_rollout(to_dict(r)))
+        emit(render_rollout(to_dict(r), screen()))  # (on a narrow terminal, fewer columns)
     _say_store_trouble(schema)
     attention = [n for n in r.nodes if NODE_STATE.text(n.state) == NEEDS_ATTENTION]
     if attention:

@@ -81,7 +81,7 @@ def schema_show(
         render_revocations,
         render_rollout,
     )
-    from leader.cli.plain import Block, emit  # noqa: PLC0415
+    from leader.cli.plain import Block, emit, screen  # noqa: PLC0415
 
     rollouts = data.get("rollouts", [])
     parts: list[Block | str] = []
@@ -89,7 +89,7 @@ def schema_show(
         parts.append(render_node_problems(data["node_problems"]))
     if not rollouts:
         parts.append("no rollouts yet")
-    parts += [render_rollout(r) for r in rollouts]
+    parts += [render_rollout(r, screen()) for r in rollouts]
     if mixed := data.get("mixed_cluster"):  # (the nodes the rollouts above leave out too)
         from leader.mixed_cluster import Mixed, dual_left_by, mixed_line  # noqa: PLC0415
 
@@ -140,7 +140,7 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
             time.sleep(interval)
             r = newest() or r
     from leader.cli.draw import render_rollout  # noqa: PLC0415 - text only
-    from leader.cli.plain import emit  # noqa: PLC0415
+    from leader.cli.plain import emit, screen  # noqa: PLC0415
 
     # A log, not a screen: one line per change, the table at the end. A terminal that cannot
     # move its cursor (TERM=dumb or unknown: an editor's shell, a serial console) too: rich's
@@ -160,7 +160,7 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
                 note("node", n["name"], n["state"], n.get("reason", ""))
             note("rollout", r["id"], r["state"], r.get("reason", ""))
             if r["state"] in ENDS:
-                emit(render_rollout(r))
+                emit(render_rollout(r, screen()))
                 return
             time.sleep(interval)
             r = newest() or r
@@ -178,4 +178,4 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
                 r = newest() or r
                 live.update(LiveRollout(r))
     finally:
-        emit(render_rollout(r))
+        emit(render_rollout(r, screen()))
