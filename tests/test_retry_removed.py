@@ -426,17 +426,23 @@ async def test_a_named_way_back_takes_back_what_that_rollout_or_its_retry_switch
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retry: bool
 ) -> None:
     """`rollout rollback e1` takes back what e1 switched or began to (alpha done, bravo
-    failed: its switch may have left it on https). charlie, which e1 halted before (left
-    pending), goes back if e1's retry switched it (the same rollout carried on), not if
+    needs the admin: its switch may have left it on https). charlie, which e1 halted before
+    (left pending), goes back if e1's retry switched it (the same rollout carried on), not if
     another enable-tls did (review s70 review2: every node e1 did not skip went back, so
-    naming e1 undid another rollout's switch of charlie)."""
+    naming e1 undid another rollout's switch of charlie). delta, failed in e1 (its preflight,
+    its stage or its switch refused: nothing on it changed, session 71), is not taken back."""
     from tests.test_engine import make_world
 
     leader_ = make_world(tmp_path, monkeypatch).boot()
     schema, commands = leader_.schema, leader_.commands
-    names = ["alpha", "bravo", "charlie"]
+    names = ["alpha", "bravo", "charlie", "delta"]
     e1 = rollout(schema, "e1", Change.ENABLE_TLS, names)
-    states = {"alpha": NodeState.DONE, "bravo": NodeState.FAILED, "charlie": NodeState.PENDING}
+    states = {
+        "alpha": NodeState.DONE,
+        "bravo": NodeState.NEEDS_ATTENTION,
+        "charlie": NodeState.PENDING,
+        "delta": NodeState.FAILED,
+    }
     records = [replace(r, state=states[r.name]) for r in e1.records]
     head = e1.rollout.with_event(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
     schema.save_states(e1, head.with_event(RolloutEvent.NODES_SETTLED), records, NOW, "engine")
