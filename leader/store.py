@@ -164,6 +164,31 @@ def in_rollout_text(
     dns_names: Sequence[str] = (),
     serials: Sequence[str] | None = None,
 ) -> str:
+    """``_in_rollout_text``, within a status's details (``tlsroll.rpc.MAX_DETAILS``: cut there
+    with "…", losing its end, the step after the rollout): with the serials named, else with
+    where to find them, else with the join script and the node not named again, else with the
+    token's names left to the admin (a 63-character name, three addresses and two DNS names
+    with two serials ran over: review s71 uxsmalls)."""
+    cut = None if serials else serials  # (the serials' place says where to find them)
+    for text in (
+        _in_rollout_text(name, rollout_id, state, addresses, dns_names, serials),
+        _in_rollout_text(name, rollout_id, state, addresses, dns_names, cut),
+        _in_rollout_text(name, rollout_id, state, addresses, dns_names, cut, short=True),
+    ):
+        if len(text) <= rpc.MAX_DETAILS:
+            return text
+    return _in_rollout_text(name, rollout_id, state, (), (), cut, short=True)
+
+
+def _in_rollout_text(
+    name: str,
+    rollout_id: str,
+    state: str,
+    addresses: Sequence[str] = (),
+    dns_names: Sequence[str] = (),
+    serials: Sequence[str] | None = None,
+    short: bool = False,
+) -> str:
     """Why node ``name`` is not removed while rollout ``rollout_id`` (in ``state``) holds it,
     and the ways on: a rollout awaiting finalize (a transitional phase 1, often for weeks) is
     finalized or rolled back, not aborted (``rollout abort`` refuses it); any other, let it end
@@ -212,6 +237,7 @@ def in_rollout_text(
             token_command(name, addresses, dns_names),
             "systemctl restart tlsroll-agent",
             why=False,  # (the line's room: ``tlsroll.rpc.MAX_DETAILS``)
+            short=short,
         )
         + f": it enrols its own key again. If the machine is lost or stolen, {cut}, while "
         f"the rollout {'waits' if waiting else 'goes on'}{then}; once the rollout has ended, "

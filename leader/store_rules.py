@@ -31,17 +31,21 @@ def token_command(name: str, addresses: Sequence[str] = (), dns_names: Sequence[
     return " ".join([f"tlsroll token create --node {name}", *(words or ["--address IP"])])
 
 
-def join_again(name: str, command: str, then: str, before: str = "", why: bool = True) -> str:
+def join_again(
+    name: str, command: str, then: str, before: str = "", why: bool = True, short: bool = False
+) -> str:
     """How node ``name`` enrols again the README's way ("On real servers", step 7): its join
     script, made by ``command`` (``token_command``; on the leader, where the admin reads this)
     and run on the node as root, writes the token where the agent reads it and keeps
     agent.toml's ``[server]`` table (said with ``why``; a bare token left the admin to find the
     join_token_file, and README teaches the script: review s71 walkthrough L8); then, on the
-    node, ``before`` (a step, if any) and ``then`` (the agent's start)."""
-    script = f"join-{name}.sh"
+    node, ``before`` (a step, if any) and ``then`` (the agent's start). ``short``: the script
+    and the node not named again (``join.sh``, "on the node"), where room is short."""
+    script = "join.sh" if short else f"join-{name}.sh"
     return (
-        f"`(umask 077; {command} --print-join-command > {script})`, `sh {script}` on {name} as "
-        "root"
+        f"`(umask 077; {command} --print-join-command > {script})`, `sh {script}` on "
+        + ("the node" if short else name)
+        + " as root"
         + (" (it keeps agent.toml's [server] table), " if why else ", ")
         + (f"`{before}` and " if before else "")
         + f"`{then}` there"

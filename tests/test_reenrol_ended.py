@@ -903,6 +903,21 @@ def test_the_refusal_of_a_removal_names_finalize_or_rollback_for_a_waiting_rollo
         serials=[f"{k}a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d" for k in (1, 2)],
     )
     assert len(long) <= MAX_DETAILS and long.endswith("certificate (8443) too"), len(long)
+    # The longest there can be (a 63-character name, three addresses, two DNS names, two
+    # serials) still ends with its last step: the serials' place says where to find them, then
+    # the token's names are left to the admin (it was cut with "…": review s71 uxsmalls).
+    name = "praxis-" + "b" * 56
+    longest = in_rollout_text(
+        name,
+        "r20261206-105354-bf7a",
+        "awaiting_finalize",
+        ["192.168.100.200", "fd00::1234:5678:9abc:def0", "10.200.200.200"],
+        ["server-b.praxis-kardiologie.example", "b.praxis-kardiologie-ost.example"],
+        serials=[f"{k}a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d" for k in (1, 2)],
+    )
+    assert len(longest) <= MAX_DETAILS, len(longest)
+    assert longest.endswith("certificate (8443) too") and name in longest, longest
+    assert "`tlsroll ca revoke" in longest and "rollout rollback r20261206" in longest
     assert "finalize then leaves it out" in done and "rollback goes back without it" in done
     assert "finalize then leaves it out" not in running  # (a running rollout is let end)
     # the served certificate (8443) stays valid until the node is removed: said (review s48)
