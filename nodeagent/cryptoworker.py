@@ -44,7 +44,8 @@ its class name alone.
 
 The child imports only what its ops need (no structlog, asyncio or agent config: its cold
 start is what a rollout's first node waits for; ``cryptoworker_child``'s docstring), and
-``tlsroll.pki`` at its start in a thread that lowers its own priority (``priority.WARM_NICE``,
+``tlsroll.pki`` (with ``workerrors``: ``cryptoworker_child.PRELOAD``), with the garbage
+collector off, at its start in a thread that lowers its own priority (``priority.WARM_NICE``,
 as ``nodeagent.warmup`` does: a node is prepared while another node's server restarts on the
 same machine); a request waits for that import (given its priority back where the system
 allows it) and is served at the normal priority. Under the agent's systemd unit it never is:
@@ -93,10 +94,11 @@ LINE_LIMIT = 64 * 1024 * 1024  # the longest answer line read (a large revocatio
 
 # -P: the child (root, handling keys) never imports from its working directory, whatever that
 # is. What a daemon never needs is kept out first (``tlsroll.lean``), then the child's own
-# module (``nodeagent.cryptoworker_child``: none of this one's imports).
+# module (``nodeagent.cryptoworker_child``: none of this one's imports) with the garbage
+# collector off (its preload's imports, and the collector's freeze, follow in ``main``).
 CHILD = (
-    "from tlsroll import lean; lean.keep_out(); from nodeagent import cryptoworker_child; "
-    "cryptoworker_child.main()"
+    "from tlsroll import lean; lean.keep_out(); import gc; gc.disable(); "
+    "from nodeagent import cryptoworker_child; gc.enable(); cryptoworker_child.main()"
 )
 
 

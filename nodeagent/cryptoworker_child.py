@@ -37,8 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nodeagent.priority import lower_priority
-from nodeagent.workerrors import answer_for
-from tlsroll import leanlog
+from tlsroll import lean, leanlog
 from tlsroll.errors import TerminalError, TlsrollError
 
 log = leanlog.get_logger(__name__)
@@ -59,8 +58,19 @@ before it acts on it: a child that ended without saying it never acted on the re
 the agent then gives to a new child (a child killed while idle, whatever the order in which the
 agent learns of it, and whatever the request's size)."""
 
-PRELOAD = "tlsroll.pki"
-"""What the child imports at its start, at a low priority (``_Preload``): what every op needs."""
+PRELOAD = ("tlsroll.pki", "nodeagent.workerrors")
+"""What the child imports at its start, at a low priority (``_Preload``): what every op needs,
+and how an op's error is answered (``workerrors``, with ``nodefiles`` and ``tlsroll.fsutil``).
+Not imported by this module itself: whatever it imports, the child imports at the normal
+priority before its preload begins (issue 15, session 71: ``workerrors`` brought about 20 ms
+of CPU there, with standard library modules that ``cryptography`` imports later, all of it
+competing with another node's restart on the same cores)."""
+
+
+_fresh_imports: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+"""How ``_op`` imports an op's module the first time: in the child (``main``) with the
+collector off (``lean.importing``, as ``_Preload``); in the agent's own process
+(``cryptoworker.InProcess``, a test's) as any import (no freeze of that process)."""
 
 
 def _op(op: str) -> Callable[[dict[str, Any]], Any]:
@@ -70,7 +80,10 @@ def _op(op: str) -> Callable[[dict[str, Any]], Any]:
     if module_name is None or not name:
         raise TerminalError(f"unknown crypto work {op!r}")
     try:
-        module = importlib.import_module(module_name)
+        module = sys.modules.get(module_name)
+        if module is None:
+            with _fresh_imports():
+                module = importlib.import_module(module_name)
     except ImportError:
         raise TerminalError(f"crypto work {op!r}: {module_name} is not available") from None
     ops = getattr(module, "OPS", None)
@@ -90,6 +103,8 @@ def serve(message: Any) -> dict[str, Any]:
             raise TerminalError("crypto work: a request that is not {op, request}")
         return {"ok": _op(op)(message["request"])}
     except (TlsrollError, OSError, ValueError) as exc:
+        from nodeagent.workerrors import answer_for  # noqa: PLC0415 - preloaded (``PRELOAD``)
+
         return {"error": answer_for(exc)}
     except Exception as exc:  # its class only: the message might hold a secret
         return {"error": bug(op, exc)}
@@ -153,7 +168,11 @@ def failed(op: str, exc: BaseException) -> str:
 
 class _Preload:
     """``PRELOAD`` imported at the child's start, in a thread of low priority; a request
-    waits for it (``wait``), and gives that thread its priority back while it does."""
+    waits for it (``wait``), and gives that thread its priority back while it does. The
+    garbage collector is off while it imports, and what was made by then is frozen out of
+    every later collection (``tlsroll.lean.importing``): importing ``cryptography`` and ours
+    set off some 35 collections that freed nothing, about 15 ms of the child's 90-100 ms of
+    CPU from its start to its first key (issue 15, session 71)."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -169,7 +188,9 @@ class _Preload:
                 with contextlib.suppress(OSError):
                     self.before = os.getpriority(os.PRIO_PROCESS, self.tid)
             lower_priority()
-            importlib.import_module(PRELOAD)
+            with lean.importing():
+                for name in PRELOAD:
+                    importlib.import_module(name)
         except Exception as exc:  # the op that needs it imports it again
             log.warning(
                 "cryptoworker.preload_failed",
@@ -193,8 +214,10 @@ def main() -> int:
     """The child: serve requests from stdin until EOF (SIGTERM and SIGINT ignored: the
     agent's stop ends it, by EOF). Its arguments: ``json`` or ``console`` (how it logs), the
     log level, the agent's pid."""
+    global _fresh_imports  # noqa: PLW0603 - the child's, set at its start
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    _fresh_imports = lean.importing
     # Nothing but answers reaches the answers' pipe (review s42 of the lean child, Low 4): they
     # go through a descriptor of their own; fd 1 and ``sys.stdout`` are stderr's from here, so
     # a stray write (a print, a library's, C's) is a line in the log, not an answer.

@@ -675,9 +675,12 @@ def _child_imports(
     modules = tmp_path / "modules"
     # Run first in the child's own command: what ``sys.modules`` holds when it ends.
     dump = (
-        "import atexit, sys\n"
+        "import atexit, gc, json, sys\n"
         f"atexit.register(lambda: open({str(modules)!r}, 'w').write("
         "'\\n'.join(k for k, v in sys.modules.items() if v is not None)))\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'gc.json')!r}, 'w').write(json.dumps("
+        "{'enabled': gc.isenabled(), 'frozen': gc.get_freeze_count(),"
+        " 'collections': sum(s['collections'] for s in gc.get_stats())})))\n"
     )
     child = subprocess.run(
         [sys.executable, "-P", "-c", dump + cryptoworker.CHILD, "json", "info", str(os.getpid())],
@@ -757,6 +760,70 @@ def test_a_childs_first_key_imports_no_more_than_it_needs(tmp_path: Path) -> Non
     assert "cryptography" in loaded  # the check saw the op's imports
     never = sorted(m for m in loaded if m.split(".")[0] in NEVER_IN_CHILD)
     assert never == []
+
+
+# What the child's own module must not bring in (``cryptoworker_child.PRELOAD``): it is
+# imported at the normal priority, before the preload's thread begins; these come with the
+# preload, at a low priority (``priority.WARM_NICE``), with the garbage collector off.
+NOT_BEFORE_PRELOAD = frozenset(
+    {
+        "nodeagent.workerrors",
+        "nodeagent.nodefiles",
+        "nodeagent.certwork_ops",
+        "tlsroll.fsutil",
+        "tlsroll.pki",
+        "cryptography",
+        "pathlib",
+        "dataclasses",
+        "inspect",
+        "socket",
+    }
+)
+
+
+def test_the_childs_own_import_leaves_the_op_code_to_its_preload() -> None:
+    """Issue 15 (session 71): the next node's crypto worker starts while this node's server
+    restarts on the same cores. What the child imports before its preload's thread lowers
+    its priority (its command up to ``cryptoworker_child.main()``) was about 35 ms of CPU at
+    the normal priority, ``workerrors`` with ``nodefiles`` and ``tlsroll.fsutil`` (the
+    standard library's ``dataclasses``, ``inspect``, ``socket``, ``pathlib``); they now come
+    with the preload (``PRELOAD``). The child's own command, run up to ``main``, says what it
+    holds then; the collector, off while it imported, is on again."""
+    assert cryptoworker.CHILD.endswith("cryptoworker_child.main()")
+    upto = cryptoworker.CHILD.removesuffix("cryptoworker_child.main()")
+    said = subprocess.run(
+        [sys.executable, "-P", "-c", upto + "import gc, json, sys; print(json.dumps("
+         "[gc.isenabled(), sorted(k for k, v in sys.modules.items() if v is not None)]))"],
+        capture_output=True, env=child_env(), timeout=60, check=True, text=True,
+    )  # fmt: skip
+    enabled, loaded = json.loads(said.stdout)
+    assert "nodeagent.cryptoworker_child" in loaded and enabled is True
+    early = {m for m in loaded if m in NOT_BEFORE_PRELOAD or m.split(".")[0] in NOT_BEFORE_PRELOAD}
+    assert early == set()
+    assert set(cryptoworker_child.PRELOAD) >= {"tlsroll.pki", "nodeagent.workerrors"}
+
+
+def test_the_childs_imports_run_no_collection_and_stay_frozen(tmp_path: Path) -> None:
+    """Issue 15 (session 71): from its start to its first key the child imports
+    ``cryptography`` and ours (``FIRST_KEY_MODULES``), and its garbage collector ran about 35
+    collections meanwhile that freed nothing: about 15 ms of its 90 ms of CPU, which a
+    rollout's first node waits for. Its preload and op modules are imported with the collector
+    off (``tlsroll.lean.importing``), and what they made is frozen out of every later
+    collection; the collector is on once it serves. Read when the real child (``CHILD``)
+    ends after its first key: on, the imports frozen, and no more collections than a bare
+    interpreter's start makes plus a few (the child's own work)."""
+    answers, loaded = _child_imports(tmp_path, [_new_key_request(tmp_path)])
+    assert "ok" in answers[0], answers
+    assert "tlsroll.pki" in loaded
+    facts = json.loads((tmp_path / "gc.json").read_text())
+    bare = subprocess.run(
+        [sys.executable, "-P", "-c",
+         "import gc; print(sum(s['collections'] for s in gc.get_stats()))"],
+        capture_output=True, env=child_env(), timeout=60, check=True, text=True,
+    )  # fmt: skip
+    assert facts["enabled"] is True
+    assert facts["frozen"] > 10_000, facts  # the imports' objects (about 27,000)
+    assert facts["collections"] <= int(bare.stdout) + 15, (facts, bare.stdout)
 
 
 def test_the_childs_log_lines_have_the_agents_shape(tmp_path: Path) -> None:
