@@ -52,10 +52,12 @@ from leader.rollout_core import (
     NOT_ON_HTTPS,
     Change,
     FreezeMode,
+    Held,
     NodeEvent,
     NodeObservation,
     Rollout,
     Strategy,
+    after_refusal,
     down_on_https,
     live_and_closed,
     refused_reason,
@@ -85,6 +87,12 @@ if TYPE_CHECKING:  # the certificate object only; the steps load it through tlsr
 log = logs.get_logger(__name__)
 
 Outcome = tuple[NodeEvent, str | None]
+
+ANOTHER_SWITCH = "already names another switch"
+"""What the agent's refusal of a switch whose rollout id names another switch on the node
+says (``nodeagent.service``'s ``_begin``: a finalize sent under the phase-1 id): the switch
+it holds under that id is not the step's, never followed (``ChangeSteps.held``)."""
+
 MAX_CLOCK_OFFSET = 120
 
 
@@ -470,17 +478,25 @@ class ChangeSteps:
                 early, early_at = self._begin_check(ctx, key), ctx.monotonic()
 
         try:
-            outcome, reason = await wait_transaction(
-                ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request, verified=verified
-            )
-        except SwitchRefused as exc:  # refused before it began: the node is as it was
-            if request.quiet_seconds and NOT_QUIET in str(exc):
-                # Not quiet by the agent's fresh look: the node goes back to wait at the gate,
-                # with the sighting stored (``_store_sighting``), which holds it there.
-                await _store_sighting(ctx)
-                why = str(exc)[str(exc).index(NOT_QUIET) :]
-                return NodeEvent.SWITCH_HELD, peertext.clean(why, REASON_LIMIT)
-            return NodeEvent.SWITCH_REFUSED, refused_reason("switch", str(exc))
+            try:
+                outcome, reason = await wait_transaction(
+                    ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request, verified=verified
+                )
+            except SwitchRefused as exc:  # refused: began now, or by an earlier run?
+                if request.quiet_seconds and NOT_QUIET in str(exc):
+                    # Not quiet by the agent's fresh look (it looks only with no switch
+                    # journalled): the node goes back to wait at the gate, with the sighting
+                    # stored (``_store_sighting``), which holds it there.
+                    await _store_sighting(ctx)
+                    why = str(exc)[str(exc).index(NOT_QUIET) :]
+                    return NodeEvent.SWITCH_HELD, peertext.clean(why, REASON_LIMIT)
+                refused = await self.refused(ctx, "switch", str(exc))
+                if refused is not None:
+                    return refused
+                # This step's switch, begun by an earlier run of it: followed to its outcome.
+                outcome, reason = await wait_transaction(
+                    ctx, ctx.rollout.id, TxnKind.SWITCH, verified=verified
+                )
         except BaseException:
             _drop_begun(ctx, key, early)  # the step runs again: its own check, if any
             raise
@@ -541,6 +557,44 @@ class ChangeSteps:
         check = ctx.checks[key] = asyncio.ensure_future(self.outside_problem(ctx))
         check.add_done_callback(_retrieved)  # its confirm reads it, or nobody
         return check
+
+    async def refused(self, ctx: StepContext, what: str, said: str) -> Outcome | None:
+        """The node's outcome after its agent refused this step's ``what`` (``said``: its
+        line), or None if the agent holds this step's transaction, begun by an earlier run of
+        the step: the caller follows it (``after_refusal`` decides from ``held``'s answer)."""
+        held, asked = await self.held(ctx, what, said)
+        return after_refusal(what, said, held, asked)
+
+    async def held(self, ctx: StepContext, what: str, said: str) -> tuple[Held, str]:
+        """What the agent that refused this step's ``what`` (``said``) holds under the step's
+        key (this rollout's id, ``switch_kind``), and its refusal of the question if it
+        refused it. A refusal that says the id names another switch (``ANOTHER_SWITCH``: a
+        finalize sent under the phase-1 id) is not asked about: the one it holds is not this
+        step's, never followed. A transaction whose certificate is not the one this rollout
+        staged on the node is not this step's either. No answer (``TransientError``) and an
+        answer that is no refusal (the agent's own trouble) raise a ``TransientError``: the
+        step runs again, and sends the request again (a replay begins nothing)."""
+        if ANOTHER_SWITCH in said:
+            return Held.OTHER, ""
+        request = agent_pb2.GetTransactionRequest(
+            rollout_id=ctx.rollout.id, kind=TXN_KIND.wire(self.switch_kind)
+        )
+        try:
+            txn = await ctx.agent.get_transaction(request)
+        except StepFailed as exc:
+            if exc.code is grpc.StatusCode.NOT_FOUND:
+                return Held.NONE, ""
+            if exc.code in REFUSAL_CODES:
+                return Held.UNANSWERED, str(exc)
+            raise TransientError(
+                f"agent {ctx.node}: {what} refused; whether an earlier try began it is not "
+                f"known yet ({exc})"
+            ) from None
+        if CHANGES[self.change].stages_certificate and txn.cert_fingerprint:
+            staged = (await self.node_detail(ctx)).cert_fingerprint
+            if staged and staged != txn.cert_fingerprint:
+                return Held.OTHER, ""
+        return Held.THIS, ""
 
     async def switch_begun(self, agent: AgentApi, rollout_id: str) -> bool:
         """Whether ``agent`` has this rollout's switch (under way or ended): its NOT_FOUND
@@ -770,10 +824,14 @@ class DisableTls(ChangeSteps):
             # session 64).
             if not await self.switch_begun(ctx.agent, ctx.rollout.id):
                 raise
-        except StepFailed as exc:  # refused before it began: the node is as it was
-            if exc.code in REFUSAL_CODES:  # its plan's refusal: nothing on the node changed
-                return NodeEvent.SWITCH_REFUSED, refused_reason("going back to http", str(exc))
-            return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
+        except StepFailed as exc:
+            if exc.code not in REFUSAL_CODES:
+                return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
+            # Refused: nothing on the node changed only if it holds no way back of this
+            # rollout, begun by an earlier run of the step (``ChangeSteps.refused``).
+            refused = await self.refused(ctx, "going back to http", str(exc))
+            if refused is not None:
+                return refused
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
         if outcome is TxnOutcome.ROLLED_BACK:
             return NodeEvent.SWITCH_ROLLED_BACK, f"still on https: {reason}"

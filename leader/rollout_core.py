@@ -20,9 +20,9 @@ orders, through these states::
     switching ─switch_done→ confirming ─confirm_done→ done
     preflight/staging ─*_failed→ failed              (nothing was changed on the node)
     switching ─switch_rolled_back→ rolled_back       (the agent rolled its transaction back)
-    switching ─switch_refused→ failed                (the agent refused to begin it: its plan
-                                                      found the node not ready; nothing on
-                                                      the node was changed: ``refused_reason``)
+    switching ─switch_refused→ failed                (the agent refused to begin it, and
+                                                      holds none begun before: nothing on
+                                                      the node was changed: ``after_refusal``)
     confirming ─confirm_rolled_back→ rolled_back     (outside check failed; agent rolled back)
     switching ─switch_failed→ needs_attention        (even the agent's way back failed)
     confirming ─confirm_failed→ needs_attention      (outside check failed, and so did the
@@ -401,6 +401,51 @@ def refused_reason(what: str, said: str) -> str:
     if NOTHING_CHANGED in shown or "nothing was changed" in shown:
         return f"{what} refused: {said}"
     return f"{what} refused: {said}; {NOTHING_CHANGED}"
+
+
+class Held(StrEnum):
+    """What the agent says it holds under a step's key (its rollout id and the transaction's
+    kind), asked after it refused that step's switch or way back (``after_refusal``)."""
+
+    NONE = "none"  # NOT_FOUND: no transaction under the key; nothing began
+    THIS = "this"  # this step's, begun by an earlier run of the step: it is followed
+    OTHER = "other"  # another switch under the key (its refusal or the answer says so)
+    UNANSWERED = "unanswered"  # it refused the question too: whether it began is not known
+
+
+def after_refusal(
+    what: str, said: str, held: Held, asked: str = ""
+) -> tuple[NodeEvent, str] | None:
+    """How a node whose ``what`` ("switch", "going back to http") its agent refused
+    (``said``) ends, from what the agent then said it holds under the step's key (``held``;
+    ``asked``: its refusal of that question). None: the transaction it holds is this step's,
+    begun by an earlier run of the step (its refusal answered a replay: a stale epoch after
+    the leader's store was restored, a leader identity it no longer trusts, an edited
+    config, an agent older than the replay check): followed to its outcome as any, so the node
+    ends done, rolled back or needing attention as it truly does.
+
+    Only with none held is it ``SWITCH_REFUSED`` with "nothing on the node was changed"
+    (``refused_reason``): a refusal to a step that runs again proves nothing of what the
+    first run began (review s71 revplans, M; a named way back leaves a failed node out). With
+    another switch held under the key (the finalize sent under the phase-1 id), this step's
+    did not begin, but what that one changed is not this step's to follow or deny: refused,
+    saying so. With the question refused too, whether it began is not known, and asking
+    again gets the same answer (a refusal, not a lost call): needs attention, as a named way
+    back takes it."""
+    said = said.strip().rstrip(";").rstrip()
+    if held is Held.THIS:
+        return None
+    if held is Held.NONE:
+        return NodeEvent.SWITCH_REFUSED, refused_reason(what, said)
+    if held is Held.OTHER:
+        return NodeEvent.SWITCH_REFUSED, (
+            f"{what} refused: {said}; this {what} did not begin: the agent holds another "
+            "switch under this rollout id, which may have changed the node"
+        )
+    return NodeEvent.SWITCH_FAILED, (
+        f"{what} refused: {said}; whether an earlier try began it is not known: the agent "
+        f"refused to say too ({asked.strip() or 'no reason given'}); look at the node"
+    )
 
 
 def cut_off_reason(change: Change, name: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from leader import changes
 from nodeagent.transaction import CRASH_ENV
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
@@ -245,6 +246,8 @@ def test_finalize_under_the_phase_one_id_is_refused_not_replayed(make_node: Node
     err = refused(lambda: switch(node, "t4", Change.FINALIZE))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "needs a rollout id of its own" in str(err.details())
+    # What the leader reads it by: that switch is not the finalize's, never followed.
+    assert changes.ANOTHER_SWITCH in str(err.details())
     assert_dual(node, fingerprint)
     # keep_http belongs to enable-tls only.
     err = refused(lambda: switch(node, "t4.f", Change.FINALIZE, keep_http=True))

@@ -2112,6 +2112,142 @@ async def test_a_switch_that_does_not_complete_halts_the_rollout(
     await leader.stop()
 
 
+STALE = "stale epoch 1: this node has seen epoch 2 (FAILED_PRECONDITION)"
+NOT_LEADER = "the caller is not this node's leader (PERMISSION_DENIED)"
+
+
+def refuses_its_replay(
+    agent: FakeAgent, kind: TxnKind, method: str, *, question: str | None = None
+) -> None:
+    """``agent`` begins the step's transaction (``kind``), but the answer to the first read of
+    it is lost (the step runs again), and from then on it refuses the request that began it
+    (``method``: its replay) with a stale epoch, as an agent does whose leader's store was
+    restored, before it looks whether it holds it. ``question``: "refused", it refuses to say
+    what it holds too (a leader identity it no longer trusts: PERMISSION_DENIED);
+    "unreachable", the first answer to that question is lost too; "other", it answers with
+    a switch of another certificate than the one this rollout staged (not this step's)."""
+    get, begin = agent.get_transaction, getattr(agent, method)
+    lost = False
+    unanswered = 1 if question == "unreachable" else 0
+
+    async def get_transaction(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        nonlocal lost, unanswered
+        if not lost and any(k is kind for _, k in agent.txns):
+            lost = True
+            raise TransientError(f"agent {agent.name}: unreachable")
+        if question == "refused" and lost:
+            raise StepFailed(NOT_LEADER, grpc.StatusCode.PERMISSION_DENIED)
+        if unanswered and lost:
+            unanswered -= 1
+            raise TransientError(f"agent {agent.name}: unreachable")
+        txn = await get(request)
+        if question == "other" and lost:
+            txn.cert_fingerprint = "sha256:" + "9" * 64
+        return txn
+
+    async def replayed(request: Any) -> agent_pb2.Transaction:
+        if lost:
+            agent.world.log(agent, method, request.command.rollout_id, 0, "refused")
+            raise StepFailed(STALE, grpc.StatusCode.FAILED_PRECONDITION)
+        return cast(agent_pb2.Transaction, await begin(request))
+
+    agent.get_transaction = get_transaction  # type: ignore[method-assign]
+    setattr(agent, method, replayed)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "question", "state"),
+    [
+        (TxnOutcome.COMPLETED, None, N.DONE),
+        (TxnOutcome.ROLLED_BACK, None, N.ROLLED_BACK),
+        (TxnOutcome.COMPLETED, "refused", N.NEEDS_ATTENTION),
+        # The question's answer lost: the step runs again (refused again), and asks again.
+        (TxnOutcome.COMPLETED, "unreachable", N.DONE),
+        # Not the certificate this rollout staged: another switch, not followed.
+        (TxnOutcome.COMPLETED, "other", N.FAILED),
+    ],
+    ids=["completed", "rolled-back", "question-refused", "question-lost", "other-switch"],
+)
+async def test_a_switch_refused_when_run_again_is_followed_if_it_began(
+    world: World, outcome: TxnOutcome, question: str | None, state: NodeState
+) -> None:
+    """Review s71 revplans, M: a refusal answered to a switch step that runs again does not
+    prove that nothing began. The leader asks the agent whether it holds the step's switch:
+    it does, so it is followed to its outcome (done, or rolled back), never "failed: nothing
+    on the node was changed" (which a named way back leaves out). An agent that refuses the
+    question too leaves it unknown: the node needs attention, saying so."""
+    charlie = world.agents["charlie"]
+    charlie.switch_outcome, charlie.switch_reason = outcome, "the server did not come back"
+    refuses_its_replay(charlie, TxnKind.SWITCH, "switch", question=question)
+    leader = world.boot()
+    await leader.start()
+
+    row = await leader.run()
+
+    assert states(row)["charlie"] is state, node(row.records, "charlie")
+    reason = node(row.records, "charlie").reason
+    assert "nothing on the node was changed" not in reason
+    assert charlie.applied["switch"] == 1  # refused again, begun once
+    assert [c.answer for c in world.agents.calls_to("charlie", "switch")][-1] == "refused"
+    if state is N.ROLLED_BACK:
+        assert reason == "the server did not come back"
+    refusals = [c for c in world.agents.calls_to("charlie", "switch") if c.answer == "refused"]
+    assert len(refusals) == (2 if question == "unreachable" else 1)
+    if question == "refused":
+        assert reason.startswith(f"switch refused: {STALE}; whether an earlier try began it")
+        assert NOT_LEADER in reason
+    if question == "other":
+        assert reason.startswith(f"switch refused: {STALE}; this switch did not begin"), reason
+    if state is N.DONE:
+        assert row.rollout.state is R.COMPLETED and charlie.scheme == "https"
+    await leader.stop()
+
+
+async def test_a_way_back_refused_when_run_again_is_followed_if_it_began(world: World) -> None:
+    """The same for the way back (disable-tls): its Rollback, begun, then refused when the
+    step runs again, is followed to its end (the node back on http, done), not recorded
+    "failed: nothing on the node was changed"."""
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    charlie = world.agents["charlie"]
+    refuses_its_replay(charlie, TxnKind.ROLLBACK, "rollback")
+    await leader.start(Change.DISABLE_TLS)
+
+    row = await leader.run()
+
+    assert states(row) == ALL_DONE, node(row.records, "charlie")
+    assert charlie.scheme == "http" and charlie.applied["rollback"] == 1
+    assert [c.answer for c in world.agents.calls_to("charlie", "rollback")][-1] == "refused"
+    await leader.stop()
+
+
+async def test_a_switch_refused_as_another_under_its_id_is_not_followed(world: World) -> None:
+    """The agent's refusal "rollout id ... already names another switch" (a finalize sent
+    under the phase-1 id): the switch it holds under the id is not this step's, so it is not
+    asked after, nor followed; the node is failed, and its reason does not say "nothing on the
+    node was changed" (that other switch may have changed it)."""
+    charlie = world.agents["charlie"]
+    said = (
+        "rollout id r1 already names another switch on this node (enable-dual); finalize "
+        "needs a rollout id of its own"
+    )
+    charlie.refuse["switch"] = said
+    leader = world.boot()
+    await leader.start()
+    asked = len(world.agents.calls_to("charlie", "get_transaction"))
+
+    row = await leader.run()
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is N.FAILED, charlie_row
+    assert charlie_row.reason.startswith(f"switch refused: {said}"), charlie_row
+    assert "; this switch did not begin: the agent holds another switch" in charlie_row.reason
+    assert "nothing on the node was changed" not in charlie_row.reason
+    assert len(world.agents.calls_to("charlie", "get_transaction")) == asked
+    await leader.stop()
+
+
 async def test_an_agents_reason_is_cleaned_before_it_is_the_nodes(world: World) -> None:
     """Review of s60a L4: the reason an agent's transaction ends with is the agent's text, put
     into the node's reason (``rollout status``, ``schema show``, its history) and the

@@ -24,6 +24,7 @@ from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
     WAITING_ROLLOUT_STATES,
     Change,
+    Held,
     IllegalTransition,
     NodeEvent,
     NodeRecord,
@@ -35,6 +36,7 @@ from leader.rollout_core import (
     Scope,
     ScopeKind,
     Step,
+    after_refusal,
     cut_off_halt,
     cut_off_mid_switch,
     cut_off_reason,
@@ -289,6 +291,43 @@ def test_a_switch_its_agent_refused_fails_the_node_saying_nothing_changed() -> N
     assert refused_reason("switch", "not ready; ") == (
         "switch refused: not ready; nothing on the node was changed"
     )
+
+
+REFUSED_LINE = "stale epoch 3: this node has seen epoch 4 (FAILED_PRECONDITION)"
+DENIED = "the caller is not this node's leader (PERMISSION_DENIED)"
+
+
+@pytest.mark.parametrize(
+    ("held", "event", "state", "said"),
+    [
+        # None held: refused before anything began, and the reason says so.
+        (Held.NONE, NE.SWITCH_REFUSED, N.FAILED, "; nothing on the node was changed"),
+        # Another switch under the id (a finalize under the phase-1 id): this one did not
+        # begin, but the node may have been changed: never "nothing changed".
+        (Held.OTHER, NE.SWITCH_REFUSED, N.FAILED, "did not begin: the agent holds another"),
+        # The question refused too: not known, so the node needs attention (a named way back
+        # takes it), and the reason says what is known.
+        (Held.UNANSWERED, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, f"refused to say too ({DENIED})"),
+    ],
+)
+def test_a_refusal_says_nothing_changed_only_when_the_agent_holds_nothing(
+    held: Held, event: NodeEvent, state: NodeState, said: str
+) -> None:
+    """Review s71 revplans, M: a refusal answered to a step that runs again (a stale epoch
+    after the store was restored, a leader identity the agent no longer trusts, an older
+    agent's "needs the admin") does not prove that nothing began. The node is failed with
+    "nothing on the node was changed" only if the agent, asked, holds no transaction of the
+    step; one it holds (``Held.THIS``) is followed (None: no outcome from the refusal)."""
+    assert after_refusal("switch", REFUSED_LINE, Held.THIS) is None
+    assert after_refusal("going back to http", REFUSED_LINE, Held.THIS, DENIED) is None
+    for what in ("switch", "going back to http"):
+        found = after_refusal(what, REFUSED_LINE + "; ", held, DENIED)
+        assert found is not None
+        assert found[0] is event
+        assert found[1].startswith(f"{what} refused: {REFUSED_LINE}; "), found
+        assert said in found[1], found
+        assert ("nothing on the node was changed" in found[1]) is (held is Held.NONE), found
+        assert NodeRecord("a", N.SWITCHING).with_event(*found).state is state
 
 
 def test_a_rollout_paused_resumed_and_aborted() -> None:

@@ -29,6 +29,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from leader.agent_client import REFUSAL_CODES
 from nodeagent.transaction import CRASH_ENV
 from refserver.server import START_DELAY_ENV, SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests import procs
@@ -696,6 +697,14 @@ def test_replayed_switch_returns_the_same_transaction_and_acts_once(make_node: N
         assert events.count((action, "begin")) == 1, (action, events)
     assert len(node.journal_query("SELECT * FROM txns")) == 1
     assert node.txn("replay").ended_at == done.ended_at
+    # Review s71 revplans, M: a replay can be refused all the same (a stale epoch: the
+    # leader's store restored), before the agent looks at its journal, while its
+    # GetTransaction answers the switch it holds: the leader asks that before it records
+    # "nothing on the node was changed" (``leader.changes.ChangeSteps.held``).
+    assert node.preflight("replay-later", epoch=node.epoch + 1).ok
+    err = rpc_error(lambda: node.switch("replay", epoch=node.epoch))
+    assert code_of(err) in REFUSAL_CODES and "stale epoch" in details_of(err)
+    assert node.txn("replay").outcome == "completed"
 
 
 # --- 9. a stale epoch --------------------------------------------------------------------------
