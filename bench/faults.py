@@ -1,15 +1,23 @@
 """A randomized, bounded fault campaign against the seed's safety promise (SPEC, "Bad input and
 faults"): what the fixed points of ``tests/test_fault_matrix.py`` miss.
 
-Each iteration builds a real 3-node loopback cluster (the leader and its agents as processes,
-each node a reference server on its own 127.x.y.z with the seed's ports), starts a rollout
-(enable-tls with ``--freeze node`` at ``--max-parallel`` 1 or 2, enable-tls with ``--freeze
-scope``, or the way back of a switched cluster, disable-tls) with a writer posting to every
-node, and after a random delay one of: SIGKILL the leader, SIGKILL a node's agent, SIGKILL a
-node's managed server, SIGSTOP a node's agent for a few seconds; then starts again what it
-killed (as a service manager would), lets the rollout end, and settles one that did not
-complete as README's "When it fails" tells the admin (``rollout retry ID``, or ``rollout
-rollback``). Then the invariant:
+Each iteration builds a real loopback cluster of ``--nodes`` nodes (3 unless told; the leader
+and its agents as processes, each node a reference server on its own 127.x.y.z with the seed's
+ports), starts a rollout (enable-tls with ``--freeze node`` at ``--max-parallel`` 1 or 2,
+enable-tls with ``--freeze scope``, or the way back of a switched cluster, disable-tls) with a
+writer posting to every node, and hits it with one fault or two independent ones (each on its
+own node, the leader at most once): SIGKILL the leader, SIGKILL a node's agent, SIGKILL a
+node's managed server, SIGSTOP a node's agent (``--faults``: also the leader and an agent
+together, a server gone until the rollout ends). A fault's moment is a time after the start, a
+step of a node's transaction as its agent journals it (freeze, write_config, restart, verify,
+unfreeze; a failed switch's restore_config, verify_source), or the leader's state of a node
+(preflight, staging, switching, confirming, done). What a fault killed is started again (as a
+service manager would); the rollout ends; one that did not complete is settled as README's
+"When it fails" tells the admin (``rollout abort`` of a held one, ``rollout retry ID`` of the
+last retry, or ``rollout rollback``), and faults of their own hit that first retry or way back.
+Two modes aim at the admin's way out: ``enable-retry`` and ``disable-again`` abort the first
+rollout once a node has begun its freeze (a planted stop, no fault), and their faults hit the
+``rollout retry`` or the second ``rollout rollback``. Then the invariant:
 
 - every node fully on https (8443 serving a certificate of the cluster CA, 8080 closed) or
   fully on http (8080 open, 8443 closed), not frozen: a write is accepted at the end;
@@ -19,12 +27,14 @@ rollback``). Then the invariant:
   the scheme it had), none needs the admin;
 - a way back that the admin settled leaves every node on http.
 
-Each iteration's seed is printed first, and its fault, the moment (the rollout's and the nodes'
-states when the fault hit) and the verdict after; ``--seed S --iterations 1`` runs one again
-(the same mode, fault, target and delay: the rollout's pace decides the phase it meets, so a
-phase-dependent violation may need a few runs). A JSON line per iteration goes to ``--out``.
+Each iteration's seed is printed first, then its faults (each with the moment it met: the
+journal's last two events or the leader's state; "not hit" where the rollout ended first) and
+the verdict; ``--seed S --iterations 1`` with the same ``--faults`` and ``--nodes`` runs one
+again (the same draw; the rollout's pace still decides what a time meets, and a step moment
+what else runs then). A JSON line per iteration goes to ``--out``.
 
-    TLSROLL_TEST_SLOT=5 python -m bench.faults --minutes 25 --seed 7000 --out /tmp/faults.jsonl
+    TLSROLL_TEST_SLOT=5 python -m bench.faults --minutes 25 --seed 7000 --nodes 3,4,5 \
+        --faults leader,agent,server,agent-stop,leader+agent,server-gone --out /tmp/f.jsonl
 
 Not collected by pytest (``testpaths`` is ``tests``); daemons and servers are stopped at the
 end of each iteration, also on Ctrl-C.
