@@ -296,6 +296,18 @@ def run_with_faults(
     once every fault is over (what a fault killed started again)."""
     over = threading.Event()
     began = time.monotonic()
+    with contextlib.suppress(Exception):  # a retry covers only the nodes left: watch those
+        covered = sorted(n.name for n in rollout_view(cluster, rollout_id).nodes)
+        for fault in faults:
+            if covered and fault.watch not in covered:
+                number = int(fault.watch.removeprefix("node"))
+                fault.watch = covered[number % len(covered)]
+                if fault.target != "leader" and fault.target not in covered:
+                    fault.target = (
+                        fault.watch
+                        if fault.watch not in {f.target for f in faults}
+                        else fault.target
+                    )
 
     def strike(fault: Fault) -> None:
         try:
