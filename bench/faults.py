@@ -297,7 +297,8 @@ def run_with_faults(
     over = threading.Event()
     began = time.monotonic()
     with contextlib.suppress(Exception):  # a retry covers only the nodes left: watch those
-        covered = sorted(n.name for n in rollout_view(cluster, rollout_id).nodes)
+        view = rollout_view(cluster, rollout_id).nodes
+        covered = sorted(n.name for n in view if NODE_STATE.text(n.state) != "skipped")
         for fault in faults:
             if covered and fault.watch not in covered:
                 number = int(fault.watch.removeprefix("node"))
