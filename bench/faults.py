@@ -1,15 +1,23 @@
 """A randomized, bounded fault campaign against the seed's safety promise (SPEC, "Bad input and
 faults"): what the fixed points of ``tests/test_fault_matrix.py`` miss.
 
-Each iteration builds a real 3-node loopback cluster (the leader and its agents as processes,
-each node a reference server on its own 127.x.y.z with the seed's ports), starts a rollout
-(enable-tls with ``--freeze node`` at ``--max-parallel`` 1 or 2, enable-tls with ``--freeze
-scope``, or the way back of a switched cluster, disable-tls) with a writer posting to every
-node, and after a random delay one of: SIGKILL the leader, SIGKILL a node's agent, SIGKILL a
-node's managed server, SIGSTOP a node's agent for a few seconds; then starts again what it
-killed (as a service manager would), lets the rollout end, and settles one that did not
-complete as README's "When it fails" tells the admin (``rollout retry ID``, or ``rollout
-rollback``). Then the invariant:
+Each iteration builds a real loopback cluster of ``--nodes`` nodes (3 unless told; the leader
+and its agents as processes, each node a reference server on its own 127.x.y.z with the seed's
+ports), starts a rollout (enable-tls with ``--freeze node`` at ``--max-parallel`` 1 or 2,
+enable-tls with ``--freeze scope``, or the way back of a switched cluster, disable-tls) with a
+writer posting to every node, and hits it with one fault or two independent ones (each on its
+own node, the leader at most once): SIGKILL the leader, SIGKILL a node's agent, SIGKILL a
+node's managed server, SIGSTOP a node's agent (``--faults``: also the leader and an agent
+together, a server gone until the rollout ends). A fault's moment is a time after the start, a
+step of a node's transaction as its agent journals it (freeze, write_config, restart, verify,
+unfreeze; a failed switch's restore_config, verify_source), or the leader's state of a node
+(preflight, staging, switching, confirming, done). What a fault killed is started again (as a
+service manager would); the rollout ends; one that did not complete is settled as README's
+"When it fails" tells the admin (``rollout abort`` of a held one, ``rollout retry ID`` of the
+last retry, or ``rollout rollback``), and faults of their own hit that first retry or way back.
+Two modes aim at the admin's way out: ``enable-retry`` and ``disable-again`` abort the first
+rollout once a node has begun its freeze (a planted stop, no fault), and their faults hit the
+``rollout retry`` or the second ``rollout rollback``. Then the invariant:
 
 - every node fully on https (8443 serving a certificate of the cluster CA, 8080 closed) or
   fully on http (8080 open, 8443 closed), not frozen: a write is accepted at the end;
@@ -19,12 +27,14 @@ rollback``). Then the invariant:
   the scheme it had), none needs the admin;
 - a way back that the admin settled leaves every node on http.
 
-Each iteration's seed is printed first, and its fault, the moment (the rollout's and the nodes'
-states when the fault hit) and the verdict after; ``--seed S --iterations 1`` runs one again
-(the same mode, fault, target and delay: the rollout's pace decides the phase it meets, so a
-phase-dependent violation may need a few runs). A JSON line per iteration goes to ``--out``.
+Each iteration's seed is printed first, then its faults (each with the moment it met: the
+journal's last two events or the leader's state; "not hit" where the rollout ended first) and
+the verdict; ``--seed S --iterations 1`` with the same ``--faults`` and ``--nodes`` runs one
+again (the same draw; the rollout's pace still decides what a time meets, and a step moment
+what else runs then). A JSON line per iteration goes to ``--out``.
 
-    TLSROLL_TEST_SLOT=5 python -m bench.faults --minutes 25 --seed 7000 --out /tmp/faults.jsonl
+    TLSROLL_TEST_SLOT=5 python -m bench.faults --minutes 25 --seed 7000 --nodes 3,4,5 \
+        --faults leader,agent,server,agent-stop,leader+agent,server-gone --out /tmp/f.jsonl
 
 Not collected by pytest (``testpaths`` is ``tests``); daemons and servers are stopped at the
 end of each iteration, also on Ctrl-C.
@@ -38,6 +48,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -52,7 +63,9 @@ from tests.cluster import Cluster, wait_until
 from tests.nodeside import Node, cluster_of
 from tests.test_fault_matrix import (
     ENDED,
+    ORDER,
     STARTED,
+    node_state,
     rollout_state,
     rollout_view,
     scheme_of,
@@ -62,23 +75,47 @@ from tests.test_fault_matrix import (
 from tests.test_switch import Writer
 
 MODES = ("enable-node", "enable-node-p2", "enable-scope", "disable")
+# Session 71: the admin's way out under faults. The first rollout is aborted once a node has
+# begun to switch (a planted stop, no fault), and the faults hit the admin's ``rollout retry``
+# (enable-tls) or the second way back (``rollout rollback``).
+SETTLE_MODES = ("enable-retry", "disable-again")
 FAULTS = ("leader", "agent", "server", "agent-stop")
 # Beyond the brief's four (``--faults``): the leader and an agent down together, and a server
 # that does not come back until the rollout has ended (then the admin starts it).
 EXTRA_FAULTS = ("leader+agent", "server-gone")
+LEADER_FAULTS = ("leader", "leader+agent")
+# Where a fault hits (``Fault.at``): a time after the rollout's start (session 70's only kind:
+# most fell in "switching"), a step of the watched node's transaction as its agent journals it
+# (its ``begin`` record: the step is about to run or runs), or the leader's state of that node.
+# The agent's steps: a switch's and a way back's forward ones, and the way back of a switch
+# that failed (restore_config, verify_source: reached only where a switch goes back).
+AGENT_STEPS = ("freeze", "write_config", "restart", "verify", "unfreeze")
+BACK_STEPS = ("restore_config", "verify_source")
+LEADER_STATES = ("preflight", "staging", "switching", "confirming", "done")
 LEASE = 20  # scope_freeze_lease, as the matrix's
 END_TIMEOUT = 100 + LEASE + 60  # a scope freeze's unanswered node: a lease and a minute more
+WATCH_TIMEOUT = 90.0  # a step never reached (the rollout ended first) is "not reached"
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: str  # the node whose agent/server it hits, or "leader"
+    at: str  # "time", "step:NAME" (the watched node's journal) or "state:NAME" (the leader's)
+    delay: float  # "time": seconds after the rollout's start; else after the moment was seen
+    down: float  # how long what it killed stays down, or the agent stopped
+    watch: str  # the node whose step or state is watched
+    rollout: str = "first"  # "first", or "settle": the admin's retry or way back
+    moment: str = ""  # what was seen when it hit
+    hit: bool = False
 
 
 @dataclass
 class Result:
     seed: int
     mode: str
-    fault: str
-    target: str
-    delay: float
-    down: float = 0.0  # how long what it killed stays down, or the agent stopped
-    moment: str = ""  # the rollout's state and each node's, just before the fault
+    nodes: int = 3
+    faults: list[Fault] = field(default_factory=list)
     ended: str = ""
     settled: list[str] = field(default_factory=list)  # the admin's commands and their ends
     schemes: dict[str, str] = field(default_factory=dict)
@@ -86,6 +123,17 @@ class Result:
     verdict: str = "ok"
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    def line(self) -> str:
+        faults = "; ".join(
+            f"{f.rollout}:{f.kind}@{f.target} {f.at}(+{f.delay}s on {f.watch}) down {f.down}s"
+            f" {'HIT ' + f.moment if f.hit else 'not hit: ' + f.moment}"
+            for f in self.faults
+        )
+        return (
+            f"{self.mode} n={self.nodes} [{faults}] -> {self.ended} {self.settled}"
+            f" {self.schemes} acked={self.acked}: {self.verdict} {self.problems}"
+        )
 
 
 def moment(cluster: Cluster, rollout_id: str) -> str:
@@ -98,36 +146,132 @@ def moment(cluster: Cluster, rollout_id: str) -> str:
     return f"{ROLLOUT_STATE.text(view.state)} {states}"
 
 
-def inject(result: Result, cluster: Cluster, nodes: list[Node]) -> None:
-    node = next((n for n in nodes if n.name == result.target), nodes[0])
+def draw_fault(
+    rng: random.Random, kinds: tuple[str, ...], names: list[str], taken: set[str], rollout: str
+) -> Fault | None:
+    """One fault on what no other fault of this rollout hits (two faults are independent: the
+    leader at most once, a node at most once)."""
+    kinds = tuple(k for k in kinds if not (k in LEADER_FAULTS and "leader" in taken))
+    free = [n for n in names if n not in taken]
+    if not kinds or not free:
+        return None
+    kind = rng.choice(kinds)
+    target = rng.choice(free)
+    watch = rng.choice(names) if kind == "leader" else target
+    where = rng.random()
+    if where < 0.25:
+        at, delay = "time", round(rng.uniform(0, 3.5), 2)
+    elif where < 0.75:
+        at = "step:" + rng.choice(AGENT_STEPS * 3 + BACK_STEPS)
+        # At the record, within a few ms, or later in the step (a restart's record is written
+        # before it; its end rides the verify's write: "step:verify" is seen after it).
+        delay = round(rng.choice((0.0, rng.uniform(0, 0.05), rng.uniform(0, 0.3))), 3)
+    else:
+        at, delay = "state:" + rng.choice(LEADER_STATES), round(rng.uniform(0, 0.2), 3)
+    # Mostly a quick restart, as systemd's; now and then an outage past the leader's step
+    # deadline (15 s here) and, in a scope freeze, past its lease (20 s).
+    down = round(rng.uniform(0.2, 3) if rng.random() < 0.6 else rng.uniform(5, 30), 2)
+    if kind == "server":
+        down = max(down, 3.0)  # the matrix's: its manager starts it after 3 s
+    taken.add(target)
+    if kind in LEADER_FAULTS:
+        taken.add("leader")
+    return Fault(kind, "leader" if kind == "leader" else target, at, delay, down, watch, rollout)
+
+
+def draw(rng: random.Random, kinds: tuple[str, ...], names: list[str], rollout: str) -> list[Fault]:
+    """One fault, or (two times in five) two independent ones."""
+    taken: set[str] = set()
+    count = 2 if rng.random() < 0.4 else 1
+    drawn = [draw_fault(rng, kinds, names, taken, rollout) for _ in range(count)]
+    return [f for f in drawn if f is not None]
+
+
+def seen_step(node: Node, rollout_id: str, step: str) -> str:
+    """The watched node's journal, if ``step`` of its transaction for ``rollout_id`` has begun:
+    its last two events (else "")."""
+    try:
+        rows = node.journal_events(rollout_id, "switch") + node.journal_events(
+            rollout_id, "rollback"
+        )
+    except sqlite3.Error:
+        return ""
+    if (step, "begin") not in rows:
+        return ""
+    return " ".join(f"{s}.{w}" for s, w in rows[-2:])
+
+
+def await_moment(
+    fault: Fault,
+    cluster: Cluster,
+    nodes: list[Node],
+    rollout_id: str,
+    began: float,
+    over: threading.Event,
+) -> bool:
+    """Wait for the fault's moment (bounded); False if the rollout ended before it."""
+    if fault.at == "time":  # also after the rollout's end: a fault then is fine too
+        time.sleep(max(0.0, began + fault.delay - time.monotonic()))
+        fault.moment = moment(cluster, rollout_id)
+        return True
+    how, _, name = fault.at.partition(":")
+    watched = next(n for n in nodes if n.name == fault.watch)
+    deadline = time.monotonic() + WATCH_TIMEOUT
+    while time.monotonic() < deadline:
+        ended = over.is_set()  # (read first: a step seen after it still counts)
+        if how == "step":
+            if seen := seen_step(watched, rollout_id, name):
+                fault.moment = seen
+                break
+        else:
+            with contextlib.suppress(Exception):
+                state = node_state(cluster, rollout_id, fault.watch)
+                if state == name or (
+                    state in ORDER and name in ORDER and ORDER.index(state) > ORDER.index(name)
+                ):
+                    fault.moment = f"leader says {state}"
+                    break
+        if ended:
+            fault.moment = "the rollout ended first"
+            return False
+        time.sleep(0.005 if how == "step" else 0.03)
+    else:
+        fault.moment = "not seen in time"
+        return False
+    time.sleep(fault.delay)
+    return True
+
+
+def inject(fault: Fault, cluster: Cluster, nodes: list[Node]) -> None:
+    node = next((n for n in nodes if n.name == fault.target), nodes[0])
     assert node.agent is not None
-    if result.fault == "leader":
+    if fault.kind == "leader":
         cluster.kill_leader()
-        time.sleep(result.down)
+        time.sleep(fault.down)
         cluster.start_leader()
-    elif result.fault == "leader+agent":
+    elif fault.kind == "leader+agent":
         node.agent.kill()
         cluster.kill_leader()
-        time.sleep(result.down)
+        time.sleep(fault.down)
         cluster.start_leader()
-        time.sleep(result.down / 2)
+        time.sleep(fault.down / 2)
         node.restart_agent()
-    elif result.fault == "agent":
+    elif fault.kind == "agent":
         node.agent.kill()
-        time.sleep(result.down)
+        time.sleep(fault.down)
         node.restart_agent()
-    elif result.fault in ("server", "server-gone"):
+    elif fault.kind in ("server", "server-gone"):
         pid = node.server_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if result.fault == "server-gone":
+        if fault.kind == "server-gone":
             return  # started again once the rollout has ended
-        time.sleep(result.down)  # its service manager starts it again if it stays down
+        time.sleep(fault.down)  # its service manager starts it again if it stays down
         start_unless_running(node)
     else:  # agent-stop
         node.agent.send_signal(signal.SIGSTOP)
-        time.sleep(result.down)
+        time.sleep(fault.down)
         node.agent.send_signal(signal.SIGCONT)
 
 
@@ -145,47 +289,109 @@ def wait_end(cluster: Cluster, rollout_id: str, timeout: float) -> str:
     return seen[0]
 
 
+def run_with_faults(
+    result: Result, faults: list[Fault], cluster: Cluster, nodes: list[Node], rollout_id: str
+) -> str:
+    """Each fault in its own thread at its moment while the rollout runs; the rollout's end
+    once every fault is over (what a fault killed started again)."""
+    over = threading.Event()
+    began = time.monotonic()
+    with contextlib.suppress(Exception):  # a retry covers only the nodes left: watch those
+        view = rollout_view(cluster, rollout_id).nodes
+        covered = sorted(n.name for n in view if NODE_STATE.text(n.state) != "skipped")
+        for fault in faults:
+            if covered and fault.watch not in covered:
+                number = int(fault.watch.removeprefix("node"))
+                fault.watch = covered[number % len(covered)]
+                if fault.target != "leader" and fault.target not in covered:
+                    fault.target = (
+                        fault.watch
+                        if fault.watch not in {f.target for f in faults}
+                        else fault.target
+                    )
+
+    def strike(fault: Fault) -> None:
+        try:
+            if await_moment(fault, cluster, nodes, rollout_id, began, over):
+                fault.hit = True
+                inject(fault, cluster, nodes)
+        except Exception as exc:  # the campaign's own trouble: said, never lost
+            result.problems.append(f"campaign: fault {fault.kind}: {exc!r}"[:400])
+
+    threads = [threading.Thread(target=strike, args=(f,), daemon=True) for f in faults]
+    for t in threads:
+        t.start()
+    ended = wait_end(cluster, rollout_id, END_TIMEOUT)
+    over.set()
+    for t in threads:
+        t.join(WATCH_TIMEOUT + 60)
+    for fault in faults:
+        if fault.kind == "server-gone" and fault.hit:
+            start_unless_running(next(n for n in nodes if n.name == fault.target))
+    if ended in ENDED and any(f.hit for f in faults):
+        ended = wait_end(cluster, rollout_id, END_TIMEOUT)  # (a leader down at its end: again)
+    return ended
+
+
 def node_view(cluster: Cluster, rollout_id: str) -> dict[str, tuple[str, str]]:
     view = rollout_view(cluster, rollout_id)
     return {n.name: (NODE_STATE.text(n.state), n.reason) for n in view.nodes}
 
 
-def settle(result: Result, cluster: Cluster, nodes: list[Node], rollout_id: str) -> list[str]:
-    """What the admin does after a rollout that did not complete (README, "When it fails");
-    the rollouts whose node states the check reads (the last one last)."""
+def finish(result: Result, cluster: Cluster, rollout_id: str, ended: str) -> str:
+    """A rollout held (an agent unreachable): README says abort, which waits for it."""
+    if ended in ENDED:
+        return ended
+    aborted = cluster.cli("rollout", "abort", rollout_id)
+    said = (aborted.stdout + aborted.stderr).strip().replace("\n", " | ")[:200]
+    result.settled.append(f"abort {rollout_id} rc={aborted.returncode}: {said}")
+    ended = wait_end(cluster, rollout_id, END_TIMEOUT)
+    result.settled.append(f"abort -> {ended}")
+    if ended not in ENDED:
+        result.problems.append(f"rollout {rollout_id} never ended, even aborted")
+    return ended
+
+
+def settle(
+    result: Result, cluster: Cluster, nodes: list[Node], rollout_id: str, faults: list[Fault]
+) -> list[str]:
+    """What the admin does after a rollout that did not complete (README, "When it fails"):
+    ``rollout retry`` (of the last retry), or the way back again; ``faults`` hit the first of
+    these, and up to two more follow (no fault) until one completes. The rollouts whose node
+    states the check reads (the last one last)."""
     rollouts = [rollout_id]
-    if result.ended == "completed":
-        return rollouts
-    if result.ended not in ENDED:  # held (an agent unreachable): README says abort waits for it
-        aborted = cluster.cli("rollout", "abort", rollout_id, "--yes")
-        result.settled.append(f"abort rc={aborted.returncode}")
-        result.ended = wait_end(cluster, rollout_id, END_TIMEOUT)
-        result.settled.append(f"abort -> {result.ended}")
-        if result.ended not in ENDED:
-            result.problems.append(f"rollout {rollout_id} never ended, even aborted")
+    ended = result.ended
+    back = result.mode.startswith("disable")
+    for round_ in range(3):
+        if ended == "completed" or ended not in ENDED:
             return rollouts
-    try:
-        cluster.wait_for_nodes_online([n.name for n in nodes], timeout=30)
-    except TimeoutError as exc:
-        result.problems.append(f"nodes not back online: {exc}")
-        return rollouts
-    how = ["rollback"] if result.mode == "disable" else ["retry", rollout_id]
-    done = cluster.cli("rollout", *how, "--yes")
-    out = (done.stdout + done.stderr).strip().replace("\n", " | ")
-    result.settled.append(f"{' '.join(how)} rc={done.returncode}: {out[:300]}")
-    if done.returncode != 0:
-        if "nothing to do" in out or "nothing to take back" in out or "no node" in out:
+        try:
+            cluster.wait_for_nodes_online([n.name for n in nodes], timeout=30)
+        except TimeoutError as exc:
+            result.problems.append(f"nodes not back online: {exc}")
             return rollouts
-        result.problems.append(f"rollout {' '.join(how)} refused: {out[:300]}")
-        return rollouts
-    found = STARTED.search(done.stdout)
-    if found is None:
-        return rollouts
-    rollouts.append(found[1])
-    ended = wait_end(cluster, found[1], END_TIMEOUT)
-    result.settled.append(f"{found[1]} -> {ended}")
-    if ended != "completed":
-        result.problems.append(f"the admin's {' '.join(how)} ended {ended}")
+        how = ["rollback"] if back else ["retry", rollouts[-1]]
+        done = cluster.cli("rollout", *how, "--yes")
+        out = (done.stdout + done.stderr).strip().replace("\n", " | ")
+        result.settled.append(f"{' '.join(how)} rc={done.returncode}: {out[:300]}")
+        if done.returncode != 0:
+            if "nothing to do" in out or "nothing to take back" in out or "no node" in out:
+                return rollouts
+            result.problems.append(f"rollout {' '.join(how)} refused: {out[:300]}")
+            return rollouts
+        found = STARTED.search(done.stdout)
+        if found is None:
+            return rollouts
+        rollouts.append(found[1])
+        if round_ == 0 and faults:
+            ended = run_with_faults(result, faults, cluster, nodes, found[1])
+        else:
+            ended = wait_end(cluster, found[1], END_TIMEOUT)
+        ended = finish(result, cluster, found[1], ended)
+        result.settled.append(f"{found[1]} -> {ended}")
+        if ended != "completed" and (round_ == 2 or not (round_ == 0 and faults)):
+            result.problems.append(f"the admin's {' '.join(how)} ended {ended}")
+            return rollouts
     return rollouts
 
 
@@ -228,7 +434,7 @@ def check(
             problems.append(f"{node.name}: write at the end answered {status}")
     # The leader's states agree with what the nodes serve: the last rollout that touched a
     # node says where it is.
-    wanted_back = result.mode == "disable"
+    wanted_back = result.mode.startswith("disable")
     said: dict[str, tuple[str, str, str]] = {}
     for rollout_id in rollouts:
         try:
@@ -263,34 +469,43 @@ def check(
     result.acked = sum(len(w.acked) for w in writers)
 
 
-def iteration(seed: int, root: Path, faults: tuple[str, ...] = FAULTS) -> Result:
-    rng = random.Random(seed)
-    mode = rng.choice(MODES)
-    fault = rng.choice(faults)
-    target = rng.choice(["node1", "node2", "node3"])
-    # A rollout of 3 nodes takes 1.5-4 s here (idle to loaded); a delay past its end tests a
-    # fault after it, which is fine too but rarer.
-    result = Result(
-        seed,
-        mode,
-        fault,
-        "leader" if fault == "leader" else target,
-        round(rng.uniform(0, 3.5), 2),
-        # Mostly a quick restart, as systemd's; now and then an outage past the leader's
-        # step deadline (15 s here) and, in a scope freeze, past its lease (20 s).
-        round(rng.uniform(0.2, 3) if rng.random() < 0.6 else rng.uniform(5, 30), 2),
+def abort_early(result: Result, cluster: Cluster, nodes: list[Node], rollout_id: str) -> str:
+    """The planted stop of the settle modes (no fault): ``rollout abort`` once a node has begun
+    to switch (its journal), so that the admin's retry or second way back has nodes left."""
+    wait_until(
+        lambda: any(seen_step(n, rollout_id, "freeze") for n in nodes),
+        60,
+        "a node's freeze",
+        interval=0.01,
     )
-    if fault == "server":
-        result.down = max(result.down, 3.0)  # the matrix's: its manager starts it after 3 s
+    aborted = cluster.cli("rollout", "abort", rollout_id)
+    said = (aborted.stdout + aborted.stderr).strip().replace("\n", " | ")[:200]
+    result.settled.append(f"planted abort rc={aborted.returncode}: {said}")
+    return finish(result, cluster, rollout_id, wait_end(cluster, rollout_id, END_TIMEOUT))
+
+
+def iteration(
+    seed: int, root: Path, kinds: tuple[str, ...] = FAULTS, sizes: tuple[int, ...] = (3,)
+) -> Result:
+    rng = random.Random(seed)
+    mode = rng.choice(MODES + SETTLE_MODES)
+    count = rng.choice(sizes)
+    names = [f"node{i + 1}" for i in range(count)]
+    result = Result(seed, mode, count)
+    first = [] if mode in SETTLE_MODES else draw(rng, kinds, names, "first")
+    # The admin's way out: faults of its own, every time in the settle modes, else one time in
+    # two (used only where the first rollout did not complete).
+    later = draw(rng, kinds, names, "settle") if mode in SETTLE_MODES or rng.random() < 0.5 else []
+    result.faults = first + later
     began = time.monotonic()
-    with cluster_of(root, 3, step_deadline=15, scope_freeze_lease=LEASE) as (cluster, nodes):
+    with cluster_of(root, count, step_deadline=15, scope_freeze_lease=LEASE) as (cluster, nodes):
         pw = root / "pw"
         pw.touch(0o600)
         pw.write_text("fault-campaign-password-for-practice\n")
         switch = ["start", "--scope", "cluster", "--password-file", str(pw)]
-        if mode == "disable":
-            first = start(cluster, *switch)
-            if wait_end(cluster, first, 100) != "completed":
+        if mode.startswith("disable"):
+            switched = start(cluster, *switch)
+            if wait_end(cluster, switched, 100) != "completed":
                 result.verdict = "setup-failed"
                 return result
         stop = threading.Event()
@@ -300,7 +515,7 @@ def iteration(seed: int, root: Path, faults: tuple[str, ...] = FAULTS) -> Result
             t.start()
         try:
             wait_until(lambda: all(len(w.acked) >= 2 for w in writers), 20, "writes before")
-            if mode == "disable":
+            if mode.startswith("disable"):
                 rollout_id = start(cluster, "rollback")
             elif mode == "enable-scope":
                 rollout_id = start(cluster, *switch, "--freeze", "scope", "--max-parallel", "2")
@@ -308,14 +523,16 @@ def iteration(seed: int, root: Path, faults: tuple[str, ...] = FAULTS) -> Result
                 rollout_id = start(cluster, *switch, "--max-parallel", "2")
             else:
                 rollout_id = start(cluster, *switch)
-            time.sleep(result.delay)
-            result.moment = moment(cluster, rollout_id)
-            inject(result, cluster, nodes)
-            result.ended = wait_end(cluster, rollout_id, END_TIMEOUT)
-            if result.fault == "server-gone":
-                gone = next(n for n in nodes if n.name == result.target)
-                start_unless_running(gone)
-            rollouts = settle(result, cluster, nodes, rollout_id)
+            if mode in SETTLE_MODES:
+                result.ended = abort_early(result, cluster, nodes, rollout_id)
+            else:
+                result.ended = finish(
+                    result,
+                    cluster,
+                    rollout_id,
+                    run_with_faults(result, first, cluster, nodes, rollout_id),
+                )
+            rollouts = settle(result, cluster, nodes, rollout_id, later)
             time.sleep(1.5)  # writes after the end
         finally:
             stop.set()
@@ -332,6 +549,9 @@ def iteration(seed: int, root: Path, faults: tuple[str, ...] = FAULTS) -> Result
                     (keep / f"{node.name}-server.log").write_bytes(
                         node.server.log_path.read_bytes()
                     )
+                with contextlib.suppress(OSError, sqlite3.Error):
+                    events = node.journal_query("SELECT * FROM events ORDER BY seq")
+                    (keep / f"{node.name}-journal.json").write_text(json.dumps(events, indent=1))
     result.seconds = round(time.monotonic() - began, 1)
     return result
 
@@ -348,10 +568,19 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the faults drawn from (a seed's draw depends on them): {FAULTS + EXTRA_FAULTS}",
     )
     parser.add_argument("--root", type=Path, default=None, help="a short tmp dir")
+    parser.add_argument(
+        "--nodes", default="3", help="cluster sizes drawn from, e.g. 3,4,5 (a seed's draw too)"
+    )
     args = parser.parse_args(argv)
     faults = tuple(args.faults.split(","))
     if unknown := set(faults) - set(FAULTS + EXTRA_FAULTS):
         parser.error(f"unknown faults: {sorted(unknown)}")
+    try:
+        sizes = tuple(int(n) for n in args.nodes.split(","))
+    except ValueError:
+        parser.error(f"--nodes: not a list of numbers: {args.nodes!r}")
+    if not all(2 <= n <= 8 for n in sizes):
+        parser.error("--nodes: each size from 2 to 8")
     if not os.environ.get("TLSROLL_TEST_SLOT"):
         print("set TLSROLL_TEST_SLOT (loopback addresses of their own)", file=sys.stderr)
         return 2
@@ -366,21 +595,14 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.seed + i
         print(f"[{i}] seed {seed}", flush=True)
         try:
-            result = iteration(seed, root / str(seed), faults)
+            result = iteration(seed, root / str(seed), faults, sizes)
         except Exception as exc:
-            rng = random.Random(seed)
-            result = Result(seed, rng.choice(MODES), rng.choice(faults), "?", 0.0)
+            result = Result(seed, "?")
             result.verdict = "ERROR"
             result.problems = [f"{exc!r}"[:600], traceback.format_exc()[-1500:]]
         results.append(result)
         line = asdict(result)
-        print(
-            f"[{i}] seed {seed} {result.mode} {result.fault}@{result.target} "
-            f"+{result.delay}s down {result.down}s at '{result.moment}' -> {result.ended} "
-            f"{result.settled} {result.schemes} acked={result.acked}: "
-            f"{result.verdict} {result.problems}",
-            flush=True,
-        )
+        print(f"[{i}] seed {seed} {result.line()}", flush=True)
         if args.out is not None:
             with args.out.open("a") as out:
                 out.write(json.dumps(line) + "\n")

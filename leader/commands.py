@@ -933,6 +933,14 @@ class Commands:
         if transitional and self.observe is not None:
             dual_from = old.id
             left = tuple(r.name for r in row.records if r.state is NodeState.DUAL or r.name in left)
+        if not left:
+            # Every node done: an abort that came after the last switch had ended (a scope
+            # freeze's unfreeze of a node whose server was gone kept it running). Was a
+            # rollout of no node: an internal error (bench.faults seed 7126, session 71).
+            raise NotRetriable(
+                f"nothing to do: rollout {old.id} left no node unfinished ({old.state.value}"
+                " once every node was done); see: tlsroll schema show"
+            )
         left, removed = await self._still_enrolled(old, left)
         cut = await self._cut_off(left)
         if cut and cut_off_halts(old.change):

@@ -32,6 +32,7 @@ from leader.rollout_core import (
     NodeState,
     Rollout,
     RolloutEvent,
+    RolloutState,
     Scope,
     cut_off_halt,
 )
@@ -120,6 +121,33 @@ async def test_a_retry_with_every_node_left_removed_since_starts_nothing(
         "nothing left to retry: the nodes rollout r1 left were removed since (bravo, charlie);"
         " see: tlsroll schema show"
     )
+    assert schema.latest() == first and schema.retried_by("r1") is None
+    await leader_.stop()
+
+
+async def test_a_retry_of_a_rollout_that_left_no_node_unfinished_starts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aborted rollout whose every node had switched (a scope freeze's unfreeze of a node
+    whose server was gone held it running until the admin's abort; bench.faults seed 7126):
+    its retry, as "When it fails" advises after an abort, is refused in one line, nothing to
+    do, nothing created (was an internal error: a rollout of an empty node list)."""
+    from tests.test_engine import make_world
+
+    leader_ = make_world(tmp_path, monkeypatch).boot()
+    schema, commands = leader_.schema, leader_.commands
+    row = rollout(schema, "r1", Change.ENABLE_TLS, ["alpha", "bravo", "charlie"])
+    records = [replace(r, state=NodeState.DONE) for r in row.records]
+    head = row.rollout.with_event(RolloutEvent.ABORT).with_event(RolloutEvent.NODES_SETTLED)
+    first = schema.save_states(row, head, records, NOW, "engine")
+    assert first.rollout.state is RolloutState.ABORTED
+    with pytest.raises(NotRetriable) as refused:
+        await commands.retry("r1", ADMIN)
+    assert str(refused.value) == (
+        "nothing to do: rollout r1 left no node unfinished (aborted once every node was done);"
+        " see: tlsroll schema show"
+    )
+    assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
     assert schema.latest() == first and schema.retried_by("r1") is None
     await leader_.stop()
 
