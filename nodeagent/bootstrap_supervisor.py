@@ -26,10 +26,10 @@ import asyncio
 import datetime as dt
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import grpc
 
@@ -224,14 +224,32 @@ class BootstrapHost:
         the certificate, and the CA certificate it was issued under (empty from an older
         leader), which the service hands the workstation too if it is a renewal of the staged
         one (``BootstrapService._checked``)."""
+        return await self._ask("sign", csr_pem, REFUSALS)
+
+    async def renew(self, csr_pem: bytes) -> Signed:
+        """The leader renews a workstation's certificate without the password
+        (``Leader.RenewWorkstationCertificate``: the CSR's proof of the current certificate
+        is checked against its records). SignRefused (``refused``) if it said no, or is older
+        than that call (UNIMPLEMENTED: no renewal through it)."""
+        return await self._ask("renew", csr_pem, RENEW_REFUSALS)
+
+    async def _ask(
+        self, verb: Literal["sign", "renew"], csr_pem: bytes, refusals: Collection[grpc.StatusCode]
+    ) -> Signed:
+        """The leader's ``sign`` (``SignWorkstationCertificate``) or ``renew``
+        (``RenewWorkstationCertificate``) of ``csr_pem``; SignRefused (``refused`` for the
+        codes in ``refusals``) if it said no or could not be asked."""
         from nodeagent.bootstrap_server import Signed  # noqa: PLC0415 (imported by now)
 
         async with self._channel() as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
+            call = (
+                stub.SignWorkstationCertificate
+                if verb == "sign"
+                else stub.RenewWorkstationCertificate
+            )
             try:
-                reply = await stub.SignWorkstationCertificate(
-                    leader_pb2.SignWorkstationRequest(csr_pem=csr_pem), timeout=15
-                )
+                reply = await call(leader_pb2.SignWorkstationRequest(csr_pem=csr_pem), timeout=15)
             except grpc.aio.AioRpcError as exc:
                 if node_removed(exc.code(), exc.details()):
                     # Refused as no longer in the cluster (``tlsroll nodes remove``, or its
@@ -239,30 +257,7 @@ class BootstrapHost:
                     # the next start is a 503 "removed", not a password checked and a 502
                     # (bootstrap review s68 L5: only the next refused heartbeat said it).
                     self._signing_refused(str(exc.details()))
-                raise SignRefused(
-                    f"the leader did not sign: {exc.details()}",
-                    refused=exc.code() in REFUSALS,
-                    retry=retry_of(exc),
-                ) from None
-        return Signed(bytes(reply.certificate_pem), bytes(reply.ca_certificate_pem))
-
-    async def renew(self, csr_pem: bytes) -> Signed:
-        """The leader renews a workstation's certificate without the password
-        (``Leader.RenewWorkstationCertificate``: the CSR's proof of the current certificate
-        is checked against its records). SignRefused (``refused``) if it said no, or is older
-        than that call (UNIMPLEMENTED: no renewal through it)."""
-        from nodeagent.bootstrap_server import Signed  # noqa: PLC0415 (imported by now)
-
-        async with self._channel() as channel:
-            stub = leader_pb2_grpc.LeaderStub(channel)
-            try:
-                reply = await stub.RenewWorkstationCertificate(
-                    leader_pb2.SignWorkstationRequest(csr_pem=csr_pem), timeout=15
-                )
-            except grpc.aio.AioRpcError as exc:
-                if node_removed(exc.code(), exc.details()):
-                    self._signing_refused(str(exc.details()))
-                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                if verb == "renew" and exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                     raise SignRefused(
                         "the cluster's leader is too old to renew without the password: "
                         "upgrade it, or enrol this PC again with the password (tlsroll client "
@@ -270,8 +265,8 @@ class BootstrapHost:
                         refused=True,
                     ) from None
                 raise SignRefused(
-                    f"the leader did not renew: {exc.details()}",
-                    refused=exc.code() in RENEW_REFUSALS,
+                    f"the leader did not {verb}: {exc.details()}",
+                    refused=exc.code() in refusals,
                     retry=retry_of(exc),
                 ) from None
         return Signed(bytes(reply.certificate_pem), bytes(reply.ca_certificate_pem))

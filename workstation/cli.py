@@ -6,7 +6,9 @@ no gRPC, no rich.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -30,6 +32,22 @@ def client() -> None:
     """The workstation side: connect a workstation to the encrypted server."""
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _settings_dir(text: str) -> Callable[[F], F]:
+    """The --settings-dir option of the client's commands (``text``: its help)."""
+    return click.option(
+        "--settings-dir",
+        type=PathParam(path_type=Path, file_okay=False),
+        callback=lambda _ctx, _param, value: _plain_dir(value),
+        envvar="TLSROLL_CLIENT_DIR",
+        default=default_settings_dir,
+        show_default="~/.config/tlsroll/client",
+        help=text,
+    )
+
+
 @client.command("test-connection")
 @click.argument("url")
 @click.option(
@@ -49,15 +67,7 @@ def client() -> None:
     help="Trust the CA by this SPKI pin (from the notify message), not by the password; "
     "the password is still needed to enrol, unless --no-enrol.",
 )
-@click.option(
-    "--settings-dir",
-    type=PathParam(path_type=Path, file_okay=False),
-    callback=lambda _ctx, _param, value: _plain_dir(value),
-    envvar="TLSROLL_CLIENT_DIR",
-    default=default_settings_dir,
-    show_default="~/.config/tlsroll/client",
-    help="Where to write the workstation's settings.",
-)
+@_settings_dir("Where to write the workstation's settings.")
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Accept the default port.")
 @click.option(
     "--name",
@@ -151,15 +161,7 @@ def test_connection(
 
 
 @client.command("renew")
-@click.option(
-    "--settings-dir",
-    type=PathParam(path_type=Path, file_okay=False),
-    callback=lambda _ctx, _param, value: _plain_dir(value),
-    envvar="TLSROLL_CLIENT_DIR",
-    default=default_settings_dir,
-    show_default="~/.config/tlsroll/client",
-    help="The workstation's settings (as test-connection wrote them).",
-)
+@_settings_dir("The workstation's settings (as test-connection wrote them).")
 @click.option("--force", is_flag=True, help="Renew now, not only within the last 30 % of its life.")
 @click.option(
     "--timeout",
