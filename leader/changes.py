@@ -515,7 +515,8 @@ class ChangeSteps:
                     await _store_sighting(ctx)
                     why = str(exc)[str(exc).index(NOT_QUIET) :]
                     return NodeEvent.SWITCH_HELD, peertext.clean(why, REASON_LIMIT)
-                refused = await self.refused(ctx, "switch", str(exc))
+                # (Its code: an agent of an earlier release's Switch may answer INTERNAL.)
+                refused = await self.refused(ctx, "switch", str(exc), exc.code)
                 if refused is not None:
                     return refused
                 # This step's switch, begun by an earlier run of it: followed to its outcome.
