@@ -50,7 +50,7 @@ from structlog.testing import capture_logs
 
 from leader import byo, changes, planner
 from leader import engine as engine_module
-from leader.agent_client import NotHeardYet, StepFailed, cut_off_error
+from leader.agent_client import NotHeardYet, StepFailed, SwitchRefused, cut_off_error
 from leader.commands import Commands, RolloutRequest
 from leader.engine import (
     MAX_RETRY_SECONDS,
@@ -2323,6 +2323,46 @@ async def test_a_way_back_the_agent_failed_is_asked_about_not_recorded_refused(
         ), reason
         assert charlie.scheme == "https" and charlie.applied["rollback"] == 0
         assert answered == {"INTERNAL": 1}  # its own failure: not sent again
+    await leader.stop()
+
+
+@pytest.mark.parametrize(
+    ("code", "times", "state"),
+    [(grpc.StatusCode.INTERNAL, 99, N.FAILED), (grpc.StatusCode.CANCELLED, 1, N.DONE)],
+    ids=["internal", "cancelled"],
+)
+async def test_a_switch_an_older_agent_failed_before_it_began_says_failed(
+    world: World, code: grpc.StatusCode, times: int, state: NodeState
+) -> None:
+    """Session 72: an agent of an earlier release gets Switch, then the watch; its Switch
+    answered INTERNAL became "switch refused" (any code). Asked, it holds none: "switch failed:
+    ...; nothing on the node was changed"; a cancel is sent again."""
+    charlie = world.agents["charlie"]
+    plain, sent = charlie.switch_and_watch, Counter[str]()
+
+    def older(request: agent_pb2.SwitchRequest) -> Any:
+        nonlocal times
+        sent["switch"] += 1
+        if times:
+            times -= 1
+            raise SwitchRefused(f"{AGENT_FAILED} ({code.name})", code)
+        return plain(request)
+
+    charlie.switch_and_watch = older  # type: ignore[method-assign]
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+
+    row = await leader.run(passes=400)
+
+    reason = node(row.records, "charlie").reason
+    assert states(row)["charlie"] is state, reason
+    if state is N.FAILED:
+        assert reason == (
+            f"switch failed: {AGENT_FAILED} (INTERNAL); nothing on the node was changed"
+        )
+        assert sent["switch"] == 1 and charlie.applied["switch"] == 0
+    else:
+        assert sent["switch"] == 2 and charlie.applied["switch"] == 1
     await leader.stop()
 
 
