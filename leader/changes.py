@@ -75,7 +75,13 @@ from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import dbthread, logs, peertext, pki, probe, spiffe
 from tlsroll.clients import NOT_QUIET
-from tlsroll.enums import SERVER_NOT_HEALTHY, TxnKind, TxnOutcome, problem_of_server
+from tlsroll.enums import (
+    SERVER_NOT_HEALTHY,
+    TxnKind,
+    TxnOutcome,
+    names_another_switch,
+    problem_of_server,
+)
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import WireError
@@ -88,10 +94,29 @@ log = logs.get_logger(__name__)
 
 Outcome = tuple[NodeEvent, str | None]
 
-ANOTHER_SWITCH = "already names another switch"
-"""What the agent's refusal of a switch whose rollout id names another switch on the node
-says (``nodeagent.service``'s ``_begin``: a finalize sent under the phase-1 id): the switch
-it holds under that id is not the step's, never followed (``ChangeSteps.held``)."""
+RETRY_CODES = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+"""An agent's answer to a way back (``DisableTls``'s Rollback, the confirm's) that says "try
+again": the call was cancelled (the agent stopping), aborted (gRPC's "retry at a higher
+level"), or a limit was reached (not the node's full disk: ``NodeDiskFull``, already retried).
+If the agent, asked, holds the way back, it is followed; if it holds none, the step runs again
+(a ``TransientError``) and sends it again (a replay begins nothing)."""
+
+
+def failed_code(code: grpc.StatusCode | None) -> bool:
+    """Whether an agent's answer ``code`` to a request that begins a transaction is its own
+    failure, not a refusal (``REFUSAL_CODES``: its checks, its epoch, its leader, before
+    anything began): INTERNAL (its bug), UNKNOWN, UNIMPLEMENTED, ``RETRY_CODES``..., which
+    say nothing of whether the request began it (session 72: the way back recorded them
+    "going back to http refused", the node ``rolled_back``, without asking). No code: a
+    StepFailed of the leader's own (its tests' agents) is a refusal, as before."""
+    return code is not None and code not in REFUSAL_CODES
+
 
 MAX_CLOCK_OFFSET = 120
 
@@ -490,7 +515,8 @@ class ChangeSteps:
                     await _store_sighting(ctx)
                     why = str(exc)[str(exc).index(NOT_QUIET) :]
                     return NodeEvent.SWITCH_HELD, peertext.clean(why, REASON_LIMIT)
-                refused = await self.refused(ctx, "switch", str(exc))
+                # (Its code: an agent of an earlier release's Switch may answer INTERNAL.)
+                refused = await self.refused(ctx, "switch", str(exc), exc.code)
                 if refused is not None:
                     return refused
                 # This step's switch, begun by an earlier run of it: followed to its outcome.
@@ -558,26 +584,44 @@ class ChangeSteps:
         check.add_done_callback(_retrieved)  # its confirm reads it, or nobody
         return check
 
-    async def refused(self, ctx: StepContext, what: str, said: str) -> Outcome | None:
+    async def refused(
+        self,
+        ctx: StepContext,
+        what: str,
+        said: str,
+        code: grpc.StatusCode | None = None,
+        kind: TxnKind | None = None,
+    ) -> Outcome | None:
         """The node's outcome after its agent refused this step's ``what`` (``said``: its
-        line), or None if the agent holds this step's transaction, begun by an earlier run of
-        the step: the caller follows it (``after_refusal`` decides from ``held``'s answer)."""
-        held, asked = await self.held(ctx, what, said)
-        return after_refusal(what, said, held, asked)
+        line; ``code``: its status), or None if the agent holds this step's transaction,
+        begun by an earlier run of the step (or, for an answer that is no refusal, by this
+        call): the caller follows it (``after_refusal`` decides from ``held``'s answer). An
+        answer that is no refusal but says "try again" (``RETRY_CODES``) with none held is a
+        ``TransientError``: the step runs again. ``kind``: the transaction's (default
+        ``switch_kind``)."""
+        held, asked = await self.held(ctx, what, said, kind)
+        failed = failed_code(code)
+        if failed and held is Held.NONE and code in RETRY_CODES:
+            raise TransientError(f"agent {ctx.node}: {what} not begun; tried again ({said})")
+        return after_refusal(what, said, held, asked, refused=not failed)
 
-    async def held(self, ctx: StepContext, what: str, said: str) -> tuple[Held, str]:
+    async def held(
+        self, ctx: StepContext, what: str, said: str, kind: TxnKind | None = None
+    ) -> tuple[Held, str]:
         """What the agent that refused this step's ``what`` (``said``) holds under the step's
-        key (this rollout's id, ``switch_kind``), and its refusal of the question if it
-        refused it. A refusal that says the id names another switch (``ANOTHER_SWITCH``: a
-        finalize sent under the phase-1 id) is not asked about: the one it holds is not this
-        step's, never followed. A transaction whose certificate is not the one this rollout
-        staged on the node is not this step's either. No answer (``TransientError``) and an
-        answer that is no refusal (the agent's own trouble) raise a ``TransientError``: the
-        step runs again, and sends the request again (a replay begins nothing)."""
-        if ANOTHER_SWITCH in said:
+        key (this rollout's id, ``kind`` or ``switch_kind``), and its refusal of the question
+        if it refused it. A refusal that says the id names another switch
+        (``tlsroll.enums.names_another_switch``: a finalize sent under the phase-1 id) is not
+        asked about: the one it holds is not this step's, never followed. A transaction whose
+        certificate is not the one this rollout staged on the node is not this step's either.
+        No answer (``TransientError``) and an answer that is no refusal (the agent's own
+        trouble) raise a ``TransientError``: the step runs again, and sends the request again
+        (a replay begins nothing)."""
+        if names_another_switch(said):
             return Held.OTHER, ""
+        kind = kind or self.switch_kind
         request = agent_pb2.GetTransactionRequest(
-            rollout_id=ctx.rollout.id, kind=TXN_KIND.wire(self.switch_kind)
+            rollout_id=ctx.rollout.id, kind=TXN_KIND.wire(kind)
         )
         try:
             txn = await ctx.agent.get_transaction(request)
@@ -590,7 +634,11 @@ class ChangeSteps:
                 f"agent {ctx.node}: {what} refused; whether an earlier try began it is not "
                 f"known yet ({exc})"
             ) from None
-        if CHANGES[self.change].stages_certificate and txn.cert_fingerprint:
+        if (
+            kind is TxnKind.SWITCH
+            and CHANGES[self.change].stages_certificate
+            and txn.cert_fingerprint
+        ):
             staged = (await self.node_detail(ctx)).cert_fingerprint
             if staged and staged != txn.cert_fingerprint:
                 return Held.OTHER, ""
@@ -662,7 +710,9 @@ class ChangeSteps:
                     )
                 )
             except StepFailed as exc:
-                return NodeEvent.CONFIRM_FAILED, f"{problem}; rollback refused: {exc}"
+                failed = await self._rollback_failed(ctx, str(exc), exc.code)
+                if failed is not None:
+                    return NodeEvent.CONFIRM_FAILED, f"{problem}; {failed}"
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
         why = f"outside check failed: {problem or 'confirm failed before a leader restart'}"
         if outcome is TxnOutcome.COMPLETED:
@@ -674,6 +724,31 @@ class ChangeSteps:
             # says nothing.
             return NodeEvent.CONFIRM_ROLLED_BACK, f"{why}; {reason}" if reason else why
         return NodeEvent.CONFIRM_FAILED, f"{why}; the rollback failed too: {reason}"
+
+    async def _rollback_failed(
+        self, ctx: StepContext, said: str, code: grpc.StatusCode | None
+    ) -> str | None:
+        """What the confirm's Rollback that the agent answered ``said`` (``code``) leaves to
+        say: "rollback refused: ..." for a refusal (nothing began: a rollback an earlier run
+        sent is looked for before this one is sent); for any other answer (``failed_code``),
+        which says nothing of whether it began, None if the agent, asked, holds it (it is
+        followed), else what it said and that it did not begin, or that whether it did is not
+        known. An answer that says "try again" (``RETRY_CODES``) with none held is a
+        ``TransientError``: the confirm runs again, looks for a rollback under way, checks the
+        node again and sends one again (session 72: any answer was "rollback refused")."""
+        if not failed_code(code):
+            return f"rollback refused: {said}"
+        held, asked = await self.held(ctx, "rollback", said, TxnKind.ROLLBACK)
+        if held is Held.THIS:
+            return None
+        if held is Held.NONE:
+            if code in RETRY_CODES:
+                raise TransientError(f"agent {ctx.node}: rollback not begun; tried again ({said})")
+            return f"rollback failed: {said}; it did not begin"
+        return (
+            f"rollback failed: {said}; whether it began is not known: the agent refused to say"
+            f" too ({asked.strip() or 'no reason given'})"
+        )
 
     @staticmethod
     async def _rollback_under_way(ctx: StepContext) -> agent_pb2.Transaction | None:
@@ -825,11 +900,12 @@ class DisableTls(ChangeSteps):
             if not await self.switch_begun(ctx.agent, ctx.rollout.id):
                 raise
         except StepFailed as exc:
-            if exc.code not in REFUSAL_CODES:
-                return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
             # Refused: nothing on the node changed only if it holds no way back of this
-            # rollout, begun by an earlier run of the step (``ChangeSteps.refused``).
-            refused = await self.refused(ctx, "going back to http", str(exc))
+            # rollout, begun by an earlier run of the step (``ChangeSteps.refused``). Any other
+            # answer (INTERNAL, UNKNOWN, CANCELLED, ...: ``failed_code``) says nothing of
+            # whether this call began it: asked the same, followed if it did (session 72: it
+            # was recorded rolled_back, "going back to http refused", unasked).
+            refused = await self.refused(ctx, "going back to http", str(exc), exc.code)
             if refused is not None:
                 return refused
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)

@@ -414,36 +414,50 @@ class Held(StrEnum):
 
 
 def after_refusal(
-    what: str, said: str, held: Held, asked: str = ""
+    what: str, said: str, held: Held, asked: str = "", *, refused: bool = True
 ) -> tuple[NodeEvent, str] | None:
     """How a node whose ``what`` ("switch", "going back to http") its agent refused
     (``said``) ends, from what the agent then said it holds under the step's key (``held``;
     ``asked``: its refusal of that question). None: the transaction it holds is this step's,
     begun by an earlier run of the step (its refusal answered a replay: a stale epoch after
     the leader's store was restored, a leader identity it no longer trusts, an edited
-    config, an agent older than the replay check): followed to its outcome as any, so the node
-    ends done, rolled back or needing attention as it truly does.
+    config, an agent older than the replay check), or by this very call (``refused`` False):
+    followed to its outcome as any, so the node ends done, rolled back or needing attention
+    as it truly does.
+
+    ``refused`` False: the agent's answer was no refusal but its own failure (INTERNAL,
+    UNKNOWN, UNIMPLEMENTED, ...: ``leader.changes.FAILED_CODES``), which says nothing of
+    whether the call began the step: the same question decides, and the reason says
+    "failed", not "refused" (session 72: the way back recorded any such answer
+    ``rolled_back``, "going back to http refused", without asking; a named way back skips a
+    rolled-back node).
 
     Only with none held is it ``SWITCH_REFUSED`` with "nothing on the node was changed"
     (``refused_reason``): a refusal to a step that runs again proves nothing of what the
     first run began (review s71 revplans, M; a named way back leaves a failed node out). With
     another switch held under the key (the finalize sent under the phase-1 id), this step's
-    did not begin, but what that one changed is not this step's to follow or deny: refused,
-    saying so. With the question refused too, whether it began is not known, and asking
-    again gets the same answer (a refusal, not a lost call): needs attention, as a named way
-    back takes it."""
+    did not begin, but what that one changed is not known here: the node needs attention
+    (session 72: it was ``failed``, whose meaning is "back where it was", beside a reason
+    saying that switch may have changed the node; needs attention is what a named way back
+    takes and a person looks at). With the question refused too, whether it began is not
+    known, and asking again gets the same answer (a refusal, not a lost call): needs
+    attention, as a named way back takes it."""
     said = said.strip().rstrip(";").rstrip()
+    verb = "refused" if refused else "failed"
     if held is Held.THIS:
         return None
     if held is Held.NONE:
-        return NodeEvent.SWITCH_REFUSED, refused_reason(what, said)
+        if refused:
+            return NodeEvent.SWITCH_REFUSED, refused_reason(what, said)
+        return NodeEvent.SWITCH_REFUSED, f"{what} failed: {said}; {NOTHING_CHANGED}"
     if held is Held.OTHER:
-        return NodeEvent.SWITCH_REFUSED, (
-            f"{what} refused: {said}; this {what} did not begin: the agent holds another "
-            "switch under this rollout id, which may have changed the node"
+        return NodeEvent.SWITCH_FAILED, (
+            f"{what} {verb}: {said}; this {what} did not begin: the agent holds another "
+            "switch under this rollout id, which may have changed the node; look at the node"
         )
+    began = "an earlier try began it" if refused else "it began"
     return NodeEvent.SWITCH_FAILED, (
-        f"{what} refused: {said}; whether an earlier try began it is not known: the agent "
+        f"{what} {verb}: {said}; whether {began} is not known: the agent "
         f"refused to say too ({asked.strip() or 'no reason given'}); look at the node"
     )
 

@@ -59,6 +59,7 @@ from tlsroll.enums import (
     SERVER_RESTARTING,
     Change,
     TxnKind,
+    another_switch,
     of_server,
 )
 from tlsroll.errors import ConfigError, NotRegularFile, PKIError, PKIReason
@@ -1571,10 +1572,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             existing = seen.existing
             done = str(existing.plan.get("change", "")) if existing is not None else ""
             if existing is not None and change and done and done != change:
-                raise failed_precondition(
-                    f"rollout id {rollout_id} already names another switch on this node "
-                    f"({done}); {change} needs a rollout id of its own"
-                )
+                raise failed_precondition(another_switch(rollout_id, done, change))
             if existing is not None:  # a replay: report, never run twice
                 return existing, False, None
             # Refused once it is no replay: a transaction that ran before the node came to need

@@ -50,7 +50,7 @@ from structlog.testing import capture_logs
 
 from leader import byo, changes, planner
 from leader import engine as engine_module
-from leader.agent_client import NotHeardYet, StepFailed, cut_off_error
+from leader.agent_client import NotHeardYet, StepFailed, SwitchRefused, cut_off_error
 from leader.commands import Commands, RolloutRequest
 from leader.engine import (
     MAX_RETRY_SECONDS,
@@ -2163,8 +2163,9 @@ def refuses_its_replay(
         (TxnOutcome.COMPLETED, "refused", N.NEEDS_ATTENTION),
         # The question's answer lost: the step runs again (refused again), and asks again.
         (TxnOutcome.COMPLETED, "unreachable", N.DONE),
-        # Not the certificate this rollout staged: another switch, not followed.
-        (TxnOutcome.COMPLETED, "other", N.FAILED),
+        # Not the certificate this rollout staged: another switch, not followed; it may
+        # have changed the node, so it needs attention (session 72: it was failed).
+        (TxnOutcome.COMPLETED, "other", N.NEEDS_ATTENTION),
     ],
     ids=["completed", "rolled-back", "question-refused", "question-lost", "other-switch"],
 )
@@ -2240,11 +2241,160 @@ async def test_a_switch_refused_as_another_under_its_id_is_not_followed(world: W
     row = await leader.run()
 
     charlie_row = node(row.records, "charlie")
-    assert charlie_row.state is N.FAILED, charlie_row
+    # Session 72: needs attention (a named way back takes it; `failed` says "back where it
+    # was"), as that other switch may have changed the node.
+    assert charlie_row.state is N.NEEDS_ATTENTION, charlie_row
     assert charlie_row.reason.startswith(f"switch refused: {said}"), charlie_row
     assert "; this switch did not begin: the agent holds another switch" in charlie_row.reason
     assert "nothing on the node was changed" not in charlie_row.reason
     assert len(world.agents.calls_to("charlie", "get_transaction")) == asked
+    await leader.stop()
+
+
+AGENT_FAILED = "internal error (see the agent's log)"
+
+
+def fails_rollback(
+    agent: FakeAgent, code: grpc.StatusCode, *, begins: bool, times: int = 1
+) -> Counter[str]:
+    """``agent``'s first ``times`` Rollbacks are answered ``code`` (not a refusal: its own
+    failure, a cancel, an abort), after it began the rollback (``begins``) or before. The
+    answers it gave, counted."""
+    begin, answered = agent.rollback, Counter[str]()
+
+    async def rollback(request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        nonlocal times
+        if times:
+            times -= 1
+            if begins:
+                await begin(request)
+            answered[code.name] += 1
+            raise StepFailed(f"{AGENT_FAILED} ({code.name})", code)
+        answered["ok"] += 1
+        return await begin(request)
+
+    agent.rollback = rollback  # type: ignore[method-assign]
+    return answered
+
+
+@pytest.mark.parametrize(
+    ("code", "begins", "times", "state"),
+    [
+        # Begun, then the answer is the agent's failure: followed to its end (back on http).
+        (grpc.StatusCode.INTERNAL, True, 1, N.DONE),
+        (grpc.StatusCode.UNKNOWN, True, 1, N.DONE),
+        (grpc.StatusCode.CANCELLED, True, 1, N.DONE),
+        # Not begun, its bug every time: failed, nothing changed (the agent said so).
+        (grpc.StatusCode.INTERNAL, False, 99, N.FAILED),
+        # Not begun, "try again" (the agent stopping, an abort): tried again, then done.
+        (grpc.StatusCode.CANCELLED, False, 2, N.DONE),
+        (grpc.StatusCode.ABORTED, False, 1, N.DONE),
+    ],
+    ids=["internal-began", "unknown-began", "cancelled-began", "internal", "cancelled", "aborted"],
+)
+async def test_a_way_back_the_agent_failed_is_asked_about_not_recorded_refused(
+    world: World, code: grpc.StatusCode, begins: bool, times: int, state: NodeState
+) -> None:
+    """Session 72: the way back's Rollback answered with a status that is no refusal
+    (INTERNAL, UNKNOWN, CANCELLED, ABORTED) was recorded rolled_back, "going back to http
+    refused", unasked: a named way back skips such a node, while the agent may have taken it
+    back. The agent is asked what it holds, as for a refusal: a way back it began is followed
+    (done, on http); none begun is "try again" (the step runs again) for a cancel or an
+    abort, else the node failed, "nothing on the node was changed"."""
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    charlie = world.agents["charlie"]
+    answered = fails_rollback(charlie, code, begins=begins, times=times)
+    await leader.start(Change.DISABLE_TLS)
+
+    row = await leader.run(passes=400)
+
+    reason = node(row.records, "charlie").reason
+    assert states(row)["charlie"] is state, node(row.records, "charlie")
+    assert "going back to http refused" not in reason
+    assert answered[code.name] >= 1
+    if state is N.DONE:
+        assert charlie.scheme == "http" and charlie.applied["rollback"] == 1
+        assert answered["ok"] == (0 if begins else 1)  # begun: followed, not sent again
+    else:
+        assert reason == (
+            f"going back to http failed: {AGENT_FAILED} (INTERNAL); nothing on the node was changed"
+        ), reason
+        assert charlie.scheme == "https" and charlie.applied["rollback"] == 0
+        assert answered == {"INTERNAL": 1}  # its own failure: not sent again
+    await leader.stop()
+
+
+@pytest.mark.parametrize(
+    ("code", "times", "state"),
+    [(grpc.StatusCode.INTERNAL, 99, N.FAILED), (grpc.StatusCode.CANCELLED, 1, N.DONE)],
+    ids=["internal", "cancelled"],
+)
+async def test_a_switch_an_older_agent_failed_before_it_began_says_failed(
+    world: World, code: grpc.StatusCode, times: int, state: NodeState
+) -> None:
+    """Session 72: an agent of an earlier release gets Switch, then the watch; its Switch
+    answered INTERNAL became "switch refused" (any code). Asked, it holds none: "switch failed:
+    ...; nothing on the node was changed"; a cancel is sent again."""
+    charlie = world.agents["charlie"]
+    plain, sent = charlie.switch_and_watch, Counter[str]()
+
+    def older(request: agent_pb2.SwitchRequest) -> Any:
+        nonlocal times
+        sent["switch"] += 1
+        if times:
+            times -= 1
+            raise SwitchRefused(f"{AGENT_FAILED} ({code.name})", code)
+        return plain(request)
+
+    charlie.switch_and_watch = older  # type: ignore[method-assign]
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+
+    row = await leader.run(passes=400)
+
+    reason = node(row.records, "charlie").reason
+    assert states(row)["charlie"] is state, reason
+    if state is N.FAILED:
+        assert reason == (
+            f"switch failed: {AGENT_FAILED} (INTERNAL); nothing on the node was changed"
+        )
+        assert sent["switch"] == 1 and charlie.applied["switch"] == 0
+    else:
+        assert sent["switch"] == 2 and charlie.applied["switch"] == 1
+    await leader.stop()
+
+
+@pytest.mark.parametrize("begins", [True, False], ids=["began", "not-begun"])
+async def test_a_confirms_rollback_the_agent_failed_is_asked_about(
+    world: World, begins: bool
+) -> None:
+    """Session 72: the confirm's Rollback (the outside check failed) answered INTERNAL was
+    "rollback refused", the node needing attention, while the agent rolled it back. Asked,
+    the agent holds it: followed, the node rolled back; it holds none: needs attention,
+    saying it did not begin."""
+    charlie = world.agents["charlie"]
+    charlie.outside_problem = "handshake: unknown CA"
+    answered = fails_rollback(charlie, grpc.StatusCode.INTERNAL, begins=begins, times=99)
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+
+    row = await leader.run()
+
+    reason = node(row.records, "charlie").reason
+    assert "rollback refused" not in reason
+    assert answered == {"INTERNAL": 1}
+    if begins:
+        assert states(row)["charlie"] is N.ROLLED_BACK, reason
+        assert reason == "outside check failed: handshake: unknown CA"
+        assert charlie.scheme == "http" and charlie.applied["rollback"] == 1
+    else:
+        assert states(row)["charlie"] is N.NEEDS_ATTENTION, reason
+        assert reason == (
+            f"handshake: unknown CA; rollback failed: {AGENT_FAILED} (INTERNAL); it did not begin"
+        )
+        assert charlie.scheme == "https" and charlie.applied["rollback"] == 0
     await leader.stop()
 
 

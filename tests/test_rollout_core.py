@@ -48,6 +48,7 @@ from leader.rollout_core import (
     refused_reason,
     way_out,
 )
+from tlsroll.enums import another_switch, names_another_switch
 
 R, RE, N, NE = RolloutState, RolloutEvent, NodeState, NodeEvent
 
@@ -303,8 +304,9 @@ DENIED = "the caller is not this node's leader (PERMISSION_DENIED)"
         # None held: refused before anything began, and the reason says so.
         (Held.NONE, NE.SWITCH_REFUSED, N.FAILED, "; nothing on the node was changed"),
         # Another switch under the id (a finalize under the phase-1 id): this one did not
-        # begin, but the node may have been changed: never "nothing changed".
-        (Held.OTHER, NE.SWITCH_REFUSED, N.FAILED, "did not begin: the agent holds another"),
+        # begin, but the node may have been changed: never "nothing changed", and needs
+        # attention (session 72: it was failed, "back where it was").
+        (Held.OTHER, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, "did not begin: the agent holds"),
         # The question refused too: not known, so the node needs attention (a named way back
         # takes it), and the reason says what is known.
         (Held.UNANSWERED, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, f"refused to say too ({DENIED})"),
@@ -328,6 +330,50 @@ def test_a_refusal_says_nothing_changed_only_when_the_agent_holds_nothing(
         assert said in found[1], found
         assert ("nothing on the node was changed" in found[1]) is (held is Held.NONE), found
         assert NodeRecord("a", N.SWITCHING).with_event(*found).state is state
+
+
+FAILED_LINE = "internal error (see the agent's log) (INTERNAL)"
+
+
+@pytest.mark.parametrize(
+    ("held", "event", "state", "said"),
+    [
+        (Held.NONE, NE.SWITCH_REFUSED, N.FAILED, f"{FAILED_LINE}; nothing on the node was"),
+        (Held.OTHER, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, "did not begin: the agent holds"),
+        (Held.UNANSWERED, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, "whether it began is not known"),
+    ],
+)
+def test_a_failure_that_is_no_refusal_is_decided_by_what_the_agent_holds(
+    held: Held, event: NodeEvent, state: NodeState, said: str
+) -> None:
+    """Session 72: an agent's answer that is no refusal (INTERNAL, UNKNOWN, ...) to a way
+    back was recorded rolled_back, "going back to http refused". It says nothing of whether
+    the call began the step: what the agent holds decides, as for a refusal, and the reason
+    says "failed"; one it holds (this call's) is followed."""
+    what = "going back to http"
+    assert after_refusal(what, FAILED_LINE, Held.THIS, refused=False) is None
+    found = after_refusal(what, FAILED_LINE, held, DENIED, refused=False)
+    assert found is not None
+    assert found[0] is event
+    assert found[1].startswith(f"{what} failed: {FAILED_LINE}"), found
+    assert said in found[1], found
+    assert "refused:" not in found[1], found
+    assert ("nothing on the node was changed" in found[1]) is (held is Held.NONE), found
+    assert NodeRecord("a", N.SWITCHING).with_event(*found).state is state
+
+
+def test_another_switch_is_told_by_one_shared_text() -> None:
+    """Session 72: the agent's refusal and the leader's test share ``tlsroll.enums``' text;
+    an agent of an earlier release (its words, as it wrote them) is told the same way."""
+    said = another_switch("r1", "enable-dual", "finalize")
+    assert names_another_switch(f"{said} (FAILED_PRECONDITION)")
+    older = (
+        "rollout id r1 already names another switch on this node (enable-dual); finalize "
+        "needs a rollout id of its own (FAILED_PRECONDITION)"
+    )
+    assert f"{said} (FAILED_PRECONDITION)" == older
+    assert names_another_switch(older)
+    assert not names_another_switch("rollout r1 is already switching this node")
 
 
 def test_a_rollout_paused_resumed_and_aborted() -> None:

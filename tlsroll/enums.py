@@ -50,6 +50,29 @@ problem begin while its journal, put back from a copy, says the node needs the a
 (``nodeagent.journal``, ``Journal.needs_admin``); the leader tells such a node by it (`tlsroll
 nodes`, the schema's node problems, the planner's ``NeedsAdmin``)."""
 
+ANOTHER_SWITCH = "already names another switch"
+"""What an agent's refusal of a switch says when the command's rollout id already names a
+switch of another change on the node (``another_switch``: a finalize sent under the phase-1
+id): the leader tells it by these words (``names_another_switch``) and does not follow that
+switch, which is not its step's. One text for both roles (session 72: the leader matched a
+copy of the agent's English); an agent of an earlier release says the same words."""
+
+
+def another_switch(rollout_id: str, done: str, change: str) -> str:
+    """The agent's refusal of a ``change`` switch whose ``rollout_id`` names its switch of
+    another change (``done``) on the node."""
+    return (
+        f"rollout id {rollout_id} {ANOTHER_SWITCH} on this node ({done}); {change} needs a "
+        "rollout id of its own"
+    )
+
+
+def names_another_switch(said: str) -> bool:
+    """Whether a refusal (``said``: its details) is ``another_switch``'s, from this release or
+    an earlier one."""
+    return ANOTHER_SWITCH in said
+
+
 SERVER_NOT_HEALTHY = "managed server not healthy: "
 """How an agent's preflight problem begins when its managed server is down or not answering:
 the way back (disable-tls) goes on past it when the server's config is on https (the agent's
