@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
 
+from leader.cli.plain import fold
 from leader.cli.unary import RpcFailed, UnaryChannel
 from leader.layout import Layout
 from tlsroll.cli import Target, terminal_only
@@ -706,6 +707,18 @@ def print_fitted(
             " | less -S)",
             soft_wrap=False,  # (folded at its spaces by rich, not in a word by the terminal)
         )
+
+
+def say(*paragraphs: str, style: str = "") -> None:
+    """Print each of ``paragraphs`` (a line of text; ``"  ! …"``, ``"  1. …"`` indent their
+    folded lines under their text): on a terminal folded at its spaces to its width, paths,
+    URLs and commands in backticks whole (``plain.fold``), where the terminal folded them in
+    the middle of a word; into a pipe or a log a paragraph stays one line, as before (what
+    ``less`` or a ticket folds at its own width, and a script's grep finds whole). ``style``:
+    rich's, for each line (``"yellow"``)."""
+    for text in paragraphs:
+        for line in fold(text, out.width) if out.is_terminal else [text]:
+            out.print(line, style=style or None)
 
 
 def _red(text: Text) -> bool:

@@ -24,6 +24,7 @@ from leader.cli.base import (
     print_secret,
     private_stdout,
     refuse_unfit_serial,
+    say,
     say_still_taken,
     to_dict,
 )
@@ -240,13 +241,13 @@ def ca_renew(leader: Leader, yes: bool, force: bool) -> None:
         )
     with leader.admin() as admin:
         reply = leader.call(admin.RenewCA, admin_pb2.RenewCARequest(force=force))
-    out.print(
+    say(
         f"renewed the CA certificate: expires {fmt_time(reply, 'not_after')} "
         f"({residual(reply.residual_seconds)}), pin {reply.spki_pin} (unchanged)"
     )
-    out.print(
+    say(
         "next: agents take it with their next certificate renewal (`tlsroll nodes`); then "
-        "tlsroll rollout start --change rotate-cert (managed servers), then `tlsroll client "
+        "`tlsroll rollout start --change rotate-cert` (managed servers), then `tlsroll client "
         "test-connection` on every workstation"
     )
 

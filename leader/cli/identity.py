@@ -29,6 +29,7 @@ from leader.cli.base import (
     pass_leader,
     print_fitted,
     refuse_unfit_serial,
+    say,
     say_still_taken,
     to_dict,
 )
@@ -93,7 +94,7 @@ def nodes(
         emit_json([to_dict(n) for n in reply.nodes])
         return
     if not reply.nodes:  # an empty table said nothing of the way on (session 68, README walk)
-        out.print(
+        say(
             "no nodes enrolled"
             + ("" if include_removed else " (--all lists removed ones)")
             + "; enrol one with a join script: tlsroll token create --node NAME --address IP"
@@ -135,9 +136,9 @@ def nodes(
     # (at 80 columns rich cut every cell to a few letters: "praxi…", "127.1…")
     print_fitted(headers, rows, NODES_DROPS, whole=("node", "addresses"))
     if mixed := _mixed_schemes(reply.nodes, leader):
-        out.print(Text(mixed, style="yellow"))
+        say(mixed, style="yellow")
     if reply.HasField("password_behind"):  # (a change-password that ended part way: s69)
-        out.print(Text(_password_behind(reply.password_behind), style="yellow"))
+        say(_password_behind(reply.password_behind), style="yellow")
 
 
 NODES_DROPS = ("last heartbeat", "cert expires", "renewal", "agent", "clock")
@@ -283,7 +284,7 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
     # (review rev-enrol H1: a copy of it was the node again). With its DNS names too: a token
     # enrols only a node asking for exactly its names (review rev-enrol L2).
     command = token_command(node.name, tuple(node.addresses), tuple(node.dns_names))
-    out.print(
+    say(
         f"removed node {node.name}; revoked {len(reply.revoked_serials)} certificate(s). "
         "To enrol it again, with a new key (its old one is refused from now on): "
         + join_again(
@@ -297,11 +298,11 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
     )
     # Its agent refuses workstation passwords once the leader refuses it (its next heartbeat),
     # but the machine still holds the password's verifier, which is as good as the password.
-    out.print(
-        f"On {reply.node.name}: stop tlsroll-agent (systemctl disable --now tlsroll-agent). "
+    say(
+        f"On {reply.node.name}: stop tlsroll-agent (`systemctl disable --now tlsroll-agent`). "
         "If that machine is not trusted (lost, sold, compromised), it still holds what "
-        "checks the auth password: stage a new one (tlsroll password set) and run "
-        "tlsroll rollout start --change change-password."
+        "checks the auth password: stage a new one (`tlsroll password set`) and run "
+        "`tlsroll rollout start --change change-password`."
     )
 
 

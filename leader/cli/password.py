@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from leader.cli.base import CLIError, Leader, fmt_time, out, pass_leader
+from leader.cli.base import CLIError, Leader, fmt_time, out, pass_leader, say
 from tlsroll.cli import PathParam
 from tlsroll.v1 import admin_pb2
 
@@ -240,12 +240,12 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
                 admin.SetPassword,
                 admin_pb2.SetPasswordRequest(auth_verifier_json=verifier_json(secret)),
             )
-    out.print(f"password version {reply.version} staged.")
+    say(f"password version {reply.version} staged.")
     if reply.HasField("replaces"):
-        out.print(f"It {replaces_text(reply.replaces)}.")
+        say(f"It {replaces_text(reply.replaces)}.")
     if reply.pending_nodes:
-        out.print("pending on: " + ", ".join(reply.pending_nodes))
-        out.print(
+        say("pending on: " + ", ".join(reply.pending_nodes))
+        say(
             "It takes effect with `tlsroll rollout start --change change-password --scope "
             "cluster` (which restarts the server); another restart keeps the live password."
         )
