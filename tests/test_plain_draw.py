@@ -966,3 +966,39 @@ def test_who_is_on_which_scheme_without_a_client_is_no_empty_table() -> None:
     ]
     lines = render_clients(views).lines(80, color=False)
     assert lines[0] == "who is on which scheme (per node)" and lines[1].startswith("┏"), lines
+
+
+@pytest.mark.parametrize(
+    ("env", "styled"), [({"NO_COLOR": "1"}, False), ({"NO_COLOR": ""}, True), ({}, True)]
+)
+def test_no_color_means_no_style_in_rich_s_tables_as_in_schema_show(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], styled: bool
+) -> None:
+    """Review s71 "80 columns": with NO_COLOR set, `schema show` (``leader.cli.plain``) printed
+    no escape at all, but the commands drawn by rich (`nodes`, `token list`, …) kept bold and
+    reverse: the CLI's own console draws no style either (a NO_COLOR set to "" is not set,
+    as no-color.org says). The table reads the same: its head is on the heavy rule."""
+    from leader.cli import base
+    from leader.cli.plain import terminal
+    from tlsroll.cli import cli
+
+    reply = admin_pb2.ListTokensResponse()
+    token = reply.tokens.add(id="fcn5oc", node_name="praxis-empfang-02", uses_allowed=1)
+    token.expires_at.FromDatetime(dt.datetime(2026, 12, 7, 10, 48, tzinfo=dt.UTC))
+    monkeypatch.setattr(base, "Leader", ListingLeader(reply))
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("COLUMNS", "80")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    stdout = Tty()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    base.console.cache_clear()
+    try:
+        cli.main(["token", "list"], standalone_mode=False)
+        assert terminal()[1] is styled  # `schema show`'s tables: the same rule
+    finally:
+        base.console.cache_clear()
+    text = stdout.getvalue()
+    assert ("\x1b[" in text) is styled, repr(text)
+    assert "┃ id " in re.sub(r"\x1b\[[0-9;]*m", "", text), text

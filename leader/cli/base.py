@@ -75,7 +75,17 @@ def console() -> Console:
 
     # No markup and no emoji codes: text from agents and workstations (a reason, a name) is
     # printed as it came, never as "[bold]" or ":x:" turned into a style or a picture.
-    return _Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=_pipe_width())
+    # NO_COLOR (no-color.org; set and not empty): no styles at all, as ``leader.cli.plain``
+    # draws `schema show` and as rich draws for TERM=dumb; rich's own NO_COLOR kept bold and
+    # reverse, so one command's table came with escapes and the next without (review s71).
+    return _Console(
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+        emoji=False,
+        width=_pipe_width(),
+        color_system=None if os.environ.get("NO_COLOR") else "auto",
+    )
 
 
 class _Out:

@@ -2,10 +2,11 @@
 
 Why not rich here: importing rich and drawing one rollout's table with it took about 40 ms of a
 command whose goal is 150 ms (issue 15), for tables that need little of it. The look is rich's
-default table (heavy head, a space either side of each cell), colours on a terminal only (not
-with ``NO_COLOR`` or ``TERM=dumb``), and a table wider than the terminal folds its widest
-columns' cells onto more lines, as rich does. Into a pipe or a log lines stay whole (200 columns
-unless ``COLUMNS`` says otherwise).
+default table (heavy head, a space either side of each cell), styles on a terminal only (none
+with ``NO_COLOR`` set and not empty, or ``TERM=dumb``), and a table wider than the terminal
+folds its widest columns' cells onto more lines, as rich does. Into a pipe or a log lines stay
+whole (200 columns unless ``COLUMNS`` says otherwise); on a terminal a line of text folds at its
+spaces (``fold``).
 
 Text from peers (a node's reason, a workstation's name) is printed as it came except for control
 and format characters, which are replaced: a reason must not move the cursor, recolour the
@@ -271,7 +272,7 @@ def terminal() -> tuple[int, bool]:
     given = int(columns) if columns.isdigit() and int(columns) >= 40 else None
     if not sys.stdout.isatty():
         return given or 200, False
-    color = "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+    color = not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"  # (set, not "")
     if given is None:
         try:
             given = os.get_terminal_size(sys.stdout.fileno()).columns or 80  # 0: unknown
