@@ -1002,3 +1002,42 @@ def test_no_color_means_no_style_in_rich_s_tables_as_in_schema_show(
     text = stdout.getvalue()
     assert ("\x1b[" in text) is styled, repr(text)
     assert "┃ id " in re.sub(r"\x1b\[[0-9;]*m", "", text), text
+
+
+def test_the_help_reads_whole_at_80_columns() -> None:
+    """Review s71 "80 columns", `--help` of every admin command at 80 columns: a group's list
+    cut most commands' lines with "..." (9 of the 14 of `tlsroll --help`), the option help
+    folded at hyphens ("change-" / "password", "[default: enable-" / "tls]": words an admin
+    types), and two helps told the project's history ("review s48rev3", "session 68")."""
+    import click
+    from click.testing import CliRunner
+
+    from leader.cli import admin
+    from tlsroll.cli import cli
+
+    runner = CliRunner()
+    ctx = click.Context(admin, info_name="tlsroll")
+    helps: dict[str, str] = {}
+
+    def walk(command: click.Command, path: list[str]) -> None:
+        done = runner.invoke(cli, [*path, "--help"], terminal_width=80)
+        assert done.exit_code == 0, (path, done.output)
+        helps[" ".join(path)] = done.output
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                assert sub is not None
+                walk(sub, [*path, name])
+
+    walk(admin, [])
+    assert len(helps) > 30, sorted(helps)
+    for path, text in helps.items():
+        lines = text.splitlines()
+        assert all(len(line) <= 80 for line in lines), (path, text)
+        listed = lines[lines.index("Commands:") + 1 :] if "Commands:" in lines else []
+        cut = [line for line in listed if line.endswith("...")]
+        assert cut == ([] if path else [next(x for x in listed if x.startswith("  client "))])
+        assert not [line for line in lines if re.search(r"[a-z]-$", line)], (path, text)
+        assert not re.search(r"review s\d|session \d", text), (path, text)
+    start = " ".join(helps["rollout start"].split())
+    assert "change-password: apply a staged password; rotate-cert: a new" in start, start

@@ -28,7 +28,9 @@ def certs() -> None:
     """The certificates of the cluster."""
 
 
-@certs.command("check-expiration")
+@certs.command(
+    "check-expiration", short_help="Every certificate, its time left; exit 1 if one is due."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_leader
 def check_expiration(leader: Leader, as_json: bool) -> None:

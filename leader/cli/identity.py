@@ -75,8 +75,10 @@ _ALARMING = ("down", NEEDS_ADMIN)
 def nodes(
     ctx: click.Context, include_removed: bool, as_json: bool, check: bool, timeout: int
 ) -> None:
-    """List enrolled nodes, online or offline by their heartbeat, each with its clock against
-    the leader's (from its heartbeats); check them; or remove one."""
+    """List enrolled nodes; check them; or remove one.
+
+    Each is online or offline by its heartbeat, with its clock against the leader's (from its
+    heartbeats)."""
     if ctx.invoked_subcommand is not None:
         return
     target = ctx.find_object(Target) or Target(DEFAULT_DATA_DIR, None)
@@ -259,7 +261,7 @@ def _check_nodes(ctx: click.Context, leader: Leader, as_json: bool, timeout: int
         ctx.exit(1)
 
 
-@nodes.command("remove")
+@nodes.command("remove", short_help="Remove a node: revoke its certificates, free its name.")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do it without asking.")
 @pass_leader
@@ -308,7 +310,9 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
 
 @click.group()
 def workstations() -> None:
-    """Workstation certificates issued through the nodes' bootstrap services."""
+    """Workstations' certificates: list or revoke them.
+
+    They are issued through the nodes' bootstrap services."""
 
 
 @workstations.command("list")
@@ -350,7 +354,9 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
     )
 
 
-@workstations.command("revoke")
+@workstations.command(
+    "revoke", short_help="Revoke a workstation's certificates, by name or serial."
+)
 @click.argument("name_or_serial")
 @click.option(
     "--reason",
@@ -379,7 +385,9 @@ def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> Non
 
 @click.group()
 def epoch() -> None:
-    """Rollout epochs: what the leader has given out and what each node has seen."""
+    """Rollout epochs: the leader's and each node's.
+
+    What the leader has given out and what each node has seen."""
 
 
 def _print_epochs(info: admin_pb2.EpochInfo) -> None:
@@ -396,7 +404,7 @@ def _print_epochs(info: admin_pb2.EpochInfo) -> None:
     out.print(table)
 
 
-@epoch.command("show")
+@epoch.command("show", short_help="The leader's epoch and the highest each node reports.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_leader
 def epoch_show(leader: Leader, as_json: bool) -> None:
@@ -412,7 +420,7 @@ def epoch_show(leader: Leader, as_json: bool) -> None:
         fail("a node has seen a higher epoch than the leader's: run `tlsroll epoch advance`")
 
 
-@epoch.command("advance")
+@epoch.command("advance", short_help="Move the leader's epoch past every epoch a node reports.")
 @click.option("--yes", is_flag=True, help="Do it without asking.")
 @pass_leader
 def epoch_advance(leader: Leader, yes: bool) -> None:

@@ -204,10 +204,14 @@ def verifier_json(secret: str) -> str:
 
 @click.group("password")
 def password_group() -> None:
-    """The authentication password workstations need (only its verifier leaves this command)."""
+    """The authentication password workstations need.
+
+    Only its verifier leaves this command."""
 
 
-@password_group.command("set")
+@password_group.command(
+    "set", short_help="Stage a new password (a change-password rollout applies it)."
+)
 @click.option(
     "--password-file",
     type=PathParam(path_type=Path, dir_okay=False),

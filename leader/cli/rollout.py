@@ -243,8 +243,9 @@ def plan(
     cert_dir: Path | None,
     as_json: bool,
 ) -> None:
-    """Dry run: the update schema a rollout would make, from what each node runs now (nodes
-    already in the wanted state show "already done"), its checks, what clients must do. With
+    """Dry run: the update schema a rollout would make. It comes from what each node runs now
+    (nodes already in the wanted state show "already done"), with its checks and what clients
+    must do. With
     --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
     any problem refuses the plan. Exit 1, after showing it, if a start would be refused now (a
     rollout has not ended: one at a time; enable-tls while the auth password in use cannot be
@@ -434,7 +435,7 @@ def rollout() -> None:
     """Start and steer the switch to https."""
 
 
-@rollout.command("start")
+@rollout.command("start", short_help="Start a rollout (shows its plan and asks, unless --yes).")
 @scope_options
 @click.option(
     "--password-file",
@@ -668,7 +669,7 @@ def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None
     click.get_current_context().invoke(rollout_status, rollout_id=rollout_id, as_json=False)
 
 
-@rollout.command("retry")
+@rollout.command("retry", short_help="Try a halted or aborted rollout again.")
 @click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option(
     "--wait",
@@ -689,7 +690,8 @@ def rollout_retry(leader: Leader, rollout_id: str, wait: bool, _yes: bool) -> No
     same change, options and password; a node removed since (`tlsroll nodes remove`) is left
     out, and named. It does not ask (it prints the change's warnings, as
     `rollout start --yes` does); --yes is taken, so that a script may give it to every
-    command that starts a rollout (review s48rev3)."""
+    command that starts a rollout."""
+    # (--yes taken: review s48rev3)
     with leader.admin() as admin:
         view = leader.call(admin.RetryRollout, admin_pb2.RetryRolloutRequest(rollout_id=rollout_id))
     # The nodes the retry left out as its start answered (stored with it), not read back from
@@ -712,7 +714,7 @@ def change_warnings(view: schema_pb2.RolloutView) -> list[str]:
     return plan_texts(Change(change), strategy, freeze, own_certs=False)[2]
 
 
-@rollout.command("rollback")
+@rollout.command("rollback", short_help="The way back: every node on https back to http.")
 @click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option(
     "--max-parallel",
@@ -734,8 +736,9 @@ def rollout_rollback(
     """The way back: put every node that runs https now back on http, whichever rollout
     switched it (with ROLLOUT_ID: that enable-tls rollout's nodes only), the same safe way (a
     new rollout of change disable-tls). Once per rollout. --wait as for `rollout start`: a
-    script learns the outcome from the exit code (session 68, README walk: the way back alone
-    of the commands that start a rollout had no --wait)."""
+    script learns the outcome from the exit code."""
+    # (--wait: session 68, README walk: the way back alone of the commands that start a
+    # rollout had none)
     request = admin_pb2.RolloutRequest(
         change=CHANGE.wire(Change.DISABLE_TLS),
         undo_rollout_id=rollout_id,
@@ -829,7 +832,7 @@ def going_back(
             say(f"  ! {line}")
 
 
-@rollout.command("finalize")
+@rollout.command("finalize", short_help="Phase 2 of a transitional rollout: close http.")
 @click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option(
     "--force",
@@ -950,7 +953,7 @@ def _control(leader: Leader, action: RolloutAction, rollout_id: str) -> None:
 CONTROL_HELP = {
     RolloutAction.PAUSE: "No new node starts; nodes in flight finish.",
     RolloutAction.RESUME: "Carry on after a pause.",
-    RolloutAction.ABORT: "Finish the node(s) in flight safely, then stop; untouched nodes stay "
+    RolloutAction.ABORT: "Finish the node(s) in flight safely, then stop. Untouched nodes stay "
     "on http.",
 }
 
