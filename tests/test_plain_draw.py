@@ -799,8 +799,8 @@ class ScriptedLeader(ListingLeader):
 
         return contextlib.nullcontext(type("Stub", (), {"__getattr__": lambda _s, n: n})())
 
-    def call(self, method: object, *_args: object) -> object:
-        return self.replies[str(method)]
+    def call(self, *args: object) -> object:
+        return self.replies[str(args[0])]  # (the method: its name, from ``admin()``)
 
     def require_same_code(self) -> None:
         pass
@@ -906,8 +906,8 @@ def test_nodes_remove_folds_its_paragraphs_with_the_commands_whole(
     )
     for module in (base, identity):
         monkeypatch.setattr(module, "Leader", ScriptedLeader(RemoveNode=reply))
-    lines = listed_on(monkeypatch, 80, True, "nodes", "remove", "praxis-empfang-02", "--yes")
-    lines = lines.splitlines()
+    argv = ["nodes", "remove", "praxis-empfang-02", "--yes"]
+    lines = listed_on(monkeypatch, 80, True, *argv).splitlines()
     for command in (
         "`(umask 077; tlsroll token create --node praxis-empfang-02 --address 192.168.100.203 "
         "--print-join-command > join-praxis-empfang-02.sh)`",

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
 
-from leader.cli.plain import fold
 from leader.cli.unary import RpcFailed, UnaryChannel
 from leader.layout import Layout
 from tlsroll.cli import Target, terminal_only
@@ -726,6 +725,8 @@ def say(*paragraphs: str, style: str = "") -> None:
     the middle of a word; into a pipe or a log a paragraph stays one line, as before (what
     ``less`` or a ticket folds at its own width, and a script's grep finds whole). ``style``:
     rich's, for each line (``"yellow"``)."""
+    from leader.cli.plain import fold  # noqa: PLC0415 - not for --json (schema show's imports)
+
     for text in paragraphs:
         for line in fold(text, out.width) if out.is_terminal else [text]:
             out.print(line, style=style or None)
