@@ -1008,7 +1008,8 @@ def test_the_help_reads_whole_at_80_columns() -> None:
     """Review s71 "80 columns", `--help` of every admin command at 80 columns: a group's list
     cut most commands' lines with "..." (9 of the 14 of `tlsroll --help`), the option help
     folded at hyphens ("change-" / "password", "[default: enable-" / "tls]": words an admin
-    types), and two helps told the project's history ("review s48rev3", "session 68")."""
+    types) and in the commands in backticks ("`tlsroll" / "rollout finalize`"), and two helps
+    told the project's history ("review s48rev3", "session 68")."""
     import click
     from click.testing import CliRunner
 
@@ -1038,6 +1039,7 @@ def test_the_help_reads_whole_at_80_columns() -> None:
         cut = [line for line in listed if line.endswith("...")]
         assert cut == ([] if path else [next(x for x in listed if x.startswith("  client "))])
         assert not [line for line in lines if re.search(r"[a-z]-$", line)], (path, text)
+        assert not [line for line in lines if line.count("`") % 2], (path, text)  # `a command`
         assert not re.search(r"review s\d|session \d", text), (path, text)
     start = " ".join(helps["rollout start"].split())
     assert "change-password: apply a staged password; rotate-cert: a new" in start, start
