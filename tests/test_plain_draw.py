@@ -555,13 +555,15 @@ def test_the_whole_table_fits_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch,
     rows = narrow_rows(text)
     assert len(rows) == 3 and all(len(row) <= 6 for row in rows), text
     assert "https://10.0.0.3:8443/pra" in rows[2][0] and "│ switching │" in rows[2][0], text
-    reason = " ".join(line.split("│")[5].strip() for line in rows[2])
-    assert reason == PENDING, text  # folded at its spaces, whole
-    said = " ".join(lines[lines.index(next(x for x in lines if x.startswith("└"))) + 1 :])
-    assert said == (
-        "not shown on 80 columns: cert expires, old address, restart, freeze window (node "
-        "clock), still on http (all: the same command | less -S)"
+    # The reason every row had (five lines a row, review s71 "80 columns") is said once, under
+    # the table, folded at its spaces, the command in it on one line.
+    assert all(line.split("│")[5].strip() == "" for row in rows for line in row), text
+    under = lines[lines.index(next(x for x in lines if x.startswith("└"))) + 1 :]
+    assert " ".join(under) == (
+        f"reason of every node: {PENDING} not shown on 80 columns: cert expires, old address, "
+        "restart, freeze window (node clock), still on http (all: the same command | less -S)"
     ), text
+    assert any("`tlsroll rollout start --change change-password`" in line for line in under)
     # The heading folded at its spaces, not by the terminal in a word.
     assert lines[:2] == [
         "rollout r20261206-105354-bf7a  completed  change rotate-cert  scope cluster",
@@ -589,12 +591,13 @@ def test_a_pipe_keeps_every_column(monkeypatch: pytest.MonkeyPatch, how: str) ->
 
 def test_a_wide_terminal_goes_without_no_column() -> None:
     """A terminal wide enough for every column (the reason folded to 30 at least) keeps them
-    all, and says nothing under the table."""
+    all, and says no column is left out under the table."""
     data = watched_rollout(types_pb2.ROLLOUT_STATE_COMPLETED)
     lines = render_rollout(data, 240).lines(240, color=False)
     head = next(line for line in lines if line.startswith("┃"))
     assert "cert expires" in head and "old address" in head and "still on http" in head
-    assert lines[-1].startswith("└"), lines
+    assert lines[-2].startswith("└"), lines
+    assert lines[-1] == f"reason of every node: {PENDING}", lines  # (said once: see above)
 
 
 # --- `tlsroll nodes` and `token list` on a narrow terminal (rich tables) ------------------------
@@ -778,3 +781,265 @@ def test_an_empty_listing_on_a_narrow_terminal_is_its_headers(
     monkeypatch.setattr(base, "Leader", ListingLeader(admin_pb2.ListWorkstationsResponse()))
     text = listed_on(monkeypatch, 80, True, "workstations", "list")
     assert "┃ workstation ┃ node ┃ issued ┃ expires ┃ state ┃ serial ┃" in text, text
+
+
+# --- paragraphs on a narrow terminal: `plan`, `rollout start`'s warnings, `nodes remove` -------
+
+
+class ScriptedLeader(ListingLeader):
+    """The admin connection of an in-process command that makes several calls: each call's
+    answer by its method's name."""
+
+    def __init__(self, **replies: object) -> None:
+        super().__init__(None)
+        self.replies = replies
+
+    def admin(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext(type("Stub", (), {"__getattr__": lambda _s, n: n})())
+
+    def call(self, *args: object) -> object:
+        return self.replies[str(args[0])]  # (the method: its name, from ``admin()``)
+
+    def require_same_code(self) -> None:
+        pass
+
+
+def unbroken(text: str, lines: list[str], width: int = 80) -> None:
+    """``lines`` (what a command printed) fit ``width`` columns, and every command in
+    backticks, path and URL of ``text`` is whole on one of them: a terminal folded a long line
+    in the middle of a word ("https://10.0.0.3:84" / "43/")."""
+    assert all(cell_len(line) <= width for line in lines), "\n".join(lines)
+    for piece in re.findall(r"`[^`]+`|\S*(?:/|://)\S*", text):
+        assert any(piece in line for line in lines), (piece, "\n".join(lines))
+
+
+def said(lines: list[str]) -> str:
+    return " ".join(" ".join(lines).split())
+
+
+def long_plan() -> admin_pb2.PlanResponse:
+    from leader.plan_texts import plan_texts
+    from leader.rollout_core import Change, FreezeMode, Strategy
+
+    checks, steps, warnings = plan_texts(Change.ENABLE_TLS, Strategy.DIRECT, FreezeMode.NODE, False)
+    reply = admin_pb2.PlanResponse(
+        rollout=schema_pb2.RolloutView(
+            change=types_pb2.CHANGE_ENABLE_TLS,
+            scope=types_pb2.SCOPE_KIND_CLUSTER,
+            strategy=types_pb2.STRATEGY_DIRECT,
+            max_parallel=1,
+            nodes=[
+                schema_pb2.NodeView(
+                    name="praxis-empfang-02",
+                    state=types_pb2.NODE_STATE_PENDING,
+                    still_on_http=3,
+                    other_certificate=True,
+                )
+            ],
+        ),
+        checks=checks,
+        client_steps=steps,
+        warnings=[
+            *warnings,
+            "node2 serves http and https: close http there with tlsroll rollout finalize "
+            "r20261206-105354-bf7a, or tlsroll rollout retry r20261206-105354-bf7a (the rollout "
+            "that left it so); its address https://192.168.100.203:8443/praxis_live/ stays",
+        ],
+    )
+    return reply
+
+
+def test_the_plan_folds_at_spaces_on_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review s71 "80 columns": `tlsroll plan`'s lines (a node's, a warning's, a check's) are
+    longer than 80 columns, printed whole: the terminal folded them in the middle of a word, a
+    URL or a command. On a terminal they fold at their spaces, the lines after the first under
+    the text of the item ("  ! "), a command or a URL whole on one line; into a pipe each
+    stays one line (as before: `less`, a ticket and grep take it whole)."""
+    from leader.cli import base
+
+    reply = long_plan()
+    monkeypatch.setattr(base, "Leader", ScriptedLeader(PlanRollout=reply))
+    lines = listed_on(monkeypatch, 80, True, "plan", "--scope", "cluster").splitlines()
+    for text in [*reply.warnings, *reply.checks, *reply.client_steps]:
+        unbroken(text, lines)
+        assert " ".join(text.split()) in said(lines), text  # every word, in its order
+    (item,) = [k for k, line in enumerate(lines) if line.startswith("  ! node2 serves http")]
+    assert lines[item + 1].startswith("    ") and not lines[item + 1].startswith("     ")
+    for command in ("tlsroll rollout finalize r20261206-105354-bf7a,", "tlsroll rollout retry"):
+        assert any(command in line for line in lines), "\n".join(lines)  # not split
+    piped = listed_on(monkeypatch, 80, False, "plan", "--scope", "cluster").splitlines()
+    for text in reply.warnings:
+        assert f"  ! {text}" in piped
+
+
+def test_rollout_start_s_warnings_fold_at_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rollout start --yes` prints the plan's warnings after the start: folded at spaces on
+    a terminal too."""
+    from leader.cli import base
+
+    planned = long_plan()
+    planned.rollout.change = types_pb2.CHANGE_ROTATE_CERT
+    planned.rollout.nodes[0].still_on_http = 0
+    view = schema_pb2.RolloutView(id="r20261206-105354-bf7a", epoch=3, nodes=planned.rollout.nodes)
+    monkeypatch.setattr(base, "Leader", ScriptedLeader(PlanRollout=planned, StartRollout=view))
+    argv = ["rollout", "start", "--change", "rotate-cert", "--scope", "cluster", "--yes"]
+    lines = listed_on(monkeypatch, 80, True, *argv).splitlines()
+    assert lines[0].startswith("rollout r20261206-105354-bf7a started"), lines
+    for text in planned.warnings:
+        unbroken(text, lines)
+        assert " ".join(text.split()) in said(lines), text
+
+
+def test_nodes_remove_folds_its_paragraphs_with_the_commands_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`nodes remove`'s two paragraphs (how to enrol the node again, what to do on that
+    machine) folded in a word at 80 columns; they fold at spaces, each command whole (the
+    admin copies them), the long join command on a line of its own."""
+    from leader.cli import base, identity
+
+    reply = admin_pb2.RemoveNodeResponse(
+        node=admin_pb2.NodeInfo(name="praxis-empfang-02", addresses=["192.168.100.203"]),
+        revoked_serials=["16ba13e40c", "5e28d89f2"],
+    )
+    for module in (base, identity):
+        monkeypatch.setattr(module, "Leader", ScriptedLeader(RemoveNode=reply))
+    argv = ["nodes", "remove", "praxis-empfang-02", "--yes"]
+    lines = listed_on(monkeypatch, 80, True, *argv).splitlines()
+    for command in (
+        "`(umask 077; tlsroll token create --node praxis-empfang-02 --address 192.168.100.203 "
+        "--print-join-command > join-praxis-empfang-02.sh)`",
+        "`mv DATA/node.key DATA/node.key.removed`",
+        "`systemctl enable --now tlsroll-agent`",
+        "`systemctl disable --now tlsroll-agent`",
+        "`tlsroll password set`",
+        "`tlsroll rollout start --change change-password`",
+    ):
+        assert any(command in line for line in lines), (command, "\n".join(lines))
+    # Only the join command (wider than the terminal) is on a line wider than 80.
+    assert [line for line in lines if cell_len(line) > 80] == [
+        next(line for line in lines if "umask" in line)
+    ]
+    assert said(lines).startswith("removed node praxis-empfang-02; revoked 2 certificate(s).")
+
+
+def test_a_reason_of_some_rows_stays_in_them_and_a_pipe_keeps_each_row_whole() -> None:
+    """A reason only some nodes have stays in their rows (only what every row says goes under
+    the table); into a pipe every row keeps its whole reason (grep finds a node's line)."""
+    view = watched_view(types_pb2.ROLLOUT_STATE_COMPLETED)
+    view.nodes[2].reason = "confirm failed: timeout"
+    for screen in (80, 240):
+        text = "\n".join(render_rollout(to_dict(view), screen).lines(screen, color=False))
+        assert text.count(PENDING[:23]) == 1 and "confirm failed: timeout" in text, text
+        assert f"reason of every node: {PENDING[:23]}" in text, text
+    view.nodes[1].password_pending = False
+    text = "\n".join(render_rollout(to_dict(view), 80).lines(80, color=False))
+    assert "reason of every node" not in text and text.count("password change") == 2, text
+    piped = render_rollout(to_dict(watched_view(types_pb2.ROLLOUT_STATE_COMPLETED)))
+    rows = [line for line in piped.lines(1000, color=False) if line.startswith("│ ")]
+    assert len(rows) == 3 and all(line.count(PENDING) == 1 for line in rows), rows
+
+
+def test_who_is_on_which_scheme_without_a_client_is_no_empty_table() -> None:
+    """Review s71 "80 columns": `schema show` drew the "who is on which scheme" table's eight
+    headers and no row when no node had reported a client; the heading says so instead, the
+    nodes' lines under it."""
+    from leader.cli.draw import render_clients
+
+    heard = "2026-12-07T09:00:00Z"
+    views = [
+        {
+            "node": "srv3",
+            "clients": {"source": "access-log", "window_seconds": 600},
+            "reported_at": heard,
+        },
+    ]
+    lines = render_clients(views).lines(80, color=False)
+    assert lines == [
+        "who is on which scheme (per node): no client reported",
+        "srv3: 0 still on http; window 600s, source access-log, reported 2026-12-07 09:00:00 UTC",
+    ], lines
+    views[0]["clients"]["clients"] = [  # type: ignore[index]
+        {"scheme": "http", "address": "192.168.1.7", "requests": 3}
+    ]
+    lines = render_clients(views).lines(80, color=False)
+    assert lines[0] == "who is on which scheme (per node)" and lines[1].startswith("┏"), lines
+
+
+@pytest.mark.parametrize(
+    ("env", "styled"), [({"NO_COLOR": "1"}, False), ({"NO_COLOR": ""}, True), ({}, True)]
+)
+def test_no_color_means_no_style_in_rich_s_tables_as_in_schema_show(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], styled: bool
+) -> None:
+    """Review s71 "80 columns": with NO_COLOR set, `schema show` (``leader.cli.plain``) printed
+    no escape at all, but the commands drawn by rich (`nodes`, `token list`, …) kept bold and
+    reverse: the CLI's own console draws no style either (a NO_COLOR set to "" is not set,
+    as no-color.org says). The table reads the same: its head is on the heavy rule."""
+    from leader.cli import base
+    from leader.cli.plain import terminal
+    from tlsroll.cli import cli
+
+    reply = admin_pb2.ListTokensResponse()
+    token = reply.tokens.add(id="fcn5oc", node_name="praxis-empfang-02", uses_allowed=1)
+    token.expires_at.FromDatetime(dt.datetime(2026, 12, 7, 10, 48, tzinfo=dt.UTC))
+    monkeypatch.setattr(base, "Leader", ListingLeader(reply))
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("COLUMNS", "80")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    stdout = Tty()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    base.console.cache_clear()
+    try:
+        cli.main(["token", "list"], standalone_mode=False)
+        assert terminal()[1] is styled  # `schema show`'s tables: the same rule
+    finally:
+        base.console.cache_clear()
+    text = stdout.getvalue()
+    assert ("\x1b[" in text) is styled, repr(text)
+    assert "┃ id " in re.sub(r"\x1b\[[0-9;]*m", "", text), text
+
+
+def test_the_help_reads_whole_at_80_columns() -> None:
+    """Review s71 "80 columns", `--help` of every admin command at 80 columns: a group's list
+    cut most commands' lines with "..." (9 of the 14 of `tlsroll --help`), the option help
+    folded at hyphens ("change-" / "password", "[default: enable-" / "tls]": words an admin
+    types) and in the commands in backticks ("`tlsroll" / "rollout finalize`"), and two helps
+    told the project's history ("review s48rev3", "session 68")."""
+    import click
+    from click.testing import CliRunner
+
+    from leader.cli import admin
+    from tlsroll.cli import cli
+
+    runner = CliRunner()
+    ctx = click.Context(admin, info_name="tlsroll")
+    helps: dict[str, str] = {}
+
+    def walk(command: click.Command, path: list[str]) -> None:
+        done = runner.invoke(cli, [*path, "--help"], terminal_width=80)
+        assert done.exit_code == 0, (path, done.output)
+        helps[" ".join(path)] = done.output
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                assert sub is not None
+                walk(sub, [*path, name])
+
+    walk(admin, [])
+    assert len(helps) > 30, sorted(helps)
+    for path, text in helps.items():
+        lines = text.splitlines()
+        assert all(len(line) <= 80 for line in lines), (path, text)
+        listed = lines[lines.index("Commands:") + 1 :] if "Commands:" in lines else []
+        cut = [line for line in listed if line.endswith("...")]
+        assert cut == ([] if path else [next(x for x in listed if x.startswith("  client "))])
+        assert not [line for line in lines if re.search(r"[a-z]-$", line)], (path, text)
+        assert not [line for line in lines if line.count("`") % 2], (path, text)  # `a command`
+        assert not re.search(r"review s\d|session \d", text), (path, text)
+    start = " ".join(helps["rollout start"].split())
+    assert "change-password: apply a staged password; rotate-cert: a new" in start, start

@@ -74,7 +74,17 @@ def console() -> Console:
 
     # No markup and no emoji codes: text from agents and workstations (a reason, a name) is
     # printed as it came, never as "[bold]" or ":x:" turned into a style or a picture.
-    return _Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=_pipe_width())
+    # NO_COLOR (no-color.org; set and not empty): no styles at all, as ``leader.cli.plain``
+    # draws `schema show` and as rich draws for TERM=dumb; rich's own NO_COLOR kept bold and
+    # reverse, so one command's table came with escapes and the next without (review s71).
+    return _Console(
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+        emoji=False,
+        width=_pipe_width(),
+        color_system=None if os.environ.get("NO_COLOR") else "auto",
+    )
 
 
 class _Out:
@@ -706,6 +716,20 @@ def print_fitted(
             " | less -S)",
             soft_wrap=False,  # (folded at its spaces by rich, not in a word by the terminal)
         )
+
+
+def say(*paragraphs: str, style: str = "") -> None:
+    """Print each of ``paragraphs`` (a line of text; ``"  ! …"``, ``"  1. …"`` indent their
+    folded lines under their text): on a terminal folded at its spaces to its width, paths,
+    URLs and commands in backticks whole (``plain.fold``), where the terminal folded them in
+    the middle of a word; into a pipe or a log a paragraph stays one line, as before (what
+    ``less`` or a ticket folds at its own width, and a script's grep finds whole). ``style``:
+    rich's, for each line (``"yellow"``)."""
+    from leader.cli.plain import fold  # noqa: PLC0415 - not for --json (schema show's imports)
+
+    for text in paragraphs:
+        for line in fold(text, out.width) if out.is_terminal else [text]:
+            out.print(line, style=style or None)
 
 
 def _red(text: Text) -> bool:

@@ -15,9 +15,9 @@ from leader.cli.base import (
     emit_json,
     fail,
     fmt_time,
-    out,
     pass_leader,
     print_fitted,
+    say,
     to_dict,
 )
 from leader.cli.draw import residual
@@ -28,7 +28,9 @@ def certs() -> None:
     """The certificates of the cluster."""
 
 
-@certs.command("check-expiration")
+@certs.command(
+    "check-expiration", short_help="Every certificate, its time left; exit 1 if one is due."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_leader
 def check_expiration(leader: Leader, as_json: bool) -> None:
@@ -76,7 +78,7 @@ def check_expiration(leader: Leader, as_json: bool) -> None:
         print_fitted(headers, rows, ("warn within", "serial"), whole=("subject",))
         for c in reply.certificates:
             if (c.warning or c.revoked) and c.advice:
-                out.print(f"{c.kind} {c.subject or ''}".rstrip() + f": {c.advice}")
+                say(f"{c.kind} {c.subject or ''}".rstrip() + f": {c.advice}")
     if reply.warning:
         count = sum(c.warning or c.revoked for c in reply.certificates)
         fail(f"{count} certificate(s) within their warning horizon, expired or revoked")

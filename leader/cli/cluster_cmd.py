@@ -24,6 +24,7 @@ from leader.cli.base import (
     print_secret,
     private_stdout,
     refuse_unfit_serial,
+    say,
     say_still_taken,
     to_dict,
 )
@@ -97,7 +98,7 @@ def init(
     node_name: str | None,
     ca_passphrase_file: Path | None,
 ) -> None:
-    """Create a new multiserver: the CA, the leader's certificate and config."""
+    """Create a new multiserver: CA, leader certificate and config."""
     # cryptography (about 50 ms): only init needs it, not every command this module serves
     from tlsroll import pki  # noqa: PLC0415
 
@@ -178,7 +179,7 @@ def ca() -> None:
     """The cluster CA."""
 
 
-@ca.command("show")
+@ca.command("show", short_help="Print the CA, its pin and the trust bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_leader
 def ca_show(leader: Leader, as_json: bool) -> None:
@@ -212,7 +213,7 @@ def ca_show(leader: Leader, as_json: bool) -> None:
         )
 
 
-@ca.command("renew")
+@ca.command("renew", short_help="Renew the CA certificate (same key, 10 more years).")
 @click.option("--yes", is_flag=True, help="Do it without asking.")
 @click.option(
     "--force",
@@ -240,13 +241,13 @@ def ca_renew(leader: Leader, yes: bool, force: bool) -> None:
         )
     with leader.admin() as admin:
         reply = leader.call(admin.RenewCA, admin_pb2.RenewCARequest(force=force))
-    out.print(
+    say(
         f"renewed the CA certificate: expires {fmt_time(reply, 'not_after')} "
         f"({residual(reply.residual_seconds)}), pin {reply.spki_pin} (unchanged)"
     )
-    out.print(
+    say(
         "next: agents take it with their next certificate renewal (`tlsroll nodes`); then "
-        "tlsroll rollout start --change rotate-cert (managed servers), then `tlsroll client "
+        "`tlsroll rollout start --change rotate-cert` (managed servers), then `tlsroll client "
         "test-connection` on every workstation"
     )
 
@@ -254,7 +255,7 @@ def ca_renew(leader: Leader, yes: bool, force: bool) -> None:
 SERIAL_DIGITS = 32  # fewer hex digits than a serial of this CA has (``ca revoke --unknown``)
 
 
-@ca.command("revoke")
+@ca.command("revoke", short_help="Revoke one certificate the CA issued, by its serial.")
 @click.argument("serial")
 @click.option(
     "--reason",
@@ -322,7 +323,7 @@ def token() -> None:
     """Join tokens for enrolling agents."""
 
 
-@token.command("create")
+@token.command("create", short_help="Create a join token for one node (or its join script).")
 @click.option("--node", "node_name", required=True, help="The name of the node it enrols.")
 @click.option(
     "--address",

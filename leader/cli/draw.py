@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from leader.cli.plain import Block, Part, Styled, Table, cell_len, clean, fit, wrap
+from leader.cli.plain import Block, Part, Styled, Table, cell_len, clean, fit, fold, wrap
 from tlsroll.enums import CAP_SOURCE
 
 if TYPE_CHECKING:
@@ -161,22 +161,34 @@ def changed_text(n: View) -> str:
     return f"now serves {now} (changed since)" if now else ""
 
 
+def _reasons(r: View, n: View) -> list[str]:
+    """What a node's reason column says: its reason, then what it waits for."""
+    return [
+        said
+        for said in [
+            changed_text(n),
+            n.get("reason"),
+            PENDING if n.get("password_pending") else "",
+            AWAITING if n.get("awaiting_report") else "",
+            QUIET.format(seconds=r.get("when_quiet_seconds", 0))
+            if n.get("waits_until_quiet")
+            else "",
+        ]
+        if said
+    ]
+
+
 def _reason(r: View, n: View) -> str:
     """A node's reason column: its reason, then what it waits for."""
-    return "; ".join(
-        filter(
-            None,
-            [
-                changed_text(n),
-                n.get("reason"),
-                PENDING if n.get("password_pending") else "",
-                AWAITING if n.get("awaiting_report") else "",
-                QUIET.format(seconds=r.get("when_quiet_seconds", 0))
-                if n.get("waits_until_quiet")
-                else "",
-            ],
-        )
-    )
+    return "; ".join(_reasons(r, n))
+
+
+def shared_reasons(r: View, nodes: Sequence[View]) -> list[str]:
+    """What the reason column of every one of two or more ``nodes`` says (a password change
+    pending: at 80 columns five lines a row, the same on every row; review s71 "80
+    columns"), which a terminal's table says once, under it."""
+    said = [_reasons(r, n) for n in nodes]
+    return [s for s in said[0] if all(s in other for other in said[1:])] if len(said) > 1 else []
 
 
 def _head(r: View) -> list[Styled]:
@@ -219,6 +231,7 @@ def render_rollout(r: View, screen: int | None = None) -> Block:
     removed = r.get("removed_since") or []
     nodes = r.get("nodes", [])
     freeze = f"freeze window ({freeze_clock(r)})"
+    shared = [] if screen is None else shared_reasons(r, nodes)  # (a pipe: each row whole)
     columns: dict[str, list[Styled]] = {
         "#": [Styled(str(i)) for i, _ in enumerate(nodes, 1)],
         "node": [Styled(n["name"] + (" (leader)" if n.get("leader_node") else "")) for n in nodes],
@@ -234,7 +247,7 @@ def render_rollout(r: View, screen: int | None = None) -> Block:
         "still on http": [
             Styled(str(n["still_on_http"]) if n.get("still_on_http") else "-") for n in nodes
         ],
-        "reason": [Styled(_reason(r, n)) for n in nodes],
+        "reason": [Styled("; ".join(s for s in _reasons(r, n) if s not in shared)) for n in nodes],
     }
     # The columns go while the new address does not fit whole and the reason 30 wide (they
     # fold: a reason may be long); what still does not fit folds, the reason first (down to
@@ -249,11 +262,12 @@ def render_rollout(r: View, screen: int | None = None) -> Block:
     if screen is None:
         return Block(*lines, table)
     shown = f"not shown on {screen} columns: {', '.join(left)} (all: the same command | less -S)"
-    under = [[Styled(shown)]] if left else []
+    under = [f"reason of every node: {'; '.join(shared)}"] if shared else []
+    under += [shown] if left else []
     return Block(
         *(folded for line in lines for folded in _fold(line, screen)),
         table,
-        *(folded for line in under for folded in _fold(line, screen)),
+        *(Styled(folded) for line in under for folded in fold(line, screen)),
     )
 
 
@@ -264,7 +278,7 @@ def _fold(pieces: Sequence[Styled], width: int) -> list[list[Styled]]:
     out: list[list[Styled]] = [[]]
     room = width
     for piece in pieces:
-        for token in re.findall(r" +|[^ ]+", clean(piece.text)):
+        for token in re.findall(r" +|(?:[^ `]|`[^`]*`?)+", clean(piece.text)):  # (`a b`: one)
             if token.startswith(" "):
                 if room < width:  # (none at a line's start)
                     out[-1].append(Styled(token[:room], piece.style))
@@ -501,6 +515,10 @@ def render_clients(views: Sequence[View]) -> Block:
                 f"{clients.get('window_seconds', 0)}s, source {source}, reported "
                 f"{fmt_time(v, 'reported_at')}{problem}"
             )
+        )
+    if not table.rows:  # (an empty table of eight headers said nothing: review s71)
+        return Block(
+            Styled("who is on which scheme (per node): no client reported", "bold"), *notes
         )
     head = Styled("who is on which scheme (per node)", "bold")
     return Block(head, table, *notes)

@@ -29,6 +29,7 @@ from leader.cli.base import (
     pass_leader,
     print_fitted,
     refuse_unfit_serial,
+    say,
     say_still_taken,
     to_dict,
 )
@@ -74,8 +75,10 @@ _ALARMING = ("down", NEEDS_ADMIN)
 def nodes(
     ctx: click.Context, include_removed: bool, as_json: bool, check: bool, timeout: int
 ) -> None:
-    """List enrolled nodes, online or offline by their heartbeat, each with its clock against
-    the leader's (from its heartbeats); check them; or remove one."""
+    """List enrolled nodes; check them; or remove one.
+
+    Each is online or offline by its heartbeat, with its clock against the leader's (from its
+    heartbeats)."""
     if ctx.invoked_subcommand is not None:
         return
     target = ctx.find_object(Target) or Target(DEFAULT_DATA_DIR, None)
@@ -93,7 +96,7 @@ def nodes(
         emit_json([to_dict(n) for n in reply.nodes])
         return
     if not reply.nodes:  # an empty table said nothing of the way on (session 68, README walk)
-        out.print(
+        say(
             "no nodes enrolled"
             + ("" if include_removed else " (--all lists removed ones)")
             + "; enrol one with a join script: tlsroll token create --node NAME --address IP"
@@ -135,9 +138,9 @@ def nodes(
     # (at 80 columns rich cut every cell to a few letters: "praxi…", "127.1…")
     print_fitted(headers, rows, NODES_DROPS, whole=("node", "addresses"))
     if mixed := _mixed_schemes(reply.nodes, leader):
-        out.print(Text(mixed, style="yellow"))
+        say(mixed, style="yellow")
     if reply.HasField("password_behind"):  # (a change-password that ended part way: s69)
-        out.print(Text(_password_behind(reply.password_behind), style="yellow"))
+        say(_password_behind(reply.password_behind), style="yellow")
 
 
 NODES_DROPS = ("last heartbeat", "cert expires", "renewal", "agent", "clock")
@@ -258,7 +261,7 @@ def _check_nodes(ctx: click.Context, leader: Leader, as_json: bool, timeout: int
         ctx.exit(1)
 
 
-@nodes.command("remove")
+@nodes.command("remove", short_help="Remove a node: revoke its certificates, free its name.")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do it without asking.")
 @pass_leader
@@ -283,7 +286,7 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
     # (review rev-enrol H1: a copy of it was the node again). With its DNS names too: a token
     # enrols only a node asking for exactly its names (review rev-enrol L2).
     command = token_command(node.name, tuple(node.addresses), tuple(node.dns_names))
-    out.print(
+    say(
         f"removed node {node.name}; revoked {len(reply.revoked_serials)} certificate(s). "
         "To enrol it again, with a new key (its old one is refused from now on): "
         + join_again(
@@ -297,17 +300,19 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
     )
     # Its agent refuses workstation passwords once the leader refuses it (its next heartbeat),
     # but the machine still holds the password's verifier, which is as good as the password.
-    out.print(
-        f"On {reply.node.name}: stop tlsroll-agent (systemctl disable --now tlsroll-agent). "
+    say(
+        f"On {reply.node.name}: stop tlsroll-agent (`systemctl disable --now tlsroll-agent`). "
         "If that machine is not trusted (lost, sold, compromised), it still holds what "
-        "checks the auth password: stage a new one (tlsroll password set) and run "
-        "tlsroll rollout start --change change-password."
+        "checks the auth password: stage a new one (`tlsroll password set`) and run "
+        "`tlsroll rollout start --change change-password`."
     )
 
 
 @click.group()
 def workstations() -> None:
-    """Workstation certificates issued through the nodes' bootstrap services."""
+    """Workstations' certificates: list or revoke them.
+
+    They are issued through the nodes' bootstrap services."""
 
 
 @workstations.command("list")
@@ -349,7 +354,9 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
     )
 
 
-@workstations.command("revoke")
+@workstations.command(
+    "revoke", short_help="Revoke a workstation's certificates, by name or serial."
+)
 @click.argument("name_or_serial")
 @click.option(
     "--reason",
@@ -378,7 +385,9 @@ def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> Non
 
 @click.group()
 def epoch() -> None:
-    """Rollout epochs: what the leader has given out and what each node has seen."""
+    """Rollout epochs: the leader's and each node's.
+
+    What the leader has given out and what each node has seen."""
 
 
 def _print_epochs(info: admin_pb2.EpochInfo) -> None:
@@ -395,7 +404,7 @@ def _print_epochs(info: admin_pb2.EpochInfo) -> None:
     out.print(table)
 
 
-@epoch.command("show")
+@epoch.command("show", short_help="The leader's epoch and the highest each node reports.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_leader
 def epoch_show(leader: Leader, as_json: bool) -> None:
@@ -411,7 +420,7 @@ def epoch_show(leader: Leader, as_json: bool) -> None:
         fail("a node has seen a higher epoch than the leader's: run `tlsroll epoch advance`")
 
 
-@epoch.command("advance")
+@epoch.command("advance", short_help="Move the leader's epoch past every epoch a node reports.")
 @click.option("--yes", is_flag=True, help="Do it without asking.")
 @pass_leader
 def epoch_advance(leader: Leader, yes: bool) -> None:

@@ -746,8 +746,10 @@ def notify(
     until: str | None,
     remaining: bool,
 ) -> None:
-    """Print the "Notify practice" message for the staff, before or after a switch; with
-    --remaining only the workstations that still need the client steps."""
+    """Print the "Notify practice" message for the staff.
+
+    Before or after a switch; with --remaining only the workstations that still need the
+    client steps."""
     if remaining:
         for name, value in (("--when", when), ("--rollout", rollout_id), ("--cert-dir", cert_dir)):
             if value is not None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from leader.cli.base import CLIError, Leader, fmt_time, out, pass_leader
+from leader.cli.base import CLIError, Leader, fmt_time, out, pass_leader, say
 from tlsroll.cli import PathParam
 from tlsroll.v1 import admin_pb2
 
@@ -204,10 +204,14 @@ def verifier_json(secret: str) -> str:
 
 @click.group("password")
 def password_group() -> None:
-    """The authentication password workstations need (only its verifier leaves this command)."""
+    """The authentication password workstations need.
+
+    Only its verifier leaves this command."""
 
 
-@password_group.command("set")
+@password_group.command(
+    "set", short_help="Stage a new password (a change-password rollout applies it)."
+)
 @click.option(
     "--password-file",
     type=PathParam(path_type=Path, dir_okay=False),
@@ -240,12 +244,12 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
                 admin.SetPassword,
                 admin_pb2.SetPasswordRequest(auth_verifier_json=verifier_json(secret)),
             )
-    out.print(f"password version {reply.version} staged.")
+    say(f"password version {reply.version} staged.")
     if reply.HasField("replaces"):
-        out.print(f"It {replaces_text(reply.replaces)}.")
+        say(f"It {replaces_text(reply.replaces)}.")
     if reply.pending_nodes:
-        out.print("pending on: " + ", ".join(reply.pending_nodes))
-        out.print(
+        say("pending on: " + ", ".join(reply.pending_nodes))
+        say(
             "It takes effect with `tlsroll rollout start --change change-password --scope "
             "cluster` (which restarts the server); another restart keeps the live password."
         )

@@ -2,10 +2,11 @@
 
 Why not rich here: importing rich and drawing one rollout's table with it took about 40 ms of a
 command whose goal is 150 ms (issue 15), for tables that need little of it. The look is rich's
-default table (heavy head, a space either side of each cell), colours on a terminal only (not
-with ``NO_COLOR`` or ``TERM=dumb``), and a table wider than the terminal folds its widest
-columns' cells onto more lines, as rich does. Into a pipe or a log lines stay whole (200 columns
-unless ``COLUMNS`` says otherwise).
+default table (heavy head, a space either side of each cell), styles on a terminal only (none
+with ``NO_COLOR`` set and not empty, or ``TERM=dumb``), and a table wider than the terminal
+folds its widest columns' cells onto more lines, as rich does. Into a pipe or a log lines stay
+whole (200 columns unless ``COLUMNS`` says otherwise); on a terminal a line of text folds at its
+spaces (``fold``).
 
 Text from peers (a node's reason, a workstation's name) is printed as it came except for control
 and format characters, which are replaced: a reason must not move the cursor, recolour the
@@ -18,6 +19,7 @@ through rich (``rollout status``, ``--watch`` on a terminal) and for tests.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
@@ -171,6 +173,66 @@ def wrap(text: str, width: int) -> list[str]:
     return lines
 
 
+UNITS = re.compile(r"(?:[^ `]|`[^`]*`?)+")
+r"""A word of a paragraph: what has no space in it (a path, a URL), or a command in backticks
+with the words stuck to it (``\`systemctl restart x\`,``): ``fold`` never breaks one."""
+COMMANDS = ("tlsroll", "systemctl", "journalctl", "sudo")
+"""The words a command without backticks starts with (the leader's texts name them so:
+"run tlsroll rollout finalize r2, or …"): ``fold`` keeps one whole (``units``)."""
+COMMAND_WORDS = 10
+"""At most this many words are one command (a sentence that merely names tlsroll ends it)."""
+
+
+def units(text: str) -> list[str]:
+    """``text``'s words (``UNITS``), a command without backticks one of them: from its first
+    word (``COMMANDS``) to the word that ends in punctuation (``,;:).``), or before one that
+    opens a parenthesis or is a dash, at most ``COMMAND_WORDS`` words."""
+    words = UNITS.findall(text)
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        end = i + 1
+        if words[i].lstrip("(") in COMMANDS:
+            while (
+                end < min(len(words), i + COMMAND_WORDS)
+                and words[end - 1][-1] not in ",;:)."
+                and not words[end].startswith(("(", "—", "`"))
+            ):
+                end += 1
+        out.append(" ".join(words[i:end]))
+        i = end
+    return out
+
+
+HANGING = re.compile(r" *(?:[-!*] |\d+\. )? *")
+"""A paragraph's lead (``"  ! "``, ``"  1. "``): how far its folded lines are indented."""
+
+
+def fold(text: str, width: int) -> list[str]:
+    """A paragraph folded at its spaces into lines of at most ``width`` columns, the lines
+    after the first indented as far as its lead (``HANGING``). A path, a URL or a command in
+    backticks is never broken (an admin copies it): one wider than the room left gets a line
+    of its own, which the terminal folds (a copy from it is still one line). A terminal folds
+    a long line anywhere, in the middle of a word (review s71 "80 columns")."""
+    text = clean(text)
+    if cell_len(text) <= width:
+        return [text]
+    lead = HANGING.match(text)
+    indent = " " * (lead.end() if lead and lead.end() < width // 2 else 0)
+    words = units(text[len(indent) :])
+    lines: list[str] = []
+    line, start = text[: len(indent)], True
+    for word in words:
+        if not start and cell_len(line) + 1 + cell_len(word) > width:
+            lines.append(line)
+            line = indent + word
+        else:
+            line += word if start else f" {word}"
+        start = False
+    lines.append(line)
+    return lines
+
+
 Part = Styled | Table | str | list[Styled]
 """What a block holds: a line (a list of styled pieces is one line), or a table."""
 
@@ -181,7 +243,9 @@ class Block:
     def __init__(self, *parts: Part) -> None:
         self.parts = list(parts)
 
-    def lines(self, width: int, color: bool) -> list[str]:
+    def lines(self, width: int, color: bool, folds: bool = False) -> list[str]:
+        """``folds``: a line of text folds at its spaces to ``width`` (``fold``: on a
+        terminal; into a pipe or a log it stays one line)."""
         out: list[str] = []
         for part in self.parts:
             if isinstance(part, Table):
@@ -189,7 +253,9 @@ class Block:
             elif isinstance(part, list):
                 out.append("".join(piece.paint(color) for piece in part))
             else:
-                out.append((part if isinstance(part, Styled) else Styled(part)).paint(color))
+                line = part if isinstance(part, Styled) else Styled(part)
+                texts = fold(line.text, width) if folds else [line.text]
+                out += [line.paint(color, text) for text in texts]
         return out
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Any]:
@@ -206,7 +272,7 @@ def terminal() -> tuple[int, bool]:
     given = int(columns) if columns.isdigit() and int(columns) >= 40 else None
     if not sys.stdout.isatty():
         return given or 200, False
-    color = "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+    color = not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"  # (set, not "")
     if given is None:
         try:
             given = os.get_terminal_size(sys.stdout.fileno()).columns or 80  # 0: unknown
@@ -224,10 +290,11 @@ def screen() -> int | None:
 def emit(*parts: Block | Part) -> None:
     """Print drawings to stdout, for the terminal or the pipe it goes to."""
     width, color = terminal()
+    folds = sys.stdout.isatty()
     text = "\n".join(
         line
         for part in parts
-        for line in (part if isinstance(part, Block) else Block(part)).lines(width, color)
+        for line in (part if isinstance(part, Block) else Block(part)).lines(width, color, folds)
     )
     sys.stdout.write(text + "\n")
     sys.stdout.flush()

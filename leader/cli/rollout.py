@@ -25,10 +25,10 @@ from leader.cli.base import (
     ask_first,
     emit_json,
     fetch_schema,
-    out,
     parse_duration,
     pass_leader,
     rollout_id_param,
+    say,
     to_dict,
     while_away,
 )
@@ -243,8 +243,9 @@ def plan(
     cert_dir: Path | None,
     as_json: bool,
 ) -> None:
-    """Dry run: the update schema a rollout would make, from what each node runs now (nodes
-    already in the wanted state show "already done"), its checks, what clients must do. With
+    """Dry run: the update schema a rollout would make. It comes from what each node runs now
+    (nodes already in the wanted state show "already done"), with its checks and what clients
+    must do. With
     --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
     any problem refuses the plan. Exit 1, after showing it, if a start would be refused now (a
     rollout has not ended: one at a time; enable-tls while the auth password in use cannot be
@@ -374,7 +375,7 @@ def show_plan(reply: admin_pb2.PlanResponse, *, nothing_changed: bool = True) ->
     when the caller's refusal on stderr says it)."""
     r = reply.rollout
     transitional = STRATEGY.text(r.strategy) == Strategy.TRANSITIONAL.value
-    out.print(
+    say(
         f"Plan: change {CHANGE.text(r.change)} on scope {scope_text(r)}, "
         f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time"
         + (", in two phases (strategy transitional):" if transitional else ":")
@@ -393,37 +394,37 @@ def show_plan(reply: admin_pb2.PlanResponse, *, nothing_changed: bool = True) ->
             done += f"; {n.still_on_http} workstation(s) still on http" + (
                 "" if transitional else " lose the server then"
             )
-        out.print(f"  {i}. {n.name}{' (leader node)' if n.leader_node else ''}{done}")
+        say(f"  {i}. {n.name}{' (leader node)' if n.leader_node else ''}{done}")
     if reply.password_version_in_use:
-        out.print(
+        say(
             f"Auth password: the one the nodes already use (version "
             f"{reply.password_version_in_use}); it is not replaced."
         )
     elif reply.HasField("replaces") and not reply.password_doubt:  # a new one over a staged one
-        out.print(f"Auth password: a new one; it {replaces_text(reply.replaces)}.")
+        say(f"Auth password: a new one; it {replaces_text(reply.replaces)}.")
     if reply.password_doubt:  # (a new one is refused; where none is known, any start)
-        out.print(f"Auth password: {reply.password_doubt}.")
+        say(f"Auth password: {reply.password_doubt}.")
     if reply.HasField("applies"):
-        out.print(f"Auth password: applies password version {applies_text(reply.applies)}.")
-    out.print("Checks and steps on each node:")
+        say(f"Auth password: applies password version {applies_text(reply.applies)}.")
+    say("Checks and steps on each node:")
     for c in reply.checks:
-        out.print(f"  - {c}")
+        say(f"  - {c}")
     if reply.certificates:
-        out.print("Certificates from --cert-dir (every check passed):")
+        say("Certificates from --cert-dir (every check passed):")
         for line in reply.certificates:
-            out.print(f"  - {line}")
-    out.print("Important:")
+            say(f"  - {line}")
+    say("Important:")
     for w in reply.warnings:
-        out.print(f"  ! {w}")
-    out.print(
+        say(f"  ! {w}")
+    say(
         "At every workstation, any time before finalize:"
         if transitional
         else "Afterwards, at every workstation:"
     )
     for s in reply.client_steps:
-        out.print(f"  - {s}")
+        say(f"  - {s}")
     if nothing_changed:
-        out.print("Nothing has been changed.")
+        say("Nothing has been changed.")
 
 
 # --- rollout ----------------------------------------------------------------------------------
@@ -434,7 +435,7 @@ def rollout() -> None:
     """Start and steer the switch to https."""
 
 
-@rollout.command("start")
+@rollout.command("start", short_help="Start a rollout (shows its plan and asks, unless --yes).")
 @scope_options
 @click.option(
     "--password-file",
@@ -612,23 +613,23 @@ def started(
     """What a started rollout prints; ``removed``: the nodes a retry left out, removed since
     (the start's answer: ``RolloutView.removed_since``)."""
     skipped = [n for n in view.nodes if n.reason.startswith("already done")]
-    out.print(
+    say(
         f"rollout {view.id} started (epoch {view.epoch}); order: "
         f"{', '.join(n.name for n in view.nodes if n not in skipped)}"
     )
     for n in skipped:
-        out.print(f"  {n.name}: {n.reason}")
+        say(f"  {n.name}: {n.reason}")
     for name in removed:
-        out.print(f"  {name} {REMOVED_SINCE}")
+        say(f"  {name} {REMOVED_SINCE}")
     if password_in_use:
-        out.print(f"  the nodes get the auth password already in use (version {password_in_use})")
+        say(f"  the nodes get the auth password already in use (version {password_in_use})")
     if planned is not None:
         password_lines(view, planned)
     if warnings:
-        out.print("Important:")
+        say("Important:")
         for w in warnings:
-            out.print(f"  ! {w}")
-    out.print("follow it with: tlsroll schema show --watch")
+            say(f"  ! {w}")
+    say("follow it with: tlsroll schema show --watch")
 
 
 def password_lines(view: schema_pb2.RolloutView, planned: admin_pb2.PlanResponse) -> None:
@@ -637,13 +638,11 @@ def password_lines(view: schema_pb2.RolloutView, planned: admin_pb2.PlanResponse
     (audit s39 H4: two admins each staged one; neither knew which went out)."""
     applies = planned.applies
     if applies.version and view.auth_version == applies.version:
-        out.print(f"  applies password version {applies_text(applies)}")
+        say(f"  applies password version {applies_text(applies)}")
     elif applies.version:  # (the start refuses a version staged since the plan: not seen)
-        out.print(f"  applies password version {view.auth_version}")
+        say(f"  applies password version {view.auth_version}")
     if planned.HasField("replaces") and view.auth_version != planned.replaces.version:
-        out.print(
-            f"  its new password (version {view.auth_version}) {replaces_text(planned.replaces)}"
-        )
+        say(f"  its new password (version {view.auth_version}) {replaces_text(planned.replaces)}")
 
 
 def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None:
@@ -670,7 +669,7 @@ def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None
     click.get_current_context().invoke(rollout_status, rollout_id=rollout_id, as_json=False)
 
 
-@rollout.command("retry")
+@rollout.command("retry", short_help="Try a halted or aborted rollout again.")
 @click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option(
     "--wait",
@@ -691,7 +690,8 @@ def rollout_retry(leader: Leader, rollout_id: str, wait: bool, _yes: bool) -> No
     same change, options and password; a node removed since (`tlsroll nodes remove`) is left
     out, and named. It does not ask (it prints the change's warnings, as
     `rollout start --yes` does); --yes is taken, so that a script may give it to every
-    command that starts a rollout (review s48rev3)."""
+    command that starts a rollout."""
+    # (--yes taken: review s48rev3)
     with leader.admin() as admin:
         view = leader.call(admin.RetryRollout, admin_pb2.RetryRolloutRequest(rollout_id=rollout_id))
     # The nodes the retry left out as its start answered (stored with it), not read back from
@@ -714,7 +714,7 @@ def change_warnings(view: schema_pb2.RolloutView) -> list[str]:
     return plan_texts(Change(change), strategy, freeze, own_certs=False)[2]
 
 
-@rollout.command("rollback")
+@rollout.command("rollback", short_help="The way back: every node on https back to http.")
 @click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option(
     "--max-parallel",
@@ -736,8 +736,9 @@ def rollout_rollback(
     """The way back: put every node that runs https now back on http, whichever rollout
     switched it (with ROLLOUT_ID: that enable-tls rollout's nodes only), the same safe way (a
     new rollout of change disable-tls). Once per rollout. --wait as for `rollout start`: a
-    script learns the outcome from the exit code (session 68, README walk: the way back alone
-    of the commands that start a rollout had no --wait)."""
+    script learns the outcome from the exit code."""
+    # (--wait: session 68, README walk: the way back alone of the commands that start a
+    # rollout had none)
     request = admin_pb2.RolloutRequest(
         change=CHANGE.wire(Change.DISABLE_TLS),
         undo_rollout_id=rollout_id,
@@ -771,7 +772,7 @@ def rollout_rollback(
             request.confirmed_nodes.extend(stepped(planned.rollout.nodes))
         view = leader.call(admin.StartRollout, request)
     undoes = f", undoes {view.undoes}" if view.undoes else ""
-    out.print(
+    say(
         f"rollout {view.id} (disable-tls{undoes}) started; "
         "follow it with: tlsroll schema show --watch"
     )
@@ -783,7 +784,7 @@ def rollout_rollback(
         going_back(view.nodes, ".", removed, warnings=planned.warnings)
     elif removed != list(planned.rollout.removed_since):
         for name in removed:
-            out.print(f"  {name} {REMOVED_SINCE}")
+            say(f"  {name} {REMOVED_SINCE}")
     if wait:
         wait_for_end(leader, view.id)
 
@@ -805,21 +806,21 @@ def going_back(
     workstation must go back", said of one node's way back)."""
     skipped = [n for n in nodes if NODE_STATE.text(n.state) == SKIPPED]
     going = ", ".join(n.name for n in nodes if n not in skipped)
-    out.print(f"Back to http: {going}{how}")
+    say(f"Back to http: {going}{how}")
     # A node going back that its agent's checks block, with why (as the plan names it): its
     # preflight would fail, and the way back halt there (brief s67 engine (b): the prompt
     # named it among those going back, no more).
     for n in nodes:
         if NODE_STATE.text(n.state) != SKIPPED and n.reason.startswith(BLOCKED):
-            out.print(f"  {n.name}: {n.reason} (the way back halts there unless it is fixed)")
+            say(f"  {n.name}: {n.reason} (the way back halts there unless it is fixed)")
     for n in skipped:
         on_http = n.reason.startswith("already done") and not left_as_is(n.reason)
-        out.print(f"  {n.name}: {'already on http' if on_http else n.reason}")
+        say(f"  {n.name}: {'already on http' if on_http else n.reason}")
     for name in removed:
-        out.print(f"  {name} {REMOVED_SINCE}")
+        say(f"  {name} {REMOVED_SINCE}")
     for line in edited:
-        out.print(f"  ! {line}")
-    out.print(
+        say(f"  ! {line}")
+    say(
         "  ! Every workstation of the nodes going back must go back to the old http address "
         "afterwards."
     )
@@ -828,10 +829,10 @@ def going_back(
     own = set(plan_texts(Change.DISABLE_TLS, Strategy.DIRECT, FreezeMode.NODE, False)[2])
     for line in warnings:
         if line not in own:
-            out.print(f"  ! {line}")
+            say(f"  ! {line}")
 
 
-@rollout.command("finalize")
+@rollout.command("finalize", short_help="Phase 2 of a transitional rollout: close http.")
 @click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option(
     "--force",
@@ -880,9 +881,9 @@ def rollout_finalize(
         view = leader.call(admin.FinalizeRollout, request)
     # The nodes whose agents are cut off (a machine lost or stolen) are left out, named apart.
     out_of_it = [n for n in view.nodes if left_out(n.reason)]
-    out.print(finalize_started(view, (when_quiet or "") if quiet else ""))
+    say(finalize_started(view, (when_quiet or "") if quiet else ""))
     for n in out_of_it:
-        out.print(f"  {n.name}: {n.reason}")
+        say(f"  {n.name}: {n.reason}")
     if wait:
         wait_for_end(leader, view.id)
 
@@ -918,20 +919,20 @@ def _confirm_finalize(plan: schema_pb2.RolloutView, when_quiet: str) -> None:
     going = [n.name for n in plan.nodes if n not in cut]
     if not going:  # every node left out: nothing closes, no workstation loses anything
         dual = f"{len(cut)} node{'s' if len(cut) != 1 else ''}"
-        out.print(
+        say(
             f"Finalize {plan.finalizes}: closes http on no node; it ends phase 1 leaving "
             f"{dual} dual (on http and https)."
         )
     else:
-        out.print(
+        say(
             f"Finalize {plan.finalizes}: close http (8080) on {', '.join(going)}, "
             f"{how} (each: freeze writes, https-only config, restart, verify 8080 closed and "
             "https live, unfreeze; else back to http+https)."
         )
     for n in cut:
-        out.print(f"  Left out: {n.name}: {n.reason}")
+        say(f"  Left out: {n.name}: {n.reason}")
     if going:
-        out.print(f"  ! {FINALIZE_WARNINGS[-1]}")
+        say(f"  ! {FINALIZE_WARNINGS[-1]}")
     ask_first(FINALIZE_ASK, "Close http now?" if going else "Finalize now?", "not started")
 
 
@@ -946,13 +947,13 @@ def _control(leader: Leader, action: RolloutAction, rollout_id: str) -> None:
                 rollout_id=rollout_id, action=ROLLOUT_ACTION.wire(action)
             ),
         )
-    out.print(f"rollout {view.id}: {ROLLOUT_STATE.text(view.state)}")
+    say(f"rollout {view.id}: {ROLLOUT_STATE.text(view.state)}")
 
 
 CONTROL_HELP = {
     RolloutAction.PAUSE: "No new node starts; nodes in flight finish.",
     RolloutAction.RESUME: "Carry on after a pause.",
-    RolloutAction.ABORT: "Finish the node(s) in flight safely, then stop; untouched nodes stay "
+    RolloutAction.ABORT: "Finish the node(s) in flight safely, then stop. Untouched nodes stay "
     "on http.",
 }
 

@@ -45,7 +45,7 @@ def schema() -> None:
     """The update schema (read-only)."""
 
 
-@schema.command("show")
+@schema.command("show", short_help="Show the newest rollout, its nodes, the cluster's state.")
 @click.option(
     "--rollout", "rollout_id", default="", callback=rollout_id_param, help="Only this rollout."
 )

@@ -30,7 +30,7 @@ from tlsroll.v1 import admin_pb2
 
 @click.group()
 def viewer() -> None:
-    """Read-only access to the web viewer (https on the leader, port 9444)."""
+    """Read-only access to the web viewer (the leader's port 9444)."""
 
 
 @viewer.command("grant")
