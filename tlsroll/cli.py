@@ -55,7 +55,7 @@ class Lazy(NamedTuple):
 LAZY = {
     "client": Lazy(
         "workstation.cli:client",
-        "The workstation side: connect a workstation to the encrypted server.",
+        "The workstation side: connect a PC to the encrypted server.",
     )
 }
 """Top-level commands that live outside the admin CLI."""

@@ -29,7 +29,7 @@ from workstation.connection import (
 
 @click.group("client")
 def client() -> None:
-    """The workstation side: connect a workstation to the encrypted server."""
+    """The workstation side: connect a PC to the encrypted server."""
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,7 +48,9 @@ def _settings_dir(text: str) -> Callable[[F], F]:
     )
 
 
-@client.command("test-connection")
+@client.command(
+    "test-connection", short_help="Check the new server address URL and set this PC up for it."
+)
 @click.argument("url")
 @click.option(
     "--bootstrap-port",
@@ -160,7 +162,7 @@ def test_connection(
     click.echo("restart the client to finish")
 
 
-@client.command("renew")
+@client.command("renew", short_help="Renew this workstation's client certificate.")
 @_settings_dir("The workstation's settings (as test-connection wrote them).")
 @click.option("--force", is_flag=True, help="Renew now, not only within the last 30 % of its life.")
 @click.option(
