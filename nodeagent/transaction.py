@@ -603,6 +603,8 @@ class Checks:
         probe.check_https
     )
     check_pinned: Callable[[str, int, str, str], Awaitable[str | None]] = probe.check_pinned
+    # Blocking, before the freeze: check_https's context for a CA made ready (the staging's)
+    prepare_https: Callable[[bytes, str], None] = probe.prepare_https
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -2002,6 +2004,12 @@ class Runner:
             # thread, and so the whole agent, for ever (session 51's review): ``read_file``.
             with contextlib.suppress(OSError):
                 ca_pem = read_file(plan.ca_file)
+            if ca_pem is not None:
+                # And the verify's https check made ready for it (its context, OpenSSL's first
+                # handshake: ``probe.prepare_https``), not inside the freeze window; a CA it
+                # cannot take, the check takes neither, and says why.
+                with contextlib.suppress(OSError, ValueError):
+                    self.checks.prepare_https(ca_pem, plan.facts.address)
         staged = self._stage_config(rollout_id, config, "target")
         back = None if source is None else self._stage_config(rollout_id, source, "source")
         return Staged(staged, ca_pem, back)
