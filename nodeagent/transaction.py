@@ -1993,7 +1993,8 @@ class Runner:
         self, rollout_id: str, config: bytes, plan: Plan, source: bytes | None = None
     ) -> Staged:
         """Blocking: ``config`` staged beside the live one and the CA ``plan``'s https verify
-        trusts, read (``stage``; the servicer also stages a switch this way when its node is
+        trusts, read, with the context its check connects with (``probe.prepare_https``;
+        ``stage``; the servicer also stages a switch this way when its node is
         staged, before the switch is asked for: ``NodeAgentService._prepare``); and ``source``
         (the live config, which the way back puts back) staged too, so that the way back is a
         rename (``Staged.source``)."""
