@@ -154,14 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     root = Path(tempfile.mkdtemp(prefix="tlsroll-switch-calls-"))
     rows: list[dict[str, float]] = []
+    first: Switched | None = None
     steps: dict[str, list[float]] = {}
     try:
         with cluster_of(root, 1, env=NO_DEBUG) as (_cluster, (node,)):
             for i in range(ns.switches):
-                # One switch under strace (its system calls), one without (the agent's context
-                # switches, which ptrace's stops would count too, and the step times).
-                traced = switch(node, f"sc{i}", root / f"strace-{i}")
+                # One switch without strace (the agent's context switches, which ptrace's stops
+                # would count too, and the step times), one under it (its system calls). The
+                # first is the agent's first switch: what it makes once (its https check's
+                # context, OpenSSL's first handshake) is in it, as in a rollout, where each
+                # agent switches once.
                 plain = switch(node, f"sp{i}", None)
+                traced = switch(node, f"sc{i}", root / f"strace-{i}")
+                if i == 0:
+                    first = plain
                 calls = traced.calls
                 rows.append(
                     {
@@ -194,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     split = ", ".join(f"→{k} {statistics.median(v):.1f}" for k, v in steps.items())
     print(f"  steps (ms, median, not under strace): {split}")
+    assert first is not None
     print(f"  per switch: {[int(r['durable']) for r in rows]} fsync+fdatasync")
+    print(
+        f"  the agent's first switch: CPU {first.cpu_ms:.1f} ms, {first.switches} context"
+        f" switches, verify {first.steps.get('verified', float('nan')):.1f} ms, the freeze"
+        f" window less the restart {first.added:.1f} ms (not under strace)"
+    )
     return 0
 
 

@@ -603,6 +603,8 @@ class Checks:
         probe.check_https
     )
     check_pinned: Callable[[str, int, str, str], Awaitable[str | None]] = probe.check_pinned
+    # Blocking, before the freeze: check_https's context for a CA made ready (the staging's)
+    prepare_https: Callable[[bytes, str], None] = probe.prepare_https
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -1991,7 +1993,8 @@ class Runner:
         self, rollout_id: str, config: bytes, plan: Plan, source: bytes | None = None
     ) -> Staged:
         """Blocking: ``config`` staged beside the live one and the CA ``plan``'s https verify
-        trusts, read (``stage``; the servicer also stages a switch this way when its node is
+        trusts, read, with the context its check connects with (``probe.prepare_https``;
+        ``stage``; the servicer also stages a switch this way when its node is
         staged, before the switch is asked for: ``NodeAgentService._prepare``); and ``source``
         (the live config, which the way back puts back) staged too, so that the way back is a
         rename (``Staged.source``)."""
@@ -2002,6 +2005,12 @@ class Runner:
             # thread, and so the whole agent, for ever (session 51's review): ``read_file``.
             with contextlib.suppress(OSError):
                 ca_pem = read_file(plan.ca_file)
+            if ca_pem is not None:
+                # And the verify's https check made ready for it (its context, OpenSSL's first
+                # handshake: ``probe.prepare_https``), not inside the freeze window; a CA it
+                # cannot take, the check takes neither, and says why.
+                with contextlib.suppress(OSError, ValueError):
+                    self.checks.prepare_https(ca_pem, plan.facts.address)
         staged = self._stage_config(rollout_id, config, "target")
         back = None if source is None else self._stage_config(rollout_id, source, "source")
         return Staged(staged, ca_pem, back)

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -205,6 +205,48 @@ async def test_the_async_https_probe_passes_what_the_blocking_one_passes(
     with tiny_server(address, not_found, _tls(cert)) as port:
         problem = await probe.check_https(address, port, APP, ca_pem, fingerprint)
         assert problem == f"https://{address}:{port}{APP} answered 404"
+
+
+async def test_a_prepared_https_check_makes_no_context_of_its_own(
+    loopback: Callable[[], str],
+    issue_cert: Callable[..., IssuedCert],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``probe.prepare_https`` (the agent's staging, before the freeze: issue 15, session 72)
+    makes the context the check connects with and begins one handshake with it in memory,
+    once per context: the check then makes no context, and passes; a CA that cannot be read
+    raises there as the check's own context would (the check says what is wrong)."""
+    address = loopback()
+    cert = issue_cert(address)
+    ca_pem = cert.ca_file.read_bytes()
+    fingerprint = pki.fingerprint(pki.read_cert(cert.cert_file))
+    httpcheck.trusting.cache_clear()
+    made: list[bytes | None] = []
+    client_context = tls.client_context
+
+    def counted(ca: bytes | None = None, **kwargs: Any) -> ssl.SSLContext:
+        made.append(ca)
+        return client_context(ca, **kwargs)
+
+    monkeypatch.setattr(tls, "client_context", counted)
+    hellos: list[ssl.SSLObject] = []
+    wrap_bio = ssl.SSLContext.wrap_bio
+
+    def counted_hello(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        hellos.append(wrap_bio(self, *args, **kwargs))
+        return hellos[-1]
+
+    monkeypatch.setattr(ssl.SSLContext, "wrap_bio", counted_hello)
+    probe.prepare_https(ca_pem, address)
+    probe.prepare_https(ca_pem, address)
+    assert made == [ca_pem]
+    assert len(hellos) == 1 and hellos[0].context is httpcheck.trusting(ca_pem)
+    with tiny_server(address, OK_CLOSE, _tls(cert)) as port:
+        assert await probe.check_https(address, port, APP, ca_pem, fingerprint) is None
+    assert made == [ca_pem]
+    with pytest.raises((ssl.SSLError, ValueError)):
+        probe.prepare_https(b"not a CA", address)
+    httpcheck.trusting.cache_clear()
 
 
 async def test_the_async_https_probe_says_what_is_wrong_never_raises(

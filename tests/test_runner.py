@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sqlite3
+import ssl
 import stat
 import threading
 import tomllib
@@ -50,7 +51,7 @@ from nodeagent.trust import LeaderTrust
 from nodeagent.wire import CHANGE, TXN_PHASE
 from tests.conftest import count_thread_hops
 from tests.private_files import write_private
-from tlsroll import dbthread, fsutil, password, peertext
+from tlsroll import dbthread, fsutil, httpcheck, password, peertext, pki, tls
 from tlsroll.config import ConfigFile
 from tlsroll.enums import NEEDS_ADMIN, Change, TxnKind, TxnOutcome
 from tlsroll.v1 import agent_pb2
@@ -2252,6 +2253,63 @@ async def begin_as_the_servicer(
         return txn, runner.stage_next(txn)
 
     return await dbthread.run(create)
+
+
+async def test_the_verifys_https_context_is_made_with_the_staging_before_the_freeze(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, session 72: an agent's first https verify made its check's TLS context (the
+    CA parsed, OpenSSL's defaults) and ran OpenSSL's first handshake inside the freeze
+    window. The switch's staging makes that context now, and begins a handshake with it in
+    memory (``probe.prepare_https``), before the freeze call: the check inside the window
+    takes the context made then (``httpcheck.trusting``: one per CA) and makes none."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    ca_pem = pki.CertificateAuthority.create().cert_pem
+    w.plan.ca_file.write_bytes(ca_pem)
+    httpcheck.trusting.cache_clear()
+    events: list[str] = []
+    client_context = tls.client_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        events.append("context")
+        return client_context(*args, **kwargs)
+
+    monkeypatch.setattr(tls, "client_context", counted)
+    began = ssl.SSLContext.wrap_bio
+
+    def hello(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        events.append("handshake")
+        return began(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "wrap_bio", hello)
+
+    class Watched(FileDriver):
+        async def freeze(self, drain_timeout: float) -> int:
+            events.append("freeze")
+            return await super().freeze(drain_timeout)
+
+        async def unfreeze(self) -> None:
+            events.append("unfreeze")
+            await super().unfreeze()
+
+    async def check_https(
+        address: str, port: int, path: str, ca: bytes, fingerprint: str | None
+    ) -> str | None:
+        assert ca == ca_pem  # the staging's
+        httpcheck.trusting(ca)  # the context ``probe.check_https`` connects with
+        events.append("check_https")
+        return None
+
+    w.driver = Watched(w.server, w.driver.config_file)
+    journal = CrashingJournal(w.journal_path)
+    runner = w.runner(journal)
+    runner.checks = replace(runner.checks, check_https=check_https)
+    txn, staged = await begin_as_the_servicer(w, runner, journal)
+    done = await runner.run(txn, begun=next_action(Phase.STARTED), staged=staged)
+    assert done.outcome is TxnOutcome.COMPLETED
+    assert events == ["context", "handshake", "freeze", "check_https", "unfreeze"]
+    httpcheck.trusting.cache_clear()
 
 
 async def test_a_switch_staged_in_the_next_hand_off_freezes_only_once_its_config_is_staged(

@@ -30,6 +30,7 @@ journal, the logs, the leader's store and the viewer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import http.client
@@ -37,6 +38,7 @@ import io
 import re
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import cast
 
@@ -364,6 +366,27 @@ async def check_pinned(
     url = f"https://{address}:{port}{path}"
     look = _presents(address, port, fingerprint, "the certificate it served before")
     return await _check(url, address, port, path, timeout, _pinning(), look)
+
+
+def prepare_https(ca_pem: bytes, address: str) -> None:
+    """Blocking: ``check_https``'s context for ``ca_pem`` made now (``trusting``: made once
+    per CA, so the check takes this very context) and its first handshake's client side run
+    once in memory, to its ClientHello (no connection): the agent's staging does it before
+    the freeze (``nodeagent.transaction.Runner.stage_target``). The first check of an agent
+    made the context (the CA parsed, OpenSSL's defaults: 1.7 ms) and paid for OpenSSL's first
+    handshake (its algorithms fetched, the key share made: 1.3 ms more) inside the switch's
+    freeze window (issue 15, session 72). A CA that cannot be read raises as ``trusting``
+    does (``ssl.SSLError``, ``ValueError``): the check then says what is wrong."""
+    context = trusting(ca_pem)
+    if context in _begun:
+        return
+    hello = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=address)
+    with contextlib.suppress(ssl.SSLWantReadError):  # (the server's answer never comes)
+        hello.do_handshake()
+    _begun.add(context)
+
+
+_begun: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()  # contexts ``prepare_https`` ran
 
 
 @functools.cache
