@@ -2484,6 +2484,56 @@ async def test_a_way_back_answered_try_again_for_good_ends(
     await leader.stop()
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["not-begun", "journalled-late"])
+async def test_a_leader_dead_as_it_sends_a_way_back_again_goes_on(world: World, late: bool) -> None:
+    """Review s72 revrefused, the new crash point: the way back's Rollback answered ABORTED,
+    none held when asked (``late``: the agent journals it just after the question), and the
+    leader dies as it sends it again. The restarted leader runs the step again: the way back
+    begins once (or is replayed and followed), and the node ends done, on http."""
+    first = world.boot()
+    await first.start()
+    assert states(await first.run()) == ALL_DONE
+    charlie = world.agents["charlie"]
+    begin, ask = charlie.rollback, charlie.get_transaction
+    sent = Counter[str]()
+    journal_late: list[agent_pb2.RollbackRequest] = []
+
+    async def rollback(request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        sent["rollback"] += 1
+        if sent["rollback"] == 1:
+            if late:
+                journal_late.append(request)
+            raise StepFailed(f"{AGENT_FAILED} (ABORTED)", grpc.StatusCode.ABORTED)
+        if sent["rollback"] == 2:  # sent again: the leader dies here
+            first.schema.dead = True
+            raise Crash("the leader dies as it sends the way back again")
+        return await begin(request)
+
+    async def get_transaction(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        try:
+            return await ask(request)
+        finally:
+            while journal_late:
+                await begin(journal_late.pop())
+
+    charlie.rollback = rollback  # type: ignore[method-assign]
+    charlie.get_transaction = get_transaction  # type: ignore[method-assign]
+    await first.start(Change.DISABLE_TLS)
+    with pytest.raises(Crash):
+        await first.run(passes=400)
+    await first.crash()
+    assert sent["rollback"] == 2
+
+    second = world.boot()
+    row = await second.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is N.DONE, charlie_row
+    assert charlie.scheme == "http" and charlie.applied["rollback"] == 1
+    assert sent["rollback"] == 3
+    await second.stop()
+
+
 async def test_a_confirms_rollback_answered_try_again_for_good_ends(world: World) -> None:
     """Review s72 revrefused: the confirm's Rollback answered ABORTED every time, none held, ran
     the confirm again without end (the rollout held, its abort too). Sent again a few times,
