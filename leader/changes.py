@@ -99,18 +99,20 @@ SEND_AGAIN = 3
 confirm's, an older agent's Switch) is sent within its step when its agent answered it with
 no refusal (``failed_code``: INTERNAL, UNKNOWN, CANCELLED, ABORTED, RESOURCE_EXHAUSTED...)
 and, asked, holds none of it; after the last, none held, the node's outcome says it failed
-and did not begin. Sent again, not only asked: an answer the transport made (UNKNOWN "stream
-removed", INTERNAL for a reset stream) may reach the leader while the agent's handler still
-journals the transaction (its journal's writes go one by one through one thread, where a
-request sent again waits its turn, while GetTransaction reads beside them): asked at once it
-holds none, and it begins after all (review s72 revrefused: "nothing on the node was
-changed" while the way back took the node to http). A request sent again begins nothing an
-earlier one began (a replay answers with it, followed). Bounded for every such code: session
-72's first version sent CANCELLED, ABORTED and RESOURCE_EXHAUSTED again by running the step
-again, without end: an agent that answers ABORTED every time held the rollout, and its abort,
-for good, the node's row saying "agent unreachable ... it may be mid-switch". An agent that
-stops (CANCELLED) answers UNAVAILABLE to the next try: the step runs again, as for an agent
-away."""
+and did not begin. Sent again, not only asked: an answer made on the way (a stream reset
+with an error code, INTERNAL or UNKNOWN by the gRPC release) may reach the leader while the
+agent's handler still journals the transaction (a reset reaches the client before the
+handler is cancelled, and its journal write, handed to the store's thread, runs to its end
+all the same; GetTransaction reads beside that thread, a request sent again waits its turn
+on it): asked at once it holds none, and it begins after all (review s72 revrefused:
+"nothing on the node was changed" while the way back took the node to http). A request sent
+again begins nothing an earlier one began (a replay answers with it, and starts it if the
+handler that journalled it was cancelled before it did). Bounded for every such code:
+session 72's first version sent CANCELLED, ABORTED and RESOURCE_EXHAUSTED again by running
+the step again, without end: an agent that answers ABORTED every time held the rollout, and
+its abort, for good, the node's row saying "agent unreachable ... it may be mid-switch". (An
+agent that stops answers UNAVAILABLE, "Cancelling all calls", not CANCELLED: a
+``TransientError``, the step runs again as for an agent away.)"""
 
 SEND_AGAIN_SECONDS = 1.0
 """The pause before a request is sent again (``SEND_AGAIN``; the engine's clock)."""
