@@ -94,24 +94,39 @@ log = logs.get_logger(__name__)
 
 Outcome = tuple[NodeEvent, str | None]
 
-RETRY_CODES = frozenset(
-    {
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
-"""An agent's answer to a way back (``DisableTls``'s Rollback, the confirm's) that says "try
-again": the call was cancelled (the agent stopping), aborted (gRPC's "retry at a higher
-level"), or a limit was reached (not the node's full disk: ``NodeDiskFull``, already retried).
-If the agent, asked, holds the way back, it is followed; if it holds none, the step runs again
-(a ``TransientError``) and sends it again (a replay begins nothing)."""
+SEND_AGAIN = 3
+"""How many times more a request that begins a transaction (the way back's Rollback, the
+confirm's, an older agent's Switch) is sent within its step when its agent answered it with
+no refusal (``failed_code``: INTERNAL, UNKNOWN, CANCELLED, ABORTED, RESOURCE_EXHAUSTED...)
+and, asked, holds none of it; after the last, none held, the node's outcome says it failed
+and did not begin. Sent again, not only asked: an answer made on the way (a stream reset
+with an error code, INTERNAL or UNKNOWN by the gRPC release) may reach the leader while the
+agent's handler still journals the transaction (a reset reaches the client before the
+handler is cancelled, and its journal write, handed to the store's thread, runs to its end
+all the same; GetTransaction reads beside that thread, a request sent again waits its turn
+on it): asked at once it holds none, and it begins after all (review s72 revrefused:
+"nothing on the node was changed" while the way back took the node to http). A request sent
+again begins nothing an earlier one began (a replay answers with it, and starts it if the
+handler that journalled it was cancelled before it did). Bounded for every such code:
+session 72's first version sent CANCELLED, ABORTED and RESOURCE_EXHAUSTED again by running
+the step again, without end: an agent that answers ABORTED every time held the rollout, and
+its abort, for good, the node's row saying "agent unreachable ... it may be mid-switch". (An
+agent that stops answers UNAVAILABLE, "Cancelling all calls", not CANCELLED: a
+``TransientError``, the step runs again as for an agent away.)"""
+
+SEND_AGAIN_SECONDS = 1.0
+"""The pause before a request is sent again (``SEND_AGAIN``; the engine's clock)."""
+
+
+class SendAgain(Exception):
+    """(Within ``leader.changes``.) The agent answered a request that begins a transaction
+    with no refusal and holds none of it: the step sends it again (``SEND_AGAIN``)."""
 
 
 def failed_code(code: grpc.StatusCode | None) -> bool:
     """Whether an agent's answer ``code`` to a request that begins a transaction is its own
     failure, not a refusal (``REFUSAL_CODES``: its checks, its epoch, its leader, before
-    anything began): INTERNAL (its bug), UNKNOWN, UNIMPLEMENTED, ``RETRY_CODES``..., which
+    anything began): INTERNAL (its bug), UNKNOWN, UNIMPLEMENTED, CANCELLED, ABORTED..., which
     say nothing of whether the request began it (session 72: the way back recorded them
     "going back to http refused", the node ``rolled_back``, without asking). No code: a
     StepFailed of the leader's own (its tests' agents) is a refusal, as before."""
@@ -503,26 +518,36 @@ class ChangeSteps:
                 early, early_at = self._begin_check(ctx, key), ctx.monotonic()
 
         try:
-            try:
-                outcome, reason = await wait_transaction(
-                    ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request, verified=verified
-                )
-            except SwitchRefused as exc:  # refused: began now, or by an earlier run?
-                if request.quiet_seconds and NOT_QUIET in str(exc):
-                    # Not quiet by the agent's fresh look (it looks only with no switch
-                    # journalled): the node goes back to wait at the gate, with the sighting
-                    # stored (``_store_sighting``), which holds it there.
-                    await _store_sighting(ctx)
-                    why = str(exc)[str(exc).index(NOT_QUIET) :]
-                    return NodeEvent.SWITCH_HELD, peertext.clean(why, REASON_LIMIT)
-                # (Its code: an agent of an earlier release's Switch may answer INTERNAL.)
-                refused = await self.refused(ctx, "switch", str(exc), exc.code)
-                if refused is not None:
-                    return refused
-                # This step's switch, begun by an earlier run of it: followed to its outcome.
-                outcome, reason = await wait_transaction(
-                    ctx, ctx.rollout.id, TxnKind.SWITCH, verified=verified
-                )
+            for again in range(SEND_AGAIN, -1, -1):
+                try:
+                    outcome, reason = await wait_transaction(
+                        ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request, verified=verified
+                    )
+                except SwitchRefused as exc:  # refused: began now, or by an earlier run?
+                    if request.quiet_seconds and NOT_QUIET in str(exc):
+                        # Not quiet by the agent's fresh look (it looks only with no switch
+                        # journalled): the node goes back to wait at the gate, with the
+                        # sighting stored (``_store_sighting``), which holds it there.
+                        await _store_sighting(ctx)
+                        why = str(exc)[str(exc).index(NOT_QUIET) :]
+                        return NodeEvent.SWITCH_HELD, peertext.clean(why, REASON_LIMIT)
+                    # (Its code: an agent of an earlier release's Switch may answer INTERNAL;
+                    # with none held it is sent again: ``SEND_AGAIN``.)
+                    try:
+                        refused = await self.refused(
+                            ctx, "switch", str(exc), exc.code, last=not again
+                        )
+                    except SendAgain:
+                        await ctx.sleep(SEND_AGAIN_SECONDS)
+                        continue
+                    if refused is not None:
+                        return refused
+                    # This step's switch, begun by an earlier run of it (or by this call):
+                    # followed to its outcome.
+                    outcome, reason = await wait_transaction(
+                        ctx, ctx.rollout.id, TxnKind.SWITCH, verified=verified
+                    )
+                break
         except BaseException:
             _drop_begun(ctx, key, early)  # the step runs again: its own check, if any
             raise
@@ -591,18 +616,20 @@ class ChangeSteps:
         said: str,
         code: grpc.StatusCode | None = None,
         kind: TxnKind | None = None,
+        *,
+        last: bool = True,
     ) -> Outcome | None:
         """The node's outcome after its agent refused this step's ``what`` (``said``: its
         line; ``code``: its status), or None if the agent holds this step's transaction,
         begun by an earlier run of the step (or, for an answer that is no refusal, by this
         call): the caller follows it (``after_refusal`` decides from ``held``'s answer). An
-        answer that is no refusal but says "try again" (``RETRY_CODES``) with none held is a
-        ``TransientError``: the step runs again. ``kind``: the transaction's (default
+        answer that is no refusal with none held raises ``SendAgain`` unless it answered the
+        ``last`` send (``SEND_AGAIN``). ``kind``: the transaction's (default
         ``switch_kind``)."""
         held, asked = await self.held(ctx, what, said, kind)
         failed = failed_code(code)
-        if failed and held is Held.NONE and code in RETRY_CODES:
-            raise TransientError(f"agent {ctx.node}: {what} not begun; tried again ({said})")
+        if failed and held is Held.NONE and not last:
+            raise SendAgain(said)
         return after_refusal(what, said, held, asked, refused=not failed)
 
     async def held(
@@ -702,17 +729,25 @@ class ChangeSteps:
             # Before it is sent: a confirm run again (its answer lost) must follow this
             # rollback, not check again.
             ctx.switched_here[key] = False
-            try:
-                await ctx.agent.rollback(
-                    agent_pb2.RollbackRequest(
-                        command=ctx.command(),
-                        keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+            for again in range(SEND_AGAIN, -1, -1):
+                try:
+                    await ctx.agent.rollback(
+                        agent_pb2.RollbackRequest(
+                            command=ctx.command(),
+                            keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+                        )
                     )
-                )
-            except StepFailed as exc:
-                failed = await self._rollback_failed(ctx, str(exc), exc.code)
-                if failed is not None:
-                    return NodeEvent.CONFIRM_FAILED, f"{problem}; {failed}"
+                except StepFailed as exc:
+                    try:
+                        failed = await self._rollback_failed(
+                            ctx, str(exc), exc.code, last=not again
+                        )
+                    except SendAgain:
+                        await ctx.sleep(SEND_AGAIN_SECONDS)
+                        continue
+                    if failed is not None:
+                        return NodeEvent.CONFIRM_FAILED, f"{problem}; {failed}"
+                break
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
         why = f"outside check failed: {problem or 'confirm failed before a leader restart'}"
         if outcome is TxnOutcome.COMPLETED:
@@ -726,24 +761,23 @@ class ChangeSteps:
         return NodeEvent.CONFIRM_FAILED, f"{why}; the rollback failed too: {reason}"
 
     async def _rollback_failed(
-        self, ctx: StepContext, said: str, code: grpc.StatusCode | None
+        self, ctx: StepContext, said: str, code: grpc.StatusCode | None, *, last: bool = True
     ) -> str | None:
         """What the confirm's Rollback that the agent answered ``said`` (``code``) leaves to
         say: "rollback refused: ..." for a refusal (nothing began: a rollback an earlier run
         sent is looked for before this one is sent); for any other answer (``failed_code``),
         which says nothing of whether it began, None if the agent, asked, holds it (it is
         followed), else what it said and that it did not begin, or that whether it did is not
-        known. An answer that says "try again" (``RETRY_CODES``) with none held is a
-        ``TransientError``: the confirm runs again, looks for a rollback under way, checks the
-        node again and sends one again (session 72: any answer was "rollback refused")."""
+        known. With none held, ``SendAgain`` unless it answered the ``last`` send
+        (``SEND_AGAIN``; session 72: any answer was "rollback refused")."""
         if not failed_code(code):
             return f"rollback refused: {said}"
         held, asked = await self.held(ctx, "rollback", said, TxnKind.ROLLBACK)
         if held is Held.THIS:
             return None
         if held is Held.NONE:
-            if code in RETRY_CODES:
-                raise TransientError(f"agent {ctx.node}: rollback not begun; tried again ({said})")
+            if not last:
+                raise SendAgain(said)
             return f"rollback failed: {said}; it did not begin"
         return (
             f"rollback failed: {said}; whether it began is not known: the agent refused to say"
@@ -875,6 +909,16 @@ class DisableTls(ChangeSteps):
     switch_kind = TxnKind.ROLLBACK
 
     async def switch(self, ctx: StepContext) -> Outcome:
+        for again in range(SEND_AGAIN, -1, -1):
+            try:
+                return await self._way_back(ctx, last=not again)
+            except SendAgain:
+                await ctx.sleep(SEND_AGAIN_SECONDS)
+        raise AssertionError("unreachable")  # pragma: no cover - the last send raises none
+
+    async def _way_back(self, ctx: StepContext, *, last: bool) -> Outcome:
+        """One send of the way back's Rollback and its outcome (``SendAgain``: the agent
+        answered with no refusal and holds none, and this was not the ``last`` send)."""
         try:
             await ctx.agent.rollback(
                 agent_pb2.RollbackRequest(
@@ -903,9 +947,10 @@ class DisableTls(ChangeSteps):
             # Refused: nothing on the node changed only if it holds no way back of this
             # rollout, begun by an earlier run of the step (``ChangeSteps.refused``). Any other
             # answer (INTERNAL, UNKNOWN, CANCELLED, ...: ``failed_code``) says nothing of
-            # whether this call began it: asked the same, followed if it did (session 72: it
-            # was recorded rolled_back, "going back to http refused", unasked).
-            refused = await self.refused(ctx, "going back to http", str(exc), exc.code)
+            # whether this call began it: asked the same, followed if it did, sent again if
+            # not (``SEND_AGAIN``; session 72: it was recorded rolled_back, "going back to
+            # http refused", unasked).
+            refused = await self.refused(ctx, "going back to http", str(exc), exc.code, last=last)
             if refused is not None:
                 return refused
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)

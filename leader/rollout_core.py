@@ -426,7 +426,7 @@ def after_refusal(
     as it truly does.
 
     ``refused`` False: the agent's answer was no refusal but its own failure (INTERNAL,
-    UNKNOWN, UNIMPLEMENTED, ...: ``leader.changes.FAILED_CODES``), which says nothing of
+    UNKNOWN, UNIMPLEMENTED, ...: ``leader.changes.failed_code``), which says nothing of
     whether the call began the step: the same question decides, and the reason says
     "failed", not "refused" (session 72: the way back recorded any such answer
     ``rolled_back``, "going back to http refused", without asking; a named way back skips a

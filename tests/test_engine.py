@@ -2322,7 +2322,8 @@ async def test_a_way_back_the_agent_failed_is_asked_about_not_recorded_refused(
             f"going back to http failed: {AGENT_FAILED} (INTERNAL); nothing on the node was changed"
         ), reason
         assert charlie.scheme == "https" and charlie.applied["rollback"] == 0
-        assert answered == {"INTERNAL": 1}  # its own failure: not sent again
+        # Sent again within the step (review s72 revrefused), then it ends: never for good.
+        assert answered == {"INTERNAL": 1 + changes.SEND_AGAIN}
     await leader.stop()
 
 
@@ -2360,7 +2361,7 @@ async def test_a_switch_an_older_agent_failed_before_it_began_says_failed(
         assert reason == (
             f"switch failed: {AGENT_FAILED} (INTERNAL); nothing on the node was changed"
         )
-        assert sent["switch"] == 1 and charlie.applied["switch"] == 0
+        assert sent["switch"] == 1 + changes.SEND_AGAIN and charlie.applied["switch"] == 0
     else:
         assert sent["switch"] == 2 and charlie.applied["switch"] == 1
     await leader.stop()
@@ -2384,7 +2385,9 @@ async def test_a_confirms_rollback_the_agent_failed_is_asked_about(
 
     reason = node(row.records, "charlie").reason
     assert "rollback refused" not in reason
-    assert answered == {"INTERNAL": 1}
+    # Begun: followed at its first answer; none held: sent again within the confirm, then it
+    # ends (review s72 revrefused).
+    assert answered == {"INTERNAL": 1 if begins else 1 + changes.SEND_AGAIN}
     if begins:
         assert states(row)["charlie"] is N.ROLLED_BACK, reason
         assert reason == "outside check failed: handshake: unknown CA"
@@ -2395,6 +2398,161 @@ async def test_a_confirms_rollback_the_agent_failed_is_asked_about(
             f"handshake: unknown CA; rollback failed: {AGENT_FAILED} (INTERNAL); it did not begin"
         )
         assert charlie.scheme == "https" and charlie.applied["rollback"] == 0
+    await leader.stop()
+
+
+def journals_after_the_question(agent: FakeAgent, code: grpc.StatusCode) -> Counter[str]:
+    """``agent``'s first Rollback is answered ``code`` by the transport (a stream reset: "stream
+    removed") while its handler goes on: the rollback is journalled, and begun, just after the
+    leader's first question (GetTransaction) was answered "none" (the agent's journal writes
+    queue on one thread; its GetTransaction reads beside them). What it answered, counted."""
+    begin, ask = agent.rollback, agent.get_transaction
+    late: list[agent_pb2.RollbackRequest] = []
+    answered = Counter[str]()
+
+    async def rollback(request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        if not answered:
+            late.append(request)
+            answered[code.name] += 1
+            raise StepFailed(f"Stream removed ({code.name})", code)
+        answered["sent again"] += 1
+        return await begin(request)
+
+    async def get_transaction(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        try:
+            return await ask(request)
+        finally:
+            while late:
+                await begin(late.pop())  # its handler's journal write lands now
+
+    agent.rollback = rollback  # type: ignore[method-assign]
+    agent.get_transaction = get_transaction  # type: ignore[method-assign]
+    return answered
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL])
+async def test_a_way_back_journalled_after_the_question_is_followed(
+    world: World, code: grpc.StatusCode
+) -> None:
+    """Review s72 revrefused: an answer that is no refusal, made by the transport while the
+    agent's handler still journals the way back, was asked about at once: "none", so the node
+    was recorded failed, "going back to http failed: ...; nothing on the node was changed"
+    (a named way back leaves it out), while the agent took it back to http. It is sent again
+    (a replay begins nothing and answers with the way back, which is followed)."""
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    charlie = world.agents["charlie"]
+    answered = journals_after_the_question(charlie, code)
+    await leader.start(Change.DISABLE_TLS)
+
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie.scheme == "http" and charlie.applied["rollback"] == 1
+    assert charlie_row.state is N.DONE, charlie_row
+    assert "nothing on the node was changed" not in charlie_row.reason
+    assert answered == {code.name: 1, "sent again": 1}
+    await leader.stop()
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED])
+async def test_a_way_back_answered_try_again_for_good_ends(
+    world: World, code: grpc.StatusCode
+) -> None:
+    """Review s72 revrefused: a way back whose agent answered ABORTED (or RESOURCE_EXHAUSTED,
+    not its full disk) every time, holding none, ran its step again without end: the rollout
+    never ended, its abort neither (it waits for a node in its switch), and the node's row said
+    "agent unreachable ... it may be mid-switch (writes refused)". Sent again a few times
+    within the step, then the node is failed, nothing on it changed: the rollout ends."""
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    charlie = world.agents["charlie"]
+    answered = fails_rollback(charlie, code, begins=False, times=10**6)
+    await leader.start(Change.DISABLE_TLS)
+
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is N.FAILED, charlie_row
+    assert charlie_row.reason == (
+        f"going back to http failed: {AGENT_FAILED} ({code.name}); nothing on the node was changed"
+    ), charlie_row
+    assert charlie.scheme == "https" and charlie.applied["rollback"] == 0
+    assert answered == {code.name: 1 + changes.SEND_AGAIN}
+    await leader.stop()
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["not-begun", "journalled-late"])
+async def test_a_leader_dead_as_it_sends_a_way_back_again_goes_on(world: World, late: bool) -> None:
+    """Review s72 revrefused, the new crash point: the way back's Rollback answered ABORTED,
+    none held when asked (``late``: the agent journals it just after the question), and the
+    leader dies as it sends it again. The restarted leader runs the step again: the way back
+    begins once (or is replayed and followed), and the node ends done, on http."""
+    first = world.boot()
+    await first.start()
+    assert states(await first.run()) == ALL_DONE
+    charlie = world.agents["charlie"]
+    begin, ask = charlie.rollback, charlie.get_transaction
+    sent = Counter[str]()
+    journal_late: list[agent_pb2.RollbackRequest] = []
+
+    async def rollback(request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        sent["rollback"] += 1
+        if sent["rollback"] == 1:
+            if late:
+                journal_late.append(request)
+            raise StepFailed(f"{AGENT_FAILED} (ABORTED)", grpc.StatusCode.ABORTED)
+        if sent["rollback"] == 2:  # sent again: the leader dies here
+            first.schema.dead = True
+            raise Crash("the leader dies as it sends the way back again")
+        return await begin(request)
+
+    async def get_transaction(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        try:
+            return await ask(request)
+        finally:
+            while journal_late:
+                await begin(journal_late.pop())
+
+    charlie.rollback = rollback  # type: ignore[method-assign]
+    charlie.get_transaction = get_transaction  # type: ignore[method-assign]
+    await first.start(Change.DISABLE_TLS)
+    with pytest.raises(Crash):
+        await first.run(passes=400)
+    await first.crash()
+    assert sent["rollback"] == 2
+
+    second = world.boot()
+    row = await second.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is N.DONE, charlie_row
+    assert charlie.scheme == "http" and charlie.applied["rollback"] == 1
+    assert sent["rollback"] == 3
+    await second.stop()
+
+
+async def test_a_confirms_rollback_answered_try_again_for_good_ends(world: World) -> None:
+    """Review s72 revrefused: the confirm's Rollback answered ABORTED every time, none held, ran
+    the confirm again without end (the rollout held, its abort too). Sent again a few times,
+    then the node needs attention: switched, its outside check failed, not rolled back."""
+    charlie = world.agents["charlie"]
+    charlie.outside_problem = "handshake: unknown CA"
+    answered = fails_rollback(charlie, grpc.StatusCode.ABORTED, begins=False, times=10**6)
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is N.NEEDS_ATTENTION, charlie_row
+    assert charlie_row.reason == (
+        f"handshake: unknown CA; rollback failed: {AGENT_FAILED} (ABORTED); it did not begin"
+    ), charlie_row
+    assert charlie.scheme == "https" and charlie.applied["rollback"] == 0
+    assert answered == {"ABORTED": 1 + changes.SEND_AGAIN}
     await leader.stop()
 
 
