@@ -934,25 +934,48 @@ def finalize_plan(
         kept,
         keep_frozen=keep_frozen,
         change=Change.FINALIZE.value,
-        source_fingerprint=fingerprint,
+        source_fingerprint=source_pin(live, facts),
     )
     return Built(new_config, plan, fingerprint)
 
 
-def source_pin(live: dict[str, str] | None) -> str:
-    """The fingerprint of the certificate ``live``'s ``cert_file`` holds (blocking), which a
-    transaction's restore check pins (``Plan.source_fingerprint``): a certificate the server's
-    config names may come from an issuer tlsroll does not know (the admin's own, or an
-    earlier CA), so the CA a plan names cannot check it (review s70 L1). "" where there is
-    none to read (on http, a file gone, no certificate in it): the check trusts the plan's CA
-    file, as before (and a source whose certificate cannot be read fails it either way)."""
+def source_pin(live: dict[str, str] | None, facts: ServerFacts) -> str:
+    """The certificates a transaction's restore check pins (``Plan.source_fingerprint``,
+    blocking): the one ``live``'s ``cert_file`` holds, and the one the server serves on https
+    now (``served_pin``) where that is another. A certificate the server's config names may
+    come from an issuer tlsroll does not know (the admin's own, or an earlier CA), so the CA
+    a plan names cannot check it (review s70 L1). The file's is what the server loads at the
+    way back's restart; the served one what a server the change never restarted still
+    serves: a certificate renewed on disk without a reload made a change that failed before
+    its restart say "restore failed" of a server that was fine (review s71). "" where the
+    file holds none to read (on http, a file gone, no certificate in it): the check trusts
+    the plan's CA file, as before (and a source whose certificate cannot be read fails it
+    either way)."""
     name = (live or {}).get("cert_file")
     if not name:
         return ""
     try:  # never a FIFO's endless read
-        return pem_fingerprint(read_regular(Path(name)))
+        pin = pem_fingerprint(read_regular(Path(name)))
     except (OSError, NotRegularFile, PKIError):
         return ""
+    served = served_pin(facts)
+    return pin if served in ("", pin) else f"{pin},{served}"
+
+
+SERVED_PIN_TIMEOUT = 1.0  # seconds for ``served_pin``'s handshake
+
+
+def served_pin(facts: ServerFacts) -> str:
+    """The fingerprint of the certificate the server presents on https now (a handshake,
+    nothing verified: what it runs, not whom to trust), "" if none came (blocking)."""
+    try:
+        context = tls.unverified_client_context()
+        address, port = facts.address, facts.https_port
+        with tls.connect(context, address, port, timeout=SERVED_PIN_TIMEOUT) as sock:
+            der = sock.getpeercert(binary_form=True)
+    except (OSError, ValueError):
+        return ""
+    return "sha256:" + hashlib.sha256(der).hexdigest() if der else ""
 
 
 def served_live(journal: Journal, driver: Driver, facts: ServerFacts) -> dict[str, str]:
@@ -1063,7 +1086,7 @@ def rotate_plan(
         live,
         keep_frozen=keep_frozen,
         change=Change.ROTATE_CERT.value,
-        source_fingerprint=source_pin(live),
+        source_fingerprint=source_pin(live, facts),
     )
     return Built(new_config, plan, staged.fingerprint or "")
 
@@ -1109,7 +1132,7 @@ def password_plan(
         kept,
         keep_frozen=keep_frozen,
         change=Change.CHANGE_PASSWORD.value,
-        source_fingerprint=source_pin(live),
+        source_fingerprint=source_pin(live, facts),
     )
     return Built(new_config, plan, "")
 
@@ -1277,7 +1300,9 @@ def rollback_plan(
         live,
         keep_frozen=keep_frozen,
         keep_edited=str(kept_config_path(driver, rollout_id)) if edited else "",
-        source_fingerprint=source_pin(_named_or(driver, live)) if "https" in facts.schemes else "",
+        source_fingerprint=(
+            source_pin(_named_or(driver, live), facts) if "https" in facts.schemes else ""
+        ),
     )
     return Built(old_config, plan, "")
 
@@ -1342,7 +1367,7 @@ def unjournalled_way_back(
         keep_frozen=keep_frozen,
         change=HTTP_WRITTEN,  # its reason says the http config was written (``kept_reason``)
         keep_edited=str(kept_config_path(driver, rollout_id)),
-        source_fingerprint=source_pin(live),
+        source_fingerprint=source_pin(live, facts),
     )
     return Built(config, plan, "")
 

@@ -551,6 +551,8 @@ class Plan:
     # instead of trusting ``ca_file``, which is the target's CA or the config's client CA,
     # not the source certificate's issuer (review s70 L1: "restore failed" of a server that
     # was fine). "" trusts ``ca_file``, as before (a release before it ignores the key).
+    # Two, comma-separated, where the server served another than its file held (any passes:
+    # ``plans.source_pin``).
     source_fingerprint: str = ""
 
     def to_json(self) -> dict[str, Any]:

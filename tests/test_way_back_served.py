@@ -188,7 +188,9 @@ async def test_the_restore_check_of_a_way_back_no_switch_made_pins_the_certifica
     config names, whoever issued it: the way back is rolled back, the server as it was."""
     driver = served.driver(client_ca_file=None if client_ca == "none" else str(served.client_ca))
     https_config = driver.read_config()
-    built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
     assert built.plan.source_fingerprint == served.fingerprint
     assert Plan.from_json(built.plan.to_json()) == built.plan
 
@@ -205,7 +207,9 @@ async def test_a_restore_check_by_pin_fails_on_another_certificate(
     """The pin is a check, not a pass: a server that serves another certificate than the one
     its config names fails the restore check (the node needs the admin, as before)."""
     driver = served.driver()
-    built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
     other = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])[0]
     pinned = replace(built.plan, source_fingerprint=pki.fingerprint(other))
 
@@ -482,7 +486,7 @@ async def test_a_config_naming_no_client_ca_keeps_naming_none(
     driver = served.driver(client_ca_file=None, listen=listens(change))
     journal_switch(served, driver, served.own_ca)
 
-    built = keep_https_plan(served, driver, change)
+    built = await asyncio.to_thread(keep_https_plan, served, driver, change)
 
     server = tomllib.loads(built.config.decode())["server"]
     assert "client_ca_file" not in server, server
@@ -492,7 +496,7 @@ async def test_a_config_naming_no_client_ca_keeps_naming_none(
     assert done.outcome is TxnOutcome.COMPLETED, done.reason
     assert served.journal.live_tls()["ca_file"] == str(served.own_ca)  # type: ignore[index]
     # The next change finds that CA still (the journal's live settings name it).
-    again = keep_https_plan(served, driver, Change.CHANGE_PASSWORD)
+    again = await asyncio.to_thread(keep_https_plan, served, driver, Change.CHANGE_PASSWORD)
     assert again.plan.ca_file == served.own_ca
 
 
@@ -564,7 +568,9 @@ async def test_a_dead_way_back_lifts_the_freeze_once_the_source_proves_its_pin(
     so a server back on a certificate of another issuer, fine, was kept frozen. It is lifted
     now; a server on another certificate than the pinned one still keeps it."""
     driver = FrozenReference(served.driver().config_file, served.etc.parent / "refserver.log")
-    built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
     assert built.plan.source_fingerprint == served.fingerprint
     if pin == "another":
         other = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])[0]
@@ -591,3 +597,28 @@ async def test_a_dead_way_back_lifts_the_freeze_once_the_source_proves_its_pin(
         assert "does not prove it runs the source" in kept and "presents" in kept, kept
     else:
         assert kept == "", kept
+
+
+async def test_the_restore_check_pins_the_certificate_served_as_well_as_the_one_on_disk(
+    served: Served, https_listener: None
+) -> None:
+    """Review s71 (L): the restore pin was the certificate the config's file held at plan
+    time, not the one the server served: a certificate renewed on disk without a reload made
+    a change that failed before its restart say "restore failed" (the node needing the
+    admin) of a server that served https as before. Both are pinned now (any passes): the
+    served one for a server never restarted (this test's stand-in never reloads), the file's
+    for one the way back restarted."""
+    driver = served.driver()
+    renewed, renewed_key = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])
+    served.cert.write_bytes(byo_certs.pem(renewed))  # (on disk only: the listener keeps its own)
+    write_private(served.key, byo_certs.key_pem(renewed_key))
+    https_config = driver.read_config()
+
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
+
+    assert built.plan.source_fingerprint == f"{pki.fingerprint(renewed)},{served.fingerprint}"
+    done = await run(served, driver, built, "b1")
+    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+    assert driver.read_config() == https_config
