@@ -36,7 +36,7 @@ from nodeagent.sharing import _said_group_wide, _said_unkept, refuse_linked_conf
 from nodeagent.sharing import refuse_unsafe_dir as refuse_unsafe_dir  # noqa: PLC0414
 from nodeagent.sharing import write_staged as write_staged  # noqa: PLC0414
 from nodeagent.transaction import HTTP_WRITTEN, Plan, describe
-from tlsroll import logs, password
+from tlsroll import logs, password, tls
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import (
     ConfigError,
@@ -916,9 +916,10 @@ def finalize_plan(
     except NotRegularFile as exc:
         raise PrepareFailed(f"cannot read the live certificate: {exc}") from None
     verifier_file = Path(live["verifier_file"]) if live.get("verifier_file") else None
+    ca_file, kept = keeps_certificate(journal, live, Change.FINALIZE)
     share_named(driver, _files_of(live))
     new_config = driver.render(
-        Target(("https",), cert_file, Path(live["key_file"]), Path(live["ca_file"]), verifier_file)
+        Target(("https",), cert_file, Path(live["key_file"]), _client_ca(live), verifier_file)
     )
     new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH)
     plan = Plan(
@@ -927,31 +928,54 @@ def finalize_plan(
         ("https",),
         new_file,
         backup,
-        Path(live["ca_file"]),
+        ca_file,
         fingerprint,
-        live,
-        live,
+        kept,
+        kept,
         keep_frozen=keep_frozen,
         change=Change.FINALIZE.value,
-        source_fingerprint=fingerprint,
+        source_fingerprint=source_pin(live, facts),
     )
     return Built(new_config, plan, fingerprint)
 
 
-def source_pin(live: dict[str, str] | None) -> str:
-    """The fingerprint of the certificate ``live``'s ``cert_file`` holds (blocking), which a
-    transaction's restore check pins (``Plan.source_fingerprint``): a certificate the server's
-    config names may come from an issuer tlsroll does not know (the admin's own, or an
-    earlier CA), so the CA a plan names cannot check it (review s70 L1). "" where there is
-    none to read (on http, a file gone, no certificate in it): the check trusts the plan's CA
-    file, as before (and a source whose certificate cannot be read fails it either way)."""
+def source_pin(live: dict[str, str] | None, facts: ServerFacts) -> str:
+    """The certificates a transaction's restore check pins (``Plan.source_fingerprint``,
+    blocking): the one ``live``'s ``cert_file`` holds, and the one the server serves on https
+    now (``served_pin``) where that is another. A certificate the server's config names may
+    come from an issuer tlsroll does not know (the admin's own, or an earlier CA), so the CA
+    a plan names cannot check it (review s70 L1). The file's is what the server loads at the
+    way back's restart; the served one what a server the change never restarted still
+    serves: a certificate renewed on disk without a reload made a change that failed before
+    its restart say "restore failed" of a server that was fine (review s71). "" where the
+    file holds none to read (on http, a file gone, no certificate in it): the check trusts
+    the plan's CA file, as before (and a source whose certificate cannot be read fails it
+    either way)."""
     name = (live or {}).get("cert_file")
     if not name:
         return ""
     try:  # never a FIFO's endless read
-        return pem_fingerprint(read_regular(Path(name)))
+        pin = pem_fingerprint(read_regular(Path(name)))
     except (OSError, NotRegularFile, PKIError):
         return ""
+    served = served_pin(facts)
+    return pin if served in ("", pin) else f"{pin},{served}"
+
+
+SERVED_PIN_TIMEOUT = 1.0  # seconds for ``served_pin``'s handshake
+
+
+def served_pin(facts: ServerFacts) -> str:
+    """The fingerprint of the certificate the server presents on https now (a handshake,
+    nothing verified: what it runs, not whom to trust), "" if none came (blocking)."""
+    try:
+        context = tls.unverified_client_context()
+        address, port = facts.address, facts.https_port
+        with tls.connect(context, address, port, timeout=SERVED_PIN_TIMEOUT) as sock:
+            der = sock.getpeercert(binary_form=True)
+    except (OSError, ValueError):
+        return ""
+    return "sha256:" + hashlib.sha256(der).hexdigest() if der else ""
 
 
 def served_live(journal: Journal, driver: Driver, facts: ServerFacts) -> dict[str, str]:
@@ -984,6 +1008,39 @@ def served_live(journal: Journal, driver: Driver, facts: ServerFacts) -> dict[st
         f" read them from {driver.config_file}: set the server back to http by hand, then run"
         " enable-tls (tlsroll rollout start)"
     )
+
+
+def keeps_certificate(
+    journal: Journal, live: dict[str, str], change: Change
+) -> tuple[Path, dict[str, str]]:
+    """The CA a change that keeps the server's certificate (change-password, finalize) checks
+    it by at its verify (as the leader's confirm does by the cluster's CA), and ``live`` as the
+    plan's live settings keep it (blocking). The client CA the server's config names
+    (``live``'s ``ca_file``); where it names none (a reference server's ``client_ca_file`` is
+    optional), the CA the journal says this agent installed, if it is still there: the plan's
+    live settings name that CA (the bootstrap service hands it to workstations), the config
+    it renders names none, as before (``_client_ca``; review s71: ``client_ca_file = "."``
+    was written, an empty name joined to the config's directory, which the server refused,
+    and the switch rolled back). ``PlanRefused`` saying what to do where there is none."""
+    named = live.get("ca_file", "")
+    if named:
+        return Path(named), live
+    held = (journal.live_tls() or {}).get("ca_file", "")
+    if held and os.path.isfile(held):
+        return Path(held), {**live, "ca_file": held}
+    raise PlanRefused(
+        "the server's certificate cannot be checked: its config names no client_ca_file and"
+        f" this agent installed no CA; {change.value} keeps that certificate, which tlsroll's"
+        " CA may not have issued: run rotate-cert first (it installs a certificate of the"
+        " cluster's CA), or set the server back to http and run enable-tls"
+    )
+
+
+def _client_ca(live: dict[str, str]) -> Path | None:
+    """The client CA a change's config names: the one the server's config names (``live``,
+    ``served_live``'s), None where it names none (the reference driver then keeps its
+    setting as it is: none)."""
+    return Path(live["ca_file"]) if live.get("ca_file") else None
 
 
 @_keeps_cause
@@ -1029,7 +1086,7 @@ def rotate_plan(
         live,
         keep_frozen=keep_frozen,
         change=Change.ROTATE_CERT.value,
-        source_fingerprint=source_pin(live),
+        source_fingerprint=source_pin(live, facts),
     )
     return Built(new_config, plan, staged.fingerprint or "")
 
@@ -1048,6 +1105,7 @@ def password_plan(
     The live files are what the server's config names (``served_live``)."""
     facts = driver.facts()
     live = served_live(journal, driver, facts)
+    ca_file, kept = keeps_certificate(journal, live, Change.CHANGE_PASSWORD)
     verifier_file = write_verifier(driver, rollout_id, verifier)
     share_named(driver, _files_of({**live, "verifier_file": ""}))
     # The live certificate files go into the new config too: a template driver renders the
@@ -1057,7 +1115,7 @@ def password_plan(
             facts.schemes,
             Path(live["cert_file"]),
             Path(live["key_file"]),
-            Path(live["ca_file"]),
+            _client_ca(live),
             auth_verifier_file=verifier_file,
         )
     )
@@ -1068,13 +1126,13 @@ def password_plan(
         facts.schemes,
         new_file,
         backup,
-        Path(live["ca_file"]),
+        ca_file,
         "",
-        {**live, "verifier_file": str(verifier_file)},
-        live,
+        {**kept, "verifier_file": str(verifier_file)},
+        kept,
         keep_frozen=keep_frozen,
         change=Change.CHANGE_PASSWORD.value,
-        source_fingerprint=source_pin(live),
+        source_fingerprint=source_pin(live, facts),
     )
     return Built(new_config, plan, "")
 
@@ -1242,7 +1300,9 @@ def rollback_plan(
         live,
         keep_frozen=keep_frozen,
         keep_edited=str(kept_config_path(driver, rollout_id)) if edited else "",
-        source_fingerprint=source_pin(_named_or(driver, live)) if "https" in facts.schemes else "",
+        source_fingerprint=(
+            source_pin(_named_or(driver, live), facts) if "https" in facts.schemes else ""
+        ),
     )
     return Built(old_config, plan, "")
 
@@ -1307,7 +1367,7 @@ def unjournalled_way_back(
         keep_frozen=keep_frozen,
         change=HTTP_WRITTEN,  # its reason says the http config was written (``kept_reason``)
         keep_edited=str(kept_config_path(driver, rollout_id)),
-        source_fingerprint=source_pin(live),
+        source_fingerprint=source_pin(live, facts),
     )
     return Built(config, plan, "")
 
@@ -1381,7 +1441,44 @@ def plan_problem(
         return None
     if change in KEEPS_HTTPS_FILES:
         try:
-            served_live(journal, driver, facts)
+            live = served_live(journal, driver, facts)
+            if change in KEEPS_CERTIFICATE:
+                ca_file, _ = keeps_certificate(journal, live, change)
+                return untrusted_certificate(facts, ca_file, change)
         except PlanRefused as refused:
             return str(refused)
     return None
+
+
+KEEPS_CERTIFICATE = frozenset({Change.CHANGE_PASSWORD, Change.FINALIZE})
+"""The changes that keep the certificate the server serves: their verify checks it by the CA
+``keeps_certificate`` says, and the leader's confirm by the cluster's."""
+
+UNTRUSTED_TIMEOUT = 2.0  # seconds for ``untrusted_certificate``'s handshake
+
+
+def untrusted_certificate(facts: ServerFacts, ca_file: Path, change: Change) -> str | None:
+    """Why ``change`` (one of ``KEEPS_CERTIFICATE``) would roll back at its verify: the server
+    serves a certificate ``ca_file`` (``keeps_certificate``'s) did not issue for its address,
+    which the verify's check (and the leader's confirm) would refuse, after a freeze and a
+    restart (review s71: a certificate of the admin's own CA). Else None, also where the
+    handshake says nothing of the certificate (no answer, the CA file unreadable: the checks
+    say those). Blocking: one TLS handshake, trusting ``ca_file`` only, as the verify does
+    (``probe.check_https``: the address checked against the certificate)."""
+    try:  # never a FIFO's endless read
+        context = tls.client_context(read_regular(ca_file))
+        address, port = facts.address, facts.https_port
+        with tls.connect(
+            context, address, port, timeout=UNTRUSTED_TIMEOUT, server_hostname=address
+        ):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        why = exc.verify_message or "certificate verify failed"
+    except (OSError, ValueError, NotRegularFile):
+        return None
+    return (
+        f"the server's certificate on port {facts.https_port} is not one its CA {ca_file}"
+        f" issued for {facts.address} ({why}): {change.value} keeps that certificate, and its"
+        " check (as the leader's) would fail and the switch roll back; run rotate-cert first"
+        " (it installs a certificate of the cluster's CA)"
+    )

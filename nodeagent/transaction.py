@@ -551,6 +551,8 @@ class Plan:
     # instead of trusting ``ca_file``, which is the target's CA or the config's client CA,
     # not the source certificate's issuer (review s70 L1: "restore failed" of a server that
     # was fine). "" trusts ``ca_file``, as before (a release before it ignores the key).
+    # Two, comma-separated, where the server served another than its file held (any passes:
+    # ``plans.source_pin``).
     source_fingerprint: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -1246,12 +1248,13 @@ class Runner:
             txn = latest or txn
         plan = Plan.from_json(txn.plan)
         stayed = False  # the server never restarted since the source ran: it runs the source
+        pin = ""  # the source's certificate, as the restore check pins it (``_verify_source``)
         if txn.phase in (Phase.CONFIG_WRITTEN, Phase.RESTARTED):
             which, schemes, config = "target", plan.target_schemes, txn.target_config
             fingerprint, watermark = plan.target_fingerprint, txn.watermark
         elif txn.phase in (Phase.ROLLING_BACK, Phase.RESTORED, Phase.RB_RESTARTED):
             which, schemes, config = "source", plan.source_schemes, txn.source_config
-            fingerprint, watermark = "", None
+            fingerprint, watermark, pin = "", None, plan.source_fingerprint
             stayed = (txn.failed_phase or Phase.STARTED) not in TARGET_MAY_BE_RUNNING
             if txn.phase is Phase.ROLLING_BACK and stayed:
                 config = None  # the target never restarted: the file alone tells nothing
@@ -1264,10 +1267,11 @@ class Runner:
         try:
             if config is not None and await dbthread.run(self.driver.read_config) != config:
                 return f"{where}: its config file is not the {which}"
-            await self._verify(txn, plan, schemes, fingerprint, watermark)
+            await self._verify(txn, plan, schemes, pin or fingerprint, watermark, pinned=bool(pin))
             # The two answer alike (the source's check names no certificate: on the way back
-            # a rotation's target passes it too, review 1 of s69): the server must have
-            # started after the write.
+            # a rotation's target passes it too, review 1 of s69; or its pin, which a change
+            # keeping the certificate serves on both): the server must have started after the
+            # write.
             alike = plan.source_schemes == plan.target_schemes and not fingerprint
             if alike and not stayed:
                 status = await self.driver.status()

@@ -26,9 +26,9 @@ from nodeagent.transaction import Phase, Plan, Runner
 from tests import byo_certs
 from tests.conftest import next_loopback
 from tests.private_files import write_private
-from tlsroll import pki
+from tlsroll import password, pki
 from tlsroll.config import ConfigFile, dump_toml
-from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import UnsafePermissions
 
 APP = "/praxis"
@@ -72,6 +72,7 @@ class Served:
     fingerprint: str
     journal: Journal
     txn_dir: Path
+    own_ca: Path  # the CA that issued ``cert``
 
     def driver(self, **server: Any) -> QuietReference:
         settings: dict[str, Any] = {
@@ -102,6 +103,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     (etc / "own.pem").write_bytes(byo_certs.pem(cert))
     write_private(etc / "own.key", byo_certs.key_pem(key))
     (etc / "client-ca.pem").write_bytes(byo_certs.make_ca("tlsroll CA").pem)
+    (etc / "own-ca.pem").write_bytes(own.pem)
     journal = Journal(tmp_path / "journal.sqlite3")
     yield Served(
         address,
@@ -112,6 +114,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
         pki.fingerprint(cert),
         journal,
         tmp_path / "txn",
+        etc / "own-ca.pem",
     )
     journal.close()
 
@@ -140,9 +143,15 @@ async def https_listener(served: Served) -> AsyncIterator[None]:
         await server.wait_closed()
 
 
-async def run(served: Served, driver: QuietReference, built: plans.Built, rollout: str) -> Txn:
-    """``built`` journalled as rollout ``rollout``'s way back and run to its end (the runner's
-    waits between verify attempts cut short)."""
+async def run(
+    served: Served,
+    driver: QuietReference,
+    built: plans.Built,
+    rollout: str,
+    kind: TxnKind = TxnKind.ROLLBACK,
+) -> Txn:
+    """``built`` journalled as rollout ``rollout``'s way back (or ``kind``) and run to its end
+    (the runner's waits between verify attempts cut short)."""
 
     async def no_wait(_seconds: float) -> None:
         await asyncio.sleep(0)
@@ -154,7 +163,7 @@ async def run(served: Served, driver: QuietReference, built: plans.Built, rollou
     txn = served.journal.create(
         Txn(
             rollout,
-            TxnKind.ROLLBACK,
+            kind,
             1,
             Phase.STARTED,
             built.plan.to_json(),
@@ -179,7 +188,9 @@ async def test_the_restore_check_of_a_way_back_no_switch_made_pins_the_certifica
     config names, whoever issued it: the way back is rolled back, the server as it was."""
     driver = served.driver(client_ca_file=None if client_ca == "none" else str(served.client_ca))
     https_config = driver.read_config()
-    built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
     assert built.plan.source_fingerprint == served.fingerprint
     assert Plan.from_json(built.plan.to_json()) == built.plan
 
@@ -196,7 +207,9 @@ async def test_a_restore_check_by_pin_fails_on_another_certificate(
     """The pin is a check, not a pass: a server that serves another certificate than the one
     its config names fails the restore check (the node needs the admin, as before)."""
     driver = served.driver()
-    built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
     other = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])[0]
     pinned = replace(built.plan, source_fingerprint=pki.fingerprint(other))
 
@@ -415,3 +428,197 @@ def test_a_broken_https_setting_does_not_block_the_way_back_of_a_journalled_swit
     assert built.config == http
     assert built.plan.target_schemes == ("http",)
     assert built.plan.source_fingerprint == served.fingerprint  # (the journal's certificate)
+
+
+# --- the changes that keep https (session 72, httpsplans) ----------------------------------
+
+
+def journal_switch(served: Served, driver: QuietReference, ca_file: Path) -> dict[str, str]:
+    """A completed switch s1 in the journal, its live files the config's certificate and key
+    with ``ca_file``: the https this agent installed (its live settings returned)."""
+    live = {
+        "cert_file": str(served.cert),
+        "key_file": str(served.key),
+        "ca_file": str(ca_file),
+        "verifier_file": "",
+        "server_url": f"https://{served.address}:{HTTPS_PORT}{APP}",
+    }
+    plan = Plan(
+        driver.facts(),
+        ("http",),
+        ("https",),
+        served.txn_dir / "s1-switch.new",
+        served.txn_dir / "s1-switch.old",
+        ca_file,
+        served.fingerprint,
+        live,
+    )
+    txn = served.journal.create(
+        Txn("s1", TxnKind.SWITCH, 1, Phase.VERIFIED, plan.to_json(), dt.datetime.now(dt.UTC))
+    )
+    served.journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+    return live
+
+
+def keep_https_plan(served: Served, driver: QuietReference, change: Change) -> plans.Built:
+    if change is Change.CHANGE_PASSWORD:
+        verifier = dict(password.make_verifier("pw", **password.TEST_PARAMS))
+        return plans.password_plan(served.journal, driver, served.txn_dir, "p1", verifier)
+    return plans.finalize_plan(served.journal, driver, served.txn_dir, "p1", None)
+
+
+KEEPS_CERTIFICATE = [Change.CHANGE_PASSWORD, Change.FINALIZE]
+
+
+def listens(change: Change) -> list[str]:
+    return ["http", "https"] if change is Change.FINALIZE else ["https"]
+
+
+@pytest.mark.parametrize("change", KEEPS_CERTIFICATE)
+async def test_a_config_naming_no_client_ca_keeps_naming_none(
+    served: Served, https_listener: None, change: Change
+) -> None:
+    """Review s71 (L): a reference server's config on https that names no client CA (the
+    setting is optional) got ``client_ca_file = "."`` from change-password and finalize (an
+    empty name joined to the config's directory), which the server refuses: the switch rolled
+    back. The config they render names none still; their verify trusts the CA this agent
+    installed (the journal's), and the switch completes."""
+    driver = served.driver(client_ca_file=None, listen=listens(change))
+    journal_switch(served, driver, served.own_ca)
+
+    built = await asyncio.to_thread(keep_https_plan, served, driver, change)
+
+    server = tomllib.loads(built.config.decode())["server"]
+    assert "client_ca_file" not in server, server
+    assert built.plan.ca_file == served.own_ca
+    assert built.plan.live_tls is not None and built.plan.live_tls["ca_file"] == str(served.own_ca)
+    done = await run(served, driver, built, "p1", TxnKind.SWITCH)
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert served.journal.live_tls()["ca_file"] == str(served.own_ca)  # type: ignore[index]
+    # The next change finds that CA still (the journal's live settings name it).
+    again = await asyncio.to_thread(keep_https_plan, served, driver, Change.CHANGE_PASSWORD)
+    assert again.plan.ca_file == served.own_ca
+
+
+@pytest.mark.parametrize("change", KEEPS_CERTIFICATE)
+def test_a_config_naming_no_client_ca_with_no_ca_installed_is_refused_saying_what_to_do(
+    served: Served, change: Change
+) -> None:
+    """The same config, and no CA this agent installed (its journal holds no https): nothing
+    could check the certificate the change keeps. Refused up front, in its plan and in the
+    checks' (`tlsroll plan`, a start), saying what to do; nothing written."""
+    driver = served.driver(client_ca_file=None, listen=listens(change))
+    config = driver.read_config()
+
+    with pytest.raises(plans.PlanRefused, match="names no client_ca_file") as refused:
+        keep_https_plan(served, driver, change)
+    said = str(refused.value)
+    assert "run rotate-cert first" in said and "\n" not in said, said
+    assert plans.plan_problem(served.journal, driver, driver.facts(), change, way_back=False) == (
+        said
+    )
+    assert driver.read_config() == config
+    assert not served.txn_dir.exists()
+
+
+@pytest.mark.parametrize("change", KEEPS_CERTIFICATE)
+async def test_a_change_keeping_a_certificate_its_ca_did_not_issue_is_blocked_up_front(
+    served: Served, https_listener: None, change: Change
+) -> None:
+    """Review s71 (M): change-password and finalize keep the certificate the server serves,
+    and their verify checks it by the config's client CA (as the leader's confirm does by the
+    cluster's CA): on a node serving a certificate of the admin's own CA they froze the
+    server, restarted it and always rolled back. The checks (`tlsroll plan`, a start's Check)
+    now say so up front, with what to do; a certificate that CA issued is not blocked."""
+    facts = served.driver(listen=listens(change)).facts()
+    driver = served.driver(listen=listens(change))
+
+    problem = await asyncio.to_thread(
+        plans.plan_problem, served.journal, driver, facts, change, way_back=False
+    )
+
+    assert problem is not None, "not blocked"
+    assert f"not one its CA {served.client_ca} issued for {served.address}" in problem, problem
+    assert "run rotate-cert first" in problem and "\n" not in problem, problem
+    trusted = served.driver(listen=listens(change), client_ca_file=str(served.own_ca))
+    assert (
+        await asyncio.to_thread(
+            plans.plan_problem, served.journal, trusted, facts, change, way_back=False
+        )
+        is None
+    )
+    for other in (Change.ROTATE_CERT, Change.ENABLE_TLS):  # (they install another certificate)
+        assert plans.plan_problem(served.journal, driver, facts, other, way_back=False) is None
+
+
+class FrozenReference(QuietReference):
+    """As ``QuietReference``, the server frozen (as ``Runner._die`` finds it)."""
+
+    async def status(self) -> dict[str, Any]:
+        return {"frozen": True, "watermark": 0}
+
+
+@pytest.mark.parametrize("pin", ["the one served", "another"])
+async def test_a_dead_way_back_lifts_the_freeze_once_the_source_proves_its_pin(
+    served: Served, https_listener: None, pin: str
+) -> None:
+    """Review s71 (L): before the agent exits on a dead task, ``Runner._unproved`` decides
+    whether the freeze is kept: the way back past its restore checked the source trusting the
+    plan's CA file, not the certificate the restore check pins (``Plan.source_fingerprint``),
+    so a server back on a certificate of another issuer, fine, was kept frozen. It is lifted
+    now; a server on another certificate than the pinned one still keeps it."""
+    driver = FrozenReference(served.driver().config_file, served.etc.parent / "refserver.log")
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
+    assert built.plan.source_fingerprint == served.fingerprint
+    if pin == "another":
+        other = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])[0]
+        built = built._replace(plan=replace(built.plan, source_fingerprint=pki.fingerprint(other)))
+    txn = Txn(
+        "b1",
+        TxnKind.ROLLBACK,
+        1,
+        Phase.RB_RESTARTED,
+        built.plan.to_json(),
+        dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1),
+        failed_phase=Phase.RESTARTED,
+        target_config=built.config,
+        source_config=driver.read_config(),
+    )
+
+    async def no_wait(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    runner = Runner(served.journal, driver, lambda: dt.datetime.now(dt.UTC), sleep=no_wait)
+    kept = await runner._unproved(txn)
+
+    if pin == "another":
+        assert "does not prove it runs the source" in kept and "presents" in kept, kept
+    else:
+        assert kept == "", kept
+
+
+async def test_the_restore_check_pins_the_certificate_served_as_well_as_the_one_on_disk(
+    served: Served, https_listener: None
+) -> None:
+    """Review s71 (L): the restore pin was the certificate the config's file held at plan
+    time, not the one the server served: a certificate renewed on disk without a reload made
+    a change that failed before its restart say "restore failed" (the node needing the
+    admin) of a server that served https as before. Both are pinned now (any passes): the
+    served one for a server never restarted (this test's stand-in never reloads), the file's
+    for one the way back restarted."""
+    driver = served.driver()
+    renewed, renewed_key = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])
+    served.cert.write_bytes(byo_certs.pem(renewed))  # (on disk only: the listener keeps its own)
+    write_private(served.key, byo_certs.key_pem(renewed_key))
+    https_config = driver.read_config()
+
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
+
+    assert built.plan.source_fingerprint == f"{pki.fingerprint(renewed)},{served.fingerprint}"
+    done = await run(served, driver, built, "b1")
+    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+    assert driver.read_config() == https_config

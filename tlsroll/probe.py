@@ -357,7 +357,9 @@ async def check_pinned(
     address: str, port: int, path: str, fingerprint: str, timeout: float = 5.0
 ) -> str | None:
     """None if https on ``address:port`` serves ``path`` with the certificate ``fingerprint``
-    (``sha256:<hex>`` of its DER), whoever issued it, else what is wrong (as ``check_https``).
+    (``sha256:<hex>`` of its DER; or one of several, comma-separated: a certificate on disk
+    the server has not loaded yet, and the one it serves), whoever issued it, else what is
+    wrong (as ``check_https``).
     For a certificate tlsroll did not install, whose issuer it does not know: the restore
     check of a change or way back whose source serves one (``Plan.source_fingerprint``). The
     handshake still proves that the server holds the certificate's key."""
@@ -399,7 +401,9 @@ def _presents(
     address: str, port: int, fingerprint: str | None, expected: str = "the staged certificate"
 ) -> Callable[[asyncio.StreamWriter], str | None]:
     """A probe's look at its connection: what is wrong if the server presents no certificate,
-    or (``fingerprint`` given) another one than ``fingerprint`` (``expected`` says which)."""
+    or (``fingerprint`` given) another one than ``fingerprint`` (``expected`` says which; any
+    of several, comma-separated: ``check_pinned``)."""
+    pins = fingerprint.split(",") if fingerprint else []
 
     def certificate(writer: asyncio.StreamWriter) -> str | None:
         tls_object = writer.get_extra_info("ssl_object")
@@ -407,8 +411,9 @@ def _presents(
         if der is None:
             raise _Answer("the server presented no certificate")
         served = "sha256:" + hashlib.sha256(der).hexdigest()
-        if fingerprint and served != fingerprint:
-            return f"https://{address}:{port} presents {served}, not {expected} {fingerprint}"
+        if pins and served not in pins:
+            said = " or ".join(pins)
+            return f"https://{address}:{port} presents {served}, not {expected} {said}"
         return None
 
     return certificate
