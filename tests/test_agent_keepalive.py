@@ -160,7 +160,7 @@ async def test_an_agent_pings_by_the_leader_s_interval_once_the_leader_said_it(
     made: list[dict[str, object]] = []
     real = grpc.aio.secure_channel
 
-    def secure_channel(target: str, creds: object, options: Any = None, **kw: Any) -> Any:
+    def secure_channel(target: str, creds: Any, options: Any = None, **kw: Any) -> Any:
         made.append(dict(options or ()))
         return real(target, creds, options, **kw)
 
