@@ -1900,8 +1900,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     hint="wrong bootstrap passwords from that PC: check it uses the current "
                     "password (tlsroll schema show lists them)",
                 )
+        # The node's clock's lag, read once a message for its client report and login failures.
+        shift = clock_shift(request, now) if request.HasField("server") else dt.timedelta(0)
         if request.HasField("server") and request.server.HasField("clients"):
-            shift = clock_shift(request, now)
             self._record_clients(name, request.server.clients, now, renewing, shift)
         summary = server_summary(request)
         before = self.state.live_servers.get(name, "")
@@ -1920,7 +1921,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             else:  # (on http, down, an older agent, or no fingerprint: the records say)
                 self.state.served_fingerprints.pop(name, None)
             self._bootstrap_problem(name, request, now)
-            self._login_failures(name, request.server, now, clock_shift(request, now))
+            self._login_failures(name, request.server, now, shift)
         # The node's clock against the leader's (``leader.node_clocks``), not from a message
         # that copies an earlier report: it carries that report's time.
         # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the

@@ -93,6 +93,7 @@ STREAM_RETRY_BEATS = 60
 # Intervals the agent's kernel waits for the leader to acknowledge what the agent sent (a
 # heartbeat message, a PING) before it drops the connection (``leader_channel_options``).
 UNACKED_HEARTBEATS = 2
+LEADER_INTERVAL_MAX = 3600  # the largest ``heartbeat_interval`` a leader's config takes
 # A renewal-mode message asks for an answer when the leader has said nothing on the stream for
 # about this many renewal bounds (``wants_answer``): how the agent notices a leader whose Python
 # stopped. 1 (every message at the bound asks) noticed it within 25 s at 5 s, for about 0.1 ms
@@ -434,7 +435,9 @@ async def _status(stream: _Stream) -> grpc.StatusCode | None:
     return await stream.call.code() if stream.call.done() else None
 
 
-def leader_channel_options(heartbeat_interval: int) -> list[tuple[str, int]]:
+def leader_channel_options(
+    heartbeat_interval: int, leader_interval: int | None = None
+) -> list[tuple[str, int]]:
     """The agent's channel options for the leader: how it notices a leader that vanished
     without closing its connection (its host lost power, a cable pulled). The kernel drops a
     connection whose sent data the leader has not acknowledged within ``UNACKED_HEARTBEATS``
@@ -453,9 +456,14 @@ def leader_channel_options(heartbeat_interval: int) -> list[tuple[str, int]]:
     leader whose process stopped is noticed so too, within a PING and 2 intervals). No
     bandwidth-delay probe either: gRPC's core otherwise answers a leader's message on a quiet
     connection with a PING (as the leader's channels to agents, ``tlsroll.rpc.NO_BDP_PROBE``).
+    The PINGs are timed by the leader's interval where it is known (``leader_interval``: its
+    answers say it, ``HeartbeatResponse.interval_seconds``), as its keepalive is: an agent at
+    1 s under a leader at 5 s PINGed every 1.2 s, more leader CPU than the leader's own PINGs
+    (session 72); the bound on an unanswered PING stays the agent's own.
     """
+    every = rpc.agent_ping_seconds(leader_interval or heartbeat_interval)
     return [
-        ("grpc.keepalive_time_ms", int(rpc.agent_ping_seconds(heartbeat_interval) * 1000)),
+        ("grpc.keepalive_time_ms", int(every * 1000)),
         ("grpc.keepalive_timeout_ms", UNACKED_HEARTBEATS * 1000 * heartbeat_interval),
         ("grpc.http2.max_pings_without_data", 0),
         NO_BDP_PROBE,
@@ -751,6 +759,11 @@ class LeaderLink:
         self._dial_failed_said: int | None = None  # ``leader.serial_dial_failed`` said of it
         self._keeping = asyncio.Lock()  # one write of DATA/leader.serial.json at a time
         self._revoked_said = 0  # the last announced serial said revoked
+        # The leader's heartbeat interval as its trusted answers say it (None: not heard yet),
+        # and the one the channel's PINGs are timed by (``leader_channel_options``): a channel
+        # timed otherwise is made again at the next beat (``_redial``).
+        self.leader_interval: int | None = None
+        self._pinged_by: int | None = None
         self.identity = identity
         self.channel, self.stub = self._connect(identity, self._want())
         if self._dialed is not None:
@@ -820,6 +833,10 @@ class LeaderLink:
         # ends: review b4 of s64, L3).
         self._crl_too_large = 0
         self._forgetting: asyncio.Future[None] | None = None
+
+    def _ping_interval(self) -> int:
+        """The heartbeat interval the channel's PINGs are timed by: the leader's once known."""
+        return self.leader_interval or self.cfg.heartbeat_interval
 
     def _want(self) -> int | None:
         """The serial to dial the leader by: the pin, unless revoked, or a dial by it failed
@@ -909,7 +926,7 @@ class LeaderLink:
         or ``fresh``: on a new channel all the same (``_exchange_by_pin``)."""
         want = self._want()
         self._fallback = False  # one beat by the generic name, then the pin again
-        if want == self._dialed and not fresh:
+        if want == self._dialed and not fresh and self._pinged_by == self._ping_interval():
             return
         old = self.channel
         await self._finish_stream()
@@ -943,6 +960,7 @@ class LeaderLink:
     ) -> tuple[grpc.aio.Channel, leader_pb2_grpc.LeaderAsyncStub]:
         td = self.trust.trust_domain
         self._dialed = serial
+        self._pinged_by = self._ping_interval()
         name = spiffe.leader_host(td) if serial is None else spiffe.leader_serial_host(td, serial)
         creds = grpc.ssl_channel_credentials(
             root_certificates=identity.ca_pem,
@@ -954,7 +972,7 @@ class LeaderLink:
             creds,
             options=[
                 ("grpc.ssl_target_name_override", name),
-                *leader_channel_options(self.cfg.heartbeat_interval),
+                *leader_channel_options(self.cfg.heartbeat_interval, self._pinged_by),
                 # A restarted leader hears from this agent within a heartbeat interval.
                 *reconnect_options(self.cfg.heartbeat_interval),
             ],
@@ -1047,6 +1065,11 @@ class LeaderLink:
             return
         self._ignored_said.clear()
         self.trust.announce(reply.epoch)
+        # The leader's interval times the agent's PINGs (``leader_channel_options``): its
+        # keepalive is timed by it. Taken from a trusted answer only, within what a leader's
+        # config allows (an older leader or a message without it: 0, the agent's own).
+        if 1 <= reply.interval_seconds <= LEADER_INTERVAL_MAX:
+            self.leader_interval = reply.interval_seconds
         if reply.ended_stages and self.stages_ended is not None:
             self._ended_stages.update(reply.ended_stages[:STAGES_REPORTED])
             if self._forgetting is None or self._forgetting.done():

@@ -30,13 +30,16 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from structlog.testing import capture_logs
 
 from nodeagent import leader_link
 from nodeagent.leader_link import LeaderLink, leader_channel_options
 from tests.children import ROOT, python_child
+from tests.leader_rig import leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, until
 from tlsroll import rpc
 
@@ -141,6 +144,54 @@ def test_an_agent_pings_its_leader_only_at_its_keepalive_time(
         assert 1 <= len(pings) <= int(5 / rpc.agent_ping_seconds(1)) + 1, "\n".join(pings)
     else:
         assert len(pings) >= 2, done.stderr[-2000:]
+
+
+async def test_an_agent_pings_by_the_leader_s_interval_once_the_leader_said_it(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 71's L: an agent timed its PINGs by its own ``heartbeat_interval``, not the
+    leader's, whose keepalive they are to forestall: an agent at 1 s under a leader at 5 s
+    PINGed every 1.2 s, more leader CPU than the leader's own PINGs every 8 s. The leader's
+    answers say its interval (``HeartbeatResponse.interval_seconds``): the agent's next beat
+    dials a channel whose PINGs are timed by it (``agent_ping_seconds(5)``), once; the bound on
+    an unanswered PING stays the agent's own. Under a leader at the agent's own interval, no
+    channel is made again. The agent's real link against the Leader service on a real mTLS
+    port; what is counted is the channels the link makes and their keepalive options."""
+    made: list[dict[str, object]] = []
+    real = grpc.aio.secure_channel
+
+    def secure_channel(target: str, creds: Any, options: Any = None, **kw: Any) -> Any:
+        made.append(dict(options or ()))
+        return real(target, creds, options, **kw)
+
+    monkeypatch.setattr(grpc.aio, "secure_channel", secure_channel)
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    assert rig.state.heartbeat_interval == 5
+    await rig.server.start()
+    try:
+        for leader_at, wanted in ((5, [1, 5]), (1, [1])):
+            rig.state.heartbeat_interval = leader_at
+            (tmp_path / str(leader_at)).mkdir()
+            made.clear()
+            link, _, journal = agent_link(
+                tmp_path / str(leader_at), rig.node_files, leader_address, node_address
+            )
+            try:
+                for _ in range(3):
+                    await link.beat()
+                assert [m["grpc.keepalive_time_ms"] for m in made] == [
+                    int(rpc.agent_ping_seconds(n) * 1000) for n in wanted
+                ], (leader_at, made)
+                assert {m["grpc.keepalive_timeout_ms"] for m in made} == {
+                    leader_link.UNACKED_HEARTBEATS * 1000
+                }
+                assert link.leader_interval == leader_at
+            finally:
+                await link.close()
+                journal.close()
+    finally:
+        await rig.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace needs root (CI runs as root)")

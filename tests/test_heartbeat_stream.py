@@ -134,6 +134,16 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
         return await to_thread(func, *args, **kwargs)
 
     monkeypatch.setattr(asyncio, "to_thread", counting)
+    # The node's clock's lag is read once a message (session 72: twice before, for the client
+    # report and for the login failures).
+    shifts: list[object] = []
+    real_shift = service.clock_shift
+
+    def clock_shift(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> dt.timedelta:
+        shifts.append(request)
+        return real_shift(request, now)
+
+    monkeypatch.setattr(service, "clock_shift", clock_shift)
 
     def beat(requests: int, *who: str) -> leader_pb2.HeartbeatRequest:
         return leader_pb2.HeartbeatRequest(
@@ -160,9 +170,11 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
             assert await rig.service.write_queued() == 2  # its record and its client report
             statements.clear()
             hops.clear()
+            shifts.clear()
             for n in range(2, 5):
                 clock[0] += dt.timedelta(seconds=1)
                 await send(beat(n, "ws-empfang"))
+            assert len(shifts) == 3  # one reading of the node's clock a message
             assert statements == []  # nothing new: no SQL at all
             assert hops == []  # and no worker thread
             assert store.get_node("hb1").last_heartbeat == clock[0]  # yet the newest is known

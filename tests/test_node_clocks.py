@@ -195,7 +195,10 @@ async def leader_and_link(
     rig = leader_with_a_node(tmp_path, loopback(), loopback())
     await rig.server.start()
     leader_address = rig.target.rsplit(":", 1)[0]
-    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, loopback())
+    # (At the leader's interval: see ``tests.test_plan_over_stream.agent``.)
+    link, _, journal = agent_link(
+        tmp_path, rig.node_files, leader_address, loopback(), rig.state.heartbeat_interval
+    )
     skew = [0.0]
     link.clock = lambda: rig.clock[0] + dt.timedelta(seconds=skew[0])
     try:

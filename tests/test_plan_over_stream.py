@@ -135,7 +135,11 @@ async def agent(
     on this address instead (the leader dials the node's, where nothing listens); ``pin``: it
     holds that serial of a leader that announced serials (``LeaderLink.pin``)."""
     leader_address = rig.target.rsplit(":", 1)[0]
-    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    # At the leader's interval: an agent at another one opens its channel again at its second
+    # beat, to time its PINGs by the leader's (``LeaderLink.leader_interval``).
+    link, trust, journal = agent_link(
+        tmp_path, rig.node_files, leader_address, node_address, rig.state.heartbeat_interval
+    )
     if pin is not None:
         link.pin, link.announces = pin, True
     files = tmp_path / "agent"

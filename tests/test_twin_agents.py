@@ -56,7 +56,11 @@ async def second_agent(
     (tmp_path / name).mkdir()
     cfg = node.link.cfg
     link, _, journal = agent_link(
-        tmp_path / name, rig.node_files, cfg.leader_address, cfg.addresses[0]
+        tmp_path / name,
+        rig.node_files,
+        cfg.leader_address,
+        cfg.addresses[0],
+        rig.state.heartbeat_interval,  # (see ``tests.test_plan_over_stream.agent``)
     )
     link.answer_check = node.service.answer_check
     try:
