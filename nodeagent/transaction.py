@@ -92,6 +92,7 @@ import functools
 import os
 import signal
 import sqlite3
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -375,6 +376,20 @@ def _still_kept(txn: Txn, plan: Plan, reason: str) -> str:
         return reason
     note = kept_note(Path(plan.keep_edited), written=plan.change == HTTP_WRITTEN)
     return f"{reason} ({note})" if txn.reason.startswith(note) else reason
+
+
+def _unusable_ca(ca_file: Path, exc: ssl.SSLError | ValueError) -> OSError:
+    """The verify's CA (read from ``ca_file``) that the TLS library takes no context from,
+    as one line naming the file: ``ssl``'s words alone (``no start line: cadata does not
+    contain a certificate (_ssl.c:4020) (errno 0, ?)``, ``ValueError: Empty certificate
+    data``) named neither the file nor that it is the CA (review of session 72)."""
+    if isinstance(exc, UnicodeError):
+        why = "it holds bytes that are not ASCII (no PEM)"
+    else:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+    return OSError(
+        errno.EINVAL, f"not a CA certificate the TLS library takes ({why})", str(ca_file)
+    )
 
 
 def describe(exc: BaseException) -> str:
@@ -2238,9 +2253,15 @@ class Runner:
                 ca_pem = staged_ca
                 if ca_pem is None:
                     ca_pem = await asyncio.to_thread(read_file, plan.ca_file)
-                return await checks.check_https(
-                    f.address, f.https_port, f.app_path, ca_pem, fingerprint
-                )
+                try:
+                    return await checks.check_https(
+                        f.address, f.https_port, f.app_path, ca_pem, fingerprint
+                    )
+                except (ssl.SSLError, ValueError) as exc:
+                    # The CA itself (the check makes its context before it connects; the
+                    # staging's ``prepare_https`` let it pass): no attempt again can help.
+                    # Said with the file's name, as an unreadable one is (``read_file``).
+                    raise _unusable_ca(plan.ca_file, exc) from None
             if await checks.port_open(f.address, f.https_port):
                 return f"port {f.https_port} still open"
             return None

@@ -249,6 +249,50 @@ async def test_a_prepared_https_check_makes_no_context_of_its_own(
     httpcheck.trusting.cache_clear()
 
 
+async def test_a_prepared_context_serves_its_own_ca_alone_and_stays_bounded(
+    loopback: Callable[[], str],
+    issue_cert: Callable[..., IssuedCert],
+    test_ca: pki.CertificateAuthority,
+) -> None:
+    """Review of session 72 (``probe.prepare_https``, made at the staging for the verify):
+    a context prepared for one CA is never the check's for another, even of the same name (a
+    CA made again with a new key), and a CA renewed with its key (``ca renew``: other bytes,
+    a context of its own) still passes its leaves; the check after a
+    prepare still says a server wants client certificates (session 71's second handshake,
+    ``httpcheck.noting``); and an agent that meets CA after CA over the years keeps no more
+    prepared contexts than ``trusting`` keeps (its cache of 8), not one per CA for ever."""
+    address = loopback()
+    cert = issue_cert(address)
+    ca_pem = cert.ca_file.read_bytes()
+    assert ca_pem == test_ca.cert_pem
+    other = pki.CertificateAuthority.create("tlsroll test CA").cert_pem  # test_ca's name
+    renewed = pki.cert_to_pem(test_ca.renewed_cert())  # ``ca renew``: the same key
+    fingerprint = pki.fingerprint(pki.read_cert(cert.cert_file))
+    httpcheck.trusting.cache_clear()
+    gc.collect()
+    earlier = list(probe._begun)  # (another test's, that something holds still)
+    probe.prepare_https(ca_pem, address)
+    probe.prepare_https(other, address)
+    with tiny_server(address, OK_CLOSE, _tls(cert)) as port:
+        problem = await probe.check_https(address, port, APP, other, fingerprint)
+        assert problem is not None and "certificate verify failed" in problem, problem
+        assert await probe.check_https(address, port, APP, ca_pem, fingerprint) is None
+        assert await probe.check_https(address, port, APP, renewed, fingerprint) is None
+    wants = tls.server_context(cert.cert_file, cert.key_file, cert.ca_file, require_client=True)
+    with tiny_server(address, OK_CLOSE, wants) as port:
+        problem = await probe.check_https(address, port, APP, ca_pem, fingerprint)
+        assert problem is not None and "wants client certificates" in problem, problem
+    kept = httpcheck.trusting.cache_info().maxsize
+    assert kept is not None
+    for _ in range(2 * kept):
+        probe.prepare_https(pki.CertificateAuthority.create().cert_pem, address)
+    gc.collect()
+    # The cache's, and one a connection of this test may hold still (asyncio's transport keeps
+    # its context until it is freed): never the 2 * kept + 2 prepared.
+    assert len([c for c in probe._begun if c not in earlier]) <= kept + 2
+    httpcheck.trusting.cache_clear()
+
+
 async def test_the_async_https_probe_says_what_is_wrong_never_raises(
     loopback: Callable[[], str], issue_cert: Callable[..., IssuedCert]
 ) -> None:

@@ -51,7 +51,7 @@ from nodeagent.trust import LeaderTrust
 from nodeagent.wire import CHANGE, TXN_PHASE
 from tests.conftest import count_thread_hops
 from tests.private_files import write_private
-from tlsroll import dbthread, fsutil, httpcheck, password, peertext, pki, tls
+from tlsroll import dbthread, fsutil, httpcheck, password, peertext, pki, probe, tls
 from tlsroll.config import ConfigFile
 from tlsroll.enums import NEEDS_ADMIN, Change, TxnKind, TxnOutcome
 from tlsroll.v1 import agent_pb2
@@ -1883,6 +1883,41 @@ async def test_a_resumed_verify_whose_ca_is_a_fifo_rolls_back_in_one_line(
     assert f"{w.plan.ca_file} is not a regular file (a FIFO)" in txn.reason, txn.reason
     assert txn.reason.startswith("verify:") and "\n" not in txn.reason, txn.reason
     assert (w.server.running, w.server.frozen) == (SOURCE, False)
+    journal.close()
+
+
+@pytest.mark.parametrize(
+    ("ca_pem", "why"),
+    [
+        (b"not a CA", "no start line"),
+        (b"", "Empty certificate data"),
+        (b"\xffnot ascii", "bytes that are not ASCII"),
+    ],
+)
+async def test_a_staged_ca_the_tls_library_refuses_rolls_back_naming_the_ca_file(
+    world: Callable[[Scenario], World], ca_pem: bytes, why: str
+) -> None:
+    """Review of session 72: a CA file the TLS library takes no context from at the staging
+    (changed on disk after its Stage checked it) is let pass there (``probe.prepare_https``);
+    the verify's real check then raised ssl's words alone, "verify: no start line: cadata does
+    not contain a certificate (_ssl.c:4020) (errno 0, ?)", naming neither the file nor that
+    it is the CA. Now the switch rolls back, at once, in one line naming the CA file."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    w.plan.ca_file.write_bytes(ca_pem)
+    journal = CrashingJournal(w.journal_path)
+    runner = w.runner(journal)
+    runner.checks = replace(runner.checks, check_https=probe.check_https)
+    txn, staging = await begin_as_the_servicer(w, runner, journal)
+    staged = await asyncio.wrap_future(staging)
+    assert staged is not None and staged.ca_pem == ca_pem  # the staging let it pass
+    done = await runner.run(txn, begun=next_action(Phase.STARTED), staged=staging)
+    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+    assert done.reason.startswith(f"verify: {w.plan.ca_file}: not a CA certificate"), done.reason
+    assert why in done.reason and "\n" not in done.reason, done.reason
+    assert done.failed_phase is not None and "errno 0" not in done.reason
+    assert w.time.slept == []  # no attempt again: a CA does not heal
+    assert (w.server.running, w.server.config, w.server.frozen) == (SOURCE, SOURCE, False)
     journal.close()
 
 

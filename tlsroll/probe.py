@@ -375,10 +375,12 @@ def prepare_https(ca_pem: bytes, address: str) -> None:
     per CA, so the check takes this very context) and its first handshake's client side run
     once in memory, to its ClientHello (no connection): the agent's staging does it before
     the freeze (``nodeagent.transaction.Runner.stage_target``). The first check of an agent
-    made the context (the CA parsed, OpenSSL's defaults: 1.7 ms) and paid for OpenSSL's first
-    handshake (its algorithms fetched, the key share made: 1.3 ms more) inside the switch's
-    freeze window (issue 15, session 72). A CA that cannot be read raises as ``trusting``
-    does (``ssl.SSLError``, ``ValueError``): the check then says what is wrong."""
+    paid for OpenSSL's first handshake (its algorithms fetched, the key share made: about
+    1.1 ms) inside the switch's freeze window (issue 15, session 72), and made the context
+    there (the CA parsed, OpenSSL's defaults: 1.6 ms more) if the Stage had not
+    (``NodeAgentService._store_cert`` makes it: the agent restarted since). A CA that cannot
+    be read raises as ``trusting`` does (``ssl.SSLError``, ``ValueError``): the verify then
+    says what is wrong, naming the CA file (``Runner._problems``)."""
     context = trusting(ca_pem)
     if context in _begun:
         return
