@@ -2055,13 +2055,6 @@ class Engine:
             return False
         if cut:  # switching -> confirming only: the confirm step's and the pass's to fail it
             also = ()
-        if any(p.node_events for p in plans):
-            # The steps this write began (``_planned``: the next node's switch) go first, each
-            # to its call's send (grpc.aio sends a call's request from a task of its own, one
-            # loop pass later), then this outcome's log lines: the switch no longer waits for
-            # them and this task's end (issue 15, session 72).
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
         ended = [(step.step, event, reason, {}), *((Step.CONFIRM, e, None, WITH) for e in also)]
         for what, outcome, why, more in ended:
             _node_log(outcome, log.info)(

@@ -1023,36 +1023,6 @@ async def test_a_switch_whose_check_passed_as_it_ended_is_confirmed_in_the_same_
     await leader.stop()
 
 
-async def test_a_switch_goes_out_before_the_outcome_whose_write_began_it_is_logged(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Session 72 (issue 15): the write of a step's outcome begins the steps the plan then
-    allows (``_plan_next``: a node's switch after its stage, or after the node before it
-    switched), and the switch's call waited for that outcome's log line (``step.finished``,
-    rendered and written) and its task's end. The switch now reaches its agent first (the
-    fake agent's call, as gRPC's, is one loop pass away); the line follows, as it did, after
-    the write."""
-    leader = world.boot()
-    await leader.start(max_parallel=1)
-    with capture_logs() as logs:
-        arrived = world.agents.log
-
-        def log(agent: FakeAgent, method: str, rollout_id: str, epoch: int, answer: str) -> None:
-            if method == "switch":
-                logs.append({"event": "agent.switch", "node": agent.name})
-            arrived(agent, method, rollout_id, epoch, answer)
-
-        monkeypatch.setattr(world.agents, "log", log)
-        row = await leader.run()
-    assert row.rollout.state is R.COMPLETED
-    seen = [(e["event"], e.get("node"), e.get("step")) for e in logs]
-    for name in ORDER:
-        staged = seen.index(("step.finished", name, "stage"))
-        assert seen.index(("agent.switch", name, None)) < staged, seen
-        assert seen.index(("step.finished", name, "switch")) > staged, seen
-    await leader.stop()
-
-
 async def test_a_node_cut_off_as_its_switch_ends_is_not_confirmed_with_it(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
