@@ -1646,6 +1646,11 @@ class Runner:
             txn = await dbthread.run(write, txn, *args, **changes)
             self._journalled(txn.phase)
             self.changes.changed(txn)
+            if txn.finished:
+                # Its watches (``WatchTransaction``, woken above) send this last record first:
+                # the runner's work after it (its log line, ``on_complete``'s bootstrap sync
+                # and its thread, ``on_end``) follows the message (issue 15, session 72).
+                await asyncio.sleep(0)
             await self._held()
             return txn
         txn, followed, error = await dbthread.run(_write_then, write, then, txn, *args, **changes)

@@ -3117,6 +3117,44 @@ async def test_the_watch_sends_every_phase_without_reading_it_back(
     journal.close()
 
 
+async def test_the_watch_sends_the_last_record_before_the_runner_s_work_after_it(
+    world: Callable[..., World],
+) -> None:
+    """Session 72 (issue 15): the completed record went to the leader only once the runner,
+    which went on after journalling it, handed the loop over: after its log line and the start
+    of its ``on_complete`` (the bootstrap service's sync, which hands a journal read to a
+    thread: on a loaded machine 0.3-5 ms between the record and its message, the leader's next
+    switch waiting). The watch now sends it first; the work after it follows."""
+    w = world(SCENARIOS["completes"])
+    journal = CrashingJournal(w.journal_path)
+    runner = w.runner(journal)
+    trust = LeaderTrust(w.root / "ca.pem", "example.test", w.root / "crl.pem")
+    agent = service.NodeAgentService(
+        cast(Any, None), cast(Any, None), journal, w.driver, runner, w.time.clock, trust=trust
+    )
+    order: list[str] = []
+
+    async def synced() -> None:
+        order.append("on_complete")
+
+    runner.on_complete = synced
+    runner.on_end = lambda: order.append("on_end")
+    first = next_action(Phase.STARTED)
+    txn = journal.create(w.txn, begin=first)
+
+    async def follow() -> None:
+        async for message in agent._follow("r1", TxnKind.SWITCH, txn, frozenset()):
+            order.append(f"sent {TXN_PHASE.read(message.phase, 'phase').value}")
+
+    watching = asyncio.create_task(follow())
+    runner.start(txn, begun=first)
+    await asyncio.gather(*runner.tasks.values())
+    await asyncio.wait_for(watching, 10)
+
+    assert order[-3:] == ["sent completed", "on_complete", "on_end"], order
+    journal.close()
+
+
 # --- the switch made ready when its node was staged ---------------------------------------------
 
 
