@@ -620,6 +620,29 @@ def _log_times(path: Path, events: Sequence[str], **match: str) -> dict[str, lis
     return times
 
 
+def _written(start: float, ended: Sequence[tuple[str, float]], name: str) -> float:
+    """When the write holding the switch of ``name`` begun at ``start`` ended: the first
+    `step.finished` of another node's switch (``ended``: node, time) within 0.1 s after it,
+    else ``start`` (the first switch: its record is a write of its own)."""
+    after = (t for node, t in ended if node != name and start <= t <= start + 0.1)
+    return min(after, default=start)
+
+
+def _log_fields(path: Path, event: str, **match: str) -> list[tuple[str, float]]:
+    """(node, epoch seconds) of each line of a daemon's JSON log saying ``event``, of the lines
+    whose fields equal ``match``."""
+    found: list[tuple[str, float]] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                entry = json.loads(line)
+                if entry["event"] == event and all(entry.get(k) == v for k, v in match.items()):
+                    stamp = entry["timestamp"].replace("Z", "+00:00")
+                    when = dt.datetime.fromisoformat(stamp).timestamp()
+                    found.append((str(entry.get("node", "")), when))
+    return found
+
+
 def _within(times: list[float], begin: float, end: float) -> list[float]:
     """The last of ``times`` from ``begin`` to ``end``, if any (as a list of at most one)."""
     return [t for t in times if begin <= t <= end][-1:]
@@ -630,7 +653,7 @@ def _within(times: list[float], begin: float, end: float) -> list[float]:
 # in the phase after its mark; "a:" the agent's log, "old:"/"new:" the reference server's logs
 # (the server the switch stops and the one it starts), "leader:" the leader's log.
 SWITCH_PHASES = (
-    ("leader → agent (leader's record, the call, the agent's check)", "leader:start", "j:create"),
+    ("leader → agent (the call, the agent's check)", "leader:written", "j:create"),
     ("create's record (its commit)", "j:create", "a:txn.started"),
     ("freeze call (the server's drain and its record)", "a:txn.started", "old:writes.frozen"),
     ("freeze answer → frozen record", "old:writes.frozen", "j:frozen"),
@@ -655,13 +678,21 @@ def switch_phases(
     nothing). A phase whose marks are missing is left out for that node."""
     split: dict[str, list[float]] = {}
     by_name = {n.name: n for n in nodes}
+    # The leader writes a switch's record in the write of the previous switch's outcome and
+    # logs that outcome's `step.finished` after the write: the call begins there. The switch's
+    # `started_at` is stamped before that write, which the phase "completed record → the
+    # leader's outcome" of the previous node holds already (switchgap, session 72: counted
+    # twice before). The first switch has no such line: its `started_at` stands.
+    ended = _log_fields(leader_log, "step.finished", step="switch")
     for v in view.nodes:
         node = by_name.get(v.name)
         switch = next((st for st in v.steps if st.step == "switch"), None)
         if node is None or node.agent is None or switch is None:
             continue
+        start = switch.started_at.ToDatetime(tzinfo=dt.UTC).timestamp()
         marks: dict[str, float] = {
-            "leader:start": switch.started_at.ToDatetime(tzinfo=dt.UTC).timestamp()
+            "leader:start": start,
+            "leader:written": _written(start, ended, v.name),
         }
         with contextlib.closing(
             sqlite3.connect(f"file:{node.journal_path}?mode=ro", uri=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -218,3 +219,27 @@ def test_the_phase_split_takes_a_reference_server_s_marks_only_inside_the_switch
     assert rollout._within(times, 12.0, 14.0) == [13.0]
     assert rollout._within(times, 20.0, 30.0) == []
     assert rollout._within(times, 0.0, float("inf")) == [40.0]
+
+
+def test_the_call_to_the_agent_is_timed_from_the_write_that_held_its_record(tmp_path: Path) -> None:
+    """The leader writes a switch's record in the write of the previous switch's outcome and
+    logs that outcome after it: the phase "leader → agent" begins there, not at the switch's
+    `started_at`, stamped before the write that the previous node's phase holds already
+    (switchgap, session 72: counted in both phases)."""
+    log = tmp_path / "leader.log"
+    lines = [
+        json.dumps({"event": "step.finished", "step": step, "node": node, "timestamp": at})
+        for step, node, at in (
+            ("switch", "n1", "2026-12-07T10:00:00.250Z"),
+            ("confirm", "n1", "2026-12-07T10:00:00.260Z"),
+            ("switch", "n2", "2026-12-07T10:00:00.500Z"),
+        )
+    ]
+    log.write_text("\n".join(lines) + "\n")
+    ended = rollout._log_fields(log, "step.finished", step="switch")
+    t0 = dt.datetime(2026, 12, 7, 10, 0, tzinfo=dt.UTC).timestamp()
+    assert [n for n, _ in ended] == ["n1", "n2"]
+    assert rollout._written(t0 + 0.247, ended, "n2") == pytest.approx(t0 + 0.25)
+    assert rollout._written(t0 + 0.01, ended, "n1") == pytest.approx(t0 + 0.01)  # the first
+    assert rollout._written(t0 + 0.4, ended, "n3") == pytest.approx(t0 + 0.5)
+    assert rollout._written(t0 + 0.2, ended, "n2") == pytest.approx(t0 + 0.25)
