@@ -104,16 +104,19 @@ and did not begin. Sent again, not only asked: an answer made on the way (a stre
 with an error code, INTERNAL or UNKNOWN by the gRPC release) may reach the leader while the
 agent's handler still journals the transaction (a reset reaches the client before the
 handler is cancelled, and its journal write, handed to the store's thread, runs to its end
-all the same; GetTransaction reads beside that thread, a request sent again waits its turn
-on it): asked at once it holds none, and it begins after all (review s72 revrefused:
-"nothing on the node was changed" while the way back took the node to http). A request sent
-again begins nothing an earlier one began (a replay answers with it, and starts it if the
-handler that journalled it was cancelled before it did). Bounded for every such code:
-session 72's first version sent CANCELLED, ABORTED and RESOURCE_EXHAUSTED again by running
-the step again, without end: an agent that answers ABORTED every time held the rollout, and
-its abort, for good, the node's row saying "agent unreachable ... it may be mid-switch". (An
-agent that stops answers UNAVAILABLE, "Cancelling all calls", not CANCELLED: a
-``TransientError``, the step runs again as for an agent away.)"""
+all the same; an agent of session 72 or before read GetTransaction beside that thread, and
+one that has not handed its write yet, still under its command lock, is not behind it
+either, while a request sent again waits its turn on both): asked at once it holds none,
+and it begins after all (review s72 revrefused: "nothing on the node was changed" while the
+way back took the node to http). A request sent again begins nothing an earlier one began
+(a replay answers with it, and starts it if the handler that journalled it was cancelled
+before it did). Bounded for every such code: session 72's first version sent CANCELLED,
+ABORTED and RESOURCE_EXHAUSTED again by running the step again, without end: an agent that
+answers ABORTED every time held the rollout, and its abort, for good, the node's row saying
+"agent unreachable ... it may be mid-switch". (An agent that stops answers UNAVAILABLE,
+"Cancelling all calls", not CANCELLED: a ``TransientError``, the step runs again as for an
+agent away.) The question itself (GetTransaction) answered so is asked again as many times
+(``ChangeSteps.held``)."""
 
 SEND_AGAIN_SECONDS = 1.0
 """The pause before a request is sent again (``SEND_AGAIN``; the engine's clock)."""
