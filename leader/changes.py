@@ -61,6 +61,7 @@ from leader.rollout_core import (
     down_on_https,
     live_and_closed,
     refused_reason,
+    unanswered,
     wrong_source,
 )
 from leader.schema_store import (
@@ -103,16 +104,19 @@ and did not begin. Sent again, not only asked: an answer made on the way (a stre
 with an error code, INTERNAL or UNKNOWN by the gRPC release) may reach the leader while the
 agent's handler still journals the transaction (a reset reaches the client before the
 handler is cancelled, and its journal write, handed to the store's thread, runs to its end
-all the same; GetTransaction reads beside that thread, a request sent again waits its turn
-on it): asked at once it holds none, and it begins after all (review s72 revrefused:
-"nothing on the node was changed" while the way back took the node to http). A request sent
-again begins nothing an earlier one began (a replay answers with it, and starts it if the
-handler that journalled it was cancelled before it did). Bounded for every such code:
-session 72's first version sent CANCELLED, ABORTED and RESOURCE_EXHAUSTED again by running
-the step again, without end: an agent that answers ABORTED every time held the rollout, and
-its abort, for good, the node's row saying "agent unreachable ... it may be mid-switch". (An
-agent that stops answers UNAVAILABLE, "Cancelling all calls", not CANCELLED: a
-``TransientError``, the step runs again as for an agent away.)"""
+all the same; an agent of session 72 or before read GetTransaction beside that thread, and
+one that has not handed its write yet, still under its command lock, is not behind it
+either, while a request sent again waits its turn on both): asked at once it holds none,
+and it begins after all (review s72 revrefused: "nothing on the node was changed" while the
+way back took the node to http). A request sent again begins nothing an earlier one began
+(a replay answers with it, and starts it if the handler that journalled it was cancelled
+before it did). Bounded for every such code: session 72's first version sent CANCELLED,
+ABORTED and RESOURCE_EXHAUSTED again by running the step again, without end: an agent that
+answers ABORTED every time held the rollout, and its abort, for good, the node's row saying
+"agent unreachable ... it may be mid-switch". (An agent that stops answers UNAVAILABLE,
+"Cancelling all calls", not CANCELLED: a ``TransientError``, the step runs again as for an
+agent away.) The question itself (GetTransaction) answered so is asked again as many times
+(``ChangeSteps.held``)."""
 
 SEND_AGAIN_SECONDS = 1.0
 """The pause before a request is sent again (``SEND_AGAIN``; the engine's clock)."""
@@ -641,26 +645,32 @@ class ChangeSteps:
         (``tlsroll.enums.names_another_switch``: a finalize sent under the phase-1 id) is not
         asked about: the one it holds is not this step's, never followed. A transaction whose
         certificate is not the one this rollout staged on the node is not this step's either.
-        No answer (``TransientError``) and an answer that is no refusal (the agent's own
-        trouble) raise a ``TransientError``: the step runs again, and sends the request again
-        (a replay begins nothing)."""
+        No answer (``TransientError``) raises: the step runs again, and sends the request
+        again (a replay begins nothing). An answer that is no refusal (the agent's own
+        trouble: INTERNAL, ABORTED, an answer about another transaction) is asked again
+        within the step, ``SEND_AGAIN`` times ``SEND_AGAIN_SECONDS`` apart; failing still, it
+        is ``Held.FAILED`` with its last answer: not known, the node needs attention (review
+        s72 refused, L4: it raised a ``TransientError`` saying "{what} refused" even after a
+        failure, and the step ran again without end, the node's row saying "agent
+        unreachable ... it may be mid-switch" of an agent that answered)."""
         if names_another_switch(said):
             return Held.OTHER, ""
         kind = kind or self.switch_kind
         request = agent_pb2.GetTransactionRequest(
             rollout_id=ctx.rollout.id, kind=TXN_KIND.wire(kind)
         )
-        try:
-            txn = await ctx.agent.get_transaction(request)
-        except StepFailed as exc:
-            if exc.code is grpc.StatusCode.NOT_FOUND:
-                return Held.NONE, ""
-            if exc.code in REFUSAL_CODES:
-                return Held.UNANSWERED, str(exc)
-            raise TransientError(
-                f"agent {ctx.node}: {what} refused; whether an earlier try began it is not "
-                f"known yet ({exc})"
-            ) from None
+        for again in range(SEND_AGAIN, -1, -1):
+            try:
+                txn = await ctx.agent.get_transaction(request)
+                break
+            except StepFailed as exc:
+                if exc.code is grpc.StatusCode.NOT_FOUND:
+                    return Held.NONE, ""
+                if exc.code in REFUSAL_CODES:
+                    return Held.UNANSWERED, str(exc)
+                if not again:
+                    return Held.FAILED, str(exc)
+            await ctx.sleep(SEND_AGAIN_SECONDS)
         if (
             kind is TxnKind.SWITCH
             and CHANGES[self.change].stages_certificate
@@ -779,10 +789,7 @@ class ChangeSteps:
             if not last:
                 raise SendAgain(said)
             return f"rollback failed: {said}; it did not begin"
-        return (
-            f"rollback failed: {said}; whether it began is not known: the agent refused to say"
-            f" too ({asked.strip() or 'no reason given'})"
-        )
+        return f"rollback failed: {said}; whether it began is not known: {unanswered(held, asked)}"
 
     @staticmethod
     async def _rollback_under_way(ctx: StepContext) -> agent_pb2.Transaction | None:

@@ -125,7 +125,7 @@ from enum import StrEnum
 
 from leader.rollout_enums import FreezeMode, NodeState, RolloutState, ScopeKind, Strategy
 from tlsroll.clients import https_matches
-from tlsroll.enums import NEEDS_ADMIN, Change
+from tlsroll.enums import NEEDS_ADMIN, Change, names_journal_put_back
 from tlsroll.errors import TerminalError
 
 # Re-exported: the core's vocabulary. ``Change`` is defined where the agents share it; the
@@ -411,6 +411,9 @@ class Held(StrEnum):
     THIS = "this"  # this step's, begun by an earlier run of the step: it is followed
     OTHER = "other"  # another switch under the key (its refusal or the answer says so)
     UNANSWERED = "unanswered"  # it refused the question too: whether it began is not known
+    # Its answers to the question were failures (INTERNAL, ABORTED...), asked again a few
+    # times (``leader.changes.SEND_AGAIN``): whether it began is not known either.
+    FAILED = "failed"
 
 
 def after_refusal(
@@ -441,12 +444,28 @@ def after_refusal(
     saying that switch may have changed the node; needs attention is what a named way back
     takes and a person looks at). With the question refused too, whether it began is not
     known, and asking again gets the same answer (a refusal, not a lost call): needs
-    attention, as a named way back takes it."""
+    attention, as a named way back takes it. With the question failing each time it was asked
+    (``Held.FAILED``; ``asked``: its last answer), the same (review s72 refused, L4: it ran the
+    step again without end, the node's row saying "agent unreachable").
+
+    None held after a refusal from an agent whose journal was put back from a copy
+    (``tlsroll.enums.names_journal_put_back``: "needs the admin: journal put back mid-..."):
+    the copy may be older than the try that began this step, so "none" proves nothing; the
+    node needs attention, as the agent's own refusal says it needs the admin (review s72
+    refused, L5: it was failed, "nothing on the node was changed"). One that holds a
+    transaction on a journal it cannot write ("needs the admin" too) lost nothing: its "none"
+    holds."""
     said = said.strip().rstrip(";").rstrip()
     verb = "refused" if refused else "failed"
     if held is Held.THIS:
         return None
     if held is Held.NONE:
+        if refused and names_journal_put_back(said):
+            return NodeEvent.SWITCH_FAILED, (
+                f"{what} refused: {said}; the agent holds no {what} of this rollout, but its "
+                f"journal was put back from a copy, which may be older than a try that began "
+                f"it; look at the node"
+            )
         if refused:
             return NodeEvent.SWITCH_REFUSED, refused_reason(what, said)
         return NodeEvent.SWITCH_REFUSED, f"{what} failed: {said}; {NOTHING_CHANGED}"
@@ -457,9 +476,17 @@ def after_refusal(
         )
     began = "an earlier try began it" if refused else "it began"
     return NodeEvent.SWITCH_FAILED, (
-        f"{what} {verb}: {said}; whether {began} is not known: the agent "
-        f"refused to say too ({asked.strip() or 'no reason given'}); look at the node"
+        f"{what} {verb}: {said}; whether {began} is not known: {unanswered(held, asked)}; "
+        "look at the node"
     )
+
+
+def unanswered(held: Held, asked: str) -> str:
+    """Why the agent did not say whether it holds a step's transaction (``held``:
+    ``Held.UNANSWERED`` or ``Held.FAILED``; ``asked``: its answer to the question)."""
+    if held is Held.FAILED:
+        return f"the agent failed to say too, each time asked ({asked.strip() or 'no reason'})"
+    return f"the agent refused to say too ({asked.strip() or 'no reason given'})"
 
 
 def cut_off_reason(change: Change, name: str) -> str:

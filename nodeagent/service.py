@@ -1888,10 +1888,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def GetTransaction(
         self, request: agent_pb2.GetTransactionRequest, context: Ctx
     ) -> agent_pb2.Transaction:
+        """The transaction as the journal holds it, read on the store's thread behind every
+        journal write handed to it before (``dbthread.run``): a handler whose call was cut off
+        (a stream reset reaches the leader first) may have handed its transaction's begin to
+        that thread, and a read beside it (``asyncio.to_thread``) answered "none" of a
+        transaction journalled and begun a moment later; the leader, asking after such an
+        answer, recorded "nothing on the node was changed" (review s72 refused, L6). What
+        that thread runs is short: journal and config writes, a stage's prepare, a switch's
+        begin (its plan; a template driver's look at the server's ports, 1 s at most a port
+        not answering); never a freeze, restart or verify, which wait on the server."""
         require_leader(context, self.trust)
         _rollout_id(request.rollout_id)
         kind = TXN_KIND.read(request.kind, "kind")
-        txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
+        txn = await dbthread.run(self.journal.get, request.rollout_id, kind)
         if txn is None:
             raise not_found(f"no {kind.value} transaction for rollout {request.rollout_id!r}")
         return txn_message(txn, self.driver)

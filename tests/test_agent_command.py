@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import socket
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,12 +23,16 @@ import pytest
 
 from nodeagent import service
 from nodeagent.drivers import ServerFacts
-from nodeagent.journal import Journal
+from nodeagent.journal import Journal, Txn
 from nodeagent.service import NodeAgentService
+from nodeagent.transaction import Phase, Plan
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust
+from tlsroll import dbthread
 from tlsroll.clients import ClientsView
+from tlsroll.enums import TxnKind
 from tlsroll.rpc import RpcStatusError
 from tlsroll.v1 import agent_pb2
+from tlsroll.wire import TXN_KIND
 
 
 class CountingJournal(Journal):
@@ -247,3 +252,34 @@ async def test_a_certificate_found_served_while_a_restart_ran_is_not_kept(
     driver.restarting = None  # the restart ended: the new server serves the new certificate
     assert await served() == b"NEW"
     assert await served() == b"NEW"  # kept now (none left to answer)
+
+
+async def test_get_transaction_answers_behind_the_journal_writes_handed_before_it(
+    tmp_path: Path,
+) -> None:
+    """Review s72 refused, L6: a handler whose call was cut off (a stream reset reaches the
+    leader first) has handed its transaction's begin to the store's thread, behind a write
+    still running there; the leader asks GetTransaction at once. Read beside that thread
+    (``asyncio.to_thread``), it answered "none" (NOT_FOUND) of a transaction journalled and
+    begun a moment later. It now takes its turn on the store's thread: it answers with it."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "").to_json()
+    txn = Txn("r1", TxnKind.ROLLBACK, 1, Phase.STARTED, plan, dt.datetime.now(dt.UTC))
+    gate = threading.Event()
+    running = asyncio.ensure_future(dbthread.run(gate.wait, 30))  # a write under way
+    begun = asyncio.ensure_future(dbthread.run(journal.create, txn))  # the cut-off handler's
+    request = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(TxnKind.ROLLBACK))
+    asked = asyncio.ensure_future(agent.GetTransaction(request, cast(Any, None)))
+    queue = dbthread.executor()._work_queue  # what waits for the store's thread
+    for _ in range(3000):  # until it answered beside the thread, or waits its turn on it
+        if asked.done() or queue.qsize() >= 2:
+            break
+        await asyncio.sleep(0.01)
+    gate.set()
+    assert await running
+    await begun
+    found = await asked  # NOT_FOUND before (an RpcStatusError)
+    assert (found.rollout_id, found.kind) == ("r1", TXN_KIND.wire(TxnKind.ROLLBACK))
+    journal.close()

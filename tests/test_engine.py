@@ -2114,6 +2114,7 @@ async def test_a_switch_that_does_not_complete_halts_the_rollout(
 
 STALE = "stale epoch 1: this node has seen epoch 2 (FAILED_PRECONDITION)"
 NOT_LEADER = "the caller is not this node's leader (PERMISSION_DENIED)"
+ASK_FAILED = "the journal is busy (ABORTED)"
 
 
 def refuses_its_replay(
@@ -2125,18 +2126,25 @@ def refuses_its_replay(
     restored, before it looks whether it holds it. ``question``: "refused", it refuses to say
     what it holds too (a leader identity it no longer trusts: PERMISSION_DENIED);
     "unreachable", the first answer to that question is lost too; "other", it answers with
-    a switch of another certificate than the one this rollout staged (not this step's)."""
+    a switch of another certificate than the one this rollout staged (not this step's);
+    "failing", it answers the question with its own failure (ABORTED) every time; "failed
+    once", the first time only."""
     get, begin = agent.get_transaction, getattr(agent, method)
     lost = False
     unanswered = 1 if question == "unreachable" else 0
+    failing = {"failing": 10**6, "failed once": 1}.get(question or "", 0)
 
     async def get_transaction(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
-        nonlocal lost, unanswered
+        nonlocal lost, unanswered, failing
         if not lost and any(k is kind for _, k in agent.txns):
             lost = True
             raise TransientError(f"agent {agent.name}: unreachable")
         if question == "refused" and lost:
             raise StepFailed(NOT_LEADER, grpc.StatusCode.PERMISSION_DENIED)
+        if failing and lost:
+            failing -= 1
+            agent.world.log(agent, "get_transaction", request.rollout_id, 0, "failed")
+            raise StepFailed(ASK_FAILED, grpc.StatusCode.ABORTED)
         if unanswered and lost:
             unanswered -= 1
             raise TransientError(f"agent {agent.name}: unreachable")
@@ -2166,8 +2174,21 @@ def refuses_its_replay(
         # Not the certificate this rollout staged: another switch, not followed; it may
         # have changed the node, so it needs attention (session 72: it was failed).
         (TxnOutcome.COMPLETED, "other", N.NEEDS_ATTENTION),
+        # The question answered with the agent's own failure every time: asked again a few
+        # times, then not known (review s72 refused, L4: the step ran again without end).
+        (TxnOutcome.COMPLETED, "failing", N.NEEDS_ATTENTION),
+        # Its failure once: asked again within the step, and followed.
+        (TxnOutcome.COMPLETED, "failed once", N.DONE),
     ],
-    ids=["completed", "rolled-back", "question-refused", "question-lost", "other-switch"],
+    ids=[
+        "completed",
+        "rolled-back",
+        "question-refused",
+        "question-lost",
+        "other-switch",
+        "question-failing",
+        "question-failed-once",
+    ],
 )
 async def test_a_switch_refused_when_run_again_is_followed_if_it_began(
     world: World, outcome: TxnOutcome, question: str | None, state: NodeState
@@ -2199,6 +2220,15 @@ async def test_a_switch_refused_when_run_again_is_followed_if_it_began(
         assert NOT_LEADER in reason
     if question == "other":
         assert reason.startswith(f"switch refused: {STALE}; this switch did not begin"), reason
+    if question in ("failing", "failed once"):
+        asked = world.agents.calls_to("charlie", "get_transaction")
+        failed = [c for c in asked if c.answer == "failed"]
+        assert len(failed) == (1 + changes.SEND_AGAIN if question == "failing" else 1), failed
+    if question == "failing":
+        assert reason == (
+            f"switch refused: {STALE}; whether an earlier try began it is not known: the agent"
+            f" failed to say too, each time asked ({ASK_FAILED}); look at the node"
+        ), reason
     if state is N.DONE:
         assert row.rollout.state is R.COMPLETED and charlie.scheme == "https"
     await leader.stop()
@@ -2248,6 +2278,49 @@ async def test_a_switch_refused_as_another_under_its_id_is_not_followed(world: W
     assert "; this switch did not begin: the agent holds another switch" in charlie_row.reason
     assert "nothing on the node was changed" not in charlie_row.reason
     assert len(world.agents.calls_to("charlie", "get_transaction")) == asked
+    await leader.stop()
+
+
+PUT_BACK = (
+    "needs the admin: journal put back mid-switch of rollout r0: not settled by what the server"
+    " runs; check it, then run the agent once with --journal-checked"
+)
+HELD = "needs the admin: its journal cannot be written (disk full): free space under /var"
+
+
+@pytest.mark.parametrize(
+    ("said", "state"),
+    [(PUT_BACK, N.NEEDS_ATTENTION), (HELD, N.FAILED)],
+    ids=["journal-put-back", "journal-held"],
+)
+async def test_a_switch_refused_by_a_journal_put_back_needs_attention(
+    world: World, said: str, state: NodeState
+) -> None:
+    """Review s72 refused, L5: an agent whose journal was put back from a copy refuses the
+    switch ("needs the admin: journal put back mid-..."), and asked, holds none of it: the
+    copy may be older than a try that began it, so the node needs attention (a person looks,
+    as the agent says), not failed with "nothing on the node was changed". An agent that
+    holds a transaction on a journal it cannot write says "needs the admin" too, but its
+    journal lost nothing: its "none" holds, the node failed, nothing changed."""
+    charlie = world.agents["charlie"]
+    charlie.refuse["switch"] = said
+    leader = world.boot()
+    await leader.start()
+
+    row = await leader.run()
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is state, charlie_row
+    assert charlie_row.reason.startswith(f"switch refused: {said} (FAILED_PRECONDITION); ")
+    assert ("nothing on the node was changed" in charlie_row.reason) is (state is N.FAILED)
+    if state is N.NEEDS_ATTENTION:
+        assert charlie_row.reason.endswith(
+            "the agent holds no switch of this rollout, but its journal was put back from a"
+            " copy, which may be older than a try that began it; look at the node"
+        ), charlie_row
+    assert [c.answer for c in world.agents.calls_to("charlie", "get_transaction")][-1:] == [
+        "not_found"
+    ]
     await leader.stop()
 
 

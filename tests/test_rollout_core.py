@@ -48,7 +48,7 @@ from leader.rollout_core import (
     refused_reason,
     way_out,
 )
-from tlsroll.enums import another_switch, names_another_switch
+from tlsroll.enums import another_switch, names_another_switch, names_journal_put_back
 
 R, RE, N, NE = RolloutState, RolloutEvent, NodeState, NodeEvent
 
@@ -310,6 +310,8 @@ DENIED = "the caller is not this node's leader (PERMISSION_DENIED)"
         # The question refused too: not known, so the node needs attention (a named way back
         # takes it), and the reason says what is known.
         (Held.UNANSWERED, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, f"refused to say too ({DENIED})"),
+        # The question failed each time asked (review s72 refused, L4): not known either.
+        (Held.FAILED, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, f"each time asked ({DENIED})"),
     ],
 )
 def test_a_refusal_says_nothing_changed_only_when_the_agent_holds_nothing(
@@ -341,6 +343,7 @@ FAILED_LINE = "internal error (see the agent's log) (INTERNAL)"
         (Held.NONE, NE.SWITCH_REFUSED, N.FAILED, f"{FAILED_LINE}; nothing on the node was"),
         (Held.OTHER, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, "did not begin: the agent holds"),
         (Held.UNANSWERED, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, "whether it began is not known"),
+        (Held.FAILED, NE.SWITCH_FAILED, N.NEEDS_ATTENTION, "the agent failed to say too"),
     ],
 )
 def test_a_failure_that_is_no_refusal_is_decided_by_what_the_agent_holds(
@@ -360,6 +363,38 @@ def test_a_failure_that_is_no_refusal_is_decided_by_what_the_agent_holds(
     assert "refused:" not in found[1], found
     assert ("nothing on the node was changed" in found[1]) is (held is Held.NONE), found
     assert NodeRecord("a", N.SWITCHING).with_event(*found).state is state
+
+
+PUT_BACK_LINE = (
+    "needs the admin: journal put back mid-switch of rollout r1: not settled by what the server"
+    " runs; check it, then run the agent once with --journal-checked (FAILED_PRECONDITION)"
+)
+
+
+def test_a_refusal_of_a_journal_put_back_holding_none_needs_attention() -> None:
+    """Review s72 refused, L5: the refusal of an agent whose journal was put back from a copy
+    (its words as the agent writes them, in this release and earlier ones), none held: the
+    copy may be older than a try that began the step, so "none" proves nothing: needs
+    attention, never "nothing on the node was changed". The "needs the admin" of a journal
+    that cannot be written (a transaction held on a full disk) lost nothing: failed, as any
+    refusal with none held."""
+    assert names_journal_put_back(PUT_BACK_LINE)
+    for what in ("switch", "going back to http"):
+        found = after_refusal(what, PUT_BACK_LINE, Held.NONE)
+        assert found is not None
+        assert found[0] is NE.SWITCH_FAILED, found
+        assert found[1].startswith(f"{what} refused: {PUT_BACK_LINE}; "), found
+        assert "nothing on the node was changed" not in found[1], found
+        assert "journal was put back from a copy" in found[1], found
+        assert NodeRecord("a", N.SWITCHING).with_event(*found).state is N.NEEDS_ATTENTION
+        assert after_refusal(what, PUT_BACK_LINE, Held.THIS) is None
+    held = "needs the admin: its journal cannot be written (disk full): free space (FAILED_PRE"
+    assert not names_journal_put_back(held)
+    found = after_refusal("switch", held, Held.NONE)
+    assert found is not None and found[0] is NE.SWITCH_REFUSED, found
+    assert found[1].endswith("; nothing on the node was changed"), found
+    # Words that only mention a journal put back, not as the agent's reason, are not it.
+    assert not names_journal_put_back("stale epoch 2: journal put back mid-switch")
 
 
 def test_another_switch_is_told_by_one_shared_text() -> None:

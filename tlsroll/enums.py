@@ -50,6 +50,24 @@ problem begin while its journal, put back from a copy, says the node needs the a
 (``nodeagent.journal``, ``Journal.needs_admin``); the leader tells such a node by it (`tlsroll
 nodes`, the schema's node problems, the planner's ``NeedsAdmin``)."""
 
+JOURNAL_PUT_BACK = "journal put back mid-"
+"""How the reason begins (after ``NEEDS_ADMIN``) when the node needs the admin as its journal,
+put back from a copy, left a transaction that what the server runs does not settle
+(``nodeagent.transaction``'s settling of a copy): the agent refuses Stage, Switch and Rollback
+with it. The leader tells such a refusal by these words (``names_journal_put_back``): the
+agent's "none" of a step's transaction is no proof that nothing began, as the copy may be
+older than the try that began it. An agent of an earlier release said the same words (and its
+journal keeps them: they are written once, when the copy is settled)."""
+
+
+def names_journal_put_back(said: str) -> bool:
+    """Whether a refusal (``said``: its details) is an agent's whose journal was put back from
+    a copy and needs the admin (``JOURNAL_PUT_BACK``), from this release or an earlier one; not
+    one that holds a transaction on a journal it cannot write (``NEEDS_ADMIN`` too, whose
+    journal lost nothing)."""
+    return f"{NEEDS_ADMIN}{JOURNAL_PUT_BACK}" in said
+
+
 ANOTHER_SWITCH = "already names another switch"
 """What an agent's refusal of a switch says when the command's rollout id already names a
 switch of another change on the node (``another_switch``: a finalize sent under the phase-1
