@@ -10,26 +10,29 @@ import asyncio
 import datetime as dt
 import os
 import ssl
+import threading
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import structlog
 
-from nodeagent import plans
+from nodeagent import plans, service
 from nodeagent.drivers import ReferenceDriver, make_driver
 from nodeagent.journal import Journal, Txn
 from nodeagent.transaction import Phase, Plan, Runner
+from nodeagent.trust import LeaderTrust
 from tests import byo_certs
 from tests.conftest import next_loopback
 from tests.private_files import write_private
-from tlsroll import password, pki
+from tlsroll import dbthread, password, pki, tls
 from tlsroll.config import ConfigFile, dump_toml
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import UnsafePermissions
+from tlsroll.v1 import agent_pb2
 
 APP = "/praxis"
 HTTPS_PORT = 8443
@@ -622,3 +625,58 @@ async def test_the_restore_check_pins_the_certificate_served_as_well_as_the_one_
     done = await run(served, driver, built, "b1")
     assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
     assert driver.read_config() == https_config
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    """The servicer's context, as far as ``map_errors`` uses it: ``abort`` raises."""
+
+    async def abort(self, code: object, details: str) -> None:
+        raise Aborted(code, details)
+
+
+async def test_the_served_pin_of_a_way_back_is_taken_off_the_store_thread(
+    served: Served, https_listener: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s72 revhttps (M): the restore pin's handshake (``plans.served_pin``) ran where
+    the plan is built, on the agent's store thread (``tlsroll.dbthread``), whose calls must
+    never wait on the network: a server that accepts and never answers held every journal
+    call queued there for a second, on a way back, when the server may well be the broken
+    thing. The Rollback takes it first, in a worker thread (``plans.take_served_pin``); the
+    plan pins the same certificate, and the way back ends as before."""
+    driver = served.driver()
+    seen: list[str] = []
+    connect = tls.connect
+
+    def spy(*args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        seen.append(threading.current_thread().name)
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(tls, "connect", spy)
+    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
+
+    async def no_wait(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    def clock() -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    runner = Runner(served.journal, driver, clock, sleep=no_wait)
+    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+    trust.announce(1)
+    cfg = type("C", (), {"data_dir": tmp_path / "data"})()
+    agent = service.NodeAgentService(
+        cast(Any, cfg), cast(Any, None), served.journal, driver, runner, clock, trust=trust
+    )
+    request = agent_pb2.RollbackRequest(
+        command=agent_pb2.Command(rollout_id="b1", epoch=1), undoes=""
+    )
+    await agent.Rollback(request, cast(Any, FakeContext()))
+    done = await runner.tasks[("b1", TxnKind.ROLLBACK.value)]
+
+    assert seen and not [name for name in seen if name.startswith(dbthread.THREAD_NAME)], seen
+    assert Plan.from_json(done.plan).source_fingerprint == served.fingerprint
+    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
