@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import functools
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -213,12 +214,16 @@ def live_contradiction(journal: Journal, driver: Driver) -> str | None:
         if not (live and live.get("cert_file")):
             return _http_contradiction(driver)
         verifier = live.get("verifier_file")
-        for schemes in HTTPS_LIVE:
+        # A config naming no client CA keeps naming none through change-password and
+        # finalize, whose live settings name the CA this agent installed (``keeps_certificate``,
+        # ``_client_ca``): agreed (review s72 revhttps).
+        cas = (Path(live["ca_file"]), None) if driver.config_decides else (Path(live["ca_file"]),)
+        for schemes, ca in itertools.product(HTTPS_LIVE, cas):
             target = Target(
                 schemes,
                 Path(live["cert_file"]),
                 Path(live["key_file"]),
-                Path(live["ca_file"]),
+                ca,
                 Path(verifier) if verifier else None,
             )
             if driver.says(target):

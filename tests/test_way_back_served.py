@@ -498,6 +498,8 @@ async def test_a_config_naming_no_client_ca_keeps_naming_none(
     done = await run(served, driver, built, "p1", TxnKind.SWITCH)
     assert done.outcome is TxnOutcome.COMPLETED, done.reason
     assert served.journal.live_tls()["ca_file"] == str(served.own_ca)  # type: ignore[index]
+    # ``--journal-checked`` agrees: the live settings name the CA, the config none (s72).
+    assert plans.live_contradiction(served.journal, driver) is None
     # The next change finds that CA still (the journal's live settings name it).
     again = await asyncio.to_thread(keep_https_plan, served, driver, Change.CHANGE_PASSWORD)
     assert again.plan.ca_file == served.own_ca
