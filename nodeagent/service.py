@@ -1408,9 +1408,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         Stage prepared (``_take_prepared``: its pin taken then; read here as a hint only, a
         plan made after all makes its own handshake)."""
         driver, prepared = self.driver, self._prepared
-        if driver is None or change is Change.ENABLE_TLS:
+        if driver is None or self.runner is None or change is Change.ENABLE_TLS:
             return
-        if not rollout_id and not driver.config_decides:
+        if not rollout_id and not driver.config_decides:  # (as ``_prepare`` looks)
             return
         if rollout_id and prepared is not None and prepared.rollout_id == rollout_id:
             return
