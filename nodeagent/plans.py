@@ -17,8 +17,11 @@ error").
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -211,12 +214,16 @@ def live_contradiction(journal: Journal, driver: Driver) -> str | None:
         if not (live and live.get("cert_file")):
             return _http_contradiction(driver)
         verifier = live.get("verifier_file")
-        for schemes in HTTPS_LIVE:
+        # A config naming no client CA keeps naming none through change-password and
+        # finalize, whose live settings name the CA this agent installed (``keeps_certificate``,
+        # ``_client_ca``): agreed (review s72 revhttps).
+        cas = (Path(live["ca_file"]), None) if driver.config_decides else (Path(live["ca_file"]),)
+        for schemes, ca in itertools.product(HTTPS_LIVE, cas):
             target = Target(
                 schemes,
                 Path(live["cert_file"]),
                 Path(live["key_file"]),
-                Path(live["ca_file"]),
+                ca,
                 Path(verifier) if verifier else None,
             )
             if driver.says(target):
@@ -967,7 +974,12 @@ SERVED_PIN_TIMEOUT = 1.0  # seconds for ``served_pin``'s handshake
 
 def served_pin(facts: ServerFacts) -> str:
     """The fingerprint of the certificate the server presents on https now (a handshake,
-    nothing verified: what it runs, not whom to trust), "" if none came (blocking)."""
+    nothing verified: what it runs, not whom to trust), "" if none came (blocking). The one
+    ``take_served_pin`` took for this address and port, where the caller's task took one:
+    no handshake then."""
+    ahead = _SERVED_AHEAD.get()
+    if ahead is not None and ahead[:2] == (facts.address, facts.https_port):
+        return ahead[2]
     try:
         context = tls.unverified_client_context()
         address, port = facts.address, facts.https_port
@@ -976,6 +988,34 @@ def served_pin(facts: ServerFacts) -> str:
     except (OSError, ValueError):
         return ""
     return "sha256:" + hashlib.sha256(der).hexdigest() if der else ""
+
+
+_SERVED_AHEAD: contextvars.ContextVar[tuple[str, int, str] | None] = contextvars.ContextVar(
+    "served_pin_ahead", default=None
+)
+
+
+async def take_served_pin(driver: Driver) -> None:
+    """``served_pin`` taken now, in a worker thread (``asyncio.to_thread``), for the plans the
+    calling task builds next on the store's thread (``tlsroll.dbthread.run`` carries the
+    caller's context variables): a handshake waits on the network, and on the store's thread
+    it held every call queued there behind it (a journal write, a Stage's), up to
+    ``SERVED_PIN_TIMEOUT`` with a server that accepts and never answers, which on a way back
+    may well be the broken thing (review s72 revhttps). Nothing taken where the server's
+    config says no https (an enable-tls) or cannot be read (the plan says why); a plan whose
+    facts then differ (the config changed meanwhile) makes its own handshake."""
+
+    def take() -> tuple[str, int, str] | None:
+        try:
+            facts = driver.facts()
+        except (DriverError, ConfigError, OSError):
+            return None
+        if "https" not in facts.schemes:
+            return None
+        return facts.address, facts.https_port, served_pin(facts)
+
+    _SERVED_AHEAD.set(None)  # (never one an earlier call of this task took)
+    _SERVED_AHEAD.set(await asyncio.to_thread(take))
 
 
 def served_live(journal: Journal, driver: Driver, facts: ServerFacts) -> dict[str, str]:

@@ -1149,6 +1149,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             if "refused" in checked:
                 raise invalid(checked["refused"])
             fingerprint = await asyncio.to_thread(self._store_cert, staged, checked)
+            await self._pin_ahead()
             await dbthread.run(self._prepare, rollout_id, _coming(request))
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint)
         return agent_pb2.StageResponse(
@@ -1223,6 +1224,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             # (The intermediates are in the CA file too: workstations build the server's
             # chain with the bundle the bootstrap service hands them; ``certwork_ops.own``.)
             fingerprint = await asyncio.to_thread(self._store_cert, staged, checked)
+            await self._pin_ahead()
             await dbthread.run(self._prepare, rollout_id, _coming(request))
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint, own=True)
         return agent_pb2.StageResponse(
@@ -1398,6 +1400,21 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         staged = self.journal.staged(rollout_id)
         assert staged is not None
         return staged, {s.rollout_id for s in over}
+
+    async def _pin_ahead(self, change: Change = Change.ROTATE_CERT, rollout_id: str = "") -> None:
+        """The served certificate's pin of the plan made next taken off the store's thread
+        (``plans.take_served_pin``): ``_prepare``'s rotate-cert plan (no ``rollout_id``), for a
+        driver it makes one for; a switch's, but enable-tls's (no https yet) and a switch the
+        Stage prepared (``_take_prepared``: its pin taken then; read here as a hint only, a
+        plan made after all makes its own handshake)."""
+        driver, prepared = self.driver, self._prepared
+        if driver is None or self.runner is None or change is Change.ENABLE_TLS:
+            return
+        if not rollout_id and not driver.config_decides:  # (as ``_prepare`` looks)
+            return
+        if rollout_id and prepared is not None and prepared.rollout_id == rollout_id:
+            return
+        await plans.take_served_pin(driver)
 
     def _prepare(self, rollout_id: str, coming: Coming | None = Coming()) -> None:
         """Blocking, on the store's thread: the switch that follows this stage made ready now
@@ -1696,6 +1713,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         def ready(seen: Outlook) -> tuple[Built, bytes, transaction.Staged] | None:
             return self._take_prepared(rollout_id, wanted, verifier, request.keep_frozen, seen)
 
+        await self._pin_ahead(change, rollout_id)
         return await self._begin(
             rollout_id, TxnKind.SWITCH, request.command.epoch, make, change=wanted, ready=ready
         )
@@ -1750,6 +1768,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 undoes=request.undoes if request.HasField("undoes") else None,
             )
 
+        await plans.take_served_pin(driver)  # (the plan's pin: off the store's thread)
         txn = await self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch, make)
         return txn_message(txn, self.driver)
 

@@ -608,6 +608,16 @@ class Plan:
         )
 
 
+def restore_pin(pins: str, *, restarted: bool) -> str:
+    """``Plan.source_fingerprint`` as a restore check takes it: all its pins where the server
+    was not restarted since the plan was made (it serves what it served then, which
+    ``plans.source_pin`` pinned as well as its file's); the first alone (the certificate its
+    config's file held) where it was: a server restarted loads what its config names, and one
+    still serving another certificate did not (a restart that changed nothing, another program
+    on its port: review s72 revhttps, "restored" of a server that was not)."""
+    return pins.split(",", 1)[0] if restarted else pins
+
+
 @dataclass(frozen=True)
 class Checks:
     """How verify looks at the server from outside: coroutines with ``tlsroll.probe``'s
@@ -1269,8 +1279,10 @@ class Runner:
             fingerprint, watermark = plan.target_fingerprint, txn.watermark
         elif txn.phase in (Phase.ROLLING_BACK, Phase.RESTORED, Phase.RB_RESTARTED):
             which, schemes, config = "source", plan.source_schemes, txn.source_config
-            fingerprint, watermark, pin = "", None, plan.source_fingerprint
             stayed = (txn.failed_phase or Phase.STARTED) not in TARGET_MAY_BE_RUNNING
+            back = txn.phase is Phase.RB_RESTARTED and txn.restart_needed is not False
+            fingerprint, watermark = "", None
+            pin = restore_pin(plan.source_fingerprint, restarted=back or not stayed)
             if txn.phase is Phase.ROLLING_BACK and stayed:
                 config = None  # the target never restarted: the file alone tells nothing
         else:
@@ -2296,7 +2308,7 @@ class Runner:
     async def _verify_source(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         """The restore check: the source back as it was (``Plan.source_fingerprint``: by the
         certificate it served, else trusting ``ca_file``)."""
-        pin = plan.source_fingerprint
+        pin = restore_pin(plan.source_fingerprint, restarted=txn.restart_needed is not False)
         await self._verify(txn, plan, plan.source_schemes, pin, None, pinned=bool(pin))
         return {}
 

@@ -10,26 +10,29 @@ import asyncio
 import datetime as dt
 import os
 import ssl
+import threading
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import structlog
 
-from nodeagent import plans
-from nodeagent.drivers import ReferenceDriver, make_driver
+from nodeagent import plans, service
+from nodeagent.drivers import DriverError, ReferenceDriver, make_driver
 from nodeagent.journal import Journal, Txn
 from nodeagent.transaction import Phase, Plan, Runner
+from nodeagent.trust import LeaderTrust
 from tests import byo_certs
 from tests.conftest import next_loopback
 from tests.private_files import write_private
-from tlsroll import password, pki
+from tlsroll import dbthread, password, pki, tls
 from tlsroll.config import ConfigFile, dump_toml
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import UnsafePermissions
+from tlsroll.v1 import agent_pb2
 
 APP = "/praxis"
 HTTPS_PORT = 8443
@@ -495,6 +498,8 @@ async def test_a_config_naming_no_client_ca_keeps_naming_none(
     done = await run(served, driver, built, "p1", TxnKind.SWITCH)
     assert done.outcome is TxnOutcome.COMPLETED, done.reason
     assert served.journal.live_tls()["ca_file"] == str(served.own_ca)  # type: ignore[index]
+    # ``--journal-checked`` agrees: the live settings name the CA, the config none (s72).
+    assert plans.live_contradiction(served.journal, driver) is None
     # The next change finds that CA still (the journal's live settings name it).
     again = await asyncio.to_thread(keep_https_plan, served, driver, Change.CHANGE_PASSWORD)
     assert again.plan.ca_file == served.own_ca
@@ -558,7 +563,7 @@ class FrozenReference(QuietReference):
         return {"frozen": True, "watermark": 0}
 
 
-@pytest.mark.parametrize("pin", ["the one served", "another"])
+@pytest.mark.parametrize("pin", ["the one served", "another", "another, and the one served"])
 async def test_a_dead_way_back_lifts_the_freeze_once_the_source_proves_its_pin(
     served: Served, https_listener: None, pin: str
 ) -> None:
@@ -566,15 +571,19 @@ async def test_a_dead_way_back_lifts_the_freeze_once_the_source_proves_its_pin(
     whether the freeze is kept: the way back past its restore checked the source trusting the
     plan's CA file, not the certificate the restore check pins (``Plan.source_fingerprint``),
     so a server back on a certificate of another issuer, fine, was kept frozen. It is lifted
-    now; a server on another certificate than the pinned one still keeps it."""
+    now; a server on another certificate than the pinned one still keeps it. Review s72
+    revhttps: the certificate served at plan time (the pin's second) passes only where
+    nothing restarted the server since: here the way back did, and the server must serve the
+    certificate its file held (the first)."""
     driver = FrozenReference(served.driver().config_file, served.etc.parent / "refserver.log")
     built = await asyncio.to_thread(
         plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
     )
     assert built.plan.source_fingerprint == served.fingerprint
-    if pin == "another":
+    if pin != "the one served":
         other = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])[0]
-        built = built._replace(plan=replace(built.plan, source_fingerprint=pki.fingerprint(other)))
+        pins = pki.fingerprint(other) + ("" if pin == "another" else f",{served.fingerprint}")
+        built = built._replace(plan=replace(built.plan, source_fingerprint=pins))
     txn = Txn(
         "b1",
         TxnKind.ROLLBACK,
@@ -583,6 +592,7 @@ async def test_a_dead_way_back_lifts_the_freeze_once_the_source_proves_its_pin(
         built.plan.to_json(),
         dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1),
         failed_phase=Phase.RESTARTED,
+        restart_needed=True,
         target_config=built.config,
         source_config=driver.read_config(),
     )
@@ -593,26 +603,39 @@ async def test_a_dead_way_back_lifts_the_freeze_once_the_source_proves_its_pin(
     runner = Runner(served.journal, driver, lambda: dt.datetime.now(dt.UTC), sleep=no_wait)
     kept = await runner._unproved(txn)
 
-    if pin == "another":
+    if pin != "the one served":
         assert "does not prove it runs the source" in kept and "presents" in kept, kept
     else:
         assert kept == "", kept
 
 
+class FreezeRefused(QuietReference):
+    """As ``QuietReference``, the server refusing the freeze (it answers): a change that
+    fails there, before its config is written; its way back restarts nothing."""
+
+    async def freeze(self, drain_timeout: float) -> int:
+        raise DriverError("writes still in flight")
+
+
+@pytest.mark.parametrize("restart", ["none", "one that changed nothing"])
 async def test_the_restore_check_pins_the_certificate_served_as_well_as_the_one_on_disk(
-    served: Served, https_listener: None
+    served: Served, https_listener: None, restart: str
 ) -> None:
     """Review s71 (L): the restore pin was the certificate the config's file held at plan
     time, not the one the server served: a certificate renewed on disk without a reload made
     a change that failed before its restart say "restore failed" (the node needing the
-    admin) of a server that served https as before. Both are pinned now (any passes): the
-    served one for a server never restarted (this test's stand-in never reloads), the file's
-    for one the way back restarted."""
+    admin) of a server that served https as before. Both are pinned now: the served one
+    passes where nothing restarted the server since the plan (the change failed at its
+    freeze here). Review s72 revhttps (M): not where the way back restarted it (a restart
+    loads the file's: a server still serving the certificate it served before did not; this
+    test's stand-in never reloads): the file's alone passes then, as before."""
     driver = served.driver()
     renewed, renewed_key = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])
     served.cert.write_bytes(byo_certs.pem(renewed))  # (on disk only: the listener keeps its own)
     write_private(served.key, byo_certs.key_pem(renewed_key))
     https_config = driver.read_config()
+    if restart == "none":
+        driver = FreezeRefused(driver.config_file, served.etc.parent / "refserver.log")
 
     built = await asyncio.to_thread(
         plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
@@ -620,5 +643,66 @@ async def test_the_restore_check_pins_the_certificate_served_as_well_as_the_one_
 
     assert built.plan.source_fingerprint == f"{pki.fingerprint(renewed)},{served.fingerprint}"
     done = await run(served, driver, built, "b1")
-    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
     assert driver.read_config() == https_config
+    assert done.restart_needed is (restart != "none")
+    if restart == "none":
+        assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+    else:
+        assert done.outcome is TxnOutcome.FAILED, done.reason
+        said = f"presents {served.fingerprint}, not the certificate it served before"
+        assert done.reason.endswith(f"{said} {pki.fingerprint(renewed)}"), done.reason
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    """The servicer's context, as far as ``map_errors`` uses it: ``abort`` raises."""
+
+    async def abort(self, code: object, details: str) -> None:
+        raise Aborted(code, details)
+
+
+async def test_the_served_pin_of_a_way_back_is_taken_off_the_store_thread(
+    served: Served, https_listener: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s72 revhttps (M): the restore pin's handshake (``plans.served_pin``) ran where
+    the plan is built, on the agent's store thread (``tlsroll.dbthread``), whose calls must
+    never wait on the network: a server that accepts and never answers held every journal
+    call queued there for a second, on a way back, when the server may well be the broken
+    thing. The Rollback takes it first, in a worker thread (``plans.take_served_pin``); the
+    plan pins the same certificate, and the way back ends as before."""
+    driver = served.driver()
+    seen: list[str] = []
+    connect = tls.connect
+
+    def spy(*args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        seen.append(threading.current_thread().name)
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(tls, "connect", spy)
+    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
+
+    async def no_wait(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    def clock() -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    runner = Runner(served.journal, driver, clock, sleep=no_wait)
+    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+    trust.announce(1)
+    cfg = type("C", (), {"data_dir": tmp_path / "data"})()
+    agent = service.NodeAgentService(
+        cast(Any, cfg), cast(Any, None), served.journal, driver, runner, clock, trust=trust
+    )
+    request = agent_pb2.RollbackRequest(
+        command=agent_pb2.Command(rollout_id="b1", epoch=1), undoes=""
+    )
+    await agent.Rollback(request, cast(Any, FakeContext()))
+    done = await runner.tasks[("b1", TxnKind.ROLLBACK.value)]
+
+    assert seen and not [name for name in seen if name.startswith(dbthread.THREAD_NAME)], seen
+    assert Plan.from_json(done.plan).source_fingerprint == served.fingerprint
+    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
