@@ -288,7 +288,7 @@ def test_a_directorys_check_walks_its_path_once(
     switch: the prepared switch's config directory, then one for each of its three admin
     calls) walked the path three times: an ``lstat`` of each part for links, the path's
     resolution (``realpath``, an ``lstat`` of each part again) and a ``stat`` of the directory
-    and of each one above it, 21 calls for a directory five deep. With no link on the way the
+    and of each one above it, 21 calls for a directory six deep. With no link on the way the
     first walk says it all: one ``lstat`` a part, and the same answers."""
     safe = socket_dirs / "a" / "b"
     safe.mkdir(parents=True, mode=0o700)

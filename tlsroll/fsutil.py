@@ -942,7 +942,7 @@ def _walk(given: Path, me: int) -> tuple[str | None, Walked | None]:
     what a ``stat`` would say (there is no link to follow), so the checks after it need no
     other walk: its resolution (``realpath`` ``lstat``-ed every part again) and the ``stat`` of
     each directory above (``_above_problem``) took two more, 21 system calls for one check of a
-    directory five deep instead of 7 (issue 15: four such checks in every switch, one before it
+    directory six deep instead of 7 (issue 15: four such checks in every switch, one before it
     and one in each of its three admin calls). With a link on the way (``me``'s or root's),
     None: the caller resolves and ``stat``-s as before. A path beginning with exactly two
     slashes ("//run") is not its own real path ("/run"): resolved too."""
