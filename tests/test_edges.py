@@ -19,6 +19,7 @@ import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,6 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.cluster import Cluster, Daemon, child_env, one_line_error
 from tests.conftest import next_loopback
 from tests.refserver_helper import RefServer
+from tlsroll import fsutil
 from tlsroll.fsutil import SHARED_SYSTEM_DIRS, _shared_dir, peer_credentials, socket_dir_problem
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc
 
@@ -262,6 +264,87 @@ def test_a_shared_socket_directory_is_not_to_be_chmodded(socket_dirs: Path, mode
     assert "chmod" not in problem, problem
     shared.chmod(0o777)
     assert f"run: chmod 700 {shared}" in str(socket_dir_problem(shared))
+
+
+def _stats_counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ``os.stat`` and ``os.lstat`` calls made from now on, by name."""
+    calls: list[str] = []
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("check", ["socket", "config"])
+def test_a_directorys_check_walks_its_path_once(
+    socket_dirs: Path, monkeypatch: pytest.MonkeyPatch, check: str
+) -> None:
+    """Issue 15 (s72 agentcpu): the check of a socket's or a config's directory (four in each
+    switch: the prepared switch's config directory, then one for each of its three admin
+    calls) walked the path three times: an ``lstat`` of each part for links, the path's
+    resolution (``realpath``, an ``lstat`` of each part again) and a ``stat`` of the directory
+    and of each one above it, 21 calls for a directory six deep. With no link on the way the
+    first walk says it all: one ``lstat`` a part, and the same answers."""
+    safe = socket_dirs / "a" / "b"
+    safe.mkdir(parents=True, mode=0o700)
+    parts = len(safe.parents) + 1
+    problem = fsutil.socket_dir_problem if check == "socket" else fsutil.config_dir_problem
+    calls = _stats_counted(monkeypatch)
+    assert problem(safe) is None
+    assert calls == ["lstat"] * parts
+    safe.chmod(0o770)
+    calls.clear()
+    assert "writable by group or others (mode 0770)" in str(problem(safe))
+    assert len(calls) == parts
+    safe.chmod(0o700)
+    (socket_dirs / "a").chmod(0o777)  # a directory above that anyone may rename away
+    calls.clear()
+    said = str(problem(safe))
+    assert f"{socket_dirs / 'a'} (above {safe}) is writable by group or others" in said, said
+    assert len(calls) == parts
+
+
+@pytest.mark.parametrize("check", ["socket", "config"])
+def test_a_directory_reached_through_a_link_is_judged_where_it_is(
+    socket_dirs: Path, check: str
+) -> None:
+    """A link on the way (ours) is followed: the directory is judged at its real path, and so
+    is every directory above that one, not above the link (the walk's shortcut is only for a
+    path with no link at all)."""
+    problem = fsutil.socket_dir_problem if check == "socket" else fsutil.config_dir_problem
+    open_above = socket_dirs / "open"
+    real = open_above / "real"
+    real.mkdir(parents=True, mode=0o700)
+    open_above.chmod(0o777)  # not sticky: ``real`` could be renamed away
+    link = socket_dirs / "link"
+    link.symlink_to(real)
+    said = str(problem(link))
+    assert f"{open_above} (above {real}) is writable by group or others" in said, said
+    open_above.chmod(0o755)
+    assert problem(link) is None
+    real.chmod(0o777)
+    assert f"{real} is writable by group or others" in str(problem(link))
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="another user's link needs root (CI runs as root)")
+@pytest.mark.parametrize("check", ["socket", "config"])
+def test_a_link_of_another_users_on_the_way_is_refused(socket_dirs: Path, check: str) -> None:
+    """A symbolic link on the way that another user owns (who could point it elsewhere) is
+    refused, wherever it is on the path, even when the directory it leads to is safe."""
+    problem = fsutil.socket_dir_problem if check == "socket" else fsutil.config_dir_problem
+    real = socket_dirs / "real"
+    (real / "inner").mkdir(parents=True, mode=0o700)
+    link = socket_dirs / "link"
+    link.symlink_to(real)
+    os.lchown(link, 65534, 65534)
+    for target in (link, link / "inner"):
+        said = str(problem(target))
+        assert f"{link} is a symbolic link owned by" in said, (target, said)
 
 
 def test_a_servers_own_directory_two_levels_below_root_is_still_to_be_chmodded() -> None:
