@@ -43,7 +43,6 @@ from tlsroll.sqlite import (
     move_aside,
     statements,
     to_text,
-    wal_has_header,
 )
 
 # Migration 1: the tables of tlsroll 0.1.0, whose Store set user_version=1 (nodes, tokens,
@@ -683,7 +682,7 @@ def foreign_wal(path: Path) -> str | None:
     back: session 68's closing review), never refused."""
     wal = path.with_name(path.name + "-wal")
     try:
-        if not path.is_file() or not wal_has_header(wal):  # (empty, or the reserve's zeros)
+        if not path.is_file() or wal.stat().st_size == 0:
             return None
     except OSError:
         return None

@@ -1011,86 +1011,6 @@ def damage(path: Path, *, expected: bool, what: str = "store") -> str | None:
     return None
 
 
-WAL_MAGIC = (0x377F0682, 0x377F0683)
-"""The first four bytes of a ``-wal`` that has a header (SQLite's WAL format, big-endian): one
-without them holds no frame (empty, or ``reserve_wal``'s zeros)."""
-
-
-def wal_has_header(wal: Path) -> bool:
-    """Whether the ``-wal`` at ``wal`` begins with SQLite's header: it may hold frames (False:
-    none there, empty, or only ``reserve_wal``'s zeros, which SQLite ignores)."""
-    try:
-        with open(wal, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return False
-    return len(head) == 4 and int.from_bytes(head, "big") in WAL_MAGIC
-
-
-def wal_bytes(conn: sqlite3.Connection) -> int:
-    """The most bytes the ``-wal`` holds between two automatic checkpoints: the pages SQLite
-    checkpoints at (``wal_autocheckpoint``; the commit that crosses it goes past by its own
-    pages, a margin of 64 here), each a frame of the page and a 24-byte header, after the file's
-    32-byte header."""
-    page = int(conn.execute("PRAGMA page_size").fetchone()[0])
-    pages = max(int(conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]), 0)
-    return 32 + (pages + 64) * (page + 24)
-
-
-def reserve_wal(conn: sqlite3.Connection, path: Path) -> int:
-    """Extend the ``-wal`` of ``path`` (WAL mode, through ``conn``) with zeros written to disk,
-    to the size it reaches between two checkpoints (``wal_bytes``); return the bytes added (0:
-    it was that big, or could not be extended: a full disk, a read-only file).
-
-    Why: a commit appends its frames to the ``-wal``, and SQLite reuses the file from its start
-    after a checkpoint, but a file just made (each start: SQLite removes it at the last close)
-    grows at every commit until its first checkpoint, about 4 MiB later. A commit that grows the
-    file makes its fdatasync commit the file system's metadata too (its size, its new blocks:
-    ext4's journal), not only its data: about 0.1 ms more a commit on an idle disk here (0.27 →
-    0.17 ms), and a wait for the journal's commit of everything else on the disk when it is
-    busy. On the path of a switch: the agent's journal records, the leader's outcome; an
-    agent's journal grows by a few pages a switch and would wait dozens of rollouts for its
-    first checkpoint. Zeros are what SQLite reads as no frame (a frame's salt and checksum
-    must match the header's): they are as safe as the old frames a reused file keeps after a
-    checkpoint; SQLite's recovery stops at the first frame that is not valid.
-
-    Under SQLite's write lock (``BEGIN IMMEDIATE``): no writer, in this process or another,
-    appends frames to the file or truncates it meanwhile, so the zeros only ever go past the
-    end of what SQLite wrote. Written (not ``fallocate``: ext4 then still changes its metadata
-    at the first write of each block) and synced here, at the start, not in the first commit."""
-    wal = Path(f"{path}-wal")
-    try:
-        want = wal_bytes(conn)
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.Error:
-        return 0
-    try:
-        fd = os.open(wal, os.O_WRONLY | os.O_CLOEXEC)  # (SQLite made it: WAL mode, the lock)
-        have = -1
-        try:
-            have = os.fstat(fd).st_size
-            if have >= want:
-                return 0
-            chunk = b"\0" * (1 << 20)
-            at = have
-            while at < want:
-                at += os.pwrite(fd, chunk[: want - at], at)
-            os.fdatasync(fd)
-            return want - have
-        except OSError:
-            # A full disk: give back what was added (SQLite never wrote there), keep going.
-            if have >= 0:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, have)
-            return 0
-        finally:
-            os.close(fd)
-    except OSError:
-        return 0
-    finally:
-        conn.execute("ROLLBACK")
-
-
 CHECKPOINT_EVERY = 100
 """Commits after which a ``Database`` in a process with a store thread (``tlsroll.dbthread``)
 checkpoints there, once the calls queued behind the commit have run (``_checkpoint_idle``):
@@ -1164,7 +1084,6 @@ class Database:
         self._data_version: int | None = None
         self.transactions = 0
         self.commits = 0
-        self.wal_reserved = 0  # bytes of zeros ``reserve_wal`` added to the -wal at the open
         # Commits since the last checkpoint this class ran, whether one is queued, how many
         # ran (``_checkpoint_idle``); closed: the connection is (a checkpoint queued then
         # does nothing).
@@ -1200,8 +1119,6 @@ class Database:
             self._db.execute("PRAGMA foreign_keys=ON")
             if cache_kib is not None:
                 self._db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
-            # Each commit then overwrites the -wal, never grows it (see ``reserve_wal``).
-            self.wal_reserved = reserve_wal(self._db, self.path)
         except BaseException as exc:
             self._db.close()
             self._refuse(what, exc)
