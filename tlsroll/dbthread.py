@@ -35,6 +35,9 @@ THREAD_NAME = "tlsroll-store"
 
 _executor: ThreadPoolExecutor | None = None
 _made = threading.Lock()
+# How many calls ``run`` handed to the thread that have not finished (``pending``).
+_pending = 0
+_counting = threading.Lock()
 
 
 def executor() -> ThreadPoolExecutor:
@@ -46,6 +49,26 @@ def executor() -> ThreadPoolExecutor:
         if _executor is None:
             _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
         return _executor
+
+
+def started() -> ThreadPoolExecutor | None:
+    """The process's store thread if it was made (a daemon's), else None (a command that writes
+    its store from its own thread: ``tlsroll.sqlite.Database``'s checkpoint then stays
+    SQLite's)."""
+    return _executor
+
+
+def pending() -> int:
+    """How many calls handed to the thread by ``run`` have not finished: 0 when it is idle, or
+    runs the last of them (``tlsroll.sqlite.Database``'s checkpoint, run on the thread, lets
+    the calls queued behind it go first)."""
+    return _pending
+
+
+def _count(by: int) -> None:
+    global _pending  # noqa: PLW0603 - one count per process, as the thread
+    with _counting:
+        _pending += by
 
 
 async def run(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -65,7 +88,13 @@ async def run(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
     call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-    executor().submit(_work, loop, done, call)
+    worker = executor()
+    _count(1)
+    try:
+        worker.submit(_work, loop, done, call)
+    except BaseException:
+        _count(-1)
+        raise
     return await done
 
 
@@ -78,6 +107,8 @@ def _work(loop: asyncio.AbstractEventLoop, done: asyncio.Future[T], call: Callab
         settle = functools.partial(_failed, done, exc)
     else:
         settle = functools.partial(_settled, done, result)
+    finally:
+        _count(-1)
     with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it any more
         loop.call_soon_threadsafe(settle)
 

@@ -1,0 +1,141 @@
+"""A store's checkpoint off the path of its commits (``tlsroll.sqlite.Database``,
+``CHECKPOINT_EVERY``, session 72): SQLite's automatic checkpoint ran inside the commit that took
+the ``-wal`` past 1000 pages, writing the pages into the file and syncing both (4–5 ms on that
+commit: a switch's outcome at the leader, a journal record inside an agent's freeze window).
+
+In process, real SQLite files, the real store thread; no time measured (the figures are
+docs/performance.md's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+from tlsroll import dbthread
+from tlsroll import sqlite as tsqlite
+from tlsroll.sqlite import Database
+
+SCHEMA = ["CREATE TABLE rec (id INTEGER PRIMARY KEY, body BLOB NOT NULL)"]
+
+
+def _file_size(path: Path) -> int:
+    """The store file's size: each commit here adds pages, which a checkpoint appends to it."""
+    return path.stat().st_size
+
+
+async def _checkpointed(db: Database, at_least: int) -> None:
+    """Wait (bounded, on state) until the store thread ran ``at_least`` checkpoints."""
+    for _ in range(500):
+        if db.checkpoints >= at_least:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{db.checkpoints} checkpoints, not {at_least}")
+
+
+async def test_no_commit_on_the_store_thread_checkpoints_the_wal_into_the_file(
+    tmp_path: Path,
+) -> None:
+    """A daemon's commits (on the store thread, ``tlsroll.dbthread``) never write the store's
+    file: SQLite's automatic checkpoint ran inside the commit that took the ``-wal`` past 1000
+    pages (4–5 ms on that commit: a switch's outcome, or a journal record in the freeze
+    window). The checkpoint runs on the same thread after the commits queued (every
+    ``CHECKPOINT_EVERY`` commits), before SQLite's own is due."""
+    db = Database(tmp_path / "s.sqlite3", SCHEMA)
+    inside: list[bool] = []
+
+    def commit(body: bytes) -> None:
+        before = _file_size(db.path)
+        with db.tx() as conn:
+            conn.execute("INSERT INTO rec (body) VALUES (?)", (body,))
+        inside.append(_file_size(db.path) != before)
+
+    try:
+        start = _file_size(db.path)
+        for _ in range(2 * tsqlite.CHECKPOINT_EVERY + 20):  # 5 pages each: 1100 pages and more
+            await dbthread.run(commit, os.urandom(5 * 4000))
+        assert not any(inside), f"commits {[i for i, x in enumerate(inside) if x]} checkpointed"
+        await _checkpointed(db, 2)
+        assert _file_size(db.path) != start  # (the checkpoints wrote it, off the commits)
+    finally:
+        await dbthread.barrier()
+        db.close()
+
+
+async def test_the_checkpoint_lets_the_calls_queued_behind_its_commit_go_first(
+    tmp_path: Path,
+) -> None:
+    """The commit that makes a checkpoint due, then five calls queued behind it (the next
+    switch's record, a stage's write): each of them runs before the checkpoint; it runs once
+    the thread has nothing else to do. The store closed meanwhile, it does nothing."""
+    db = Database(tmp_path / "s.sqlite3", SCHEMA)
+    seen: list[int] = []
+    go = threading.Event()
+
+    def commit() -> None:
+        with db.tx() as conn:
+            conn.execute("INSERT INTO rec (body) VALUES (x'00')")
+        seen.append(db.checkpoints)
+
+    def commits_then_close() -> None:
+        for _ in range(tsqlite.CHECKPOINT_EVERY):
+            commit()
+        db.close()
+
+    try:
+        for _ in range(tsqlite.CHECKPOINT_EVERY - 1):
+            await dbthread.run(commit)
+        assert db.checkpoints == 0
+        held = asyncio.ensure_future(dbthread.run(go.wait, 30))  # the thread held meanwhile
+        queued = [asyncio.ensure_future(dbthread.run(commit)) for _ in range(6)]
+        await asyncio.sleep(0)  # (each handed to the thread, behind the one held)
+        assert dbthread.pending() >= 7
+        go.set()
+        await asyncio.gather(held, *queued)
+        assert seen[-6:] == [0] * 6
+        await _checkpointed(db, 1)
+        assert db.checkpoints == 1
+        await dbthread.run(commits_then_close)  # due again inside, closed before its turn
+        for _ in range(tsqlite.IDLE_WAITS + 5):
+            await dbthread.barrier()
+        assert db.checkpoints == 1
+    finally:
+        go.set()
+        await dbthread.barrier()
+        db.close()
+
+
+async def test_a_crash_between_a_commit_and_its_checkpoint_loses_nothing(tmp_path: Path) -> None:
+    """The files as a power cut leaves them after the commit that made a checkpoint due and
+    before the checkpoint ran (it waits on the thread): every committed row is there, the file
+    whole; opened again, it writes on."""
+    db = Database(tmp_path / "s.sqlite3", SCHEMA)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    rows = [os.urandom(50 + i) for i in range(tsqlite.CHECKPOINT_EVERY)]
+
+    def commits_then_cut() -> None:
+        for body in rows:
+            with db.tx() as conn:
+                conn.execute("INSERT INTO rec (body) VALUES (?)", (body,))
+        assert db.checkpoints == 0  # due, queued behind this call
+        for suffix in ("", "-wal"):  # (no -shm: SQLite rebuilds it from the -wal)
+            src = Path(f"{db.path}{suffix}")
+            (cut / f"s.sqlite3{suffix}").write_bytes(src.read_bytes())
+
+    try:
+        await dbthread.run(commits_then_cut)
+    finally:
+        await dbthread.barrier()
+        db.close()
+    again = Database(cut / "s.sqlite3", SCHEMA)
+    try:
+        with again.read() as conn:
+            assert [r[0] for r in conn.execute("SELECT body FROM rec ORDER BY id")] == rows
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        with again.tx() as conn:
+            conn.execute("INSERT INTO rec (body) VALUES (x'01')")
+    finally:
+        again.close()
