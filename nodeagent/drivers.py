@@ -151,6 +151,25 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Started:
+    """``Driver.started``."""
+
+    pid: int
+    at: float
+    config: tuple[int, int, int]
+
+
+def config_stat(path: Path) -> tuple[int, int, int]:
+    """The (inode, size, mtime in ns) of ``path``, zeros if it cannot be looked at: what
+    tells that a config file was replaced or edited (``NodeAgentService._served``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
 class StagedConfig:
     """A config ``Driver.stage_config`` has written beside the live one (``file``, written and
     fsynced), or only holds (``file`` None) for a driver that writes its own way."""
@@ -181,6 +200,12 @@ class Driver(abc.ABC):
     restarting: asyncio.Event | None = None
     restarts_begun = 0
     restart_began = 0.0
+    # The server the driver's own latest start found answering: its pid, when that was known
+    # (time.monotonic()), and the config file's ``config_stat`` taken before it was started;
+    # None if not known (a start failed or under way; a driver that starts no process of its
+    # own). ``NodeAgentService._served`` pairs it with what a verify's handshake was presented
+    # (``probe.presented``).
+    started: Started | None = None
 
     @abc.abstractmethod
     def facts(self) -> ServerFacts:
@@ -1017,6 +1042,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             return None
 
     async def stop(self) -> None:
+        self.started = None
         # A server of ours that died on its own is a zombie until waited for: reap it first.
         # A pid we reaped is free for the system to reuse: never signal it, and drop the pid
         # file still naming it (a crashed server leaves it), so that no later stop can read
@@ -1148,6 +1174,8 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             wakeup.close()
 
     async def _start(self, wakeup: Wakeup, timeout: float) -> None:
+        self.started = None
+        config = config_stat(self.config_file)  # (before the server reads it)
         wakeup.listen()
         try:
             child = await asyncio.to_thread(self._spawn, wakeup.address)
@@ -1171,6 +1199,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
                 # READY=1 from the started server (``Wakeup.ready``) says its admin socket
                 # answers; otherwise ask it.
                 if self._pid() == child.pid and (wakeup.ready or await self.health() is None):
+                    self.started = Started(child.pid, time.monotonic(), config)
                     return
                 short = None
             except LocalResourceError as exc:

@@ -31,7 +31,7 @@ from nodeagent import plans, ports, transaction
 from nodeagent.certwork import names_request
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess, Worker
-from nodeagent.drivers import Driver, DriverError, ServerFacts
+from nodeagent.drivers import Driver, DriverError, ServerFacts, config_stat
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Outlook, Staged, Txn
 from nodeagent.leader_link import RESTART_VIEW_WAIT
@@ -49,7 +49,7 @@ from nodeagent.transaction import (
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
-from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password, tls
+from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password, probe, tls
 from tlsroll.clients import ClientsView, quiet_refusal
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import (
@@ -205,6 +205,29 @@ def served_certificate(address: str, port: int, timeout: float = SERVED_TIMEOUT)
     except (OSError, ValueError):
         return b""
     return ssl.DER_cert_to_PEM_cert(der).encode("ascii") if der else b""
+
+
+def _seen_since_started(
+    driver: Driver, facts: ServerFacts, status: dict[str, Any], config: tuple[int, int, int]
+) -> tuple[float, bytes] | None:
+    """The certificate a check of this agent's (a switch's verify: ``probe.presented``) was
+    presented at the server's https port, as PEM, and when (before that handshake): where
+    that was the server running now, so that the heartbeat after a switch makes no handshake
+    of its own (session 72, servedcache). Known only where the driver's own start of the
+    server said its pid (``Driver.started``: the reference driver's) and the check connected
+    after it: the same pid answering the status now (``status``, read after that handshake)
+    and the config file as it was before that start (``config``: read now) say that this
+    server ran, on that config, from before the handshake until now (a restart outside
+    tlsroll changes the pid; an edit, the config's stat). None otherwise, or while a
+    restart of this agent's own runs."""
+    started = getattr(driver, "started", None)
+    seen = probe.presented(facts.address, facts.https_port)
+    if started is None or seen is None or getattr(driver, "restarting", None) is not None:
+        return None
+    at, der = seen
+    if at < started.at or status.get("pid") != started.pid or config != started.config:
+        return None
+    return at, ssl.DER_cert_to_PEM_cert(der).encode("ascii")
 
 
 def _restarts(driver: Driver) -> int:
@@ -590,8 +613,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 clients=await self._clients(driver),
             )
         facts = None
+        read: list[ServerFacts] = []  # (the facts, read before the files: one hop for both)
         try:
-            facts = await asyncio.to_thread(driver.facts)
+            cert_pem, digest, config = await asyncio.to_thread(self._facts_and_files, driver, read)
+            facts = read[0]
             status = await driver.status()
         except (DriverError, OSError, ConfigError) as exc:
             # A config file that cannot be read (edited by hand: not valid TOML) is said as
@@ -615,8 +640,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 # The server down, its config read: the way back can still take it to http.
                 configured_schemes=list(facts.schemes) if facts is not None else [],
             )
-        https = "https" in facts.schemes
-        cert_pem, digest, config = await asyncio.to_thread(self._live_files, driver, https)
         if "https" in facts.schemes:
             cert_pem = await self._served(driver, facts, status, config) or cert_pem
         failures, last_failure = login_failures(status)
@@ -658,13 +681,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         hand, or this agent's data dir was begun again; the leader plans from what is served
         (review s70 drift, H1). Asked again at once after the config file, the server's pid or
         a restart of this agent's own changed, else at most every ``SERVED_RECHECK`` seconds.
-        ``config``: the config file's (inode, size, mtime), ``_live_files``'s."""
+        ``config``: the config file's (inode, size, mtime), ``_live_files``'s. The certificate
+        a switch's verify was presented stands for a handshake of its own where that was this
+        very server (``_seen_since_started``)."""
         begun = _restarts(driver)
         key = (facts.address, facts.https_port, config, status.get("pid"), begun)
         now = time.monotonic()
         kept = self._served_seen
         if kept is not None and kept[0] == key and now - kept[1] < SERVED_RECHECK:
             return kept[2]
+        seen = _seen_since_started(driver, facts, status, config)
+        if seen is not None and now - seen[0] < SERVED_RECHECK:
+            self._served_seen = (key, seen[0], seen[1])
+            return seen[1]
         quiet = getattr(driver, "restarting", None) is None
         pem = await asyncio.to_thread(served_certificate, facts.address, facts.https_port)
         # Not kept if a restart of this agent's own was under way before or after, or began
@@ -673,6 +702,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         quiet = quiet and getattr(driver, "restarting", None) is None
         self._served_seen = (key, now, pem) if quiet and _restarts(driver) == begun else None
         return pem
+
+    def _facts_and_files(
+        self, driver: Driver, read: list[ServerFacts]
+    ) -> tuple[bytes, str, tuple[int, int, int]]:
+        """Blocking: the server's facts (put in ``read``; what ``Driver.facts`` raises, raised)
+        and then ``_live_files``, in one worker-thread hop: the heartbeat's view took two
+        (session 72, agentcpu L)."""
+        facts = driver.facts()
+        read.append(facts)
+        return self._live_files(driver, "https" in facts.schemes)
 
     def _live_files(
         self, driver: Driver, https: bool = False
@@ -686,11 +725,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         (``Driver.named_files``: the reference server's), as the plans do
         (``plans.served_live``): the digest was empty until the node's first change (session
         71, reenrol)."""
-        try:
-            st = os.stat(driver.config_file)
-            config = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            config = (0, 0, 0)
+        config = config_stat(driver.config_file)
         live = self.journal.live_tls() or {}
         if https and not live.get("verifier_file"):
             with contextlib.suppress(DriverError, ConfigError, OSError):

@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,12 +23,14 @@ import grpc
 import pytest
 
 from nodeagent import service
-from nodeagent.drivers import ServerFacts
+from nodeagent.drivers import ReferenceDriver, ServerFacts, config_stat
 from nodeagent.journal import Journal, Txn
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Phase, Plan
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust
-from tlsroll import dbthread
+from tests.conftest import IssuedCert
+from tests.refserver_helper import RefServer
+from tlsroll import dbthread, pki, probe
 from tlsroll.clients import ClientsView
 from tlsroll.enums import TxnKind
 from tlsroll.rpc import RpcStatusError
@@ -190,7 +193,8 @@ async def test_the_checks_on_the_machine_take_one_worker_thread(
     """Preflight's (and Check's) checks read the server's config, tried its ports and its
     config directory in three worker-thread hops, one after the other, before asking the
     server; now in one, while the server is asked (performance only: the same problems, in
-    the same order). The server's view takes its own two, as before."""
+    the same order). The server's view takes its own one (two before session 72), and its
+    handshake."""
     journal = Journal(tmp_path / "journal.sqlite3")
     driver = StillDriver(tmp_path)
     names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
@@ -224,8 +228,9 @@ async def test_the_checks_on_the_machine_take_one_worker_thread(
     assert reply.ok, reply.problems
     assert reply.new_url == "https://127.0.0.1:8443/app/"
     # The view's handshake (review s70 drift H1) is one hop more; its config stat is not
-    # (in ``_live_files``' hop: it took one of its own, and this test failed on main).
-    assert sorted(hops) == ["_live_files", "_local_checks", "facts", "served_certificate"], hops
+    # (in ``_live_files``' hop: it took one of its own, and this test failed on main). The
+    # view's facts and files are one hop (session 72, servedcache: two before).
+    assert sorted(hops) == ["_facts_and_files", "_local_checks", "served_certificate"], hops
     journal.close()
 
 
@@ -252,6 +257,74 @@ async def test_a_certificate_found_served_while_a_restart_ran_is_not_kept(
     driver.restarting = None  # the restart ended: the new server serves the new certificate
     assert await served() == b"NEW"
     assert await served() == b"NEW"  # kept now (none left to answer)
+
+
+async def test_the_heartbeat_after_a_switch_takes_the_certificate_its_verify_saw(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    loopback: Callable[[], str],
+    issue_cert: Callable[..., IssuedCert],
+) -> None:
+    """Session 72, servedcache: after every switch the heartbeat made a TLS handshake of its
+    own to learn the certificate served (``_served``), right after the verify's https check
+    had been presented it. The verify's look now counts where the server that answered it is
+    the one the driver started and still runs (its pid, the config file unchanged): no
+    handshake. A restart outside tlsroll (another pid), or the config edited, still makes one.
+    A real reference server; the handshakes counted."""
+    address = loopback()
+    cert = issue_cert(address, "node1")
+    ca_pem = cert.ca_file.read_bytes()
+    fingerprint = pki.fingerprint(pki.read_cert(cert.cert_file))
+    served_pem = service.first_certificate(cert.cert_file.read_bytes())
+    server = RefServer(
+        tmp_path / "rs",
+        address,
+        listen=["https"],
+        cert_file=cert.cert_file,
+        key_file=cert.key_file,
+    )
+    driver = ReferenceDriver(server.config_path, tmp_path / "refserver.log")
+    outside = ReferenceDriver(server.config_path, tmp_path / "refserver.log")  # (the admin's)
+    handshakes: list[object] = []
+    real = service.served_certificate
+
+    def counted(*args: Any) -> bytes:
+        handshakes.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(service, "served_certificate", counted)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    svc = make_service(tmp_path, journal, 1)
+    facts = driver.facts()
+
+    async def verify_then_beat() -> bytes:
+        """A verify's https check, then the heartbeat's view of the certificate served."""
+        assert await probe.check_https(address, 8443, server.app_path, ca_pem, fingerprint) is None
+        status = await driver.status()
+        return await svc._served(cast(Any, driver), facts, status, config_stat(server.config_path))
+
+    try:
+        await driver.start()  # (a switch's restart: the agent's own)
+        assert await verify_then_beat() == served_pem
+        assert handshakes == []  # one before
+        await outside.stop()  # a restart outside tlsroll: another pid
+        await outside.start()
+        assert await verify_then_beat() == served_pem
+        assert len(handshakes) == 1
+        await driver.stop()
+        await driver.start()
+        assert await verify_then_beat() == served_pem
+        assert len(handshakes) == 1  # the agent's own restart again: none
+        server.write_config()  # the config edited (replaced) since the server started
+        svc._served_seen = None  # (as after ``SERVED_RECHECK``)
+        assert await verify_then_beat() == served_pem
+        assert len(handshakes) == 2
+    finally:
+        await driver.stop()
+        for child in driver._children + outside._children:
+            child.kill()
+            child.wait(10)
+        journal.close()
 
 
 async def test_get_transaction_answers_behind_the_journal_writes_handed_before_it(

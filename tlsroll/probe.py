@@ -38,6 +38,7 @@ import io
 import re
 import socket
 import ssl
+import time
 import weakref
 from collections.abc import Callable
 from typing import cast
@@ -406,12 +407,17 @@ def _presents(
     or (``fingerprint`` given) another one than ``fingerprint`` (``expected`` says which; any
     of several, comma-separated: ``check_pinned``)."""
     pins = fingerprint.split(",") if fingerprint else []
+    begun = time.monotonic()  # (before the connection: ``presented``)
 
     def certificate(writer: asyncio.StreamWriter) -> str | None:
         tls_object = writer.get_extra_info("ssl_object")
         der = tls_object.getpeercert(binary_form=True) if tls_object is not None else None
         if der is None:
             raise _Answer("the server presented no certificate")
+        _seen.pop((address, port), None)
+        _seen[(address, port)] = (begun, der)
+        while len(_seen) > SEEN_KEPT:
+            del _seen[next(iter(_seen))]
         served = "sha256:" + hashlib.sha256(der).hexdigest()
         if pins and served not in pins:
             said = " or ".join(pins)
@@ -419,3 +425,17 @@ def _presents(
         return None
 
     return certificate
+
+
+SEEN_KEPT = 16
+_seen: dict[tuple[str, int], tuple[float, bytes]] = {}  # ``presented``'s, the latest last
+
+
+def presented(address: str, port: int) -> tuple[float, bytes] | None:
+    """What the latest https check of this process (``check_https``, ``check_pinned``) at
+    ``address:port`` was presented: the certificate (DER), and a ``time.monotonic()`` taken
+    before that check connected (so before the handshake); None if none. The agent's
+    heartbeat takes the certificate a switch's verify saw from here rather than make a
+    handshake of its own (``NodeAgentService._served``: only where it can tell that the
+    server that answered the verify still runs). Only the latest ``SEEN_KEPT`` addresses."""
+    return _seen.get((address, port))
