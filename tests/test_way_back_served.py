@@ -395,36 +395,13 @@ def test_a_broken_https_setting_does_not_block_the_way_back_of_a_journalled_swit
     ready). It goes on, the pin from the journal's files."""
     driver = served.driver(key_file="")
     http = dump_toml({"server": {"listen": ["http"], "address": served.address}}).encode()
-    live = {
-        "cert_file": str(served.cert),
-        "key_file": str(served.key),
-        "ca_file": str(served.client_ca),
-        "verifier_file": "",
-        "server_url": f"https://{served.address}:{HTTPS_PORT}{APP}",
-    }
-    plan = Plan(
-        driver.facts(),
-        ("http",),
-        ("https",),
-        served.txn_dir / "s1-switch.new",
-        served.txn_dir / "s1-switch.old",
+    journal_switch(
+        served,
+        driver,
         served.client_ca,
-        served.fingerprint,
-        live,
+        source_config=http,
+        target_config=driver.read_config(),
     )
-    txn = served.journal.create(
-        Txn(
-            "s1",
-            TxnKind.SWITCH,
-            1,
-            Phase.VERIFIED,
-            plan.to_json(),
-            dt.datetime.now(dt.UTC),
-            source_config=http,
-            target_config=driver.read_config(),
-        )
-    )
-    served.journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
 
     built = plans.rollback_plan(served.journal, driver, served.txn_dir, "b1", undoes="")
 
@@ -436,9 +413,12 @@ def test_a_broken_https_setting_does_not_block_the_way_back_of_a_journalled_swit
 # --- the changes that keep https (session 72, httpsplans) ----------------------------------
 
 
-def journal_switch(served: Served, driver: QuietReference, ca_file: Path) -> dict[str, str]:
+def journal_switch(
+    served: Served, driver: QuietReference, ca_file: Path, **configs: bytes
+) -> dict[str, str]:
     """A completed switch s1 in the journal, its live files the config's certificate and key
-    with ``ca_file``: the https this agent installed (its live settings returned)."""
+    with ``ca_file``: the https this agent installed (its live settings returned); ``configs``:
+    its ``source_config``/``target_config``, if any."""
     live = {
         "cert_file": str(served.cert),
         "key_file": str(served.key),
@@ -457,7 +437,15 @@ def journal_switch(served: Served, driver: QuietReference, ca_file: Path) -> dic
         live,
     )
     txn = served.journal.create(
-        Txn("s1", TxnKind.SWITCH, 1, Phase.VERIFIED, plan.to_json(), dt.datetime.now(dt.UTC))
+        Txn(
+            "s1",
+            TxnKind.SWITCH,
+            1,
+            Phase.VERIFIED,
+            plan.to_json(),
+            dt.datetime.now(dt.UTC),
+            **configs,  # type: ignore[arg-type]
+        )
     )
     served.journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
     return live
