@@ -139,3 +139,45 @@ async def test_a_crash_between_a_commit_and_its_checkpoint_loses_nothing(tmp_pat
             conn.execute("INSERT INTO rec (body) VALUES (x'01')")
     finally:
         again.close()
+
+
+async def test_the_checkpoint_lets_a_call_handed_to_the_thread_directly_go_first(
+    tmp_path: Path,
+) -> None:
+    """A call handed to the store thread without ``dbthread.run`` (the agent's ``stage_next``,
+    handed off by the create on the thread, right after the commit that may make a checkpoint
+    due; the staged configs' discards) goes before the checkpoint as a ``run`` call does: the
+    freeze call waits for that staging (review s72 revlate: ``pending`` did not count it, so
+    the checkpoint went first). One such call cancelled before its turn is no longer
+    counted."""
+    db = Database(tmp_path / "s.sqlite3", SCHEMA)
+    order: list[tuple[str, int]] = []
+    go = threading.Event()
+
+    def commit() -> None:
+        with db.tx() as conn:
+            conn.execute("INSERT INTO rec (body) VALUES (x'00')")
+
+    def commit_then_stage() -> None:
+        commit()  # the checkpoint due: queued behind this call
+        dbthread.executor().submit(lambda: order.append(("staged", db.checkpoints)))
+
+    try:
+        for _ in range(tsqlite.CHECKPOINT_EVERY - 1):
+            await dbthread.run(commit)
+        await dbthread.run(commit_then_stage)
+        await _checkpointed(db, 1)
+        assert order == [("staged", 0)]
+        held = asyncio.ensure_future(dbthread.run(go.wait, 30))
+        await asyncio.sleep(0)
+        dropped = dbthread.executor().submit(order.append, ("dropped", -1))
+        assert dropped.cancel()
+        go.set()
+        await held
+        await dbthread.barrier()
+        assert dbthread.pending() == 0
+        assert order == [("staged", 0)]
+    finally:
+        go.set()
+        await dbthread.barrier()
+        db.close()

@@ -25,33 +25,59 @@ import contextvars
 import functools
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 THREAD_NAME = "tlsroll-store"
 
-_executor: ThreadPoolExecutor | None = None
-_made = threading.Lock()
-# How many calls ``run`` handed to the thread that have not finished (``pending``).
+# How many calls handed to the thread have not finished (``pending``).
 _pending = 0
 _counting = threading.Lock()
 
 
-def executor() -> ThreadPoolExecutor:
+class StoreThread(ThreadPoolExecutor):
+    """The store's one thread; each call ``submit`` hands it is counted until it has run or
+    was cancelled (``pending``): ``run``'s and those handed to it directly (the agent's
+    ``Runner.stage_next``, the staged configs' discards), which a checkpoint lets go first as
+    well (review s72 revlate: only ``run``'s were counted)."""
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        _count(1)
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            _count(-1)
+            raise
+        future.add_done_callback(_finished)  # (also once cancelled before its turn)
+        return future
+
+    def submit_uncounted(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Future[T]:
+        """``submit``, not counted in ``pending``: ``tlsroll.sqlite.Database``'s checkpoint,
+        which looks at ``pending`` to let the others go first."""
+        return super().submit(fn, *args, **kwargs)
+
+
+_executor: StoreThread | None = None
+_made = threading.Lock()
+
+
+def executor() -> StoreThread:
     """The process's store thread (made on first use; one per process, for every loop)."""
     global _executor  # noqa: PLW0603 - one per process, made on first use
     if _executor is not None:  # every call but the first: no lock
         return _executor
     with _made:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
+            _executor = StoreThread(max_workers=1, thread_name_prefix=THREAD_NAME)
         return _executor
 
 
-def started() -> ThreadPoolExecutor | None:
+def started() -> StoreThread | None:
     """The process's store thread if it was made (a daemon's), else None (a command that writes
     its store from its own thread: ``tlsroll.sqlite.Database``'s checkpoint then stays
     SQLite's)."""
@@ -59,9 +85,9 @@ def started() -> ThreadPoolExecutor | None:
 
 
 def pending() -> int:
-    """How many calls handed to the thread by ``run`` have not finished: 0 when it is idle, or
-    runs the last of them (``tlsroll.sqlite.Database``'s checkpoint, run on the thread, lets
-    the calls queued behind it go first)."""
+    """How many calls handed to the thread (``StoreThread.submit``) have not finished: 0 when
+    it is idle, or runs the last of them (``tlsroll.sqlite.Database``'s checkpoint, run on
+    the thread, lets the calls queued behind it go first)."""
     return _pending
 
 
@@ -69,6 +95,10 @@ def _count(by: int) -> None:
     global _pending  # noqa: PLW0603 - one count per process, as the thread
     with _counting:
         _pending += by
+
+
+def _finished(_future: Future[Any]) -> None:
+    _count(-1)
 
 
 async def run(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -88,13 +118,7 @@ async def run(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
     call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-    worker = executor()
-    _count(1)
-    try:
-        worker.submit(_work, loop, done, call)
-    except BaseException:
-        _count(-1)
-        raise
+    executor().submit(_work, loop, done, call)
     return await done
 
 
@@ -107,8 +131,6 @@ def _work(loop: asyncio.AbstractEventLoop, done: asyncio.Future[T], call: Callab
         settle = functools.partial(_failed, done, exc)
     else:
         settle = functools.partial(_settled, done, result)
-    finally:
-        _count(-1)
     with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it any more
         loop.call_soon_threadsafe(settle)
 

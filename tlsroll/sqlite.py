@@ -1276,7 +1276,7 @@ class Database:
         if worker is None:
             return
         try:
-            worker.submit(self._checkpoint_idle, waited)
+            worker.submit_uncounted(self._checkpoint_idle, waited)
         except RuntimeError:  # the thread was shut down (the process ends)
             self._checkpoint_queued = False
             return
