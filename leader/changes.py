@@ -122,9 +122,10 @@ SEND_AGAIN_SECONDS = 1.0
 """The pause before a request is sent again (``SEND_AGAIN``; the engine's clock)."""
 
 
-class SendAgain(Exception):
+class SendAgain(TransientError):
     """(Within ``leader.changes``.) The agent answered a request that begins a transaction
-    with no refusal and holds none of it: the step sends it again (``SEND_AGAIN``)."""
+    with no refusal and holds none of it: the step sends it again (``SEND_AGAIN``). Caught
+    where it is raised; transient (the step runs again) should it ever get out."""
 
 
 def failed_code(code: grpc.StatusCode | None) -> bool:
