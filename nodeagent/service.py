@@ -612,7 +612,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 detail=detail,
                 clients=await self._clients(driver),
             )
-        facts = None
         read: list[ServerFacts] = []  # (the facts, read before the files: one hop for both)
         try:
             cert_pem, digest, config = await asyncio.to_thread(self._facts_and_files, driver, read)
@@ -638,7 +637,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 detail=detail,
                 clients=await self._clients(driver),
                 # The server down, its config read: the way back can still take it to http.
-                configured_schemes=list(facts.schemes) if facts is not None else [],
+                configured_schemes=list(read[0].schemes) if read else [],
             )
         if "https" in facts.schemes:
             cert_pem = await self._served(driver, facts, status, config) or cert_pem
