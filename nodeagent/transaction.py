@@ -115,7 +115,7 @@ from nodeagent.lease import Leases
 from tlsroll import clocks, dbthread, logs, probe
 from tlsroll.backoff import Policy
 from tlsroll.defaults import MAX_FREEZE_LEASE
-from tlsroll.enums import TxnKind, TxnOutcome, of_server
+from tlsroll.enums import JOURNAL_PUT_BACK, TxnKind, TxnOutcome, of_server
 from tlsroll.errors import (
     LocalResourceError,
     NotRegularFile,
@@ -953,7 +953,7 @@ class Runner:
             # What the heartbeat says (the leader cuts its detail at 200 characters, with
             # NEEDS_ADMIN before it: 195 at most in all): the log says more.
             needs_admin = (
-                f"journal put back mid-{txn.kind} of rollout {txn.rollout_id[:40]}: not settled"
+                f"{JOURNAL_PUT_BACK}{txn.kind} of rollout {txn.rollout_id[:40]}: not settled"
                 " by what the server runs; check it, then run the agent once with"
                 " --journal-checked"
             )
