@@ -41,11 +41,17 @@ ROWS = [
 HEADERS = ["#", "node", "state", "old address", "new address", "reason"]
 
 
+def cli_console(file: io.StringIO, **settings: Any) -> Console:
+    """A Console with the settings ``leader.cli.base.console()`` gives the CLI's, into
+    ``file`` (``settings``: its width, terminal, height, colour)."""
+    return Console(
+        file=file, highlight=False, soft_wrap=True, markup=False, emoji=False, **settings
+    )
+
+
 def rich_text(renderable: object, width: int) -> str:
     out = io.StringIO()
-    console = Console(
-        file=out, width=width, highlight=False, soft_wrap=True, markup=False, emoji=False
-    )
+    console = cli_console(out, width=width)
     console.print(renderable)
     return out.getvalue()
 
@@ -362,16 +368,7 @@ def test_the_watch_fits_the_terminal_with_the_node_in_flight_on_it(
 
     monkeypatch.setenv("TERM", "xterm-256color")  # (before the Console; a dumb one: below)
     out = io.StringIO()
-    screen = Console(
-        file=out,
-        force_terminal=True,
-        width=width,
-        height=height,
-        highlight=False,
-        soft_wrap=True,  # as leader.cli.base.console() makes it
-        markup=False,
-        emoji=False,
-    )
+    screen = cli_console(out, force_terminal=True, width=width, height=height)
     running = watched_rollout(types_pb2.ROLLOUT_STATE_RUNNING, more)
     ended = watched_rollout(types_pb2.ROLLOUT_STATE_COMPLETED, more)
     answers = iter([running, ended])
@@ -631,16 +628,7 @@ def listed_on(monkeypatch: pytest.MonkeyPatch, width: int, terminal: bool, *argv
     from tlsroll.cli import cli
 
     screen = io.StringIO()
-    console = Console(
-        file=screen,
-        force_terminal=terminal,
-        width=width,
-        no_color=True,
-        highlight=False,
-        soft_wrap=True,  # as leader.cli.base.console() makes it
-        markup=False,
-        emoji=False,
-    )
+    console = cli_console(screen, force_terminal=terminal, width=width, no_color=True)
     monkeypatch.setattr(base, "console", lambda: console)
     cli.main(list(argv), standalone_mode=False)
     return re.sub(r"\x1b\[[0-9;]*m", "", screen.getvalue())
