@@ -51,7 +51,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tlsroll import bootstrap_csr, pki
+from tlsroll import bootstrap_base, bootstrap_csr, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.errors import PKIError
 from tlsroll.fsutil import PRIVATE, PUBLIC
@@ -68,7 +68,7 @@ from workstation.connection import (
     request,
 )
 
-DUE_FRACTION = 0.7  # of its life: a certificate is renewed within its last 30 %
+DUE_FRACTION = bootstrap_base.RENEWAL_DUE_FRACTION  # of its life: renewed within its last 30 %
 AGAIN = "enrol this PC again with the password: tlsroll client test-connection URL"
 
 
