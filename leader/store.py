@@ -2026,13 +2026,13 @@ class Store(LeaderStore):
         each workstation certificate is recorded for that (``key_pin``, '' if not known)."""
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
-            counted_at: dt.datetime | None = self.cap_now()
-            renews = None
+            renews, counted_at = None, None
             if renewal:
                 renews = _renewable(db, workstation, previous, now, key_pin)
                 _check_renewal_budget(db, workstation, renews, now)
                 counted_at = None  # (no hourly cap counts it: FORCED_RENEWAL_EVERY)
             else:
+                counted_at = self.cap_now()
                 _check_hourly_certs(db, node, counted_at, "workstation", per_hour)
             held = db.execute(
                 "SELECT serial, node, fingerprint, issued_at FROM certificates"

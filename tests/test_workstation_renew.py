@@ -29,12 +29,15 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from leader.admin_service import AdminService
+from leader.cli import base
 from leader.expiry import Expiry
+from leader.service import LeaderService
 from leader.store import FORCED_RENEWAL_EVERY, RENEWAL_TRIES, WITHDRAW_WINDOW
-from nodeagent.bootstrap_server import BootstrapService
+from nodeagent.bootstrap_server import BootstrapService, Withdrawal
 from nodeagent.bootstrap_supervisor import BootstrapHost, SignRefused
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_bootstrap import VERIFIER, InProcessCrypto
+from tests.test_plain_draw import ListingLeader, listed_on
 from tlsroll import bootstrap_csr, cli, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.fsutil import PRIVATE, PUBLIC, write_atomic
@@ -112,9 +115,12 @@ def write_settings(
 
 
 @asynccontextmanager
-async def world(tmp_path: Path, loopback: Callable[[], str]) -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, loopback: Callable[[], str], *, renews: bool = True
+) -> AsyncIterator[World]:
     """The leader, node hb1's bootstrap service, and a PC enrolled through the leader's own
-    signing (``SignWorkstationCertificate``, as after a password exchange)."""
+    signing (``SignWorkstationCertificate``, as after a password exchange). ``renews``
+    False: the service of an agent older than renewals (no ``RENEW_PATH``)."""
     node_address = loopback()
     rig = leader_with_a_node(tmp_path, loopback(), node_address)
     await rig.server.start()
@@ -137,7 +143,7 @@ async def world(tmp_path: Path, loopback: Callable[[], str]) -> AsyncIterator[Wo
         verifier=VERIFIER,
         sign=link.sign,
         withdraw=link.withdraw,
-        renew=link.renew,
+        renew=link.renew if renews else None,
         crypto=InProcessCrypto(),
         ca_pin=pki.spki_pin(ca.cert),
     )
@@ -235,6 +241,7 @@ async def test_renewed_without_the_password_and_linked_to_the_one_it_renews(
     loopback: Callable[[], str],
     capsys: pytest.CaptureFixture[str],
     logs: list[MutableMapping[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with world(tmp_path, loopback) as w:
         old_pem, old_key = pair(w.settings)
@@ -274,6 +281,14 @@ async def test_renewed_without_the_password_and_linked_to_the_one_it_renews(
             i.serial: (i.HasField("revoked_at"), i.revoke_reason) for i in listed.workstations
         }
         assert reasons == {old_row.serial: (True, "renewed"), new_row.serial: (False, "")}
+        # Its table (the CLI in-process on that answer): the old row "renewed WHEN", not
+        # "revoked" (session 71's note: not tested).
+        monkeypatch.setattr(base, "Leader", ListingLeader(listed))
+        table = listed_on(monkeypatch, 200, False, "workstations", "list")
+        capsys.readouterr()
+        rows = {line.split("│")[-2].strip(): line for line in table.splitlines() if "│" in line}
+        assert f"│ renewed {w.rig.clock[0]:%Y-%m-%d %H:%M}" in rows[old_row.serial], table
+        assert "│ valid " in rows[new_row.serial] and "revoked" not in table, table
         events = w.audit("workstation.renewed")
         assert events == [
             {
@@ -614,7 +629,10 @@ async def test_revoking_the_node_s_certificate_takes_the_renewal_it_asked_for(
 
 
 async def test_a_forced_renewal_waits_a_day_per_name_and_never_uses_the_node_s_cap(
-    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Session 73: a PC's ``client renew --force`` in a loop used up its node's hourly cap
     (``workstation_certs_per_hour``), and every other PC's enrolment there was refused 429
@@ -625,7 +643,12 @@ async def test_a_forced_renewal_waits_a_day_per_name_and_never_uses_the_node_s_c
         w.rig.service.workstation_certs_per_hour = 2
         queued: list[Any] = []
         queue_count = w.rig.store.queue_count
-        w.rig.store.queue_count = lambda *a: (queued.append(a), queue_count(*a))[1]  # type: ignore[method-assign]
+
+        def counted(*args: Any) -> Any:
+            queued.append(args)
+            return queue_count(*args)
+
+        monkeypatch.setattr(w.rig.store, "queue_count", counted)
         got = await renew(w, capsys, "--force")
         assert got.code == 0, got
         renewed = pair(w.settings)
@@ -745,6 +768,62 @@ async def test_a_retry_whose_answer_was_lost_too_leaves_the_name_to_the_password
         assert reply.status == 200, reply.body
         with pytest.raises(SignRefused, match="taken"):
             await w.link.sign(proven_csr(pki.generate_key(), held2, name=other))
+
+
+async def test_a_renewal_the_node_could_not_deliver_is_withdrawn_within_the_window(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A renewal is counted by no hourly cap (``counted_at`` empty): its node's withdrawal of
+    it (its crypto worker failed after the signing) is judged by the leader's clock instead,
+    within ``WITHDRAW_WINDOW`` as an enrolment's; the PC's retry then renews."""
+    async with world(tmp_path, loopback) as w:
+        held = pair(w.settings)
+        reply = await post_renewal(w, proven_csr(pki.generate_key(), held))
+        undelivered = proto.parse_renew_answer(reply.body).certificate_pem
+        w.rig.clock[0] += WITHDRAW_WINDOW / 2
+        assert await w.link.withdraw(undelivered) is Withdrawal.WITHDRAWN
+        serial = f"{pki.load_cert_pem(undelivered).serial_number:x}"
+        assert w.certs()[serial].revoke_reason == "never delivered"
+        reply = await post_renewal(w, proven_csr(pki.generate_key(), held))
+        assert reply.status == 200, reply.body
+        late = proto.parse_renew_answer(reply.body).certificate_pem
+        w.rig.clock[0] += WITHDRAW_WINDOW + dt.timedelta(seconds=1)
+        assert await w.link.withdraw(late) is Withdrawal.HELD
+        assert w.certs()[f"{pki.load_cert_pem(late).serial_number:x}"].revoked_at is None
+
+
+async def test_an_older_agent_s_node_says_to_upgrade_it(
+    tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A node whose agent is older than renewals answers 404: exit 8, one line naming the
+    upgrade and the password's way, nothing written (session 71's note: not tested)."""
+    async with world(tmp_path, loopback, renews=False) as w:
+        before = pair(w.settings)
+        got = await renew(w, capsys, "--force")
+        assert got.code == Exit.BOOTSTRAP_PORT, got  # (8)
+        assert "does not renew certificates" in got.err and "upgrade the node's agent" in got.err
+        assert "tlsroll client test-connection" in got.err and len(got.err.splitlines()) == 1
+        assert pair(w.settings) == before and len(w.certs()) == 1
+
+
+async def test_an_older_leader_s_unimplemented_says_to_upgrade_it_or_the_password(
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leader older than renewals answers the agent's RenewWorkstationCertificate
+    UNIMPLEMENTED (the method off its servicer, as such a leader has none): the PC is refused
+    in one line, exit 11, saying to upgrade the leader or enrol with the password; nothing
+    written (session 71's note: read, not tested)."""
+    monkeypatch.delattr(LeaderService, "RenewWorkstationCertificate")
+    async with world(tmp_path, loopback) as w:
+        before = pair(w.settings)
+        got = await renew(w, capsys, "--force")
+        assert got.code == Exit.ENROL_REFUSED, got
+        assert "leader is too old to renew without the password" in got.err, got.err
+        assert "tlsroll client test-connection" in got.err and len(got.err.splitlines()) == 1
+        assert pair(w.settings) == before and len(w.certs()) == 1
 
 
 async def test_refused_renewals_from_one_address_are_slowed_down(
