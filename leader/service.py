@@ -84,6 +84,7 @@ from leader.store import (
     NotWorkstation,
     Queued,
     RenewalReport,
+    RenewedTooSoon,
     Reserved,
     RolloutHoldsCA,
     Store,
@@ -199,6 +200,14 @@ class TwinAgents:
     since: dt.datetime
     until: float
     peers: tuple[str, str]
+
+
+def _retry_after(context: Ctx, retry: dt.timedelta | None) -> None:
+    """When a refused workstation signing may be asked again (``RETRY_AFTER_KEY``, whole
+    seconds), for the node to hand its PC; nothing if not known."""
+    if retry is not None:
+        seconds = max(1, math.ceil(retry.total_seconds()))
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(seconds)),))
 
 
 def twins_problem(node: str) -> str:
@@ -3030,11 +3039,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 workstation=cn,
                 reason=str(exc),
                 hint="the reason says why: over the hourly cap (workstation_certs_per_hour in "
-                "leader.toml), a name another PC holds (tlsroll workstations list), or a "
-                "renewal of a certificate revoked, ended or not on record (the PC enrols with "
-                "the password)",
+                "leader.toml), a name another PC holds (tlsroll workstations list), a forced "
+                "renewal of a certificate too young (it says when), or a renewal of a "
+                "certificate revoked, ended or not on record (the PC enrols with the password)",
             )
-            if isinstance(exc, TooMany):
+            if isinstance(exc, RenewedTooSoon):  # (the name's budget, not the node's cap)
+                _retry_after(context, exc.retry)
+            elif isinstance(exc, TooMany):
                 await self._over_cap(context, node, cn, now, exc)
             raise
         if renewal:
@@ -3063,9 +3074,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         refused = CapRefusals(BootstrapFailureRow(node, CAP_SOURCE, cn, 1, now, now))
         self.state.store.queue_count(node, refused)
         self._start_writer(self.batch_seconds)
-        if exc.retry is not None:
-            seconds = max(1, math.ceil(exc.retry.total_seconds()))
-            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(seconds)),))
+        _retry_after(context, exc.retry)
 
     @map_errors(ERRORS)
     async def WithdrawWorkstationCertificate(

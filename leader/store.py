@@ -9,6 +9,7 @@ transaction. Clocks are passed in (``now``), never read here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import functools
@@ -303,6 +304,12 @@ class TooLate(TerminalError):
     (``Store.withdraw_workstation``)."""
 
 
+class RenewedTooSoon(TooMany):
+    """A workstation's forced renewal before its certificate is ``FORCED_RENEWAL_EVERY`` old
+    (``_check_renewal_budget``): the name's own budget, not its node's hourly cap (nothing is
+    kept with the node's failed passwords); ``retry``: when it may."""
+
+
 class NotRenewable(TerminalError):
     """A workstation's renewal without the password (``Store.issue_workstation`` with
     ``renewal``): the certificate it proves it holds is not on record for its name, revoked, or
@@ -339,6 +346,21 @@ NODE_CERTS_PER_HOUR = 30
 # tried twice (up to a minute each op, ``nodeagent.cryptoworker``) before the withdrawal; a
 # certificate older than this may have been delivered and in use, and is the admin's to revoke.
 WITHDRAW_WINDOW = dt.timedelta(minutes=10)
+# A workstation's renewals (``tlsroll client renew``: ``Store.issue_workstation`` with
+# ``renewal``) are not counted by its node's hourly cap (``workstation_certs_per_hour``, a
+# brake on minting certificates: a renewal needs a live certificate of the name, which it
+# revokes, so it mints nothing), but by a budget of their own, per name (session 73: one PC's
+# ``client renew --force`` in a loop used up its node's cap, and a fleet renewing at one
+# minute could meet it; both got other PCs' enrolments 429 for the hour). A renewal of a
+# certificate within the last 30 % of its life (``bootstrap_base.RENEWAL_DUE_FRACTION``) is
+# never held back: its successor is fresh, so a name renews so once in months. One before
+# (``--force``) waits until its certificate is ``FORCED_RENEWAL_EVERY`` old (on the leader's
+# clock; RenewedTooSoon, with when); each renewal revokes a certificate, so a loop would grow
+# the revocation list every agent is sent. A renewal whose answer was lost is asked again at
+# most ``RENEWAL_TRIES`` times in all (the first one counted): after that the password.
+FORCED_RENEWAL_EVERY = dt.timedelta(days=1)
+RENEWAL_TRIES = 3
+_HOUR = dt.timedelta(hours=1)
 
 
 def hash_secret(secret: str) -> str:
@@ -1973,7 +1995,9 @@ class Store(LeaderStore):
         certificate whose fingerprint is ``presented`` (serial ``presented_serial``), all in
         one transaction: the caller may still call (``check_caller_in``: a node removed or a
         certificate revoked after the handler's own check is Superseded), at most
-        ``per_hour`` (default ``WORKSTATION_CERTS_PER_HOUR``) per node (TooMany).
+        ``per_hour`` (default ``WORKSTATION_CERTS_PER_HOUR``) per node (TooMany); a renewal
+        is not counted so, but by its name's own budget (``FORCED_RENEWAL_EVERY``,
+        ``RENEWAL_TRIES``: RenewedTooSoon, NotRenewable).
 
         A name that a certificate on record holds (unrevoked, unexpired) is signed again, and
         that certificate revoked ("superseded"), only for the PC that holds it or for one that
@@ -2002,9 +2026,14 @@ class Store(LeaderStore):
         each workstation certificate is recorded for that (``key_pin``, '' if not known)."""
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
-            counted_at = self.cap_now()
-            renews = _renewable(db, workstation, previous, now, key_pin) if renewal else None
-            _check_hourly_certs(db, node, counted_at, "workstation", per_hour)
+            renews, counted_at = None, None
+            if renewal:
+                renews = _renewable(db, workstation, previous, now, key_pin)
+                _check_renewal_budget(db, workstation, renews, now)
+                counted_at = None  # (no hourly cap counts it: FORCED_RENEWAL_EVERY)
+            else:
+                counted_at = self.cap_now()
+                _check_hourly_certs(db, node, counted_at, "workstation", per_hour)
             held = db.execute(
                 "SELECT serial, node, fingerprint, issued_at FROM certificates"
                 " WHERE kind = 'workstation' AND subject = ? AND revoked_at IS NULL"
@@ -2109,12 +2138,13 @@ class Store(LeaderStore):
         by the admin, superseded). NotFound unless it is a workstation certificate of this
         node's asking (another node's is not found either: nothing is said about it);
         TooLate if it was counted more than ``WITHDRAW_WINDOW`` ago (``cap_now``'s clock,
-        which no step of the wall clock moves). What it superseded stays revoked: a
+        which no step of the wall clock moves; a renewal's, which no cap counts, issued so
+        long ago by the leader's clock ``now``). What it superseded stays revoked: a
         revocation list with it may be out already, and a revocation is for good."""
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
             row = db.execute(
-                "SELECT serial, subject, revoked_at, counted_at FROM certificates"
+                "SELECT serial, subject, revoked_at, counted_at, issued_at FROM certificates"
                 " WHERE kind = 'workstation' AND node = ? AND fingerprint = ?",
                 (node, fingerprint),
             ).fetchone()
@@ -2123,7 +2153,12 @@ class Store(LeaderStore):
             if row["revoked_at"] is not None:
                 return None
             counted = from_text(row["counted_at"])
-            if counted is None or counted < self.cap_now() - WITHDRAW_WINDOW:
+            if counted is not None:
+                late = counted < self.cap_now() - WITHDRAW_WINDOW
+            else:  # a renewal's (no cap counts it): the leader's clock, as its retries' window
+                issued = from_text(row["issued_at"])
+                late = issued is None or now - issued > WITHDRAW_WINDOW
+            if late:
                 raise TooLate(
                     f"the certificate of {row['subject']} was issued too long ago to withdraw;"
                     f" the admin revokes it (tlsroll workstations revoke {row['subject']})"
@@ -3560,6 +3595,45 @@ def _renewable(
     return str(row["serial"])
 
 
+def _check_renewal_budget(
+    db: sqlite3.Connection, workstation: str, serial: str, now: dt.datetime
+) -> None:
+    """The renewal of ``workstation``'s certificate ``serial`` (``_renewable``'s) within the
+    name's own budget (``FORCED_RENEWAL_EVERY``), or RenewedTooSoon with when it may be;
+    NotRenewable for a retry of a lost answer past ``RENEWAL_TRIES``. By the leader's clock
+    ``now``, as the retries' window is (a step of it moves when a forced one may)."""
+    row = db.execute(
+        "SELECT issued_at, not_after, revoked_at FROM certificates WHERE serial = ?", (serial,)
+    ).fetchone()
+    revoked = from_text(row["revoked_at"])
+    if revoked is not None:  # a retry of a renewal whose answer was lost (``_renewable``)
+        since = db.execute(
+            "SELECT issued_at FROM certificates WHERE kind = 'workstation' AND subject = ?",
+            (workstation,),
+        ).fetchall()
+        tries = sum(1 for r in since if (at := from_text(r[0])) is not None and at >= revoked)
+        if tries >= RENEWAL_TRIES:
+            raise NotRenewable(
+                f"the certificate of {workstation} was renewed {tries} times since "
+                f"{revoked:%Y-%m-%d %H:%M} UTC and none of them reached this PC (its answers "
+                "lost): enrol this PC again with the password: tlsroll client test-connection URL"
+            )
+        return
+    issued, ends = from_text(row["issued_at"]), from_text(row["not_after"])
+    assert issued is not None and ends is not None
+    due = issued + (ends - issued) * bootstrap_base.RENEWAL_DUE_FRACTION
+    free_at = issued + FORCED_RENEWAL_EVERY
+    if now >= due or now >= free_at:
+        return
+    retry = min(max(free_at - now, dt.timedelta(seconds=1)), FORCED_RENEWAL_EVERY)
+    raise RenewedTooSoon(
+        f"the certificate of {workstation} was issued {issued:%Y-%m-%d %H:%M} UTC: one not "
+        f"due yet is renewed (--force) once it is {FORCED_RENEWAL_EVERY / _HOUR:g} hours old, from "
+        f"{free_at:%Y-%m-%d %H:%M} UTC",
+        retry,
+    )
+
+
 def _lost_renewal(
     db: sqlite3.Connection,
     workstation: str,
@@ -3575,19 +3649,39 @@ def _lost_renewal(
     told to enrol again with the password, was refused the name as "taken" by the renewal
     nobody got: ``--replace`` at that node, `workstations revoke` at another). Once that
     certificate is renewed, superseded or revoked, or the name enrolled since, it does not:
-    that one's holder keeps the name. Nor does it for a retry within the window whose answer
-    was lost too (the live one is the retry's, issued later): ``--replace`` at that node."""
+    that one's holder keeps the name. So too where the live one is a retry's of that renewal
+    (within the window, with ``previous`` again: ``_renewable``) whose answer was lost too:
+    the audit's ``workstation.renewed`` names what each renewal renews, and only retries of
+    ``previous`` count (session 73: ``--replace`` was needed at that node). Read only here,
+    once a proof of a renewed certificate meets a later live one (the audit has no index for
+    these rows: a scan, rare)."""
     if previous is None or not held:
         return False
     row = db.execute(
-        "SELECT revoked_at, revoke_reason FROM certificates WHERE kind = 'workstation'"
+        "SELECT serial, revoked_at, revoke_reason FROM certificates WHERE kind = 'workstation'"
         " AND subject = ? AND fingerprint = ?",
         (workstation, previous),
     ).fetchone()
     if row is None or row["revoke_reason"] != "renewed":
         return False
     revoked = from_text(row["revoked_at"])
-    return revoked is not None and all(from_text(r["issued_at"]) == revoked for r in held)
+    if revoked is None:
+        return False
+    if all(from_text(r["issued_at"]) == revoked for r in held):
+        return True
+    if _revoked_since(db, workstation, revoked):
+        return False
+    renewals = db.execute(
+        "SELECT detail FROM audit WHERE kind = 'workstation.renewed' AND subject = ?",
+        (workstation,),
+    ).fetchall()
+    retries = set()
+    for (detail,) in renewals:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            said = json.loads(detail)
+            if said.get("renews") == row["serial"]:
+                retries.add(said.get("serial"))
+    return all(r["serial"] in retries for r in held)
 
 
 # The reasons a workstation certificate is revoked by a renewal or an enrolment of its name, or

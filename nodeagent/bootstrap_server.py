@@ -867,7 +867,8 @@ class BootstrapService:
 
     async def _renewed(self, source: str, csr_pem: bytes) -> Signed:
         """The leader's renewal of ``csr_pem`` (``renew``); Refused in one line if it said no
-        (403, counted against ``source``; 429 at the node's hourly cap), or could not be asked
+        (403, counted against ``source``; 429 with when: a forced renewal before its name's
+        budget allows, or an older leader's hourly cap), or could not be asked
         (502, not counted)."""
         assert self.renew is not None
         try:

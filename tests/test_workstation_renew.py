@@ -29,12 +29,15 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from leader.admin_service import AdminService
+from leader.cli import base
 from leader.expiry import Expiry
-from leader.store import WITHDRAW_WINDOW
-from nodeagent.bootstrap_server import BootstrapService
+from leader.service import LeaderService
+from leader.store import FORCED_RENEWAL_EVERY, RENEWAL_TRIES, WITHDRAW_WINDOW
+from nodeagent.bootstrap_server import BootstrapService, Withdrawal
 from nodeagent.bootstrap_supervisor import BootstrapHost, SignRefused
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_bootstrap import VERIFIER, InProcessCrypto
+from tests.test_plain_draw import ListingLeader, listed_on
 from tlsroll import bootstrap_csr, cli, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.fsutil import PRIVATE, PUBLIC, write_atomic
@@ -112,9 +115,12 @@ def write_settings(
 
 
 @asynccontextmanager
-async def world(tmp_path: Path, loopback: Callable[[], str]) -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, loopback: Callable[[], str], *, renews: bool = True
+) -> AsyncIterator[World]:
     """The leader, node hb1's bootstrap service, and a PC enrolled through the leader's own
-    signing (``SignWorkstationCertificate``, as after a password exchange)."""
+    signing (``SignWorkstationCertificate``, as after a password exchange). ``renews``
+    False: the service of an agent older than renewals (no ``RENEW_PATH``)."""
     node_address = loopback()
     rig = leader_with_a_node(tmp_path, loopback(), node_address)
     await rig.server.start()
@@ -137,7 +143,7 @@ async def world(tmp_path: Path, loopback: Callable[[], str]) -> AsyncIterator[Wo
         verifier=VERIFIER,
         sign=link.sign,
         withdraw=link.withdraw,
-        renew=link.renew,
+        renew=link.renew if renews else None,
         crypto=InProcessCrypto(),
         ca_pin=pki.spki_pin(ca.cert),
     )
@@ -149,6 +155,9 @@ async def world(tmp_path: Path, loopback: Callable[[], str]) -> AsyncIterator[Wo
         write_settings(
             settings, node_address, service.bound_port, ca.cert_pem, signed.certificate_pem, key
         )
+        # A day on: a renewal before the certificate is due (--force) waits that long after
+        # its issue (``FORCED_RENEWAL_EVERY``); the tests below force one at once.
+        rig.clock[0] += FORCED_RENEWAL_EVERY
         yield World(rig, service, link, settings, node_address, tmp_path / "leader.sqlite3")
     finally:
         await service.stop()
@@ -232,6 +241,7 @@ async def test_renewed_without_the_password_and_linked_to_the_one_it_renews(
     loopback: Callable[[], str],
     capsys: pytest.CaptureFixture[str],
     logs: list[MutableMapping[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with world(tmp_path, loopback) as w:
         old_pem, old_key = pair(w.settings)
@@ -271,6 +281,14 @@ async def test_renewed_without_the_password_and_linked_to_the_one_it_renews(
             i.serial: (i.HasField("revoked_at"), i.revoke_reason) for i in listed.workstations
         }
         assert reasons == {old_row.serial: (True, "renewed"), new_row.serial: (False, "")}
+        # Its table (the CLI in-process on that answer): the old row "renewed WHEN", not
+        # "revoked" (session 71's note: not tested).
+        monkeypatch.setattr(base, "Leader", ListingLeader(listed))
+        table = listed_on(monkeypatch, 200, False, "workstations", "list")
+        capsys.readouterr()
+        rows = {line.split("│")[-2].strip(): line for line in table.splitlines() if "│" in line}
+        assert f"│ renewed {w.rig.clock[0]:%Y-%m-%d %H:%M}" in rows[old_row.serial], table
+        assert "│ valid " in rows[new_row.serial] and "revoked" not in table, table
         events = w.audit("workstation.renewed")
         assert events == [
             {
@@ -376,6 +394,7 @@ async def test_after_a_lost_renewal_answer_the_password_enrols_the_pc_again(
         key2 = pki.generate_key()
         first = await w.link.sign(proven_csr(key2, name=other))
         held2 = (first.certificate_pem, pki.key_to_pem(key2))
+        w.rig.clock[0] += FORCED_RENEWAL_EVERY
         reply = await post_renewal(w, proven_csr(pki.generate_key(), held2, name=other))
         assert reply.status == 200, reply.body
         w.rig.clock[0] += WITHDRAW_WINDOW + dt.timedelta(seconds=1)
@@ -410,7 +429,8 @@ async def test_a_copy_of_a_renewal_request_renews_nothing(
         assert [c.serial for c in certs.values() if c.revoked_at is None] == [
             f"{fresh.serial_number:x}"
         ]
-        # The PC, which got its answer, renews on.
+        # The PC, which got its answer, renews on (a day later: forced).
+        w.rig.clock[0] += FORCED_RENEWAL_EVERY
         write_settings(
             w.settings, w.node_address, w.service.bound_port, w.rig.state.ca.cert_pem, cert_pem,
             key,
@@ -608,16 +628,202 @@ async def test_revoking_the_node_s_certificate_takes_the_renewal_it_asked_for(
         assert w.certs()[f"{new.serial_number:x}"].revoked_at is not None
 
 
-async def test_the_node_s_hourly_cap_holds_renewals_too_and_says_when(
+async def test_a_forced_renewal_waits_a_day_per_name_and_never_uses_the_node_s_cap(
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 73: a PC's ``client renew --force`` in a loop used up its node's hourly cap
+    (``workstation_certs_per_hour``), and every other PC's enrolment there was refused 429
+    for the hour. A renewal is not counted by that cap; a forced one (the certificate not
+    due) waits until its certificate is ``FORCED_RENEWAL_EVERY`` old, told when, without
+    counting as a PC the cap refused."""
+    async with world(tmp_path, loopback) as w:
+        w.rig.service.workstation_certs_per_hour = 2
+        queued: list[Any] = []
+        queue_count = w.rig.store.queue_count
+
+        def counted(*args: Any) -> Any:
+            queued.append(args)
+            return queue_count(*args)
+
+        monkeypatch.setattr(w.rig.store, "queue_count", counted)
+        got = await renew(w, capsys, "--force")
+        assert got.code == 0, got
+        renewed = pair(w.settings)
+        for _ in range(2):  # the loop: held at once, told when, nothing issued
+            got = await renew(w, capsys, "--force")
+            assert got.code == Exit.ENROL_REFUSED, got
+            assert "24 hours old" in got.err and "try again in 86400 s" in got.err, got.err
+            assert len(got.err.strip().splitlines()) == 1
+            assert pair(w.settings) == renewed
+        assert len(w.certs()) == 2
+        assert queued == []  # (not kept as a PC the node's cap refused: `schema show`)
+        # The node's cap is whole for enrolments: two new PCs within the hour, not a third.
+        for name in ("ws-empfang-2", "ws-empfang-3"):
+            await w.link.sign(proven_csr(pki.generate_key(), name=name))
+        with pytest.raises(SignRefused, match="workstation_certs_per_hour") as refused:
+            await w.link.sign(proven_csr(pki.generate_key(), name="ws-empfang-4"))
+        assert refused.value.retry is not None
+        # A day after the renewal, the next forced one.
+        w.rig.clock[0] += FORCED_RENEWAL_EVERY
+        got = await renew(w, capsys, "--force")
+        assert got.code == 0, got
+
+
+async def test_a_fleet_due_at_one_minute_renews_whatever_the_node_s_cap(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """PCs set up together come due together (a timer at one minute): renewals of
+    certificates within their last 30 % are never held back, neither by the node's hourly
+    cap (they counted against it, and the PCs past it were refused 429) nor by the name's
+    own budget, and they leave that cap to the enrolments."""
+    async with world(tmp_path, loopback) as w:
+        fleet = [(pair(w.settings), NAME)]
+        for n in range(2, 5):
+            key = pki.generate_key()
+            name = f"ws-empfang-{n}"
+            signed = await w.link.sign(proven_csr(key, name=name))
+            fleet.append(((signed.certificate_pem, pki.key_to_pem(key)), name))
+        w.rig.service.workstation_certs_per_hour = 1
+        w.rig.clock[0] += dt.timedelta(days=300)  # all within their last 30 %
+        for held, name in fleet:
+            cert = pki.load_cert_pem(held[0])
+            assert ws_renew.due_at(cert) <= w.rig.clock[0] < cert.not_valid_after_utc
+            reply = await post_renewal(w, proven_csr(pki.generate_key(), held, name=name))
+            assert reply.status == 200, reply.body
+        await w.link.sign(proven_csr(pki.generate_key(), name="ws-neu"))  # the cap's one
+        live = [c for c in w.certs().values() if c.revoked_at is None]
+        assert len(live) == 5, live
+
+
+async def test_a_lost_answer_is_asked_again_a_few_times_then_the_password(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Within the window a lost answer allows, the renewed certificate renews again, but not
+    without end (each try revokes the one before: a loop grew the revocation list and, before
+    session 73, used up the node's cap): ``RENEWAL_TRIES`` in all, then the password, which
+    proves the name with that certificate still (no --replace)."""
+    async with world(tmp_path, loopback) as w:
+        held = pair(w.settings)
+        for _ in range(RENEWAL_TRIES):
+            reply = await post_renewal(w, proven_csr(pki.generate_key(), held))
+            assert reply.status == 200, reply.body
+            w.rig.clock[0] += dt.timedelta(seconds=30)
+        reply = await post_renewal(w, proven_csr(pki.generate_key(), held))
+        assert reply.status == 403, reply.body
+        assert "none of them reached this PC" in json.loads(reply.body)["message"], reply.body
+        assert "test-connection" in json.loads(reply.body)["message"], reply.body
+        assert len(w.certs()) == 1 + RENEWAL_TRIES
+        signed = await w.link.sign(proven_csr(pki.generate_key(), held))
+        new = pki.load_cert_pem(signed.certificate_pem)
+        assert [c.serial for c in w.certs().values() if c.revoked_at is None] == [
+            f"{new.serial_number:x}"
+        ]
+        assert w.audit("workstation.enrolled")[-1].get("lost_renewal") is True
+
+
+async def test_a_retry_whose_answer_was_lost_too_leaves_the_name_to_the_password(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 71's L: a renewal's answer lost, its retry within the window lost too; past the
+    window the PC enrols with the password, proving the certificate both renewed: the live
+    one is the retry's, which nobody got either, so the name is this PC's without --replace
+    (it was "taken here": --replace at that node). Anything else issued since keeps it."""
+    async with world(tmp_path, loopback) as w:
+        held = pair(w.settings)
+        for _ in range(2):  # the renewal and its retry a minute later, both answers lost
+            reply = await post_renewal(w, proven_csr(pki.generate_key(), held))
+            assert reply.status == 200, reply.body
+            w.rig.clock[0] += dt.timedelta(minutes=1)
+        retried = pki.load_cert_pem(proto.parse_renew_answer(reply.body).certificate_pem)
+        w.rig.clock[0] += WITHDRAW_WINDOW + dt.timedelta(seconds=1)
+        signed = await w.link.sign(proven_csr(pki.generate_key(), held))
+        new = pki.load_cert_pem(signed.certificate_pem)
+        certs = w.certs()
+        assert certs[f"{retried.serial_number:x}"].revoke_reason == "superseded"
+        assert [c.serial for c in certs.values() if c.revoked_at is None] == [
+            f"{new.serial_number:x}"
+        ]
+        enrolled = w.audit("workstation.enrolled")[-1]
+        assert enrolled.get("lost_renewal") is True and "replaced" not in enrolled, enrolled
+
+        # The retry's certificate delivered and renewed on (a day later): the old proof takes
+        # nothing from that PC.
+        other = "ws-empfang-2"
+        key2 = pki.generate_key()
+        first = await w.link.sign(proven_csr(key2, name=other))
+        held2 = (first.certificate_pem, pki.key_to_pem(key2))
+        w.rig.clock[0] += FORCED_RENEWAL_EVERY
+        await post_renewal(w, proven_csr(pki.generate_key(), held2, name=other))
+        key3 = pki.generate_key()
+        reply = await post_renewal(w, proven_csr(key3, held2, name=other))
+        assert reply.status == 200, reply.body
+        got = proto.parse_renew_answer(reply.body).certificate_pem
+        w.rig.clock[0] += FORCED_RENEWAL_EVERY
+        reply = await post_renewal(
+            w, proven_csr(pki.generate_key(), (got, pki.key_to_pem(key3)), name=other)
+        )
+        assert reply.status == 200, reply.body
+        with pytest.raises(SignRefused, match="taken"):
+            await w.link.sign(proven_csr(pki.generate_key(), held2, name=other))
+
+
+async def test_a_renewal_the_node_could_not_deliver_is_withdrawn_within_the_window(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A renewal is counted by no hourly cap (``counted_at`` empty): its node's withdrawal of
+    it (its crypto worker failed after the signing) is judged by the leader's clock instead,
+    within ``WITHDRAW_WINDOW`` as an enrolment's; the PC's retry then renews."""
+    async with world(tmp_path, loopback) as w:
+        held = pair(w.settings)
+        reply = await post_renewal(w, proven_csr(pki.generate_key(), held))
+        undelivered = proto.parse_renew_answer(reply.body).certificate_pem
+        w.rig.clock[0] += WITHDRAW_WINDOW / 2
+        assert await w.link.withdraw(undelivered) is Withdrawal.WITHDRAWN
+        serial = f"{pki.load_cert_pem(undelivered).serial_number:x}"
+        assert w.certs()[serial].revoke_reason == "never delivered"
+        reply = await post_renewal(w, proven_csr(pki.generate_key(), held))
+        assert reply.status == 200, reply.body
+        late = proto.parse_renew_answer(reply.body).certificate_pem
+        w.rig.clock[0] += WITHDRAW_WINDOW + dt.timedelta(seconds=1)
+        assert await w.link.withdraw(late) is Withdrawal.HELD
+        assert w.certs()[f"{pki.load_cert_pem(late).serial_number:x}"].revoked_at is None
+
+
+async def test_an_older_agent_s_node_says_to_upgrade_it(
     tmp_path: Path, loopback: Callable[[], str], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A node whose agent is older than renewals answers 404: exit 8, one line naming the
+    upgrade and the password's way, nothing written (session 71's note: not tested)."""
+    async with world(tmp_path, loopback, renews=False) as w:
+        before = pair(w.settings)
+        got = await renew(w, capsys, "--force")
+        assert got.code == Exit.BOOTSTRAP_PORT, got  # (8)
+        assert "does not renew certificates" in got.err and "upgrade the node's agent" in got.err
+        assert "tlsroll client test-connection" in got.err and len(got.err.splitlines()) == 1
+        assert pair(w.settings) == before and len(w.certs()) == 1
+
+
+async def test_an_older_leader_s_unimplemented_says_to_upgrade_it_or_the_password(
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leader older than renewals answers the agent's RenewWorkstationCertificate
+    UNIMPLEMENTED (the method off its servicer, as such a leader has none): the PC is refused
+    in one line, exit 11, saying to upgrade the leader or enrol with the password; nothing
+    written (session 71's note: read, not tested)."""
+    monkeypatch.delattr(LeaderService, "RenewWorkstationCertificate")
     async with world(tmp_path, loopback) as w:
         before = pair(w.settings)
-        w.rig.service.workstation_certs_per_hour = 1  # (the enrolment took it)
         got = await renew(w, capsys, "--force")
         assert got.code == Exit.ENROL_REFUSED, got
-        assert "try again in" in got.err, got.err
-        assert pair(w.settings) == before
+        assert "leader is too old to renew without the password" in got.err, got.err
+        assert "tlsroll client test-connection" in got.err and len(got.err.splitlines()) == 1
+        assert pair(w.settings) == before and len(w.certs()) == 1
 
 
 async def test_refused_renewals_from_one_address_are_slowed_down(

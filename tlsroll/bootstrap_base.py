@@ -74,6 +74,10 @@ def taken_here(workstation: str) -> str:
 
 NAME_CHARS = 60  # of the text a workstation name is made of, after its ws- (``workstation_cn``)
 CN_CHARS = len("ws-") + NAME_CHARS  # of a workstation name (``WORKSTATION_CN``)
+# Of a workstation certificate's life: from then on it is due for renewal (``tlsroll client
+# renew`` without --force, in the last 30 %), and the leader holds no renewal of it back
+# (``leader.store``'s renewal budget: only one before it, a forced one, waits its turn).
+RENEWAL_DUE_FRACTION = 0.7
 
 
 def workstation_spelling(text: str) -> str:

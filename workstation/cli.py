@@ -184,8 +184,9 @@ def renew(settings_dir: Path, force: bool, timeout: float) -> None:
     time, 5 connection refused, 6 TLS failure, 8 the node's agent renews nothing (too old),
     10 the node is not of this PC's cluster, 11 refused (the certificate revoked, ended, not
     the cluster's, or the leader's no: enrol again with `tlsroll client test-connection URL`
-    and the password; or busy, too many tries, the node's hourly cap: the line says when to
-    try again). Restart the client to use the new certificate.
+    and the password; or busy, too many tries, a --force before the certificate is 24 hours
+    old (an older leader: the node's hourly cap): the line says when to try again). Restart
+    the client to use the new certificate.
     """
     from workstation.renew import Renewal  # noqa: PLC0415 - only this command needs it
 

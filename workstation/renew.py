@@ -3,7 +3,7 @@
 A workstation's certificate lives about 397 days (less a few, spread at issue: ``pki.spread``).
 Within the last 30 % of that life (``DUE_FRACTION``; any time with ``--force``) this command
 asks the node the settings name (``settings.json``: its address and bootstrap port) for a new
-one:
+one (the leader renews a certificate ``--force`` asks for once it is 24 hours old):
 
   (a) the settings dir's set is read (``settings.json``, ``ca.pem``, ``client.pem``,
       ``client.key``); a certificate that has ended is refused here (exit 11): the PC enrols
@@ -33,8 +33,9 @@ read or written, an unexpected answer, the leader not reached by the node: try l
 agent has no renewal (older: upgrade it) or another program answers there; 10 the node is not
 of the settings' cluster (its certificate does not verify against ``ca.pem``); 11 refused: the
 certificate revoked, ended, not the cluster's, the leader's no; or, the line saying "try
-again in N s", too many tries, the node busy or at its hourly cap (as ``client
-test-connection``'s 11).
+again in N s", too many tries, the node busy, a ``--force`` before the certificate is 24 hours
+old (the name's renewal budget: ``leader.store.FORCED_RENEWAL_EVERY``; an older leader's hourly
+cap) (as ``client test-connection``'s 11).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tlsroll import bootstrap_csr, pki
+from tlsroll import bootstrap_base, bootstrap_csr, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.errors import PKIError
 from tlsroll.fsutil import PRIVATE, PUBLIC
@@ -68,7 +69,7 @@ from workstation.connection import (
     request,
 )
 
-DUE_FRACTION = 0.7  # of its life: a certificate is renewed within its last 30 %
+DUE_FRACTION = bootstrap_base.RENEWAL_DUE_FRACTION  # of its life: renewed within its last 30 %
 AGAIN = "enrol this PC again with the password: tlsroll client test-connection URL"
 
 
