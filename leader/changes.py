@@ -30,7 +30,7 @@ import datetime as dt
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,7 @@ from leader.rollout_core import (
     Rollout,
     Strategy,
     after_refusal,
+    begun_not_known,
     down_on_https,
     live_and_closed,
     refused_reason,
@@ -83,7 +84,7 @@ from tlsroll.enums import (
     names_another_switch,
     problem_of_server,
 )
-from tlsroll.errors import PKIError, TransientError
+from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import WireError
 
@@ -126,6 +127,37 @@ class SendAgain(TransientError):
     """(Within ``leader.changes``.) The agent answered a request that begins a transaction
     with no refusal and holds none of it: the step sends it again (``SEND_AGAIN``). Caught
     where it is raised; transient (the step runs again) should it ever get out."""
+
+
+class BegunNotKnown(TerminalError):
+    """(``ChangeSteps.switch_begun``.) The agent did not say whether it has the step's
+    transaction: it refused the question, or failed it each time asked (``SEND_AGAIN``). Its
+    message says so (``rollout_core.unanswered``); the node needs attention
+    (``rollout_core.begun_not_known``)."""
+
+
+async def ask_held(
+    agent: AgentApi,
+    request: agent_pb2.GetTransactionRequest,
+    sleep: Callable[[float], Awaitable[Any]],
+) -> tuple[Held, str, agent_pb2.Transaction | None]:
+    """What ``agent`` holds under ``request``'s key: ``Held.NONE`` (NOT_FOUND), ``Held.THIS``
+    with the transaction (its key only: the caller looks further), ``Held.UNANSWERED`` (it
+    refused the question: ``REFUSAL_CODES``) or ``Held.FAILED`` (its own failure, INTERNAL,
+    ABORTED..., each of ``1 + SEND_AGAIN`` times asked, ``SEND_AGAIN_SECONDS`` apart by
+    ``sleep``), with its last answer. No answer (``TransientError``) raises."""
+    for again in range(SEND_AGAIN, -1, -1):
+        try:
+            return Held.THIS, "", await agent.get_transaction(request)
+        except StepFailed as exc:
+            if exc.code is grpc.StatusCode.NOT_FOUND:
+                return Held.NONE, "", None
+            if exc.code in REFUSAL_CODES:
+                return Held.UNANSWERED, str(exc), None
+            if not again:
+                return Held.FAILED, str(exc), None
+        await sleep(SEND_AGAIN_SECONDS)
+    raise AssertionError("unreachable")  # pragma: no cover - the last answer returns
 
 
 def failed_code(code: grpc.StatusCode | None) -> bool:
@@ -660,18 +692,9 @@ class ChangeSteps:
         request = agent_pb2.GetTransactionRequest(
             rollout_id=ctx.rollout.id, kind=TXN_KIND.wire(kind)
         )
-        for again in range(SEND_AGAIN, -1, -1):
-            try:
-                txn = await ctx.agent.get_transaction(request)
-                break
-            except StepFailed as exc:
-                if exc.code is grpc.StatusCode.NOT_FOUND:
-                    return Held.NONE, ""
-                if exc.code in REFUSAL_CODES:
-                    return Held.UNANSWERED, str(exc)
-                if not again:
-                    return Held.FAILED, str(exc)
-            await ctx.sleep(SEND_AGAIN_SECONDS)
+        held, asked, txn = await ask_held(ctx.agent, request, ctx.sleep)
+        if txn is None:
+            return held, asked
         if (
             kind is TxnKind.SWITCH
             and CHANGES[self.change].stages_certificate
@@ -682,19 +705,22 @@ class ChangeSteps:
                 return Held.OTHER, ""
         return Held.THIS, ""
 
-    async def switch_begun(self, agent: AgentApi, rollout_id: str) -> bool:
+    async def switch_begun(
+        self, agent: AgentApi, rollout_id: str, sleep: Callable[[float], Awaitable[Any]]
+    ) -> bool:
         """Whether ``agent`` has this rollout's switch (under way or ended): its NOT_FOUND
-        says it has none. No answer (``TransientError``) and any other refusal raise."""
+        says it has none. No answer (``TransientError``) raises: asked again when the step
+        runs again. A refusal of the question, or its failure each time asked (INTERNAL,
+        ABORTED...: ``ask_held``, ``sleep`` between), raises ``BegunNotKnown``: the node needs
+        attention (session 73: any such answer went to the engine's ``_trouble`` with no
+        deadline, "agent unreachable ... it may be mid-switch", tried again without end)."""
         request = agent_pb2.GetTransactionRequest(
             rollout_id=rollout_id, kind=TXN_KIND.wire(self.switch_kind)
         )
-        try:
-            await agent.get_transaction(request)
-        except StepFailed as exc:
-            if exc.code is grpc.StatusCode.NOT_FOUND:
-                return False
-            raise
-        return True
+        held, asked, _ = await ask_held(agent, request, sleep)
+        if held in (Held.UNANSWERED, Held.FAILED):
+            raise BegunNotKnown(unanswered(held, asked, too=False))
+        return held is not Held.NONE
 
     async def confirm(self, ctx: StepContext) -> Outcome:
         """Check the node from outside as a workstation would; if that fails, have the agent
@@ -941,15 +967,22 @@ class DisableTls(ChangeSteps):
             # (the node is recorded switching first). Its agent says whether it has the way
             # back (a plain GetTransaction): followed if so (review s63 faults, M1: recorded
             # "refused" while the agent took the node back to http).
-            if not await self.switch_begun(ctx.agent, ctx.rollout.id):
-                return NodeEvent.SWITCH_REFUSED, refused_reason("going back to http", str(exc))
+            try:
+                if not await self.switch_begun(ctx.agent, ctx.rollout.id, ctx.sleep):
+                    return NodeEvent.SWITCH_REFUSED, refused_reason("going back to http", str(exc))
+            except BegunNotKnown as unknown:
+                return NodeEvent.SWITCH_FAILED, begun_not_known("way back to http", str(unknown))
         except NotHeardYet:
             # Not sent either: its agent not heard since the leader started, the store holds
             # no word of ``rollback.undoes``, and asked, it did not say what it implements.
             # The way back it has is followed all the same (the plain GetTransaction needs
             # nothing); with none the step runs again, and asks again (review of s63-f1, L-2;
             # session 64).
-            if not await self.switch_begun(ctx.agent, ctx.rollout.id):
+            try:
+                begun = await self.switch_begun(ctx.agent, ctx.rollout.id, ctx.sleep)
+            except BegunNotKnown as unknown:
+                return NodeEvent.SWITCH_FAILED, begun_not_known("way back to http", str(unknown))
+            if not begun:
                 raise
         except StepFailed as exc:
             # Refused: nothing on the node changed only if it holds no way back of this

@@ -2944,6 +2944,38 @@ async def test_a_way_back_its_agent_has_is_followed_before_its_first_heartbeat(
     await leader.stop()
 
 
+@pytest.mark.parametrize("code", [grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL])
+async def test_a_way_back_not_sendable_whose_agent_fails_the_question_needs_attention(
+    world: World, code: grpc.StatusCode
+) -> None:
+    """Session 73 (s72 refused's L): the way back's Rollback not sendable yet (its agent not
+    heard since the leader started: ``NotHeardYet``) asks the agent whether it has the way
+    back; an agent that fails that question each time (ABORTED, INTERNAL) is asked again
+    within the step, then the node needs attention, saying so. The failure went up as the
+    step's ``StepFailed``, never bounded as the other paths' questions are."""
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    charlie = world.agents["charlie"]
+
+    async def not_heard(request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        raise NotHeardYet("agent charlie: not heard since the leader started; sent nothing")
+
+    charlie.rollback = not_heard  # type: ignore[method-assign]
+    asked = fails_the_question(charlie, code)
+    await leader.start(Change.DISABLE_TLS)
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is N.NEEDS_ATTENTION, charlie_row
+    assert charlie_row.reason == (
+        "whether an earlier try began the way back to http is not known: the agent failed"
+        f" to say, each time asked ({ASK_FAILED}); look at the node"
+    ), charlie_row.reason
+    assert len(asked) == 1 + changes.SEND_AGAIN, asked
+    await leader.stop()
+
+
 # --- an agent that cannot be reached ----------------------------------------------------------
 
 
@@ -3965,6 +3997,53 @@ async def test_a_restarted_leader_follows_a_switch_begun_before_though_a_frozen_
     row = await second.run(passes=400)
     assert row.rollout.state is R.ABORTED, states(row)
     assert not charlie.frozen and not world.agents["alpha"].frozen
+    await second.stop()
+
+
+def fails_the_question(agent: FakeAgent, code: grpc.StatusCode) -> list[str]:
+    """``agent`` answers every GetTransaction with its own failure (``code``, ``ASK_FAILED``);
+    the rollout ids asked, counted."""
+    asked: list[str] = []
+
+    async def failing(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        asked.append(request.rollout_id)
+        raise StepFailed(ASK_FAILED, code)
+
+    agent.get_transaction = failing  # type: ignore[method-assign]
+    return asked
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL])
+async def test_a_gated_switch_whose_agent_fails_the_question_needs_attention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: grpc.StatusCode
+) -> None:
+    """Session 73 (s72 refused's L): a ``--freeze scope`` switch held at the gate
+    (``_gated_switch``) asks its agent whether it has the switch; an agent that answers with
+    its own failure (ABORTED, INTERNAL) each time is asked again within the step
+    (``SEND_AGAIN``), then the node needs attention, saying the agent failed to say. It went
+    to ``_trouble`` with no deadline: "agent unreachable ... may be mid-switch", asked again
+    without end, the rollout never ending."""
+    world = make_world(tmp_path, monkeypatch)
+    lease = 6
+    await died_as_charlie_s_switch_went_out(world, lease)
+    world.agents["bravo"].unreachable = 10**6  # its freeze never confirmed: charlie is gated
+    asked = fails_the_question(world.agents["charlie"], code)
+    second = world.boot(freeze_lease=lease)
+    row = await second.run(
+        until=lambda r: node(r.records, "charlie").state is not N.SWITCHING, passes=400
+    )
+
+    charlie = node(row.records, "charlie")
+    assert charlie.state is N.NEEDS_ATTENTION, charlie
+    assert charlie.reason == (
+        "whether an earlier try began the switch is not known: the agent failed to say, each"
+        f" time asked ({ASK_FAILED}); look at the node"
+    ), charlie.reason
+    assert len(asked) == 1 + changes.SEND_AGAIN, asked
+    assert not world.agents.calls_to("charlie", "switch")[1:]  # (the first leader's, lost)
+    await second.control(RolloutAction.ABORT)
+    row = await second.run(passes=400)
+    assert row.rollout.state in TERMINAL_ROLLOUT_STATES, states(row)
     await second.stop()
 
 
