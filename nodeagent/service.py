@@ -139,6 +139,14 @@ def _rollout_id(text: str, field: str = "rollout_id") -> None:
         raise invalid(f"{field}: 1-64 letters, digits, '.', '_' or '-'")
 
 
+def stale_epoch(epoch: int, seen: int) -> RpcStatusError:
+    """The refusal of a command from an older leader state (``NodeAgentService._command``)."""
+    return failed_precondition(
+        f"stale epoch {epoch}: this node has seen epoch {seen}; "
+        "refusing commands from an older leader state"
+    )
+
+
 async def _to_its_end(work: Awaitable[T]) -> T:
     """``work`` (a blocking call handed to a thread) awaited under the caller's lock until it
     has ended, even if the caller is cancelled meanwhile (the agent's stop, ``close``): the
@@ -503,14 +511,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> str:
         """The command's rollout id once the leader's command is admitted (its epoch).
         ``begins``: what a Preflight, CreateCSR, Stage, Switch or Rollback begins (a
-        transaction's kind, or ``PREPARES``): refused first while another transaction is held
+        transaction's kind, or ``PREPARES``): refused while another transaction is held
         (``_refuse_if_held``), before the epoch's write, which a held node's journal would
-        refuse."""
+        refuse; a stale epoch is refused first all the same (a read: session 73, a stale
+        leader was told the hold's reason, not that its epoch is stale)."""
         require_leader(context, self.trust)
         _rollout_id(command.rollout_id)
         if command.epoch == 0:
             raise invalid("epoch must be set")
         if begins is not None:
+            if self.runner is not None and self.runner.held:
+                seen = max(self._epoch or 0, await asyncio.to_thread(self.journal.highest_epoch))
+                if command.epoch < seen:
+                    raise stale_epoch(command.epoch, seen)
             self._refuse_if_held(command.rollout_id, begins)
         if (
             not self._admitting
@@ -531,10 +544,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         finally:
             self._admitting -= 1
         if higher is not None:
-            raise failed_precondition(
-                f"stale epoch {command.epoch}: this node has seen epoch {higher}; "
-                "refusing commands from an older leader state"
-            )
+            raise stale_epoch(command.epoch, higher)
         return command.rollout_id
 
     def _driver(self) -> Driver:

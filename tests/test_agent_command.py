@@ -356,3 +356,39 @@ async def test_get_transaction_answers_behind_the_journal_writes_handed_before_i
     found = await asked  # NOT_FOUND before (an RpcStatusError)
     assert (found.rollout_id, found.kind) == ("r1", TXN_KIND.wire(TxnKind.ROLLBACK))
     journal.close()
+
+
+async def test_a_stale_leader_is_told_its_epoch_is_stale_before_a_held_transaction_s_reason(
+    tmp_path: Path,
+) -> None:
+    """Session 71's held switch, L (session 73): a node holding a transaction on a journal it
+    cannot write refuses every other begin with the hold's reason; a leader of an older epoch
+    (a restored store, a second leader) was told that reason, not that its epoch is stale, and
+    may take the node for one that needs the admin. The stale epoch is refused first, by a
+    read (the held journal takes no write); a current leader still gets the hold's reason."""
+    journal = CountingJournal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    assert await command(agent, 5) == "r1"
+    hold = "needs the admin: its journal cannot be written (disk full: SQLITE_FULL)"
+    agent.runner = cast(Any, type("Held", (), {"held": {("rheld", "switch"): hold[17:]}})())
+    fresh = make_service(tmp_path, journal, announced=5)  # a new process: nothing kept yet
+    fresh.runner = agent.runner
+    for each in (agent, fresh):
+        for begins in (TxnKind.SWITCH, TxnKind.ROLLBACK):
+            with pytest.raises(RpcStatusError) as caught:
+                await each._command(
+                    cast(Any, None),
+                    agent_pb2.Command(rollout_id="rother", epoch=4),
+                    begins=begins,
+                )
+            assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert str(caught.value).startswith("stale epoch 4: this node has seen epoch 5")
+            with pytest.raises(RpcStatusError) as caught:
+                await each._command(
+                    cast(Any, None),
+                    agent_pb2.Command(rollout_id="rother", epoch=5),
+                    begins=begins,
+                )
+            assert str(caught.value) == hold, str(caught.value)
+    assert "admit_epoch 4" not in journal.epoch_calls  # no write was tried
+    journal.close()
