@@ -78,6 +78,7 @@ from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import dbthread, logs, peertext, pki, probe, spiffe
 from tlsroll.clients import NOT_QUIET
 from tlsroll.enums import (
+    ENABLE_DUAL,
     SERVER_NOT_HEALTHY,
     TxnKind,
     TxnOutcome,
@@ -677,7 +678,9 @@ class ChangeSteps:
         if it refused it. A refusal that says the id names another switch
         (``tlsroll.enums.names_another_switch``: a finalize sent under the phase-1 id) is not
         asked about: the one it holds is not this step's, never followed. A transaction whose
-        certificate is not the one this rollout staged on the node is not this step's either.
+        certificate is not the one this rollout staged on the node is not this step's either,
+        nor one of another change (``Transaction.change``: a rollout id used again after the
+        store was restored; an agent of an earlier release says none, then the key decides).
         No answer (``TransientError``) raises: the step runs again, and sends the request
         again (a replay begins nothing). An answer that is no refusal (the agent's own
         trouble: INTERNAL, ABORTED, an answer about another transaction) is asked again
@@ -695,6 +698,8 @@ class ChangeSteps:
         held, asked, txn = await ask_held(ctx.agent, request, ctx.sleep)
         if txn is None:
             return held, asked
+        if kind is TxnKind.SWITCH and txn.change and txn.change != self.journalled_change():
+            return Held.OTHER, ""  # another change under this id (a store restored, say)
         if (
             kind is TxnKind.SWITCH
             and CHANGES[self.change].stages_certificate
@@ -704,6 +709,10 @@ class ChangeSteps:
             if staged and staged != txn.cert_fingerprint:
                 return Held.OTHER, ""
         return Held.THIS, ""
+
+    def journalled_change(self) -> str:
+        """This step's switch's change as its agent journals it (``Transaction.change``)."""
+        return ENABLE_DUAL if self.keep_http else self.change.value
 
     async def switch_begun(
         self, agent: AgentApi, rollout_id: str, sleep: Callable[[float], Awaitable[Any]]

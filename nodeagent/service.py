@@ -272,6 +272,7 @@ def txn_message(txn: Txn, driver: Driver | None = None) -> agent_pb2.Transaction
         old_url=txn.old_url,
         new_url=txn.new_url,
         cert_fingerprint=txn.cert_fingerprint,
+        change=str(txn.plan.get("change") or "") if txn.kind is TxnKind.SWITCH else "",
     )
 
 

@@ -392,3 +392,34 @@ async def test_a_stale_leader_is_told_its_epoch_is_stale_before_a_held_transacti
             assert str(caught.value) == hold, str(caught.value)
     assert "admit_epoch 4" not in journal.epoch_calls  # no write was tried
     journal.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "said"),
+    [
+        (TxnKind.SWITCH, "finalize", "finalize"),
+        (TxnKind.SWITCH, "enable-tls+http", "enable-tls+http"),
+        (TxnKind.SWITCH, "", ""),  # journalled before the change was recorded
+        (TxnKind.ROLLBACK, "http-written", ""),  # a way back's plan word is no switch's change
+    ],
+)
+async def test_a_transaction_says_the_change_its_switch_journalled(
+    tmp_path: Path, kind: TxnKind, change: str, said: str
+) -> None:
+    """Session 73 (s72 refused's L): GetTransaction's answer says a switch's change as its
+    plan journalled it (``Transaction.change``), so that a leader asking after its step
+    tells a switch of another change under the same rollout id from its own."""
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("http",), ("https",), Path("/n"), Path("/b"), Path("/ca"), "")
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    txn = Txn("r1", kind, 1, Phase.STARTED, {**plan.to_json(), "change": change}, now())
+    await dbthread.run(journal.create, txn)
+    request = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(kind))
+    found = await agent.GetTransaction(request, cast(Any, None))
+    assert found.change == said
+    journal.close()
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

@@ -2128,7 +2128,8 @@ def refuses_its_replay(
     "unreachable", the first answer to that question is lost too; "other", it answers with
     a switch of another certificate than the one this rollout staged (not this step's);
     "failing", it answers the question with its own failure (ABORTED) every time; "failed
-    once", the first time only."""
+    once", the first time only; "change NAME", it answers with a switch whose journalled
+    change (``Transaction.change``) is NAME."""
     get, begin = agent.get_transaction, getattr(agent, method)
     lost = False
     unanswered = 1 if question == "unreachable" else 0
@@ -2151,6 +2152,8 @@ def refuses_its_replay(
         txn = await get(request)
         if question == "other" and lost:
             txn.cert_fingerprint = "sha256:" + "9" * 64
+        if (question or "").startswith("change ") and lost:
+            txn.change = (question or "").removeprefix("change ")
         return txn
 
     async def replayed(request: Any) -> agent_pb2.Transaction:
@@ -2231,6 +2234,47 @@ async def test_a_switch_refused_when_run_again_is_followed_if_it_began(
         ), reason
     if state is N.DONE:
         assert row.rollout.state is R.COMPLETED and charlie.scheme == "https"
+    await leader.stop()
+
+
+@pytest.mark.parametrize(
+    ("journalled", "state"),
+    [
+        ("change-password", N.DONE),
+        ("", N.DONE),  # an agent of an earlier release: the key alone, as before
+        ("finalize", N.NEEDS_ATTENTION),
+        ("enable-tls+http", N.NEEDS_ATTENTION),
+    ],
+    ids=["same-change", "no-change-said", "finalize-held", "dual-held"],
+)
+async def test_a_change_password_refused_when_run_again_is_followed_only_if_the_same_change(
+    world: World, journalled: str, state: NodeState
+) -> None:
+    """Session 73 (s72 refused's L): a change-password switch, begun, then refused when the
+    step runs again (a stale epoch), is asked after by its key (rollout id, kind); it stages
+    no certificate, so the key alone matched, and a switch of another change under the same
+    id (a rollout id used again after the leader's store was restored) was followed as this
+    step's, its outcome recorded as the password's. The agent now says the change it
+    journalled (``Transaction.change``): another change is another switch, not followed (the
+    node needs attention); the same change, or none said (an older agent), is followed."""
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    await leader.commands.stage_password(VERIFIER_2, ADMIN)
+    charlie = world.agents["charlie"]
+    refuses_its_replay(charlie, TxnKind.SWITCH, "switch", question=f"change {journalled}")
+    await leader.start(Change.CHANGE_PASSWORD)
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is state, charlie_row
+    assert "nothing on the node was changed" not in charlie_row.reason
+    assert [c.answer for c in world.agents.calls_to("charlie", "switch")][-1] == "refused"
+    if state is N.NEEDS_ATTENTION:
+        assert charlie_row.reason.startswith(f"switch refused: {STALE}; this switch did not")
+        assert "the agent holds another switch under this rollout id" in charlie_row.reason
+    else:
+        assert row.rollout.state is R.COMPLETED, states(row)
     await leader.stop()
 
 
