@@ -108,7 +108,8 @@ agent's handler still journals the transaction (a reset reaches the client befor
 handler is cancelled, and its journal write, handed to the store's thread, runs to its end
 all the same; an agent of session 72 or before read GetTransaction beside that thread, and
 one that has not handed its write yet, still under its command lock, is not behind it
-either, while a request sent again waits its turn on both): asked at once it holds none,
+either (an agent of session 73 or later waits for it: ``nodeagent.service.Receipts``), while
+a request sent again waits its turn on both): asked at once it holds none,
 and it begins after all (review s72 revrefused: "nothing on the node was changed" while the
 way back took the node to http). A request sent again begins nothing an earlier one began
 (a replay answers with it, and starts it if the handler that journalled it was cancelled

@@ -12,11 +12,13 @@ tested, and tests/test_identity.py covers the certificate and the refusals end t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
@@ -423,3 +425,115 @@ async def test_a_transaction_says_the_change_its_switch_journalled(
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class Ctx:
+    """A servicer context as the handlers here use it: no deadline; an abort raises."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RpcStatusError(code, details)
+
+
+class _StubDriver:
+    """The driver as a Rollback's begin touches it here (its plan is stubbed)."""
+
+    unfreeze_keeps_answers = False
+
+    @contextlib.contextmanager
+    def reading_once(self) -> Iterator[None]:
+        yield
+
+    def read_config(self) -> bytes:
+        return b"listen https\n"
+
+
+class _StubRunner:
+    """The runner as a begin hands it a transaction (nothing runs)."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[str, str], str] = {}
+
+    def start(self, txn: Txn, **_kw: Any) -> None:
+        pass
+
+    async def under_way(self, txn: Txn) -> None:
+        pass
+
+    def stage_next(self, txn: Txn) -> None:
+        return None
+
+
+async def test_get_transaction_waits_for_a_request_of_its_key_still_waiting_for_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 73 (s72 refused's L): a Rollback handler received, still waiting for the
+    agent's command lock (another command holds it), has handed nothing to the store's
+    thread; the leader, its call cut off, asks GetTransaction at once. It answered "none"
+    (NOT_FOUND), and the handler then journalled and began the transaction: the leader's
+    "nothing changed" was untrue but for its sending again. GetTransaction now waits for the
+    request of its key being received (``Receipts``), and answers with what it journalled."""
+    from nodeagent import plans
+
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "")
+    monkeypatch.setattr(plans, "rollback_plan", lambda *_a, **_kw: plans.Built(b"h", plan, ""))
+
+    async def no_pin(_driver: object) -> None:
+        return None
+
+    monkeypatch.setattr(plans, "take_served_pin", no_pin)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    agent.driver = cast(Any, _StubDriver())
+    agent.runner = cast(Any, _StubRunner())
+    agent.cfg = cast(Any, SimpleNamespace(data_dir=tmp_path))
+    rollback = agent_pb2.RollbackRequest(command=agent_pb2.Command(rollout_id="r1", epoch=5))
+    question = agent_pb2.GetTransactionRequest(
+        rollout_id="r1", kind=TXN_KIND.wire(TxnKind.ROLLBACK)
+    )
+    await agent._lock.acquire()  # another command's
+    received = asyncio.ensure_future(agent.Rollback(rollback, cast(Any, Ctx())))
+    for _ in range(3000):  # until it waits for the lock
+        if getattr(agent._lock, "_waiters", None):
+            break
+        await asyncio.sleep(0.01)
+    assert not received.done()
+    asked = asyncio.ensure_future(agent.GetTransaction(question, cast(Any, Ctx())))
+    for _ in range(300):  # answered at once before (NOT_FOUND); now it waits
+        if asked.done():
+            break
+        await asyncio.sleep(0.01)
+    agent._lock.release()
+    begun = await received
+    found = await asked  # NOT_FOUND before (an RpcStatusError)
+    assert (found.rollout_id, found.kind, found.started_at) == (
+        "r1",
+        TXN_KIND.wire(TxnKind.ROLLBACK),
+        begun.started_at,
+    )
+    journal.close()
+
+
+async def test_get_transaction_asked_while_a_request_of_its_key_is_received_too_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its wait is bounded (``RECEIVING_WAIT``, within the call's deadline): a request of
+    its key still not journalled then, it answers UNAVAILABLE (any leader asks again or sends
+    its request again), never "none"; the note ends with the handler, then the journal
+    answers (NOT_FOUND: nothing was journalled)."""
+    monkeypatch.setattr(service, "RECEIVING_WAIT", 0.0)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    question = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(TxnKind.SWITCH))
+    with agent._receipts.receiving("r1", TxnKind.SWITCH):
+        with pytest.raises(RpcStatusError) as caught:
+            await agent.GetTransaction(question, cast(Any, Ctx()))
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "is being received; ask again" in str(caught.value)
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.GetTransaction(question, cast(Any, Ctx()))
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    journal.close()
