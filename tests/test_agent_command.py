@@ -504,7 +504,7 @@ async def test_get_transaction_waits_for_a_request_of_its_key_still_waiting_for_
     asked = asyncio.ensure_future(agent.GetTransaction(question, cast(Any, Ctx())))
     for _ in range(3000):  # answered at once before (NOT_FOUND); now it waits for the note
         receipts = getattr(agent, "_receipts", None)
-        if asked.done() or (receipts is not None and getattr(receipts._changed, "_waiters", 0)):
+        if asked.done() or (receipts is not None and getattr(receipts._changed, "_waiters", None)):
             break
         await asyncio.sleep(0.01)
     agent._lock.release()
