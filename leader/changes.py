@@ -30,7 +30,7 @@ import datetime as dt
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,7 @@ from leader.rollout_core import (
     Rollout,
     Strategy,
     after_refusal,
+    begun_not_known,
     down_on_https,
     live_and_closed,
     refused_reason,
@@ -77,13 +78,14 @@ from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import dbthread, logs, peertext, pki, probe, spiffe
 from tlsroll.clients import NOT_QUIET
 from tlsroll.enums import (
+    ENABLE_DUAL,
     SERVER_NOT_HEALTHY,
     TxnKind,
     TxnOutcome,
     names_another_switch,
     problem_of_server,
 )
-from tlsroll.errors import PKIError, TransientError
+from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import WireError
 
@@ -106,7 +108,8 @@ agent's handler still journals the transaction (a reset reaches the client befor
 handler is cancelled, and its journal write, handed to the store's thread, runs to its end
 all the same; an agent of session 72 or before read GetTransaction beside that thread, and
 one that has not handed its write yet, still under its command lock, is not behind it
-either, while a request sent again waits its turn on both): asked at once it holds none,
+either (an agent of session 73 or later waits for it: ``nodeagent.service.Receipts``), while
+a request sent again waits its turn on both): asked at once it holds none,
 and it begins after all (review s72 revrefused: "nothing on the node was changed" while the
 way back took the node to http). A request sent again begins nothing an earlier one began
 (a replay answers with it, and starts it if the handler that journalled it was cancelled
@@ -126,6 +129,37 @@ class SendAgain(TransientError):
     """(Within ``leader.changes``.) The agent answered a request that begins a transaction
     with no refusal and holds none of it: the step sends it again (``SEND_AGAIN``). Caught
     where it is raised; transient (the step runs again) should it ever get out."""
+
+
+class BegunNotKnown(TerminalError):
+    """(``ChangeSteps.switch_begun``.) The agent did not say whether it has the step's
+    transaction: it refused the question, or failed it each time asked (``SEND_AGAIN``). Its
+    message says so (``rollout_core.unanswered``); the node needs attention
+    (``rollout_core.begun_not_known``)."""
+
+
+async def ask_held(
+    agent: AgentApi,
+    request: agent_pb2.GetTransactionRequest,
+    sleep: Callable[[float], Awaitable[Any]],
+) -> tuple[Held, str, agent_pb2.Transaction | None]:
+    """What ``agent`` holds under ``request``'s key: ``Held.NONE`` (NOT_FOUND), ``Held.THIS``
+    with the transaction (its key only: the caller looks further), ``Held.UNANSWERED`` (it
+    refused the question: ``REFUSAL_CODES``) or ``Held.FAILED`` (its own failure, INTERNAL,
+    ABORTED..., each of ``1 + SEND_AGAIN`` times asked, ``SEND_AGAIN_SECONDS`` apart by
+    ``sleep``), with its last answer. No answer (``TransientError``) raises."""
+    for again in range(SEND_AGAIN, -1, -1):
+        try:
+            return Held.THIS, "", await agent.get_transaction(request)
+        except StepFailed as exc:
+            if exc.code is grpc.StatusCode.NOT_FOUND:
+                return Held.NONE, "", None
+            if exc.code in REFUSAL_CODES:
+                return Held.UNANSWERED, str(exc), None
+            if not again:
+                return Held.FAILED, str(exc), None
+        await sleep(SEND_AGAIN_SECONDS)
+    raise AssertionError("unreachable")  # pragma: no cover - the last answer returns
 
 
 def failed_code(code: grpc.StatusCode | None) -> bool:
@@ -645,7 +679,9 @@ class ChangeSteps:
         if it refused it. A refusal that says the id names another switch
         (``tlsroll.enums.names_another_switch``: a finalize sent under the phase-1 id) is not
         asked about: the one it holds is not this step's, never followed. A transaction whose
-        certificate is not the one this rollout staged on the node is not this step's either.
+        certificate is not the one this rollout staged on the node is not this step's either,
+        nor one of another change (``Transaction.change``: a rollout id used again after the
+        store was restored; an agent of an earlier release says none, then the key decides).
         No answer (``TransientError``) raises: the step runs again, and sends the request
         again (a replay begins nothing). An answer that is no refusal (the agent's own
         trouble: INTERNAL, ABORTED, an answer about another transaction) is asked again
@@ -660,18 +696,11 @@ class ChangeSteps:
         request = agent_pb2.GetTransactionRequest(
             rollout_id=ctx.rollout.id, kind=TXN_KIND.wire(kind)
         )
-        for again in range(SEND_AGAIN, -1, -1):
-            try:
-                txn = await ctx.agent.get_transaction(request)
-                break
-            except StepFailed as exc:
-                if exc.code is grpc.StatusCode.NOT_FOUND:
-                    return Held.NONE, ""
-                if exc.code in REFUSAL_CODES:
-                    return Held.UNANSWERED, str(exc)
-                if not again:
-                    return Held.FAILED, str(exc)
-            await ctx.sleep(SEND_AGAIN_SECONDS)
+        held, asked, txn = await ask_held(ctx.agent, request, ctx.sleep)
+        if txn is None:
+            return held, asked
+        if kind is TxnKind.SWITCH and txn.change and txn.change != self.journalled_change():
+            return Held.OTHER, ""  # another change under this id (a store restored, say)
         if (
             kind is TxnKind.SWITCH
             and CHANGES[self.change].stages_certificate
@@ -682,19 +711,26 @@ class ChangeSteps:
                 return Held.OTHER, ""
         return Held.THIS, ""
 
-    async def switch_begun(self, agent: AgentApi, rollout_id: str) -> bool:
+    def journalled_change(self) -> str:
+        """This step's switch's change as its agent journals it (``Transaction.change``)."""
+        return ENABLE_DUAL if self.keep_http else self.change.value
+
+    async def switch_begun(
+        self, agent: AgentApi, rollout_id: str, sleep: Callable[[float], Awaitable[Any]]
+    ) -> bool:
         """Whether ``agent`` has this rollout's switch (under way or ended): its NOT_FOUND
-        says it has none. No answer (``TransientError``) and any other refusal raise."""
+        says it has none. No answer (``TransientError``) raises: asked again when the step
+        runs again. A refusal of the question, or its failure each time asked (INTERNAL,
+        ABORTED...: ``ask_held``, ``sleep`` between), raises ``BegunNotKnown``: the node needs
+        attention (session 73: any such answer went to the engine's ``_trouble`` with no
+        deadline, "agent unreachable ... it may be mid-switch", tried again without end)."""
         request = agent_pb2.GetTransactionRequest(
             rollout_id=rollout_id, kind=TXN_KIND.wire(self.switch_kind)
         )
-        try:
-            await agent.get_transaction(request)
-        except StepFailed as exc:
-            if exc.code is grpc.StatusCode.NOT_FOUND:
-                return False
-            raise
-        return True
+        held, asked, _ = await ask_held(agent, request, sleep)
+        if held in (Held.UNANSWERED, Held.FAILED):
+            raise BegunNotKnown(unanswered(held, asked, too=False))
+        return held is not Held.NONE
 
     async def confirm(self, ctx: StepContext) -> Outcome:
         """Check the node from outside as a workstation would; if that fails, have the agent
@@ -941,15 +977,22 @@ class DisableTls(ChangeSteps):
             # (the node is recorded switching first). Its agent says whether it has the way
             # back (a plain GetTransaction): followed if so (review s63 faults, M1: recorded
             # "refused" while the agent took the node back to http).
-            if not await self.switch_begun(ctx.agent, ctx.rollout.id):
-                return NodeEvent.SWITCH_REFUSED, refused_reason("going back to http", str(exc))
+            try:
+                if not await self.switch_begun(ctx.agent, ctx.rollout.id, ctx.sleep):
+                    return NodeEvent.SWITCH_REFUSED, refused_reason("going back to http", str(exc))
+            except BegunNotKnown as unknown:
+                return NodeEvent.SWITCH_FAILED, begun_not_known("way back to http", str(unknown))
         except NotHeardYet:
             # Not sent either: its agent not heard since the leader started, the store holds
             # no word of ``rollback.undoes``, and asked, it did not say what it implements.
             # The way back it has is followed all the same (the plain GetTransaction needs
             # nothing); with none the step runs again, and asks again (review of s63-f1, L-2;
             # session 64).
-            if not await self.switch_begun(ctx.agent, ctx.rollout.id):
+            try:
+                begun = await self.switch_begun(ctx.agent, ctx.rollout.id, ctx.sleep)
+            except BegunNotKnown as unknown:
+                return NodeEvent.SWITCH_FAILED, begun_not_known("way back to http", str(unknown))
+            if not begun:
                 raise
         except StepFailed as exc:
             # Refused: nothing on the node changed only if it holds no way back of this

@@ -63,6 +63,7 @@ from typing import Any
 from leader import byo, planner
 from leader.agent_client import NODE_DISK_FULL, Agents, NodeDiskFull, StepFailed
 from leader.changes import (
+    BegunNotKnown,
     Outcome,
     RolloutFacts,
     Signed,
@@ -91,6 +92,7 @@ from leader.rollout_core import (
     RolloutEvent,
     RolloutState,
     Step,
+    begun_not_known,
     completed_failed_note,
     drained_halt_note,
     finalized_note,
@@ -1000,7 +1002,19 @@ class Engine:
         started = (self.monotonic(), self.clock())
         try:
             agent = await self.agents.get(step.node)
-            begun = await strategy_for(rollout).switch_begun(agent, rollout.id)
+            begun = await strategy_for(rollout).switch_begun(agent, rollout.id, self.sleep)
+        except BegunNotKnown as exc:  # answered, not said: asked again within, then attention
+            reason = begun_not_known("switch", str(exc))
+            log.warning(
+                "step.begun_not_known",
+                rollout_id=rollout.id,
+                node=step.node,
+                reason=reason,
+                hint="look at the node (tlsroll rollout status ID), then tlsroll rollout retry ID",
+            )
+            if not await self._record(rollout.id, step, NodeEvent.SWITCH_FAILED, reason):
+                self.wake.set()
+            return
         except (TransientError, StepFailed, TimeoutError) as exc:  # unknown: it may have begun
             await self._trouble(row, step, str(exc) or "no answer", None, started)
             return

@@ -481,12 +481,23 @@ def after_refusal(
     )
 
 
-def unanswered(held: Held, asked: str) -> str:
+def unanswered(held: Held, asked: str, *, too: bool = True) -> str:
     """Why the agent did not say whether it holds a step's transaction (``held``:
-    ``Held.UNANSWERED`` or ``Held.FAILED``; ``asked``: its answer to the question)."""
+    ``Held.UNANSWERED`` or ``Held.FAILED``; ``asked``: its answer to the question; ``too``:
+    after its refusal or failure of the step's own request)."""
+    also = " too" if too else ""
     if held is Held.FAILED:
-        return f"the agent failed to say too, each time asked ({asked.strip() or 'no reason'})"
-    return f"the agent refused to say too ({asked.strip() or 'no reason given'})"
+        return f"the agent failed to say{also}, each time asked ({asked.strip() or 'no reason'})"
+    return f"the agent refused to say{also} ({asked.strip() or 'no reason given'})"
+
+
+def begun_not_known(what: str, why: str) -> str:
+    """The reason of a node whose ``what`` ("switch", "way back to http") was not sent this
+    time (held at the ``--freeze scope`` gate, or not sendable yet) and whose agent did not
+    say whether an earlier try began it (``why``: ``unanswered``): it needs attention, as
+    ``after_refusal`` says of the same unknown (session 73: the step was tried again without
+    end, "agent unreachable ... it may be mid-switch", of an agent that answered)."""
+    return f"whether an earlier try began the {what} is not known: {why}; look at the node"
 
 
 def cut_off_reason(change: Change, name: str) -> str:

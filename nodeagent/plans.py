@@ -39,7 +39,7 @@ from nodeagent.sharing import _said_group_wide, _said_unkept, refuse_linked_conf
 from nodeagent.sharing import refuse_unsafe_dir as refuse_unsafe_dir  # noqa: PLC0414
 from nodeagent.sharing import write_staged as write_staged  # noqa: PLC0414
 from nodeagent.transaction import HTTP_WRITTEN, Plan, describe
-from tlsroll import logs, password, tls
+from tlsroll import enums, logs, password, tls
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import (
     ConfigError,
@@ -66,7 +66,7 @@ ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # A dual node (transitional phase 1) serves both, the same certificate on https.
 DUAL = ("http", "https")
-ENABLE_DUAL = "enable-tls+http"  # Plan.change of the phase-1 switch (enable-tls, keep_http)
+ENABLE_DUAL = enums.ENABLE_DUAL  # Plan.change of the phase-1 switch (enable-tls, keep_http)
 
 
 class PlanRefused(TerminalError):

@@ -20,7 +20,7 @@ import ssl
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -137,6 +137,68 @@ def _rollout_id(text: str, field: str = "rollout_id") -> None:
     sweep of the agent's port)."""
     if not ROLLOUT_ID.fullmatch(text):
         raise invalid(f"{field}: 1-64 letters, digits, '.', '_' or '-'")
+
+
+RECEIVING_WAIT = 10.0  # seconds
+"""How long GetTransaction waits at most for a request of the same transaction that is being
+received (``Receipts``) before it answers UNAVAILABLE, "ask again"."""
+
+
+class Receipts:
+    """The Switch and Rollback requests received whose transaction is not yet handed to the
+    journal (its write queued on the store's thread), by key (rollout id, kind): from the
+    handler's first line (before its epoch's check, its command lock, its plan) to the hand-off,
+    or to the handler's end. GetTransaction waits for those of its key (``settled``): it
+    answered "none" of a transaction that a handler waiting for the command lock journalled a
+    moment later (session 73; s72 refused's L: only the leader's sending again covered it)."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, TxnKind], int] = {}
+        self._changed = asyncio.Event()
+
+    @contextlib.contextmanager
+    def receiving(self, rollout_id: str, kind: TxnKind) -> Iterator[Callable[[], None]]:
+        """Note a request of (``rollout_id``, ``kind``) received; the callable it gives ends
+        the note (once: its transaction's write is handed to the store's thread), as the
+        block's end does."""
+        key = (rollout_id, kind)
+        self._open[key] = self._open.get(key, 0) + 1
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            if (left := self._open[key] - 1) > 0:
+                self._open[key] = left
+            else:
+                del self._open[key]
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+        try:
+            yield end
+        finally:
+            end()
+
+    async def settled(self, rollout_id: str, kind: TxnKind, timeout: float) -> bool:
+        """Wait until no request of (``rollout_id``, ``kind``) is being received, ``timeout``
+        seconds at most; False if one still is."""
+        key = (rollout_id, kind)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while key in self._open:
+                    await self._changed.wait()
+        return key not in self._open
+
+
+def stale_epoch(epoch: int, seen: int) -> RpcStatusError:
+    """The refusal of a command from an older leader state (``NodeAgentService._command``)."""
+    return failed_precondition(
+        f"stale epoch {epoch}: this node has seen epoch {seen}; "
+        "refusing commands from an older leader state"
+    )
 
 
 async def _to_its_end(work: Awaitable[T]) -> T:
@@ -264,6 +326,7 @@ def txn_message(txn: Txn, driver: Driver | None = None) -> agent_pb2.Transaction
         old_url=txn.old_url,
         new_url=txn.new_url,
         cert_fingerprint=txn.cert_fingerprint,
+        change=str(txn.plan.get("change") or "") if txn.kind is TxnKind.SWITCH else "",
     )
 
 
@@ -455,6 +518,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self.clock = clock
         self.monotonic = monotonic  # elapsed time (a suspend counts): the scope freeze's leases
         self._lock = asyncio.Lock()  # one command at a time changes the journal
+        self._receipts = Receipts()  # Switch and Rollback requests not yet journalled
         self._csr_work: set[asyncio.Future[bytes]] = set()  # ``_csr``'s, its caller gone or not
         self._sweeps: set[asyncio.Future[None]] = set()  # ``sweep_stages``' tasks
         # A sweep that did not do all it meant to, tried again later (``_swept``): the
@@ -503,14 +567,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> str:
         """The command's rollout id once the leader's command is admitted (its epoch).
         ``begins``: what a Preflight, CreateCSR, Stage, Switch or Rollback begins (a
-        transaction's kind, or ``PREPARES``): refused first while another transaction is held
+        transaction's kind, or ``PREPARES``): refused while another transaction is held
         (``_refuse_if_held``), before the epoch's write, which a held node's journal would
-        refuse."""
+        refuse; a stale epoch is refused first all the same (a read: session 73, a stale
+        leader was told the hold's reason, not that its epoch is stale)."""
         require_leader(context, self.trust)
         _rollout_id(command.rollout_id)
         if command.epoch == 0:
             raise invalid("epoch must be set")
         if begins is not None:
+            if self.runner is not None and self.runner.held:
+                seen = max(self._epoch or 0, await asyncio.to_thread(self.journal.highest_epoch))
+                if command.epoch < seen:
+                    raise stale_epoch(command.epoch, seen)
             self._refuse_if_held(command.rollout_id, begins)
         if (
             not self._admitting
@@ -531,10 +600,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         finally:
             self._admitting -= 1
         if higher is not None:
-            raise failed_precondition(
-                f"stale epoch {command.epoch}: this node has seen epoch {higher}; "
-                "refusing commands from an older leader state"
-            )
+            raise stale_epoch(command.epoch, higher)
         return command.rollout_id
 
     def _driver(self) -> Driver:
@@ -1591,10 +1657,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         *,
         change: str = "",
         ready: Callable[[Outlook], tuple[Built, bytes, transaction.Staged] | None] | None = None,
+        handed: Callable[[], None] = lambda: None,
     ) -> Txn:
         """Create (or find, on a replay) the transaction and hand it to the runner. A switch
         journalled under this id for another ``change`` is no replay: refused, never answered
-        with that other switch's outcome (a finalize needs a rollout id of its own)."""
+        with that other switch's outcome (a finalize needs a rollout id of its own).
+        ``handed``: called once the journal's write is queued on the store's thread (its
+        ``Receipts`` note ends)."""
         assert self.runner is not None
         runner = self.runner
         first = next_action(Phase.STARTED)
@@ -1674,7 +1743,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             return created, True, staging if staging is not None else runner.stage_next(created)
 
         async with self._lock:
-            txn, new, staged = await dbthread.run(create)
+            try:
+                txn, new, staged = await dbthread.run(create)
+            finally:
+                handed()  # its write (or replay's read) queued: GetTransaction is behind it
             if not new:
                 if not txn.finished:
                     runner.start(txn)
@@ -1708,7 +1780,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     async def _switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> Txn:
         """Begin the switch (or find it, on a replay): Switch, and WatchTransaction with
-        ``switch`` set."""
+        ``switch`` set. Noted received (``Receipts``) until its journal write is queued."""
+        with self._receipts.receiving(request.command.rollout_id, TxnKind.SWITCH) as handed:
+            return await self._switch_received(request, context, handed)
+
+    async def _switch_received(
+        self, request: agent_pb2.SwitchRequest, context: Ctx, handed: Callable[[], None]
+    ) -> Txn:
         rollout_id = await self._command(context, request.command, begins=TxnKind.SWITCH)
         change = CHANGE.read(request.change, "change")
         builders = {
@@ -1749,7 +1827,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
         await self._pin_ahead(change, rollout_id)
         return await self._begin(
-            rollout_id, TxnKind.SWITCH, request.command.epoch, make, change=wanted, ready=ready
+            rollout_id,
+            TxnKind.SWITCH,
+            request.command.epoch,
+            make,
+            change=wanted,
+            ready=ready,
+            handed=handed,
         )
 
     async def _refuse_unless_quiet(self, rollout_id: str, quiet_seconds: int) -> None:
@@ -1786,6 +1870,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def Rollback(
         self, request: agent_pb2.RollbackRequest, context: Ctx
     ) -> agent_pb2.Transaction:
+        """Noted received (``Receipts``) until its journal write is queued."""
+        with self._receipts.receiving(request.command.rollout_id, TxnKind.ROLLBACK) as handed:
+            return await self._rollback(request, context, handed)
+
+    async def _rollback(
+        self, request: agent_pb2.RollbackRequest, context: Ctx, handed: Callable[[], None]
+    ) -> agent_pb2.Transaction:
         rollout_id = await self._command(context, request.command, begins=TxnKind.ROLLBACK)
         if request.undoes:  # (empty: the newest switch from http)
             _rollout_id(request.undoes, "undoes")
@@ -1803,7 +1894,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             )
 
         await plans.take_served_pin(driver)  # (the plan's pin: off the store's thread)
-        txn = await self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch, make)
+        txn = await self._begin(
+            rollout_id, TxnKind.ROLLBACK, request.command.epoch, make, handed=handed
+        )
         return txn_message(txn, self.driver)
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
@@ -1949,10 +2042,25 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         answer, recorded "nothing on the node was changed" (review s72 refused, L6). What
         that thread runs is short: journal and config writes, a stage's prepare, a switch's
         begin (its plan; a template driver's look at the server's ports, 1 s at most a port
-        not answering); never a freeze, restart or verify, which wait on the server."""
+        not answering); never a freeze, restart or verify, which wait on the server.
+
+        A Switch or Rollback of the same key received and not yet journalled (waiting for
+        the command lock, its epoch's check, its plan: ``Receipts``) is waited for first,
+        ``RECEIVING_WAIT`` at most, so that the answer is what it leaves (session 73: "none"
+        was answered of a transaction such a handler journalled a moment later); still not
+        journalled, the answer is UNAVAILABLE, which a leader of any release takes as no
+        answer: it asks again, or sends its request again (a replay begins nothing)."""
         require_leader(context, self.trust)
         _rollout_id(request.rollout_id)
         kind = TXN_KIND.read(request.kind, "kind")
+        remaining = context.time_remaining() if context is not None else None
+        wait = RECEIVING_WAIT if remaining is None else max(0.0, min(RECEIVING_WAIT, remaining - 1))
+        if not await self._receipts.settled(request.rollout_id, kind, wait):
+            raise RpcStatusError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"a request of the {kind.value} transaction of rollout {request.rollout_id!r}"
+                " is being received; ask again",
+            )
         txn = await dbthread.run(self.journal.get, request.rollout_id, kind)
         if txn is None:
             raise not_found(f"no {kind.value} transaction for rollout {request.rollout_id!r}")

@@ -12,11 +12,13 @@ tested, and tests/test_identity.py covers the certificate and the refusals end t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
@@ -355,4 +357,184 @@ async def test_get_transaction_answers_behind_the_journal_writes_handed_before_i
     await begun
     found = await asked  # NOT_FOUND before (an RpcStatusError)
     assert (found.rollout_id, found.kind) == ("r1", TXN_KIND.wire(TxnKind.ROLLBACK))
+    journal.close()
+
+
+async def test_a_stale_leader_is_told_its_epoch_is_stale_before_a_held_transaction_s_reason(
+    tmp_path: Path,
+) -> None:
+    """Session 71's held switch, L (session 73): a node holding a transaction on a journal it
+    cannot write refuses every other begin with the hold's reason; a leader of an older epoch
+    (a restored store, a second leader) was told that reason, not that its epoch is stale, and
+    may take the node for one that needs the admin. The stale epoch is refused first, by a
+    read (the held journal takes no write); a current leader still gets the hold's reason."""
+    journal = CountingJournal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    assert await command(agent, 5) == "r1"
+    hold = "needs the admin: its journal cannot be written (disk full: SQLITE_FULL)"
+    agent.runner = cast(Any, type("Held", (), {"held": {("rheld", "switch"): hold[17:]}})())
+    fresh = make_service(tmp_path, journal, announced=5)  # a new process: nothing kept yet
+    fresh.runner = agent.runner
+    for each in (agent, fresh):
+        for begins in (TxnKind.SWITCH, TxnKind.ROLLBACK):
+            with pytest.raises(RpcStatusError) as caught:
+                await each._command(
+                    cast(Any, None),
+                    agent_pb2.Command(rollout_id="rother", epoch=4),
+                    begins=begins,
+                )
+            assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert str(caught.value).startswith("stale epoch 4: this node has seen epoch 5")
+            with pytest.raises(RpcStatusError) as caught:
+                await each._command(
+                    cast(Any, None),
+                    agent_pb2.Command(rollout_id="rother", epoch=5),
+                    begins=begins,
+                )
+            assert str(caught.value) == hold, str(caught.value)
+    assert "admit_epoch 4" not in journal.epoch_calls  # no write was tried
+    journal.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "said"),
+    [
+        (TxnKind.SWITCH, "finalize", "finalize"),
+        (TxnKind.SWITCH, "enable-tls+http", "enable-tls+http"),
+        (TxnKind.SWITCH, "", ""),  # journalled before the change was recorded
+        (TxnKind.ROLLBACK, "http-written", ""),  # a way back's plan word is no switch's change
+    ],
+)
+async def test_a_transaction_says_the_change_its_switch_journalled(
+    tmp_path: Path, kind: TxnKind, change: str, said: str
+) -> None:
+    """Session 73 (s72 refused's L): GetTransaction's answer says a switch's change as its
+    plan journalled it (``Transaction.change``), so that a leader asking after its step
+    tells a switch of another change under the same rollout id from its own."""
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("http",), ("https",), Path("/n"), Path("/b"), Path("/ca"), "")
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    txn = Txn("r1", kind, 1, Phase.STARTED, {**plan.to_json(), "change": change}, now())
+    await dbthread.run(journal.create, txn)
+    request = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(kind))
+    found = await agent.GetTransaction(request, cast(Any, None))
+    assert found.change == said
+    journal.close()
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Ctx:
+    """A servicer context as the handlers here use it: no deadline; an abort raises."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RpcStatusError(code, details)
+
+
+class _StubDriver:
+    """The driver as a Rollback's begin touches it here (its plan is stubbed)."""
+
+    unfreeze_keeps_answers = False
+
+    @contextlib.contextmanager
+    def reading_once(self) -> Iterator[None]:
+        yield
+
+    def read_config(self) -> bytes:
+        return b"listen https\n"
+
+
+class _StubRunner:
+    """The runner as a begin hands it a transaction (nothing runs)."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[str, str], str] = {}
+
+    def start(self, txn: Txn, **_kw: Any) -> None:
+        pass
+
+    async def under_way(self, txn: Txn) -> None:
+        pass
+
+    def stage_next(self, txn: Txn) -> None:
+        return None
+
+
+async def test_get_transaction_waits_for_a_request_of_its_key_still_waiting_for_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 73 (s72 refused's L): a Rollback handler received, still waiting for the
+    agent's command lock (another command holds it), has handed nothing to the store's
+    thread; the leader, its call cut off, asks GetTransaction at once. It answered "none"
+    (NOT_FOUND), and the handler then journalled and began the transaction: the leader's
+    "nothing changed" was untrue but for its sending again. GetTransaction now waits for the
+    request of its key being received (``Receipts``), and answers with what it journalled."""
+    from nodeagent import plans
+
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "")
+    monkeypatch.setattr(plans, "rollback_plan", lambda *_a, **_kw: plans.Built(b"h", plan, ""))
+
+    async def no_pin(_driver: object) -> None:
+        return None
+
+    monkeypatch.setattr(plans, "take_served_pin", no_pin)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    agent.driver = cast(Any, _StubDriver())
+    agent.runner = cast(Any, _StubRunner())
+    agent.cfg = cast(Any, SimpleNamespace(data_dir=tmp_path))
+    rollback = agent_pb2.RollbackRequest(command=agent_pb2.Command(rollout_id="r1", epoch=5))
+    question = agent_pb2.GetTransactionRequest(
+        rollout_id="r1", kind=TXN_KIND.wire(TxnKind.ROLLBACK)
+    )
+    await agent._lock.acquire()  # another command's
+    received = asyncio.ensure_future(agent.Rollback(rollback, cast(Any, Ctx())))
+    for _ in range(3000):  # until it waits for the lock
+        if getattr(agent._lock, "_waiters", None):
+            break
+        await asyncio.sleep(0.01)
+    assert not received.done()
+    asked = asyncio.ensure_future(agent.GetTransaction(question, cast(Any, Ctx())))
+    for _ in range(3000):  # answered at once before (NOT_FOUND); now it waits for the note
+        receipts = getattr(agent, "_receipts", None)
+        if asked.done() or (receipts is not None and getattr(receipts._changed, "_waiters", None)):
+            break
+        await asyncio.sleep(0.01)
+    agent._lock.release()
+    begun = await received
+    found = await asked  # NOT_FOUND before (an RpcStatusError)
+    assert (found.rollout_id, found.kind, found.started_at) == (
+        "r1",
+        TXN_KIND.wire(TxnKind.ROLLBACK),
+        begun.started_at,
+    )
+    journal.close()
+
+
+async def test_get_transaction_asked_while_a_request_of_its_key_is_received_too_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its wait is bounded (``RECEIVING_WAIT``, within the call's deadline): a request of
+    its key still not journalled then, it answers UNAVAILABLE (any leader asks again or sends
+    its request again), never "none"; the note ends with the handler, then the journal
+    answers (NOT_FOUND: nothing was journalled)."""
+    monkeypatch.setattr(service, "RECEIVING_WAIT", 0.0)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    question = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(TxnKind.SWITCH))
+    with agent._receipts.receiving("r1", TxnKind.SWITCH):
+        with pytest.raises(RpcStatusError) as caught:
+            await agent.GetTransaction(question, cast(Any, Ctx()))
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "is being received; ask again" in str(caught.value)
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.GetTransaction(question, cast(Any, Ctx()))
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
     journal.close()

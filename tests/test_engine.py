@@ -2128,7 +2128,8 @@ def refuses_its_replay(
     "unreachable", the first answer to that question is lost too; "other", it answers with
     a switch of another certificate than the one this rollout staged (not this step's);
     "failing", it answers the question with its own failure (ABORTED) every time; "failed
-    once", the first time only."""
+    once", the first time only; "change NAME", it answers with a switch whose journalled
+    change (``Transaction.change``) is NAME."""
     get, begin = agent.get_transaction, getattr(agent, method)
     lost = False
     unanswered = 1 if question == "unreachable" else 0
@@ -2151,6 +2152,8 @@ def refuses_its_replay(
         txn = await get(request)
         if question == "other" and lost:
             txn.cert_fingerprint = "sha256:" + "9" * 64
+        if (question or "").startswith("change ") and lost:
+            txn.change = (question or "").removeprefix("change ")
         return txn
 
     async def replayed(request: Any) -> agent_pb2.Transaction:
@@ -2231,6 +2234,47 @@ async def test_a_switch_refused_when_run_again_is_followed_if_it_began(
         ), reason
     if state is N.DONE:
         assert row.rollout.state is R.COMPLETED and charlie.scheme == "https"
+    await leader.stop()
+
+
+@pytest.mark.parametrize(
+    ("journalled", "state"),
+    [
+        ("change-password", N.DONE),
+        ("", N.DONE),  # an agent of an earlier release: the key alone, as before
+        ("finalize", N.NEEDS_ATTENTION),
+        ("enable-tls+http", N.NEEDS_ATTENTION),
+    ],
+    ids=["same-change", "no-change-said", "finalize-held", "dual-held"],
+)
+async def test_a_change_password_refused_when_run_again_is_followed_only_if_the_same_change(
+    world: World, journalled: str, state: NodeState
+) -> None:
+    """Session 73 (s72 refused's L): a change-password switch, begun, then refused when the
+    step runs again (a stale epoch), is asked after by its key (rollout id, kind); it stages
+    no certificate, so the key alone matched, and a switch of another change under the same
+    id (a rollout id used again after the leader's store was restored) was followed as this
+    step's, its outcome recorded as the password's. The agent now says the change it
+    journalled (``Transaction.change``): another change is another switch, not followed (the
+    node needs attention); the same change, or none said (an older agent), is followed."""
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    await leader.commands.stage_password(VERIFIER_2, ADMIN)
+    charlie = world.agents["charlie"]
+    refuses_its_replay(charlie, TxnKind.SWITCH, "switch", question=f"change {journalled}")
+    await leader.start(Change.CHANGE_PASSWORD)
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is state, charlie_row
+    assert "nothing on the node was changed" not in charlie_row.reason
+    assert [c.answer for c in world.agents.calls_to("charlie", "switch")][-1] == "refused"
+    if state is N.NEEDS_ATTENTION:
+        assert charlie_row.reason.startswith(f"switch refused: {STALE}; this switch did not")
+        assert "the agent holds another switch under this rollout id" in charlie_row.reason
+    else:
+        assert row.rollout.state is R.COMPLETED, states(row)
     await leader.stop()
 
 
@@ -2941,6 +2985,38 @@ async def test_a_way_back_its_agent_has_is_followed_before_its_first_heartbeat(
     assert {world.agents[n].scheme for n in ORDER} == {"http"}
     assert sent == [rid] and waited == [rid, rid]
     assert not any(r.reason for r in row.records), row.records
+    await leader.stop()
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL])
+async def test_a_way_back_not_sendable_whose_agent_fails_the_question_needs_attention(
+    world: World, code: grpc.StatusCode
+) -> None:
+    """Session 73 (s72 refused's L): the way back's Rollback not sendable yet (its agent not
+    heard since the leader started: ``NotHeardYet``) asks the agent whether it has the way
+    back; an agent that fails that question each time (ABORTED, INTERNAL) is asked again
+    within the step, then the node needs attention, saying so. The failure went up as the
+    step's ``StepFailed``, never bounded as the other paths' questions are."""
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    charlie = world.agents["charlie"]
+
+    async def not_heard(request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        raise NotHeardYet("agent charlie: not heard since the leader started; sent nothing")
+
+    charlie.rollback = not_heard  # type: ignore[method-assign]
+    asked = fails_the_question(charlie, code)
+    await leader.start(Change.DISABLE_TLS)
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is N.NEEDS_ATTENTION, charlie_row
+    assert charlie_row.reason == (
+        "whether an earlier try began the way back to http is not known: the agent failed"
+        f" to say, each time asked ({ASK_FAILED}); look at the node"
+    ), charlie_row.reason
+    assert len(asked) == 1 + changes.SEND_AGAIN, asked
     await leader.stop()
 
 
@@ -3965,6 +4041,53 @@ async def test_a_restarted_leader_follows_a_switch_begun_before_though_a_frozen_
     row = await second.run(passes=400)
     assert row.rollout.state is R.ABORTED, states(row)
     assert not charlie.frozen and not world.agents["alpha"].frozen
+    await second.stop()
+
+
+def fails_the_question(agent: FakeAgent, code: grpc.StatusCode) -> list[str]:
+    """``agent`` answers every GetTransaction with its own failure (``code``, ``ASK_FAILED``);
+    the rollout ids asked, counted."""
+    asked: list[str] = []
+
+    async def failing(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        asked.append(request.rollout_id)
+        raise StepFailed(ASK_FAILED, code)
+
+    agent.get_transaction = failing  # type: ignore[method-assign]
+    return asked
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL])
+async def test_a_gated_switch_whose_agent_fails_the_question_needs_attention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: grpc.StatusCode
+) -> None:
+    """Session 73 (s72 refused's L): a ``--freeze scope`` switch held at the gate
+    (``_gated_switch``) asks its agent whether it has the switch; an agent that answers with
+    its own failure (ABORTED, INTERNAL) each time is asked again within the step
+    (``SEND_AGAIN``), then the node needs attention, saying the agent failed to say. It went
+    to ``_trouble`` with no deadline: "agent unreachable ... may be mid-switch", asked again
+    without end, the rollout never ending."""
+    world = make_world(tmp_path, monkeypatch)
+    lease = 6
+    await died_as_charlie_s_switch_went_out(world, lease)
+    world.agents["bravo"].unreachable = 10**6  # its freeze never confirmed: charlie is gated
+    asked = fails_the_question(world.agents["charlie"], code)
+    second = world.boot(freeze_lease=lease)
+    row = await second.run(
+        until=lambda r: node(r.records, "charlie").state is not N.SWITCHING, passes=400
+    )
+
+    charlie = node(row.records, "charlie")
+    assert charlie.state is N.NEEDS_ATTENTION, charlie
+    assert charlie.reason == (
+        "whether an earlier try began the switch is not known: the agent failed to say, each"
+        f" time asked ({ASK_FAILED}); look at the node"
+    ), charlie.reason
+    assert len(asked) == 1 + changes.SEND_AGAIN, asked
+    assert not world.agents.calls_to("charlie", "switch")[1:]  # (the first leader's, lost)
+    await second.control(RolloutAction.ABORT)
+    row = await second.run(passes=400)
+    assert row.rollout.state in TERMINAL_ROLLOUT_STATES, states(row)
     await second.stop()
 
 

@@ -155,6 +155,7 @@ def test_switch_then_rollback_checked_from_outside(make_node: NodeFactory) -> No
     assert done.phase == "completed" and done.reason == ""
     assert done.cert_fingerprint == staged.fingerprint
     assert done.old_url == pre.old_url and done.new_url == pre.new_url
+    assert begun.change == done.change == "enable-tls"  # Transaction.change (session 73)
 
     assert_switched(node, staged.fingerprint)
     assert node.server_pid() != old_pid
@@ -179,6 +180,7 @@ def test_switch_then_rollback_checked_from_outside(make_node: NodeFactory) -> No
     back = node.wait_txn("happy", "rollback")
     assert back.outcome == "completed", back.reason
     assert back.old_url == pre.new_url and back.new_url == pre.old_url
+    assert back.change == ""  # a rollback says none
     assert node.get("http").status == 200
     assert not node.port_open(8443)
     status = node.admin_status()

@@ -20,6 +20,11 @@ class Change(StrEnum):
     FINALIZE = "finalize"  # transitional phase 2: a dual node closes http
 
 
+ENABLE_DUAL = "enable-tls+http"
+"""A switch's change as the agent journals it (``Transaction.change``) for transitional phase 1
+(enable-tls keeping http); the other switches' are their ``Change`` values."""
+
+
 class TxnKind(StrEnum):
     """A transaction on a node moves the server forward (``switch``) or undoes a completed
     switch of the same rollout id (``rollback``)."""

@@ -800,6 +800,7 @@ class Transaction(_message.Message):
     CERT_FINGERPRINT_FIELD_NUMBER: _builtins.int
     FREEZE_SECONDS_FIELD_NUMBER: _builtins.int
     UNFREEZE_KEEPS_ANSWERS_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     kind: Global___TransactionKind.ValueType
     epoch: _builtins.int
@@ -824,6 +825,15 @@ class Transaction(_message.Message):
     a check of the server the agent verified (TRANSACTION_PHASE_VERIFIED) stands for one after
     the unfreeze: the leader's confirm may begin its check then. Unset (an exec driver, an
     older agent): the leader checks once the switch has completed.
+    """
+    change: _builtins.str
+    """A switch's change as the agent journalled it: "enable-tls", "enable-tls+http"
+    (transitional phase 1), "finalize", "change-password" or "rotate-cert". Empty for a
+    rollback, for a switch journalled before the agent recorded it, and from an agent of an
+    earlier release: the leader then takes the transaction under the rollout id and kind as
+    its step's, as before. Set, a leader that asks after its step (a refusal, a failure) takes
+    a switch of another change under the same id (a rollout id used again after its store
+    was restored) for another switch, never for its step's.
     """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -853,10 +863,11 @@ class Transaction(_message.Message):
         cert_fingerprint: _builtins.str = ...,
         freeze_seconds: _builtins.float | None = ...,
         unfreeze_keeps_answers: _builtins.bool = ...,
+        change: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "ended_at", b"ended_at", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_fingerprint", b"cert_fingerprint", "ended_at", b"ended_at", "epoch", b"epoch", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "kind", b"kind", "new_url", b"new_url", "old_url", b"old_url", "outcome", b"outcome", "phase", b"phase", "reason", b"reason", "restart_seconds", b"restart_seconds", "rollout_id", b"rollout_id", "started_at", b"started_at", "unfreeze_keeps_answers", b"unfreeze_keeps_answers", "watermark", b"watermark"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_fingerprint", b"cert_fingerprint", "change", b"change", "ended_at", b"ended_at", "epoch", b"epoch", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "kind", b"kind", "new_url", b"new_url", "old_url", b"old_url", "outcome", b"outcome", "phase", b"phase", "reason", b"reason", "restart_seconds", b"restart_seconds", "rollout_id", b"rollout_id", "started_at", b"started_at", "unfreeze_keeps_answers", b"unfreeze_keeps_answers", "watermark", b"watermark"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__freeze_seconds: _TypeAlias = _typing.Literal["freeze_seconds"]  # noqa: Y015
     _WhichOneofArgType__freeze_seconds: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds"]  # noqa: Y015
