@@ -555,11 +555,13 @@ class Journal:
         self._needs_admin: str | None = str(row["value"]) if row and row["value"] else None
         # The transactions between their freeze and its end (``in_freeze_window``), as the
         # journal says once each record has committed: no idle checkpoint runs meanwhile.
-        self._frozen = {
-            (t.rollout_id, t.kind.value)
-            for t in self.unfinished()
-            if t.freeze_started_at is not None and t.freeze_ended_at is None
-        }
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT rollout_id, kind FROM txns WHERE outcome = ?"
+                " AND freeze_started_at IS NOT NULL AND freeze_ended_at IS NULL",
+                (_PENDING,),
+            ).fetchall()
+        self._frozen = {(str(r["rollout_id"]), str(r["kind"])) for r in rows}
         self._db.hold_checkpoint = self.in_freeze_window
 
     def in_freeze_window(self) -> bool:

@@ -203,8 +203,8 @@ async def test_the_agents_checkpoint_waits_for_the_end_of_a_freeze_window(tmp_pa
     """The agent's journal: a checkpoint that falls due while a switch is between its freeze
     and the freeze's end (the managed server frozen, its config written, restarting) does not
     run there, where it would compete with the config's and the records' syncs; it runs after
-    the record that ends the freeze (review s72 leaderwrite). Counted: none inside, one after;
-    a checkpoint due outside a window runs as before."""
+    the record that ends the freeze (review s72 leaderwrite). Counted: none inside, one after.
+    An agent started again mid-window reads the window from its journal."""
     journal = Journal(tmp_path / "journal.sqlite3")
     facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
     plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "").to_json()
@@ -228,6 +228,9 @@ async def test_the_agents_checkpoint_waits_for_the_end_of_a_freeze_window(tmp_pa
                 break
             await asyncio.sleep(0.01)
         assert (db.checkpoints, journal.checkpoints_held) == (0, 1)
+        again = Journal(journal.path)  # (an agent started again mid-switch: from its journal)
+        assert again.in_freeze_window()
+        again.close()
         txn = journal.get("r1", TxnKind.SWITCH)
         assert txn is not None
         await dbthread.run(journal.update, txn, phase=Phase.VERIFIED, freeze_ended_at=at)
