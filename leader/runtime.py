@@ -108,7 +108,14 @@ from tlsroll.rpc import (
     handshake_seconds,
     hostport,
 )
-from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
+from tlsroll.sqlite import (
+    CHECKPOINT_EVERY,
+    TEST_CHECKPOINT_ENV,
+    NotDamaged,
+    SchemaTooNew,
+    checkpoint_every,
+    needs_a_person,
+)
 from tlsroll.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -1032,6 +1039,10 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     # heartbeats' failures, cleared at the next commit; `rollout status` shows it.
     health = StoreHealth(state.clock)
     state.store.db.on_commit.append(health.works)
+    state.store.db.on_checkpoint.append(health.checkpoint)  # (until one succeeds)
+    state.store.db.checkpoint_every = checkpoint_every(os.environ)
+    if state.store.db.checkpoint_every != CHECKPOINT_EVERY:
+        _test_hook(TEST_CHECKPOINT_ENV, state.store.db.checkpoint_every)
     leader_service.store_health = health
     relay = AdminRelay(cfg.admin_socket)  # the caller from SO_PEERCRED (leader.admin_socket)
     admin = grpc.aio.server(interceptors=[relay.interceptor()])

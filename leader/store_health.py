@@ -6,11 +6,17 @@ nothing but the log said why a rollout stood still. ``StoreHealth`` keeps the ca
 (the store cannot hold it), for ``rollout status`` and systemd's ``STATUS=``; logs the failure
 at most once every ``LOG_SECONDS`` whoever hit it (with how many lines were left out); and
 clears it at the store's next commit that changed a row (``Database.on_commit``).
+
+A checkpoint the disk does not take (``Database.on_checkpoint``: a file that must grow on a
+full disk) is kept the same way, and cleared only by a checkpoint that succeeds: the commits
+meanwhile go into the ``-wal``, which SQLite reuses once a checkpoint copied it, until it must
+grow; they said nothing of the full disk until then (review s72 leaderwrite).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +41,9 @@ class StoreHealth:
         self.clock = clock
         self.monotonic = monotonic
         # (why, since when) while writes fail; None while they work.
-        self.trouble: tuple[str, dt.datetime] | None = None
+        self.writes: tuple[str, dt.datetime] | None = None
+        # (why, since when) while the store's checkpoints fail (``checkpoint``).
+        self.checkpoint_trouble: tuple[str, dt.datetime] | None = None
         self._lock = threading.Lock()  # the writer's thread clears it (``works``)
         self._logged: float | None = None  # when a failure was last logged (monotonic)
         self._left_out = 0  # failures not logged since
@@ -51,9 +59,9 @@ class StoreHealth:
             return False
         now = self.monotonic()
         with self._lock:
-            first = self.trouble is None
-            since = self.clock() if self.trouble is None else self.trouble[1]
-            self.trouble = (why, since)
+            first = self.writes is None
+            since = self.clock() if self.writes is None else self.writes[1]
+            self.writes = (why, since)
             due = self._logged is None or now - self._logged >= LOG_SECONDS
             left_out = self._left_out
             if due:
@@ -77,13 +85,62 @@ class StoreHealth:
             )
         return True
 
+    @property
+    def trouble(self) -> tuple[str, dt.datetime] | None:
+        """Why the store cannot be written and since when, while it cannot: its writes fail,
+        or its checkpoints do (the writes then go on for a while in the ``-wal``)."""
+        return self.writes or self.checkpoint_trouble
+
+    def checkpoint(self, failed: sqlite3.Error | None) -> None:
+        """A checkpoint of the store ran (``Database.on_checkpoint``, on the store's thread):
+        ``failed``, the error of one the disk did not take, is kept (why, since when) and told
+        as a failed write is (``store.checkpoint_failing``, systemd's ``STATUS=``) until one
+        succeeds (None: ``store.checkpoint_recovered``). Its own retries wait (``Database``):
+        it is logged once, when it begins."""
+        if failed is not None:
+            why = storage_trouble(failed)
+            if why is None:
+                return
+            why = f"{why} at its checkpoint (its writes go on in the -wal until that must grow)"
+            with self._lock:
+                kept = self.checkpoint_trouble
+                since = self.clock() if kept is None else kept[1]
+                first = kept is None
+                self.checkpoint_trouble = (why, since)
+            if first:
+                if self.writes is None:
+                    sd_notify(f"STATUS=Store writes failing since {since:%Y-%m-%d %H:%M:%S}: {why}")
+                log.warning(
+                    "store.checkpoint_failing",
+                    error_type=type(failed).__name__,
+                    error=why,
+                    failing_since=since.isoformat(),
+                    hint="free space under the leader's data dir (df -h): its store's writes fail"
+                    " once the -wal must grow; the leader carries on once the checkpoint succeeds",
+                )
+            return
+        if self.checkpoint_trouble is None:
+            return
+        with self._lock:
+            trouble, self.checkpoint_trouble = self.checkpoint_trouble, None
+        if trouble is not None:
+            why, since = trouble
+            log.warning(
+                "store.checkpoint_recovered",
+                failing_since=since.isoformat(),
+                error=why,
+                detail="the store's -wal was copied into its file: the failure said before is over",
+            )
+            if self.writes is None:
+                sd_notify("STATUS=Store writes work again")
+
     def works(self) -> None:
         """A write committed (``Database.on_commit``, in the writer's thread): the trouble,
         if any, is over."""
-        if self.trouble is None:
+        if self.writes is None:
             return
         with self._lock:
-            trouble, self.trouble = self.trouble, None
+            trouble, self.writes = self.writes, None
         if trouble is not None:
             why, since = trouble
             log.warning(
@@ -92,4 +149,5 @@ class StoreHealth:
                 error=why,
                 detail="the store takes writes again: the failure said before is over",
             )
-            sd_notify("STATUS=Store writes work again")
+            if self.checkpoint_trouble is None:
+                sd_notify("STATUS=Store writes work again")

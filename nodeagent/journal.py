@@ -546,12 +546,37 @@ class Journal:
             losing=LOSING,
             reads_floor_from=READS_FLOOR_FROM,
         )
+        self._frozen: set[tuple[str, str]] = set()  # (``in_freeze_window``; filled below)
         self._put_back()
         # ``needs_admin``, kept in memory (the agent's view of its server asks at every
         # heartbeat; one Journal per process writes it): read once here.
         with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'needs_admin'").fetchone()
         self._needs_admin: str | None = str(row["value"]) if row and row["value"] else None
+        # The transactions between their freeze and its end (``in_freeze_window``), as the
+        # journal says once each record has committed: no idle checkpoint runs meanwhile.
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT rollout_id, kind FROM txns WHERE outcome = ?"
+                " AND freeze_started_at IS NOT NULL AND freeze_ended_at IS NULL",
+                (_PENDING,),
+            ).fetchall()
+        self._frozen = {(str(r["rollout_id"]), str(r["kind"])) for r in rows}
+        self._db.hold_checkpoint = self.in_freeze_window
+
+    def in_freeze_window(self) -> bool:
+        """True while a transaction is between its freeze (its ``freeze`` step begun) and the
+        freeze's end (``freeze_ended_at``) or its own: the managed server is frozen or
+        restarting, and the journal's idle checkpoint (``tlsroll.sqlite.Database``: the
+        ``-wal`` written into the file, both synced) waits for the record after it, not to
+        compete with the config's and the records' syncs in the window (review s72
+        leaderwrite). SQLite's own automatic checkpoint stays the bound of the ``-wal``."""
+        return bool(self._frozen)
+
+    @property
+    def checkpoints_held(self) -> int:
+        """How many idle checkpoints waited for a freeze window's end (``in_freeze_window``)."""
+        return self._db.checkpoints_held
 
     def _put_back(self) -> None:
         """A journal that is the copy kept before an upgrade (``mark_copy``), opened for the
@@ -1217,6 +1242,9 @@ class Journal:
         if "phase" in changes or "outcome" in changes:
             detail = {"outcome": new.outcome.value} if new.finished else {}
             self._event(db, new, new.phase, "end", detail, at)
+        if new.freeze_ended_at is not None or new.finished:
+            key = (txn.rollout_id, txn.kind.value)
+            self._db.after_commit(lambda: self._frozen.discard(key))
         return new
 
     def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
@@ -1232,6 +1260,9 @@ class Journal:
         detail: dict[str, Any],
         at: dt.datetime | None = None,
     ) -> None:
+        if str(step) == "freeze" and what in ("begin", "again"):  # (before the freeze call)
+            key = (txn.rollout_id, txn.kind.value)
+            self._db.after_commit(lambda: self._frozen.add(key))
         db.execute(
             "INSERT INTO events (at, rollout_id, kind, step, what, detail)"
             " VALUES (?, ?, ?, ?, ?, ?)",

@@ -57,7 +57,7 @@ from tlsroll import daemon, logs
 from tlsroll.errors import os_error_text
 from tlsroll.fsutil import stage_atomic
 from tlsroll.rpc import error_status
-from tlsroll.sqlite import Database
+from tlsroll.sqlite import TEST_CHECKPOINT_ENV, Database
 
 DEV_FULL = Path("/dev/full")
 ROLLOUT_TIMEOUT = 90.0
@@ -460,6 +460,89 @@ def test_an_admin_command_on_a_leader_whose_disk_is_full_says_so_in_one_line(
             "token", "create", "--node", "n9", "--address", "127.0.0.9", "--ttl", "1h"
         )
         assert again.returncode == 0, again.stderr
+
+
+def test_a_leader_whose_checkpoint_cannot_grow_its_store_says_so_while_its_writes_still_work(
+    tmp_path: Path,
+) -> None:
+    """A leader that has run a while: its ``-wal`` has been through a checkpoint, so on a full
+    disk its commits go on into the ``-wal``'s pages, which SQLite reuses, while the checkpoint
+    cannot copy them into a file that must grow. The leader says it cannot write its store
+    (`rollout status`, the same words as for a failed write, a warning with a hint) once that
+    checkpoint fails, not only once a commit does; room again, a later checkpoint clears it.
+    Before (review s72 leaderwrite): the failed checkpoint was logged at debug only, and the
+    leader said nothing until the ``-wal`` had to grow and a write failed."""
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-ckpt-"))
+    cleanup = contextlib.ExitStack()
+    cleanup.callback(shutil.rmtree, root, ignore_errors=True)
+    with cleanup, AdminTokenCluster(root, next_loopback()) as cluster:
+        data = cluster.data_dir
+        with tmpfs(data, "16m"):
+            try:
+                checkpoint_on_a_full_disk(cluster, data)
+            finally:
+                cluster.close()  # (before the unmount)
+
+
+def checkpoint_on_a_full_disk(cluster: AdminTokenCluster, data: Path) -> None:
+    cluster.init()
+    # a checkpoint every 5 commits, not 100
+    cluster.start_leader({TEST_CHECKPOINT_ENV: "5"})
+    assert any(
+        e.get("event") == "leader.test_hook" and e.get("hook") == TEST_CHECKPOINT_ENV
+        for e in cluster.leader.log_events()
+    ), cluster.leader.log_text()[-2000:]
+    described = "x" * 200  # (each token a few hundred bytes: the file grows)
+    # A -wal as a leader's grows between its checkpoints (a hundred commits, or more while a
+    # reader holds pages: a backup): a reader holds it here while 40 commits go in, then one
+    # checkpoint copies it all. The leader's next commits reuse its pages from the start.
+    with contextlib.closing(sqlite3.connect(data / "leader.sqlite3", isolation_level=None)) as db:
+        db.execute("BEGIN")
+        db.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        for i in range(40):
+            cluster.create_token(f"c{i}", "127.0.3.1", description=described)
+        db.execute("COMMIT")
+        assert db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][0] == 0
+    filler = fill(data)
+    try:
+        took = 0  # tokens made on the full disk before the leader said it
+        said = False
+        for i in range(200):
+            try:
+                cluster.create_token(f"f{i}", "127.0.4.1", description=described)
+            except RuntimeError as exc:  # a write failed: said too late
+                raise AssertionError(f"a write failed before a word ({took}): {exc}") from None
+            took += 1
+            events = cluster.leader.log_events()
+            if any(e.get("event") == "store.checkpoint_failing" for e in events):
+                said = True
+                break
+        assert said and took >= 1, took
+        (warned,) = [e for e in events if e.get("event") == "store.checkpoint_failing"]
+        assert warned["level"] == "warning" and "df -h" in warned["hint"], warned
+        assert "SQLITE_FULL" in warned["error"], warned
+        status = cluster.cli("rollout", "status")
+        trouble = status.stderr.splitlines()[0]
+        assert trouble.startswith("tlsroll: the leader cannot write its store since 20"), (
+            status.stderr
+        )
+        assert "database or disk is full (SQLITE_FULL) at its checkpoint" in trouble
+    finally:
+        filler.unlink()
+
+    def clear() -> bool:  # its next try, after a wait of seconds
+        return "cannot write" not in cluster.cli("rollout", "status").stderr
+
+    wait_until(clear, ROLLOUT_TIMEOUT, "a checkpoint to succeed", interval=0.5)
+    events = cluster.leader.log_events()
+    assert [e["event"] for e in events if e.get("event", "").startswith("store.")] == [
+        "store.checkpoint_failing",
+        "store.checkpoint_recovered",
+    ], events[-10:]
+    # one failed try logged by the store too, and no try per commit meanwhile
+    failed = [e for e in events if e.get("event") == "db.checkpoint_failed"]
+    assert len(failed) == 1 and "hint" in failed[0], failed
+    cluster.create_token("after", "127.0.4.2")
 
 
 def test_a_disk_error_becomes_unavailable_with_its_cause_and_other_errors_stay_internal() -> None:

@@ -10,12 +10,21 @@ docs/performance.md's).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
+import sqlite3
 import threading
 from pathlib import Path
+from typing import Any, cast
 
+import pytest
+
+from nodeagent.drivers import ServerFacts
+from nodeagent.journal import Journal, Txn
+from nodeagent.transaction import Phase, Plan
 from tlsroll import dbthread
 from tlsroll import sqlite as tsqlite
+from tlsroll.enums import TxnKind
 from tlsroll.sqlite import Database
 
 SCHEMA = ["CREATE TABLE rec (id INTEGER PRIMARY KEY, body BLOB NOT NULL)"]
@@ -186,5 +195,109 @@ async def test_the_checkpoint_lets_a_call_handed_to_the_thread_directly_go_first
         assert order == [("staged", 0)]
     finally:
         go.set()
+        await dbthread.barrier()
+        db.close()
+
+
+async def test_the_agents_checkpoint_waits_for_the_end_of_a_freeze_window(tmp_path: Path) -> None:
+    """The agent's journal: a checkpoint that falls due while a switch is between its freeze
+    and the freeze's end (the managed server frozen, its config written, restarting) does not
+    run there, where it would compete with the config's and the records' syncs; it runs after
+    the record that ends the freeze (review s72 leaderwrite). Counted: none inside, one after.
+    An agent started again mid-window reads the window from its journal."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "").to_json()
+    at = dt.datetime.now(dt.UTC)
+    db = journal._db  # (its counts)
+
+    def switch_with_records_in_its_window() -> int:
+        txn = journal.create(Txn("r1", TxnKind.SWITCH, 1, Phase.STARTED, plan, at), begin="freeze")
+        assert journal.in_freeze_window()
+        txn = journal.update(txn, phase=Phase.FROZEN, freeze_started_at=at, begin="write_config")
+        for _ in range(tsqlite.CHECKPOINT_EVERY):  # (a record each: the checkpoint falls due)
+            journal.event(txn, "restart", "again")
+        return db.commits
+
+    try:
+        commits = await dbthread.run(switch_with_records_in_its_window)
+        assert commits > tsqlite.CHECKPOINT_EVERY
+        await dbthread.barrier()
+        for _ in range(500):  # (the held checkpoint's own turn on the thread, then none)
+            if journal.checkpoints_held >= 1 and dbthread.pending() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (db.checkpoints, journal.checkpoints_held) == (0, 1)
+        again = Journal(journal.path)  # (an agent started again mid-switch: from its journal)
+        assert again.in_freeze_window()
+        again.close()
+        txn = journal.get("r1", TxnKind.SWITCH)
+        assert txn is not None
+        await dbthread.run(journal.update, txn, phase=Phase.VERIFIED, freeze_ended_at=at)
+        assert not journal.in_freeze_window()
+        await _checkpointed(db, 1)  # the unfreeze's record queued it
+        assert (db.checkpoints, journal.checkpoints_held) == (1, 1)
+    finally:
+        await dbthread.barrier()
+        journal.close()
+
+
+async def test_a_failed_checkpoint_is_kept_told_and_tried_again_after_a_wait_not_per_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint whose error says the disk does not take the pages (SQLITE_FULL here) is
+    kept (``checkpoint_trouble``), told once to ``on_checkpoint``, and tried again after a
+    wait, not at each commit (review s72 revlate: a failed one queued a try per commit, logged
+    at debug only); the next that copies every page clears it and is told too."""
+    monkeypatch.setattr(tsqlite, "RETRY_FIRST", 3600.0)  # (its timer fired by hand below)
+    monkeypatch.setattr(tsqlite, "RETRY_MOST", 3600.0)
+    db = Database(tmp_path / "s.sqlite3", SCHEMA)
+    heard: list[str | None] = []
+    db.on_checkpoint.append(lambda exc: heard.append(None if exc is None else str(exc)))
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    full.sqlite_errorname = "SQLITE_FULL"
+    failing = [True]
+    tries: list[str] = []
+    real = db._db
+
+    class Failing:  # the connection, whose checkpoint fails while ``failing``
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if failing[0] and sql.startswith("PRAGMA wal_checkpoint"):
+                tries.append(sql)
+                raise full
+            return real.execute(sql, *args)
+
+    db._db = cast(Any, Failing())
+
+    def commit() -> None:
+        with db.tx() as conn:
+            conn.execute("INSERT INTO rec (body) VALUES (x'00')")
+
+    try:
+        for _ in range(tsqlite.CHECKPOINT_EVERY):
+            await dbthread.run(commit)
+        for _ in range(500):
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        assert heard == ["database or disk is full"]
+        assert db.checkpoint_trouble == "SQLITE_FULL: database or disk is full"
+        for _ in range(3 * tsqlite.CHECKPOINT_EVERY):  # due again at every commit before
+            await dbthread.run(commit)
+        await dbthread.barrier()
+        assert len(tries) == 1 and db.checkpoint_failures == 1 and db.checkpoints == 0
+        retry = db._retry
+        assert retry is not None and retry.interval == 3600.0
+        failing[0] = False
+        retry.cancel()
+        retry.function()  # (its time come)
+        await _checkpointed(db, 1)  # the retry, without a commit
+        assert heard == ["database or disk is full", None]
+        assert db.checkpoint_trouble is None
+    finally:
         await dbthread.barrier()
         db.close()

@@ -51,7 +51,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -1023,6 +1023,41 @@ IDLE_WAITS = 50
 """How many times the checkpoint lets calls queued behind it go first, at most (a store thread
 that never idles then checkpoints all the same; SQLite's own bounds the ``-wal`` meanwhile)."""
 
+TEST_CHECKPOINT_ENV = "TLSROLL_TEST_CHECKPOINT_EVERY"
+"""Tests only: a daemon's ``CHECKPOINT_EVERY`` (1 to ``CHECKPOINT_EVERY``; see
+``checkpoint_every``), so that a test sees a checkpoint after a few commits."""
+
+RETRY_FIRST = 1.0
+RETRY_MOST = 60.0
+"""A checkpoint that failed is tried again after ``RETRY_FIRST`` seconds,
+then twice as long each time up to ``RETRY_MOST``, whether or not anything is committed
+meanwhile (review s72 revlate: every commit queued another try while it kept failing)."""
+
+# What a checkpoint's error says of the disk: it cannot take the pages now (a full disk, an
+# I/O error, a file system gone read-only). The commits may go on in the ``-wal`` for a while
+# (SQLite reuses its pages once one checkpoint copied them all), until it must grow.
+_CANNOT_WRITE = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
+)
+
+
+def checkpoint_every(environ: Mapping[str, str]) -> int:
+    """``CHECKPOINT_EVERY``, or the test hook's (``TEST_CHECKPOINT_ENV``) if it holds a whole
+    number from 1 to ``CHECKPOINT_EVERY`` (anything else is as none)."""
+    try:
+        value = int(environ.get(TEST_CHECKPOINT_ENV, ""))
+    except ValueError:
+        return CHECKPOINT_EVERY
+    return value if 1 <= value <= CHECKPOINT_EVERY else CHECKPOINT_EVERY
+
+
+def cannot_write(exc: BaseException) -> bool:
+    """True if ``exc``, from a checkpoint, says the disk does not take the store's pages now
+    (``_CANNOT_WRITE``: SQLITE_FULL, SQLITE_IOERR*, …), not that another connection was in the
+    way (SQLITE_BUSY, LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _CANNOT_WRITE
+
 
 class Database:
     """One connection to the file, shared by threads, with a cache of what its stores read.
@@ -1090,6 +1125,26 @@ class Database:
         self._since_checkpoint = 0
         self._checkpoint_queued = False
         self.checkpoints = 0
+        # Commits after which a checkpoint is due (a daemon's test hook may lower it:
+        # ``checkpoint_every``).
+        self.checkpoint_every = CHECKPOINT_EVERY
+        # Called (on the store's thread) after each checkpoint this class ran: None once it
+        # copied every page, the error of one the disk did not take (``cannot_write``). What
+        # shows the store's health (the leader's ``StoreHealth``) keeps the failure until a
+        # checkpoint succeeds: the commits meanwhile go to the ``-wal`` and say nothing of it.
+        self.on_checkpoint: list[Callable[[sqlite3.Error | None], None]] = []
+        # Why the last checkpoint failed (``error_text``), until one succeeds; how many failed.
+        self.checkpoint_trouble: str | None = None
+        self.checkpoint_failures = 0
+        # True while no checkpoint may run now (the agent's journal: a switch between its
+        # freeze and its unfreeze, ``nodeagent.journal``); one due then waits for the next
+        # commit (the unfreeze's record), SQLite's own staying the bound. How many so waited.
+        self.hold_checkpoint: Callable[[], bool] | None = None
+        self.checkpoints_held = 0
+        # After a checkpoint that failed or left pages behind: the next try's wait (doubling
+        # from ``RETRY_FIRST`` to ``RETRY_MOST``) and its timer; no commit queues one meanwhile.
+        self._retry_delay = 0.0
+        self._retry: threading.Timer | None = None
         self._closed = False
         try:
             make_private(self.path)
@@ -1261,7 +1316,11 @@ class Database:
             self.commits += wrote
             if wrote:
                 self._since_checkpoint += 1
-                if self._since_checkpoint >= CHECKPOINT_EVERY and not self._checkpoint_queued:
+                if (
+                    self._since_checkpoint >= self.checkpoint_every
+                    and not self._checkpoint_queued
+                    and self._retry is None
+                ):
                     self._queue_checkpoint(0)
         if not routine:
             self._tell()
@@ -1288,21 +1347,91 @@ class Database:
         due (up to ``IDLE_WAITS`` times). PASSIVE: it waits for no reader and never blocks a
         writer (a reader's snapshot left pages behind: the next one takes them). What is
         durable is the commits' (their fdatasync); a checkpoint cut short by a crash is
-        SQLite's to redo from the ``-wal`` at the next open, as for its own."""
+        SQLite's to redo from the ``-wal`` at the next open, as for its own.
+
+        Not while ``hold_checkpoint`` says so: the next commit queues it again. One the disk
+        does not take (``cannot_write``: a file that must grow on a full disk) is kept as
+        ``checkpoint_trouble`` and told (a warning, ``on_checkpoint``) until one succeeds: the
+        commits go on into the ``-wal`` meanwhile, SQLite reusing its pages, and would say
+        nothing until the ``-wal`` must grow (review s72 leaderwrite). A failed try is tried
+        again after a wait (``RETRY_FIRST``, doubling), not at the next commit; so is one that
+        left pages behind (a reader's) while a failure is kept: only one that copied every
+        page says it is over."""
         if waited < IDLE_WAITS and dbthread.pending() > 0:
             self._queue_checkpoint(waited + 1)
             return
+        failed: sqlite3.Error | None = None
         with self._lock:
             self._checkpoint_queued = False
             if self._closed:
                 return
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error as exc:  # SQLite's own checkpoint stays: nothing lost
-                log.debug("db.checkpoint_failed", path=str(self.path), error=str(exc))
+            if self.hold_checkpoint is not None and self.hold_checkpoint():
+                self.checkpoints_held += 1
                 return
-            self._since_checkpoint = 0
-            self.checkpoints += 1
+            left = False
+            try:
+                row = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                failed = exc
+            else:  # (busy, the -wal's frames, those copied): -1 when not in WAL mode
+                left = row is not None and int(row[2]) < int(row[1])
+            if failed is None:  # (pages a reader holds: the next one takes them, as before)
+                self._since_checkpoint = 0
+                self.checkpoints += 1
+            if failed is None and not (left and self.checkpoint_trouble is not None):
+                self._retry_delay = 0.0
+            else:  # a failure, or one not shown over: again after a wait
+                self._retry_delay = min(max(self._retry_delay * 2, RETRY_FIRST), RETRY_MOST)
+                self._retry = threading.Timer(self._retry_delay, self._try_again)
+                self._retry.daemon = True
+                self._retry.start()
+            told = self._told(failed, left)
+        if told:
+            for listener in list(self.on_checkpoint):
+                listener(failed)
+
+    def _told(self, failed: sqlite3.Error | None, left: bool) -> bool:
+        """Under the lock, after a checkpoint: keep and log what it says of the disk; True if
+        ``on_checkpoint`` is to hear it (a success, or a failure the disk caused)."""
+        if failed is not None and cannot_write(failed):
+            why = error_text(failed)
+            first = self.checkpoint_trouble is None
+            self.checkpoint_trouble = why
+            self.checkpoint_failures += 1
+            if first:
+                log.warning(
+                    "db.checkpoint_failed",
+                    path=str(self.path),
+                    error=why,
+                    retry_seconds=self._retry_delay,
+                    hint="free space on its file system (df -h): the -wal cannot be copied into"
+                    " the file; writes go on in the -wal until it must grow, then fail",
+                )
+            return True
+        if failed is not None or left:  # another connection in the way: not the disk's
+            log.debug(
+                "db.checkpoint_held_back",
+                path=str(self.path),
+                error=error_text(failed) if failed is not None else None,
+            )
+            return False
+        if self.checkpoint_trouble is not None:
+            log.warning(
+                "db.checkpoint_recovered",
+                path=str(self.path),
+                error=self.checkpoint_trouble,
+                detail="the -wal was copied into the file: the failure said before is over",
+            )
+            self.checkpoint_trouble = None
+        return True
+
+    def _try_again(self) -> None:
+        """(The retry's timer.) Queue the checkpoint again, due or not (one failed)."""
+        with self._lock:
+            self._retry = None
+            if self._closed or self._checkpoint_queued:
+                return
+        self._queue_checkpoint(0)
 
     def touch(self) -> None:
         """Move ``generation`` on after a routine write that turned out to matter."""
@@ -1317,4 +1446,7 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
             self._db.close()
