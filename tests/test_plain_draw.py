@@ -997,12 +997,15 @@ def test_the_help_reads_whole_at_80_columns() -> None:
     cut most commands' lines with "..." (9 of the 14 of `tlsroll --help`), the option help
     folded at hyphens ("change-" / "password", "[default: enable-" / "tls]": words an admin
     types) and in the commands in backticks ("`tlsroll" / "rollout finalize`"), and two helps
-    told the project's history ("review s48rev3", "session 68")."""
+    told the project's history ("review s48rev3", "session 68"). Session 73: the client's
+    commands too (`client test-connection --help` read "(ws-" / "NAME": its help had click's
+    own formatter, not the admin commands')."""
     import click
     from click.testing import CliRunner
 
     from leader.cli import admin
     from tlsroll.cli import cli
+    from workstation.cli import client
 
     runner = CliRunner()
     ctx = click.Context(admin, info_name="tlsroll")
@@ -1019,7 +1022,8 @@ def test_the_help_reads_whole_at_80_columns() -> None:
                 walk(sub, [*path, name])
 
     walk(admin, [])
-    assert len(helps) > 30, sorted(helps)
+    walk(client, ["client"])
+    assert len(helps) > 30 and "client test-connection" in helps, sorted(helps)
     for path, text in helps.items():
         lines = text.splitlines()
         assert all(len(line) <= 80 for line in lines), (path, text)
