@@ -96,7 +96,7 @@ from leader.store import (
 )
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
+from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe
 from tlsroll.clients import https_matches
 from tlsroll.enums import (
     CAP_SOURCE,
@@ -691,11 +691,57 @@ def _shifted(stamp: Timestamp, shift: dt.timedelta, otherwise: dt.datetime) -> d
         return otherwise
 
 
+Sighting = tuple[str, str, str, tuple[int, int], tuple[int, int]]
+"""A client sighting as sent: scheme, address, workstation (cleaned), first and last seen
+(seconds, nanos: the node's clock)."""
+
+
+@dataclass(frozen=True)
+class Sightings:
+    """A client report's sightings the leader takes (schemes http/https, an address), in its
+    order (``seen``, and ``sent``: cleaned), and those of its http ones whose times as sent say
+    they went back to http after https, each with the https sightings it is judged against
+    (``back``, by index: ``clients.https_matches``). Read once a message (``sightings``), for
+    both ``clients_said`` and ``client_rows``: each ran ``https_matches`` of its own (session
+    72's L: twice a message that was written)."""
+
+    seen: list[types_pb2.ClientSeen]
+    sent: list[Sighting]
+    back: dict[int, list[int]]
+
+
+def sightings(view: types_pb2.ClientsView) -> Sightings:
+    """``view``'s ``Sightings``: at most ``MAX_CLIENTS`` entries, strings bounded and cleaned."""
+    seen: list[types_pb2.ClientSeen] = []
+    sent: list[Sighting] = []
+    for c in view.clients[:MAX_CLIENTS]:
+        address = peertext.clean(c.address, 64)
+        if c.scheme not in ("http", "https") or not address:
+            continue
+        seen.append(c)
+        sent.append(
+            (
+                c.scheme,
+                address,
+                peertext.clean(c.workstation, 63),
+                (c.first_seen.seconds, c.first_seen.nanos),
+                (c.last_seen.seconds, c.last_seen.nanos),
+            )
+        )
+    back = {
+        i: matched
+        for i, matched in https_matches([(r[0], r[1], r[2]) for r in sent]).items()
+        if matched and sent[i][4] > min(sent[j][3] for j in matched)
+    }
+    return Sightings(seen, sent, back)
+
+
 def client_rows(
     node: str,
     view: types_pb2.ClientsView,
     now: dt.datetime,
     shift: dt.timedelta = dt.timedelta(0),
+    taken: Sightings | None = None,
 ) -> list[Client]:
     """Who ``node``'s server saw, from its heartbeat, made safe to store and print: at most
     ``MAX_CLIENTS`` entries, schemes http/https only, strings bounded and cleaned, its times
@@ -713,29 +759,16 @@ def client_rows(
     report came uncapped). An http sighting whose times as sent say it went back to http
     (``clients.https_matches``, on the node's own clock) keeps that order: each https
     sighting it is judged against that begins at or after its ``last_seen`` is put a
-    microsecond before it."""
+    microsecond before it. ``taken``: ``sightings(view)``, if read already."""
+    taken = sightings(view) if taken is None else taken
     rows = []
-    sent: list[tuple[str, str, str, tuple[int, int], tuple[int, int]]] = []
-    for c in view.clients[:MAX_CLIENTS]:
-        address = peertext.clean(c.address, 64)
-        if c.scheme not in ("http", "https") or not address:
-            continue
-        workstation = peertext.clean(c.workstation, 63)
-        sent.append(
-            (
-                c.scheme,
-                address,
-                workstation,
-                (c.first_seen.seconds, c.first_seen.nanos),
-                (c.last_seen.seconds, c.last_seen.nanos),
-            )
-        )
+    for c, (scheme, address, workstation, _, _) in zip(taken.seen, taken.sent, strict=True):
         last = min(_shifted(c.last_seen, shift, now), now) if c.HasField("last_seen") else now
         first = _shifted(c.first_seen, shift, last) if c.HasField("first_seen") else last
         rows.append(
             Client(
                 node=node,
-                scheme=c.scheme,
+                scheme=scheme,
                 address=address,
                 workstation=workstation,
                 first_seen=min(first, last),
@@ -747,10 +780,9 @@ def client_rows(
     # the https ones each is judged against (``clients.https_matches``): each of those that
     # begins at or after the earliest such http ``last_seen`` is put a microsecond before it.
     before: dict[int, dt.datetime] = {}
-    for i, matched in https_matches([(r[0], r[1], r[2]) for r in sent]).items():
-        if matched and sent[i][4] > min(sent[j][3] for j in matched):
-            for j in matched:
-                before[j] = min(before.get(j, rows[i].last_seen), rows[i].last_seen)
+    for i, matched in taken.back.items():
+        for j in matched:
+            before[j] = min(before.get(j, rows[i].last_seen), rows[i].last_seen)
     tick = dt.timedelta(microseconds=1)
     return [
         replace(r, first_seen=before[j] - tick) if j in before and r.first_seen >= before[j] else r
@@ -1161,19 +1193,21 @@ class Snapshot:
         return None
 
 
-def clients_said(view: types_pb2.ClientsView) -> tuple[object, ...]:
+def clients_said(view: types_pb2.ClientsView, taken: Sightings | None = None) -> tuple[object, ...]:
     """What of a client report makes it worth a write at once: who was seen on which scheme,
     and the window, source and problem. The times and counts alone move with every request a
     workstation makes; they are written at most every ``clients_persist`` seconds. But who
-    used http again after first using https (``tlsroll.wire.back_on_http``) is news: a
-    revert that moved only an http ``last_seen`` left the stored rows saying it had switched
-    until they aged. It changes once per revert, not per request. An agent older than this
-    sends such a report only when its other fields change or at its bound (its ``report_key``
-    drops the times): the revert then shows as late as before (about 40 s at a 5 s
-    interval)."""
-    shown = view.clients[:MAX_CLIENTS]
-    who = frozenset((c.scheme, c.address, c.workstation) for c in shown)
-    return (who, wire.back_on_http(shown), view.window_seconds, view.source, view.problem)
+    used http again after first using https (``Sightings.back``, as the agent's
+    ``tlsroll.wire.back_on_http``) is news: a revert that moved only an http ``last_seen``
+    left the stored rows saying it had switched until they aged. It changes once per revert,
+    not per request. An agent older than this sends such a report only when its other fields
+    change or at its bound (its ``report_key`` drops the times): the revert then shows as
+    late as before (about 40 s at a 5 s interval). ``taken``: ``sightings(view)``, if read
+    already; who went back is judged on it (the names and addresses cleaned, as stored)."""
+    taken = sightings(view) if taken is None else taken
+    who = frozenset((c.scheme, c.address, c.workstation) for c in view.clients[:MAX_CLIENTS])
+    back = frozenset(taken.sent[i][2] or taken.sent[i][1] for i in taken.back)
+    return (who, back, view.window_seconds, view.source, view.problem)
 
 
 def clients_persist(heartbeat_interval: int, renewing: bool = False) -> dt.timedelta:
@@ -2320,7 +2354,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         nothing (a write transaction each time before). Queued, it is stored at most a batch
         period after it came: as if the message had come that much later, which makes the
         leader's view older, never newer (``clients_persist``)."""
-        said = clients_said(seen)
+        taken = sightings(seen)  # (``https_matches`` once a message)
+        said = clients_said(seen, taken)
         last = self._clients.get(name)
         interval = self.state.heartbeat_interval
         persist = clients_persist(interval, renewing)
@@ -2334,7 +2369,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             # repeats it (``Store.report_on_clock_now``); the bound is for what is stored.
             stale = last[1] + report_stale_after(interval) - now
             within = self._lazy(stale.total_seconds() - self.batch_seconds)
-        rows = client_rows(name, seen, now, shift)
+        rows = client_rows(name, seen, now, shift, taken)
         window = min(seen.window_seconds, 366 * 86400)
         source = peertext.clean(seen.source, 20)
         problem = peertext.clean(seen.problem, 200)

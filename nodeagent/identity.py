@@ -301,12 +301,22 @@ def damaged_file(cfg: AgentConfig, path: Path, exc: PKIError) -> ConfigError:
 
 def _token_way(cfg: AgentConfig) -> tuple[str, str]:
     """The ``tlsroll token create`` for this node (quoted) and where its token goes."""
-    where = (
-        f"write the token to {shown_path(cfg.join_token_file)}"
-        if cfg.join_token_file is not None
-        else f"give the token to this agent ([leader].join_token_file in {cfg.path})"
+    return f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`", _token_goes(
+        cfg, "the token"
     )
-    return f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`", where
+
+
+def _token_goes(cfg: AgentConfig, it: str) -> str:
+    """Where a new token for this node goes, ``it`` naming the token: the agent's
+    ``join_token_file``, which must be the agent's alone (``read_token``: "write it to FILE"
+    alone had an admin's ``echo TOKEN > FILE``, mode 0644 by the usual umask, refused at the
+    agent's next start, the token readable by all meanwhile; session 73), else the config."""
+    if cfg.join_token_file is None:
+        return f"give {it} to this agent ([leader].join_token_file in {cfg.path})"
+    return (
+        f"write {it} to {shown_path(cfg.join_token_file)} (mode 600: the agent refuses a token "
+        "file others can read)"
+    )
 
 
 def _said_names(names: Names) -> str:
@@ -840,11 +850,7 @@ def reenrol_advice(cfg: AgentConfig, *, running: bool = False) -> str:
     to the agent, which enrols the key again at its next start (``runtime.obtain_identity``).
     No ``nodes remove``: that revokes every certificate of the node (the one its server serves
     too) and is refused while a rollout holds the node; it is for a lost or stolen machine."""
-    where = (
-        f"write it to {cfg.join_token_file}"
-        if cfg.join_token_file is not None
-        else f"give it to this agent ([leader].join_token_file in {cfg.path})"
-    )
+    where = _token_goes(cfg, "it")
     start = "restart the agent" if running else "start the agent again"
     return (
         "enrol it again with its own key, no `tlsroll nodes remove` needed — on the leader "

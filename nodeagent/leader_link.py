@@ -459,12 +459,14 @@ def leader_channel_options(
     The PINGs are timed by the leader's interval where it is known (``leader_interval``: its
     answers say it, ``HeartbeatResponse.interval_seconds``), as its keepalive is: an agent at
     1 s under a leader at 5 s PINGed every 1.2 s, more leader CPU than the leader's own PINGs
-    (session 72); the bound on an unanswered PING stays the agent's own.
+    (session 72); and so is the bound on an unanswered PING (or unacknowledged data), so that
+    it stays 2 of the intervals the PINGs come by: an agent at 1 s under a leader at 5 s, its
+    PINGs every 8 s, dropped its connection 2 s into a PING's wait (session 73).
     """
-    every = rpc.agent_ping_seconds(leader_interval or heartbeat_interval)
+    interval = leader_interval or heartbeat_interval
     return [
-        ("grpc.keepalive_time_ms", int(every * 1000)),
-        ("grpc.keepalive_timeout_ms", UNACKED_HEARTBEATS * 1000 * heartbeat_interval),
+        ("grpc.keepalive_time_ms", int(rpc.agent_ping_seconds(interval) * 1000)),
+        ("grpc.keepalive_timeout_ms", UNACKED_HEARTBEATS * 1000 * interval),
         ("grpc.http2.max_pings_without_data", 0),
         NO_BDP_PROBE,
     ]
@@ -761,8 +763,12 @@ class LeaderLink:
         self._revoked_said = 0  # the last announced serial said revoked
         # The leader's heartbeat interval as its trusted answers say it (None: not heard yet),
         # and the one the channel's PINGs are timed by (``leader_channel_options``): a channel
-        # timed otherwise is made again at the next beat (``_redial``).
-        self.leader_interval: int | None = None
+        # timed otherwise is made again at the next beat (``_redial``). The last one heard is
+        # kept with the serial (``_keep_pin``): a restarted agent's first channel is timed by
+        # it, and is not made again at its second beat as it was at every start (session 73).
+        kept = nodefiles.read_leader_interval(cfg.data_dir)
+        self.leader_interval = kept if kept is not None and kept <= LEADER_INTERVAL_MAX else None
+        self._kept_interval = self.leader_interval  # what DATA/leader.serial.json says
         self._pinged_by: int | None = None
         self.identity = identity
         self.channel, self.stub = self._connect(identity, self._want())
@@ -900,15 +906,21 @@ class LeaderLink:
     async def _keep_pin(self) -> None:
         try:
             async with self._keeping:  # (what is held as it is written: the last one wins)
+                # (tried once per interval heard: a data dir it cannot write is said once)
+                self._kept_interval = interval = self.leader_interval
                 await asyncio.to_thread(
-                    nodefiles.write_leader_pin, self.cfg.data_dir, self.pin, self.announces
+                    nodefiles.write_leader_pin,
+                    self.cfg.data_dir,
+                    self.pin,
+                    self.announces,
+                    interval,
                 )
         except OSError as exc:  # held all the same; the next start learns it again
             log.warning(
                 "leader.serial_not_kept",
                 error=os_error_text(exc),
-                detail="the agent could not save the leader's serial to its data dir; it holds "
-                "it in memory and learns it again at the next start",
+                detail="the agent could not save the leader's serial and interval to its data "
+                "dir; it holds them in memory and learns them again at the next start",
             )
 
     async def _forget_revoked_pin(self) -> None:
@@ -1040,7 +1052,15 @@ class LeaderLink:
             await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
             await self._forget_revoked_pin()
             trusted = trusted and self._trusts(dialed)  # (a list that revokes the one dialed)
+        # The leader's interval times the agent's PINGs (``leader_channel_options``): its
+        # keepalive is timed by it. Taken from a trusted answer only, within what a leader's
+        # config allows (an older leader or a message without it: 0, the agent's own); before
+        # the serial is learned, so that the record written then keeps both at once.
+        if trusted and 1 <= reply.interval_seconds <= LEADER_INTERVAL_MAX:
+            self.leader_interval = reply.interval_seconds
         await self._learn(reply.leader_serial)
+        if self.leader_interval != self._kept_interval:
+            await self._keep_pin()
         # A request for the list the agent holds is answered on any link (closing review of
         # s67 M2): the list is the CA's, sending it obeys nothing, and a leader rolled back to a
         # revoked certificate (a VM snapshot) learns from it that its certificate is revoked;
@@ -1065,11 +1085,6 @@ class LeaderLink:
             return
         self._ignored_said.clear()
         self.trust.announce(reply.epoch)
-        # The leader's interval times the agent's PINGs (``leader_channel_options``): its
-        # keepalive is timed by it. Taken from a trusted answer only, within what a leader's
-        # config allows (an older leader or a message without it: 0, the agent's own).
-        if 1 <= reply.interval_seconds <= LEADER_INTERVAL_MAX:
-            self.leader_interval = reply.interval_seconds
         if reply.ended_stages and self.stages_ended is not None:
             self._ended_stages.update(reply.ended_stages[:STAGES_REPORTED])
             if self._forgetting is None or self._forgetting.done():

@@ -18,7 +18,8 @@ does that work: ``identity.Identity``).
                       agent's restarts (``nodeagent.runtime.PinUnseen``)
     DATA/leader.serial.json   0600  the serial of the leader's certificate the agent dials by
                       name, and that the leader announces serials (``read_leader_pin``;
-                      ``nodeagent.leader_link``)
+                      ``nodeagent.leader_link``), and the leader's heartbeat interval last
+                      heard (``read_leader_interval``)
 """
 
 from __future__ import annotations
@@ -195,9 +196,31 @@ def parse_serial(text: str) -> int:
     return int(text, 16)
 
 
-def write_leader_pin(data_dir: Path, serial: int | None, announces: bool) -> None:
-    """Record (one rename, 0600) what ``read_leader_pin`` reads."""
-    record = {"serial": "" if serial is None else f"{serial:x}", "announces": announces}
+def read_leader_interval(data_dir: Path) -> int | None:
+    """The leader's heartbeat interval (s) that ``DATA/leader.serial.json`` keeps, as its
+    answers last said it (``HeartbeatResponse.interval_seconds``): what the agent's first
+    channel times its PINGs by (``nodeagent.leader_link``), so that a restarted agent need not
+    dial again once the leader has answered. None: none kept (a record of an earlier release,
+    none, or one that cannot be read: ``read_leader_pin`` says so)."""
+    try:
+        record = json.loads(read_regular(leader_pin_path(data_dir)))
+    except (OSError, NotRegularFile, ValueError, RecursionError):
+        return None
+    interval = record.get("interval") if isinstance(record, dict) else None
+    return interval if type(interval) is int and interval > 0 else None
+
+
+def write_leader_pin(
+    data_dir: Path, serial: int | None, announces: bool, interval: int | None = None
+) -> None:
+    """Record (one rename, 0600) what ``read_leader_pin`` and ``read_leader_interval`` read
+    (an agent of an earlier release reads the serial and ``announces`` alone)."""
+    record: dict[str, object] = {
+        "serial": "" if serial is None else f"{serial:x}",
+        "announces": announces,
+    }
+    if interval is not None:
+        record["interval"] = interval
     write_atomic(leader_pin_path(data_dir), json.dumps(record).encode() + b"\n", PRIVATE)
 
 

@@ -153,16 +153,29 @@ async def test_an_agent_pings_by_the_leader_s_interval_once_the_leader_said_it(
     leader's, whose keepalive they are to forestall: an agent at 1 s under a leader at 5 s
     PINGed every 1.2 s, more leader CPU than the leader's own PINGs every 8 s. The leader's
     answers say its interval (``HeartbeatResponse.interval_seconds``): the agent's next beat
-    dials a channel whose PINGs are timed by it (``agent_ping_seconds(5)``), once; the bound on
-    an unanswered PING stays the agent's own. Under a leader at the agent's own interval, no
-    channel is made again. The agent's real link against the Leader service on a real mTLS
-    port; what is counted is the channels the link makes and their keepalive options."""
+    dials a channel whose PINGs are timed by it (``agent_ping_seconds(5)``), once. Session 73:
+    the bound on an unanswered PING (``grpc.keepalive_timeout_ms``, the kernel's
+    TCP_USER_TIMEOUT too) follows it: it stayed 2 of the agent's own intervals, and such an
+    agent dropped its connection 2 s into a PING's wait of 8 s. The agent keeps the interval
+    heard (``DATA/leader.serial.json``): a restarted agent's first channel is timed by it and
+    made once (it was made again at every start's second beat). Under a leader at the
+    agent's own interval, no channel is made again. The agent's real link against the Leader
+    service on a real mTLS port; what is counted is the channels the link makes and their
+    keepalive options."""
     made: list[dict[str, object]] = []
     real = grpc.aio.secure_channel
 
     def secure_channel(target: str, creds: Any, options: Any = None, **kw: Any) -> Any:
         made.append(dict(options or ()))
         return real(target, creds, options, **kw)
+
+    def timed_by(intervals: list[int]) -> None:
+        assert [m["grpc.keepalive_time_ms"] for m in made] == [
+            int(rpc.agent_ping_seconds(n) * 1000) for n in intervals
+        ], made
+        assert [m["grpc.keepalive_timeout_ms"] for m in made] == [
+            leader_link.UNACKED_HEARTBEATS * 1000 * n for n in intervals
+        ], made
 
     monkeypatch.setattr(grpc.aio, "secure_channel", secure_channel)
     leader_address, node_address = loopback(), loopback()
@@ -174,19 +187,22 @@ async def test_an_agent_pings_by_the_leader_s_interval_once_the_leader_said_it(
             rig.state.heartbeat_interval = leader_at
             (tmp_path / str(leader_at)).mkdir()
             made.clear()
-            link, _, journal = agent_link(
+            link, trust, journal = agent_link(
                 tmp_path / str(leader_at), rig.node_files, leader_address, node_address
             )
             try:
                 for _ in range(3):
                     await link.beat()
-                assert [m["grpc.keepalive_time_ms"] for m in made] == [
-                    int(rpc.agent_ping_seconds(n) * 1000) for n in wanted
-                ], (leader_at, made)
-                assert {m["grpc.keepalive_timeout_ms"] for m in made} == {
-                    leader_link.UNACKED_HEARTBEATS * 1000
-                }
+                timed_by(wanted)
                 assert link.leader_interval == leader_at
+                await link.close()
+                # The agent restarted: its first channel is timed by the leader's interval.
+                made.clear()
+                link = LeaderLink(link.cfg, link.identity, trust, journal)
+                assert link.leader_interval == leader_at
+                for _ in range(3):
+                    await link.beat()
+                timed_by([leader_at])
             finally:
                 await link.close()
                 journal.close()

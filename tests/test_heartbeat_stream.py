@@ -2881,6 +2881,52 @@ def test_an_unnamed_http_client_going_back_after_its_named_https_use_is_news() -
     assert wire.back_on_http(shared.clients) == frozenset()  # (no https of its own: on http)
 
 
+async def test_a_client_report_is_matched_once_a_message(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 72's L: a client report the leader wrote had its http sightings matched to the
+    https ones (``clients.https_matches``) twice, once for what is news (``clients_said``) and
+    once for the rows (``client_rows``); now once a message (``service.sightings``). What is
+    stored is as before: the client that went back to http keeps its order on the leader's
+    clock (its https ``first_seen`` a microsecond before its http ``last_seen``), and a report
+    that says the same again is matched once and not written."""
+    from tlsroll import clients
+
+    calls: list[int] = []
+    real = clients.https_matches
+
+    def counted(seen: Any) -> dict[int, list[int]]:
+        calls.append(len(seen))
+        return real(seen)
+
+    monkeypatch.setattr(clients, "https_matches", counted)
+    monkeypatch.setattr(service, "https_matches", counted)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    queued: list[str] = []
+    queue_write = rig.state.store.queue_write
+
+    def queue(node: str, write: Any) -> None:
+        queued.append(node)
+        queue_write(node, write)
+
+    monkeypatch.setattr(rig.state.store, "queue_write", queue)
+    try:
+        now = rig.clock[0]
+        back = _clients(("http", 100, 140), ("https", 120, 130))
+        for c in back.clients:  # the node's clock an hour ahead: both capped at the leader's now
+            c.first_seen.seconds += int(now.timestamp()) + 3600
+            c.last_seen.seconds += int(now.timestamp()) + 3600
+        rig.service._record_clients("hb1", back, now)
+        assert calls == [2] and queued == ["hb1"]
+        calls.clear()
+        rig.service._record_clients("hb1", back, now)  # nothing new: not written
+        assert calls == [2] and queued == ["hb1"]
+        rows = {r.scheme: r for r in service.client_rows("hb1", back, now)}
+        assert rows["https"].first_seen < rows["http"].last_seen == now, rows
+    finally:
+        await rig.close()
+
+
 # --- times an agent sends that are no time (session 67, peers' times) ----------------------
 
 

@@ -866,7 +866,12 @@ def test_the_agents_line_gives_the_token_for_its_names_and_where_the_token_goes(
     line = expired_message(cfg, end, end + dt.timedelta(days=2))
     assert line.index("check that clock first") < line.index("tlsroll token create")
     assert "`tlsroll token create --node pc9 --address 10.1.1.9 --dns pc9.example`" in line
-    assert f"write it to {tmp_path / 'join-token'} and start the agent again" in line
+    # Session 73: where the token goes says the mode the agent takes (0600: a token file
+    # others can read is refused, and `echo TOKEN > FILE` makes it 0644).
+    assert (
+        f"write it to {tmp_path / 'join-token'} (mode 600: the agent refuses a token file "
+        "others can read) and start the agent again"
+    ) in line
     assert f"keeps the ended certificate as {tmp_path / 'data' / 'node.pem.ended'}" in line
     assert "no `tlsroll nodes remove` needed" in line and "\n" not in line
     running = expired_message(_config(tmp_path), end, end, running=True)

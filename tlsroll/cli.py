@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import re
 import select
 import sys
 from dataclasses import dataclass
@@ -68,6 +69,52 @@ quit): 128 + SIGPIPE, what a shell reports of ``ls | head`` or ``git log | head`
 under ``set -o pipefail`` too. Not an error: nothing is said (session 68, README walk: click
 ended it with exit 1, as a plan with a blocked node does). A secret nobody saw is another
 matter: ``token create`` and ``viewer grant`` revoke it and say so, exit 1 (session 67)."""
+
+
+NO_BREAK = {"-": "\u2011", " ": "\u00a0"}
+"""A hyphen, and a space in a command in backticks, as characters the help's wrapping
+(``textwrap``) does not fold at: in the help only (``Help``)."""
+
+
+def _held(text: str) -> str:
+    """``text`` with its hyphens and the spaces of its `commands` held (``NO_BREAK``)."""
+    text = re.sub(r"`[^`]*`", lambda m: re.sub(r"\s+", NO_BREAK[" "], m[0]), text)
+    return text.replace("-", NO_BREAK["-"])
+
+
+class Help(click.HelpFormatter):
+    """click's help, folded at spaces only, a command in backticks whole: it folded at hyphens
+    and in commands too, and at 80 columns `rollout start --help` read "change-" / "password",
+    "[default: enable-" / "tls]", words an admin types as they read them (review s71 "80
+    columns"). A command wider than a line is cut, as click cuts any word that long. The admin
+    commands' (``leader.cli``) and the client's (``workstation.cli``: `client test-connection
+    --help` read "(ws-" / "NAME", session 73)."""
+
+    def write_text(self, text: str) -> None:
+        super().write_text(_held(text))
+
+    def write_dl(self, rows: Any, col_max: int = 30, col_spacing: int = 2) -> None:
+        rows = [(first, _held(second)) for first, second in rows]
+        super().write_dl(rows, col_max, col_spacing)
+
+    def getvalue(self) -> str:
+        text = super().getvalue()
+        for plain, held in NO_BREAK.items():
+            text = text.replace(held, plain)
+        return text
+
+
+class HelpContext(click.Context):
+    formatter_class = Help
+
+
+def folds_at_spaces(command: click.Command) -> click.Command:
+    """``command`` and its subcommands, their help folded by ``Help``."""
+    command.context_class = HelpContext
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            folds_at_spaces(sub)
+    return command
 
 
 def refuse_empty_path(

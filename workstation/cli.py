@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from tlsroll.bootstrap_protocol import FINISH_DEADLINE, MIN_EXCHANGE_WAIT
-from tlsroll.cli import PathParam, terminal_only
+from tlsroll.cli import PathParam, folds_at_spaces, terminal_only
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.password import NOT_UTF8, PasswordFileError, read_password_file
 from workstation.connection import (
@@ -253,3 +253,6 @@ def _ask_password() -> str:
             Exit.USAGE, f"the password entered {NOT_UTF8}; nothing was sent"
         ) from None
     return secret
+
+
+folds_at_spaces(client)  # (its help folded as the admin commands' are: ``tlsroll.cli.Help``)

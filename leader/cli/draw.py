@@ -384,9 +384,12 @@ def _counts(nodes: Sequence[View]) -> list[Styled]:
     return line
 
 
-def _live_table(r: View, rows: Sequence[tuple[int, View]], width: int) -> Table:
+def _live_table(
+    r: View, rows: Sequence[tuple[int, View]], width: int, shared: Sequence[str] = ()
+) -> Table:
     """The nodes' table of the live view, one line per node, no wider than ``width``: without
-    the columns of ``LIVE_DROPS`` it has no room for, the widest cells cut ("…")."""
+    the columns of ``LIVE_DROPS`` it has no room for, the widest cells cut ("…"); the reasons
+    every node shares (``shared``: said above it, ``render_live``) left out of each row."""
     freeze = f"freeze ({freeze_clock(r)})"
     columns: dict[str, list[Styled]] = {
         "#": [Styled(str(i)) for i, _ in rows],
@@ -405,7 +408,9 @@ def _live_table(r: View, rows: Sequence[tuple[int, View]], width: int) -> Table:
         "on http": [
             Styled(str(n["still_on_http"]) if n.get("still_on_http") else "-") for _, n in rows
         ],
-        "reason": [Styled(_reason(r, n)) for _, n in rows],
+        "reason": [
+            Styled("; ".join(s for s in _reasons(r, n) if s not in shared)) for _, n in rows
+        ],
     }
     natural = {
         h: max(cell_len(clean(c.text)) for c in [Styled(h), *cells]) for h, cells in columns.items()
@@ -430,26 +435,45 @@ def _live_table(r: View, rows: Sequence[tuple[int, View]], width: int) -> Table:
     return table
 
 
+def _fold_within(pieces: Sequence[Styled], width: int, most: int) -> list[list[Styled]]:
+    """A line of styled pieces folded at spaces (``_fold``) onto at most ``most`` lines, the
+    last cut ("…") if that is not enough."""
+    folded = _fold(pieces, width)
+    if len(folded) <= most:
+        return folded
+    rest = [piece for line in folded[most - 1 :] for piece in (*line, Styled(" "))]
+    return [*folded[: most - 1], _cut_line(rest, width)]
+
+
 def render_live(r: View, width: int, height: int) -> Block:
     """A rollout as ``schema show --watch`` shows it on a terminal of ``width`` columns and
     ``height`` lines (rich's ``Live`` cut ``render_rollout``'s table at the screen's foot:
     in 80x24 two nodes of three fitted, the node switching was not among them; review s63
     M2): the heading, how many nodes are in each state, then one line per node, those in
     flight, failed, rolled back or needing the admin first, the others while there is room,
-    and how many more there are (``schema show`` shows them all)."""
+    and how many more there are (``schema show`` shows them all). A reason every node shares
+    (``shared_reasons``: a password change pending) is said once, after the counts, folded
+    onto the lines the node rows leave free, cut ("…") where none are: it was on every row,
+    cut to 30 columns (session 73); never in a node row's place."""
     nodes = list(enumerate(r.get("nodes", []), 1))
-    top: list[Part] = [_cut_line(_head(r), width), _cut_line(_counts([n for _, n in nodes]), width)]
-    if r.get("reason"):
-        top.append(_cut_line([Styled(f"note: {r['reason']}")], width))
-    room = height - len(top) - 4  # the table's three rules and its header
+    shared = shared_reasons(r, [n for _, n in nodes])
+    counts = _counts([n for _, n in nodes])
+    if shared:
+        counts.append(Styled(f"; every node: {'; '.join(shared)}"))
+    top: list[Part] = [_cut_line(_head(r), width), _cut_line(counts, width)]
+    note = [_cut_line([Styled(f"note: {r['reason']}")], width)] if r.get("reason") else []
+    room = height - len(top) - len(note) - 4  # the table's three rules and its header
     if len(nodes) > room:
         room -= 1  # for the line that says how many more
+    elif shared:  # the counts and what every node shares on the lines no node row needs
+        top[1:] = _fold_within(counts, width, 1 + room - len(nodes))
+    top += note
     first = [(i, n) for i, n in nodes if n["state"] in (*TROUBLE, *IN_FLIGHT)]
     rest = [(i, n) for i, n in nodes if n["state"] not in (*TROUBLE, *IN_FLIGHT)]
     shown = (first + rest)[: max(room, 0)]
     parts = list(top)
     if shown:
-        parts.append(_live_table(r, shown, width))
+        parts.append(_live_table(r, shown, width, shared))
     if len(shown) < len(nodes):
         more = f"… {len(nodes) - len(shown)} more (all: tlsroll schema show --rollout {r['id']})"
         parts.append(Styled(_cut(more, width)))
