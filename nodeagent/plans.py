@@ -969,7 +969,9 @@ def source_pin(live: dict[str, str] | None, facts: ServerFacts) -> str:
     return pin if served in ("", pin) else f"{pin},{served}"
 
 
-SERVED_PIN_TIMEOUT = 1.0  # seconds for ``served_pin``'s handshake
+# seconds for ``served_pin``'s connect and handshake together (not each socket operation's:
+# a server trickling its handshake held the call for as long as it trickled; review s72 L)
+SERVED_PIN_TIMEOUT = 1.0
 
 
 def served_pin(facts: ServerFacts) -> str:
@@ -983,7 +985,9 @@ def served_pin(facts: ServerFacts) -> str:
     try:
         context = tls.unverified_client_context()
         address, port = facts.address, facts.https_port
-        with tls.connect(context, address, port, timeout=SERVED_PIN_TIMEOUT) as sock:
+        with tls.connect(
+            context, address, port, timeout=SERVED_PIN_TIMEOUT, within=SERVED_PIN_TIMEOUT
+        ) as sock:
             der = sock.getpeercert(binary_form=True)
     except (OSError, ValueError):
         return ""
@@ -1494,7 +1498,7 @@ KEEPS_CERTIFICATE = frozenset({Change.CHANGE_PASSWORD, Change.FINALIZE})
 """The changes that keep the certificate the server serves: their verify checks it by the CA
 ``keeps_certificate`` says, and the leader's confirm by the cluster's."""
 
-UNTRUSTED_TIMEOUT = 2.0  # seconds for ``untrusted_certificate``'s handshake
+UNTRUSTED_TIMEOUT = 2.0  # seconds for ``untrusted_certificate``'s handshake, all of it (as above)
 
 
 def untrusted_certificate(facts: ServerFacts, ca_file: Path, change: Change) -> str | None:
@@ -1509,7 +1513,12 @@ def untrusted_certificate(facts: ServerFacts, ca_file: Path, change: Change) -> 
         context = tls.client_context(read_regular(ca_file))
         address, port = facts.address, facts.https_port
         with tls.connect(
-            context, address, port, timeout=UNTRUSTED_TIMEOUT, server_hostname=address
+            context,
+            address,
+            port,
+            timeout=UNTRUSTED_TIMEOUT,
+            server_hostname=address,
+            within=UNTRUSTED_TIMEOUT,
         ):
             return None
     except ssl.SSLCertVerificationError as exc:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import select
+import socket
 import ssl
 import threading
+import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -694,3 +697,91 @@ async def test_the_served_pin_of_a_way_back_is_taken_off_the_store_thread(
     assert seen and not [name for name in seen if name.startswith(dbthread.THREAD_NAME)], seen
     assert Plan.from_json(done.plan).source_fingerprint == served.fingerprint
     assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+
+
+
+class Trickler:
+    """A TCP server that answers one TLS client's ClientHello a byte at a time: a record
+    header saying 16 KiB follow, then one byte every ``EVERY`` seconds, each well within a
+    socket operation's timeout, up to ``MOST`` bytes, or until the client closes. ``sent``:
+    how many it sent before it stopped."""
+
+    EVERY = 0.05
+    MOST = 100
+
+    def __init__(self, address: str, port: int) -> None:
+        self.listener = socket.create_server((address, port))
+        self.sent = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(5.0)
+            conn.recv(1 << 16)  # (the ClientHello)
+            record = b"\x16\x03\x03\x40\x00" + b"\x02" * (self.MOST - 5)
+            for byte in record:
+                readable, _, _ = select.select([conn], [], [], self.EVERY)
+                try:
+                    if readable and not conn.recv(1 << 16):
+                        return  # the client closed: it gave up
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                self.sent += 1
+
+    def close(self) -> None:
+        self.thread.join(timeout=30)
+        self.listener.close()
+        assert not self.thread.is_alive()
+
+
+def test_a_plan_handshake_gives_up_on_a_trickling_server(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s72 (L) feared that ``plans.served_pin``'s timeout bounded each socket operation,
+    so that a server trickling its handshake a byte at a time held the call for as long as
+    it trickled. ``ssl``'s handshake timeout is for the whole handshake (since Python 3.5):
+    the client gives up (and closes) long before the server has sent all it would (a
+    timeout of 0.3 s here, a byte every 0.05 s, 100 bytes: 5 s). A guard: a handshake of
+    ``tls.connect``'s own that reset its timeout at each byte would fail it."""
+    monkeypatch.setattr(plans, "SERVED_PIN_TIMEOUT", 0.3)
+    facts = served.driver().facts()
+    trickler = Trickler(served.address, HTTPS_PORT)
+    try:
+        assert plans.served_pin(facts) == ""
+    finally:
+        trickler.close()
+    assert 0 < trickler.sent < Trickler.MOST, trickler.sent
+
+
+@pytest.mark.parametrize("call", ["served_pin", "untrusted_certificate"])
+async def test_a_plan_handshake_is_bounded_as_a_whole_connect_and_handshake_together(
+    served: Served, https_listener: None, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """Review s72 (L): ``plans.served_pin`` (1 s) and ``plans.untrusted_certificate`` (2 s)
+    gave their timeout to the TCP connect and again to the handshake: the call, on a Switch's
+    or a Rollback's path and the preflight's, could take twice as long (a connect whose SYN
+    was answered late, then a slow handshake). Each is one deadline for the whole call now
+    (``tls.connect``'s ``within``): a connect that used all of it (here one that takes 0.35 s
+    of 0.3) leaves no handshake, however promptly the server would answer; the call says what
+    it says of a server that did not answer."""
+    monkeypatch.setattr(plans, "SERVED_PIN_TIMEOUT", 0.3)
+    monkeypatch.setattr(plans, "UNTRUSTED_TIMEOUT", 0.3)
+    facts = served.driver().facts()
+    connect = ssl.SSLSocket.connect
+
+    def slow(sock: ssl.SSLSocket, address: Any) -> None:
+        time.sleep(0.35)
+        connect(sock, address)
+
+    if call == "served_pin":
+        assert await asyncio.to_thread(plans.served_pin, facts) == served.fingerprint
+        monkeypatch.setattr(ssl.SSLSocket, "connect", slow)
+        assert await asyncio.to_thread(plans.served_pin, facts) == ""
+    else:
+        blocked = plans.untrusted_certificate
+        assert await asyncio.to_thread(blocked, facts, served.client_ca, Change.FINALIZE)
+        monkeypatch.setattr(ssl.SSLSocket, "connect", slow)
+        assert await asyncio.to_thread(blocked, facts, served.client_ca, Change.FINALIZE) is None
