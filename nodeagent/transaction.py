@@ -378,6 +378,22 @@ def _still_kept(txn: Txn, plan: Plan, reason: str) -> str:
     return f"{reason} ({note})" if txn.reason.startswith(note) else reason
 
 
+async def _all_or_none(*checks: Awaitable[_T]) -> list[_T]:
+    """``asyncio.gather``'s results of ``checks``, run at once; once one raises (the verify's
+    https check of a CA that cannot be used, ``_unusable_ca``; the checking side short of
+    descriptors), the others are cancelled and awaited before it is raised: ``gather`` left
+    them running, and the http and watermark checks begun beside a failed https check looked
+    at the server while the way back began to change it (review s72 L)."""
+    tasks = [asyncio.ensure_future(check) for check in checks]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _unusable_ca(ca_file: Path, exc: ssl.SSLError | ValueError) -> OSError:
     """The verify's CA (read from ``ca_file``) that the TLS library takes no context from,
     as one line naming the file: ``ssl``'s words alone (``no start line: cadata does not
@@ -2298,7 +2314,7 @@ class Runner:
                 return f"write watermark moved from {watermark_was} to {now} while frozen"
             return None
 
-        problems = await asyncio.gather(https(), http(), watermark())
+        problems = await _all_or_none(https(), http(), watermark())
         return [p for p in problems if p]
 
     async def _verify_target(self, txn: Txn, plan: Plan) -> dict[str, Any]:
