@@ -268,6 +268,20 @@ class TransactionDied(TerminalError):
     message is the daemon's one line)."""
 
 
+def _started_before(status: dict[str, Any] | None, began: dt.datetime) -> bool:
+    """Whether the server's status (``started_at``, as ``_not_loaded`` reads it) says it
+    started before ``began`` (a transaction's start, after its plan took the certificate
+    served: ``plans.source_pin``), so that nothing restarted it since; False where it does
+    not say."""
+    try:
+        started = dt.datetime.fromisoformat(str((status or {}).get("started_at")))
+    except ValueError:
+        return False
+    if started.tzinfo is None or began.tzinfo is None:
+        return False
+    return started < began
+
+
 def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
     """Why nothing shows that the server loaded ``config_file`` as it is now ("" if it
     did): the server's status must say when it started (``started_at``, ISO 8601, as the
@@ -890,7 +904,9 @@ class Runner:
         the server runs now, level-based, doing nothing to the server (no freeze, write,
         restart or unfreeze): its live config is the transaction's target and the server
         answers as the target: ``completed``; its source, answering as the source:
-        ``rolled_back``; where the two answer alike, only if the server started after its
+        ``rolled_back`` (by the certificate its file holds, or the one served when it was
+        planned only if the server started before the transaction: ``_started_before``);
+        where the two answer alike, only if the server started after its
         config was written (``_not_loaded``); anything else, a server frozen with no lease
         in the journal, or one whose status cannot be read (``_restored_status``):
         ``failed``, and the node needs the admin (``Journal.needs_admin``; see
@@ -922,6 +938,13 @@ class Runner:
                 pin, looked = plan.source_fingerprint, "the server runs its source"
             else:
                 looked = "the server's live config is neither its target nor its source"
+        status, unread = await self._restored_status()
+        # The way back's rule (``restore_pin``): the certificate served at plan time counts
+        # only where nothing restarted the server since; the copy's phase cannot say whether
+        # anything did (the agent ran on after it), so only the server's start before the
+        # transaction's proves it (review s72 L: either pin passed, and a server restarted
+        # onto another certificate than its file's was "rolled_back").
+        pin = restore_pin(pin, restarted=not _started_before(status, txn.started_at))
         if outcome is not TxnOutcome.FAILED:
             try:
                 problems = await self._problems(
@@ -932,7 +955,6 @@ class Runner:
             if problems:
                 looked += f" on disk, but does not answer as it: {'; '.join(problems)}"
                 outcome = TxnOutcome.FAILED
-        status, unread = await self._restored_status()
         if status is None:
             # Whether the server is frozen, and since when it runs, is unknown: nothing proves
             # the verdict (review s41rev3 N2: where the schemes tell target from source the

@@ -785,3 +785,63 @@ async def test_a_plan_handshake_is_bounded_as_a_whole_connect_and_handshake_toge
         assert await asyncio.to_thread(blocked, facts, served.client_ca, Change.FINALIZE)
         monkeypatch.setattr(ssl.SSLSocket, "connect", slow)
         assert await asyncio.to_thread(blocked, facts, served.client_ca, Change.FINALIZE) is None
+
+
+class StartedAt(QuietReference):
+    """As ``QuietReference``, its status saying when the server started (``started``)."""
+
+    started: dt.datetime
+
+    async def status(self) -> dict[str, Any]:
+        return {"frozen": False, "watermark": 0, "started_at": self.started.isoformat()}
+
+
+@pytest.mark.parametrize("restarted", [True, False])
+async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_only_unrestarted(
+    served: Served, https_listener: None, restarted: bool
+) -> None:
+    """Review s72 (L): ``Runner._settle_restored`` (a transaction unfinished in a journal put
+    back from a copy, settled by what the server runs) took either pin of the source
+    (``Plan.source_fingerprint``: the certificate its file held, and the one it served when
+    planned), where the way back's own check (``restore_pin``) takes the served one only
+    where nothing restarted the server since. The copy's phase cannot say whether anything
+    did: a server that started after the transaction began now counts restarted, and one
+    serving the certificate of before, not its file's, is not "rolled_back" but the
+    admin's; one that started before it passes on the certificate it served then."""
+    renewed, renewed_key = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])
+    served.cert.write_bytes(byo_certs.pem(renewed))  # (on disk only: the listener keeps its own)
+    write_private(served.key, byo_certs.key_pem(renewed_key))
+    driver = StartedAt(served.driver().config_file, served.etc.parent / "refserver.log")
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
+    assert built.plan.source_fingerprint == f"{pki.fingerprint(renewed)},{served.fingerprint}"
+    began = dt.datetime.now(dt.UTC)
+    driver.started = began + dt.timedelta(minutes=1 if restarted else -1)
+    txn = served.journal.create(
+        Txn(
+            "b1",
+            TxnKind.ROLLBACK,
+            1,
+            Phase.RB_RESTARTED,  # (as the copy had it)
+            built.plan.to_json(),
+            began,
+            failed_phase=Phase.RESTARTED,
+            restart_needed=True,
+            target_config=built.config,
+            source_config=driver.read_config(),  # (live: the source)
+        )
+    )
+
+    async def no_wait(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    runner = Runner(served.journal, driver, lambda: dt.datetime.now(dt.UTC), sleep=no_wait)
+    settled = await runner._settle_restored(txn)
+
+    if restarted:
+        assert settled.outcome is TxnOutcome.FAILED, settled.reason
+        said = f"presents {served.fingerprint}, not the certificate it served before"
+        assert f"{said} {pki.fingerprint(renewed)}:" in settled.reason, settled.reason
+    else:
+        assert settled.outcome is TxnOutcome.ROLLED_BACK, settled.reason
