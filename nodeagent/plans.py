@@ -1494,6 +1494,24 @@ def plan_problem(
     return None
 
 
+def untrusted_now(journal: Journal, driver: Driver, change: Change) -> str | None:
+    """``untrusted_certificate`` asked again as a switch of ``change`` (one of
+    ``KEEPS_CERTIFICATE``) begins, before anything is frozen or written (blocking: a
+    handshake; a worker thread's, never the store's): the server's certificate may have
+    changed since the start's check (``plan_problem``), and such a switch froze, restarted
+    and rolled back (review s72 L). None where the server serves no https, or its config or
+    files cannot be read: the switch's plan says those, as before."""
+    try:
+        facts = driver.facts()
+        if "https" not in facts.schemes:
+            return None
+        live = served_live(journal, driver, facts)
+        ca_file, _ = keeps_certificate(journal, live, change)
+    except (PlanRefused, DriverError, ConfigError, OSError):
+        return None
+    return untrusted_certificate(facts, ca_file, change)
+
+
 KEEPS_CERTIFICATE = frozenset({Change.CHANGE_PASSWORD, Change.FINALIZE})
 """The changes that keep the certificate the server serves: their verify checks it by the CA
 ``keeps_certificate`` says, and the leader's confirm by the cluster's."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
+import grpc
 import pytest
 import structlog
 
@@ -36,6 +37,7 @@ from tlsroll.config import ConfigFile, dump_toml
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import UnsafePermissions
 from tlsroll.v1 import agent_pb2
+from tlsroll.wire import CHANGE, TXN_OUTCOME
 
 APP = "/praxis"
 HTTPS_PORT = 8443
@@ -655,6 +657,29 @@ class FakeContext:
         raise Aborted(code, details)
 
 
+def an_agent(
+    served: Served, driver: QuietReference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[service.NodeAgentService, Runner]:
+    """The agent's servicer in this process, over ``driver``, taking any caller as the leader
+    (epoch 1 announced), and its runner."""
+    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
+
+    async def no_wait(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    def clock() -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    runner = Runner(served.journal, driver, clock, sleep=no_wait)
+    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+    trust.announce(1)
+    cfg = type("C", (), {"data_dir": tmp_path / "data"})()
+    agent = service.NodeAgentService(
+        cast(Any, cfg), cast(Any, None), served.journal, driver, runner, clock, trust=trust
+    )
+    return agent, runner
+
+
 async def test_the_served_pin_of_a_way_back_is_taken_off_the_store_thread(
     served: Served, https_listener: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -673,21 +698,7 @@ async def test_the_served_pin_of_a_way_back_is_taken_off_the_store_thread(
         return connect(*args, **kwargs)
 
     monkeypatch.setattr(tls, "connect", spy)
-    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
-
-    async def no_wait(_seconds: float) -> None:
-        await asyncio.sleep(0)
-
-    def clock() -> dt.datetime:
-        return dt.datetime.now(dt.UTC)
-
-    runner = Runner(served.journal, driver, clock, sleep=no_wait)
-    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
-    trust.announce(1)
-    cfg = type("C", (), {"data_dir": tmp_path / "data"})()
-    agent = service.NodeAgentService(
-        cast(Any, cfg), cast(Any, None), served.journal, driver, runner, clock, trust=trust
-    )
+    agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
     request = agent_pb2.RollbackRequest(
         command=agent_pb2.Command(rollout_id="b1", epoch=1), undoes=""
     )
@@ -697,7 +708,6 @@ async def test_the_served_pin_of_a_way_back_is_taken_off_the_store_thread(
     assert seen and not [name for name in seen if name.startswith(dbthread.THREAD_NAME)], seen
     assert Plan.from_json(done.plan).source_fingerprint == served.fingerprint
     assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
-
 
 
 class Trickler:
@@ -845,3 +855,89 @@ async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_o
         assert f"{said} {pki.fingerprint(renewed)}:" in settled.reason, settled.reason
     else:
         assert settled.outcome is TxnOutcome.ROLLED_BACK, settled.reason
+
+
+def switch_request(change: Change, rollout_id: str = "p1") -> agent_pb2.SwitchRequest:
+    verifier = ""
+    if change is Change.CHANGE_PASSWORD:
+        verifier = password.verifier_to_json(password.make_verifier("pw", **password.TEST_PARAMS))
+    return agent_pb2.SwitchRequest(
+        command=agent_pb2.Command(rollout_id=rollout_id, epoch=1),
+        change=CHANGE.wire(change),
+        auth_verifier_json=verifier,
+    )
+
+
+class Counted(QuietReference):
+    """As ``QuietReference``, its freezes counted."""
+
+    freezes = 0
+
+    async def freeze(self, drain_timeout: float) -> int:
+        self.freezes += 1
+        return 0
+
+
+@pytest.mark.parametrize("change", KEEPS_CERTIFICATE)
+async def test_a_switch_keeping_a_certificate_its_ca_no_longer_issued_is_refused_unfrozen(
+    served: Served,
+    https_listener: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Change,
+) -> None:
+    """Review s72 (L): the start's check of a change that keeps the server's certificate
+    (``plans.plan_problem``: its CA did not issue it) was not made again at the switch: a
+    server whose certificate changed between the start's check and its switch still froze,
+    restarted and rolled back. The Switch asks again before anything is frozen or written,
+    and refuses it with the check's own words (FAILED_PRECONDITION: the leader's "switch
+    refused: …; nothing on the node was changed")."""
+    driver = Counted(served.driver(listen=listens(change)).config_file, served.etc / "log")
+    config = driver.read_config()
+    agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
+
+    with pytest.raises(Aborted) as refused:
+        await agent.Switch(switch_request(change), cast(Any, FakeContext()))
+
+    code, details = refused.value.args
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, refused.value.args
+    assert f"not one its CA {served.client_ca} issued" in details, details
+    assert "run rotate-cert first" in details and "\n" not in details, details
+    assert served.journal.get("p1", TxnKind.SWITCH) is None
+    assert (driver.freezes, runner.tasks, driver.read_config()) == (0, {}, config)
+
+
+async def test_a_switch_sent_again_finds_its_transaction_before_any_handshake(
+    served: Served,
+    https_listener: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s72 (L): a Switch repeated (the leader's watch reopened with ``switch`` set)
+    made its plan's handshake (``plans.take_served_pin``) before it found the transaction
+    it reports. It finds the transaction first now: no handshake, once the runner holds the
+    switch, or (an agent restarted since) the journal does."""
+    driver = served.driver(listen=listens(Change.FINALIZE), client_ca_file=str(served.own_ca))
+    handshakes: list[str] = []
+    connect = tls.connect
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        handshakes.append(str(args[1:3]))
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(tls, "connect", counted)
+    agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
+    request = switch_request(Change.FINALIZE)
+    await agent.Switch(request, cast(Any, FakeContext()))
+    done = await runner.tasks[("p1", TxnKind.SWITCH.value)]
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert handshakes, "the first Switch made its plan's handshakes"
+    handshakes.clear()
+
+    again = await agent.Switch(request, cast(Any, FakeContext()))
+    restarted, _ = an_agent(served, driver, tmp_path, monkeypatch)  # (its runner knows none)
+    after_a_restart = await restarted.Switch(request, cast(Any, FakeContext()))
+
+    assert handshakes == []
+    for reply in (again, after_a_restart):
+        assert (reply.rollout_id, reply.outcome) == ("p1", TXN_OUTCOME.wire(TxnOutcome.COMPLETED))
