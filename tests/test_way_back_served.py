@@ -798,12 +798,12 @@ async def test_a_plan_handshake_is_bounded_as_a_whole_connect_and_handshake_toge
 
 
 class StartedAt(QuietReference):
-    """As ``QuietReference``, its status saying when the server started (``started``)."""
+    """As ``QuietReference``, its status saying when the server started (``server_started``)."""
 
-    started: dt.datetime
+    server_started: dt.datetime
 
     async def status(self) -> dict[str, Any]:
-        return {"frozen": False, "watermark": 0, "started_at": self.started.isoformat()}
+        return {"frozen": False, "watermark": 0, "started_at": self.server_started.isoformat()}
 
 
 @pytest.mark.parametrize("restarted", [True, False])
@@ -827,7 +827,7 @@ async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_o
     )
     assert built.plan.source_fingerprint == f"{pki.fingerprint(renewed)},{served.fingerprint}"
     began = dt.datetime.now(dt.UTC)
-    driver.started = began + dt.timedelta(minutes=1 if restarted else -1)
+    driver.server_started = began + dt.timedelta(minutes=1 if restarted else -1)
     txn = served.journal.create(
         Txn(
             "b1",
