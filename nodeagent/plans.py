@@ -969,8 +969,8 @@ def source_pin(live: dict[str, str] | None, facts: ServerFacts) -> str:
     return pin if served in ("", pin) else f"{pin},{served}"
 
 
-# seconds for ``served_pin``'s connect and handshake together (not each socket operation's:
-# a server trickling its handshake held the call for as long as it trickled; review s72 L)
+# seconds for ``served_pin``'s connect and handshake together (``tls.connect``'s ``within``:
+# each had the whole of it before, the call twice as long; review s72 L)
 SERVED_PIN_TIMEOUT = 1.0
 
 

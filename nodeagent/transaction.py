@@ -272,7 +272,9 @@ def _started_before(status: dict[str, Any] | None, began: dt.datetime) -> bool:
     """Whether the server's status (``started_at``, as ``_not_loaded`` reads it) says it
     started before ``began`` (a transaction's start, after its plan took the certificate
     served: ``plans.source_pin``), so that nothing restarted it since; False where it does
-    not say."""
+    not say. Both times are the node's one wall clock (as ``_not_loaded`` takes them): a clock
+    stepped back between the two can pass a restarted server as not, the rule as before
+    session 73, accepted (the admin's to notice, as there)."""
     try:
         started = dt.datetime.fromisoformat(str((status or {}).get("started_at")))
     except ValueError:
