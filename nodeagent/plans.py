@@ -969,7 +969,9 @@ def source_pin(live: dict[str, str] | None, facts: ServerFacts) -> str:
     return pin if served in ("", pin) else f"{pin},{served}"
 
 
-SERVED_PIN_TIMEOUT = 1.0  # seconds for ``served_pin``'s handshake
+# seconds for ``served_pin``'s connect and handshake together (``tls.connect``'s ``within``:
+# each had the whole of it before, the call twice as long; review s72 L)
+SERVED_PIN_TIMEOUT = 1.0
 
 
 def served_pin(facts: ServerFacts) -> str:
@@ -983,7 +985,9 @@ def served_pin(facts: ServerFacts) -> str:
     try:
         context = tls.unverified_client_context()
         address, port = facts.address, facts.https_port
-        with tls.connect(context, address, port, timeout=SERVED_PIN_TIMEOUT) as sock:
+        with tls.connect(
+            context, address, port, timeout=SERVED_PIN_TIMEOUT, within=SERVED_PIN_TIMEOUT
+        ) as sock:
             der = sock.getpeercert(binary_form=True)
     except (OSError, ValueError):
         return ""
@@ -1490,11 +1494,29 @@ def plan_problem(
     return None
 
 
+def untrusted_now(journal: Journal, driver: Driver, change: Change) -> str | None:
+    """``untrusted_certificate`` asked again as a switch of ``change`` (one of
+    ``KEEPS_CERTIFICATE``) begins, before anything is frozen or written (blocking: a
+    handshake; a worker thread's, never the store's): the server's certificate may have
+    changed since the start's check (``plan_problem``), and such a switch froze, restarted
+    and rolled back (review s72 L). None where the server serves no https, or its config or
+    files cannot be read: the switch's plan says those, as before."""
+    try:
+        facts = driver.facts()
+        if "https" not in facts.schemes:
+            return None
+        live = served_live(journal, driver, facts)
+        ca_file, _ = keeps_certificate(journal, live, change)
+    except (PlanRefused, DriverError, ConfigError, OSError):
+        return None
+    return untrusted_certificate(facts, ca_file, change)
+
+
 KEEPS_CERTIFICATE = frozenset({Change.CHANGE_PASSWORD, Change.FINALIZE})
 """The changes that keep the certificate the server serves: their verify checks it by the CA
 ``keeps_certificate`` says, and the leader's confirm by the cluster's."""
 
-UNTRUSTED_TIMEOUT = 2.0  # seconds for ``untrusted_certificate``'s handshake
+UNTRUSTED_TIMEOUT = 2.0  # seconds for ``untrusted_certificate``'s handshake, all of it (as above)
 
 
 def untrusted_certificate(facts: ServerFacts, ca_file: Path, change: Change) -> str | None:
@@ -1509,7 +1531,12 @@ def untrusted_certificate(facts: ServerFacts, ca_file: Path, change: Change) -> 
         context = tls.client_context(read_regular(ca_file))
         address, port = facts.address, facts.https_port
         with tls.connect(
-            context, address, port, timeout=UNTRUSTED_TIMEOUT, server_hostname=address
+            context,
+            address,
+            port,
+            timeout=UNTRUSTED_TIMEOUT,
+            server_hostname=address,
+            within=UNTRUSTED_TIMEOUT,
         ):
             return None
     except ssl.SSLCertVerificationError as exc:

@@ -1501,12 +1501,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         assert staged is not None
         return staged, {s.rollout_id for s in over}
 
-    async def _pin_ahead(self, change: Change = Change.ROTATE_CERT, rollout_id: str = "") -> None:
+    async def _pin_ahead(
+        self,
+        change: Change = Change.ROTATE_CERT,
+        rollout_id: str = "",
+        *,
+        known: bool | None = None,
+    ) -> None:
         """The served certificate's pin of the plan made next taken off the store's thread
         (``plans.take_served_pin``): ``_prepare``'s rotate-cert plan (no ``rollout_id``), for a
         driver it makes one for; a switch's, but enable-tls's (no https yet) and a switch the
         Stage prepared (``_take_prepared``: its pin taken then; read here as a hint only, a
-        plan made after all makes its own handshake)."""
+        plan made after all makes its own handshake), nor a switch this agent holds already
+        (``_switch_known``; ``known``: asked already)."""
         driver, prepared = self.driver, self._prepared
         if driver is None or self.runner is None or change is Change.ENABLE_TLS:
             return
@@ -1514,7 +1521,20 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             return
         if rollout_id and prepared is not None and prepared.rollout_id == rollout_id:
             return
+        if rollout_id and (known if known is not None else await self._switch_known(rollout_id)):
+            return  # a replay (a Switch sent again, a watch reopened): no plan is made
         await plans.take_served_pin(driver)
+
+    async def _switch_known(self, rollout_id: str) -> bool:
+        """Whether this agent holds the switch of ``rollout_id`` already (its runner runs or
+        ran it, or the journal has it): a replay, which ``_begin`` reports, so no handshake is
+        made for a plan it never makes (review s72 L: a Switch repeated through a reopened
+        watch made one before finding its transaction). The journal is read only where the
+        runner does not know it (an agent restarted since it ended)."""
+        runner = self.runner
+        if runner is not None and (rollout_id, TxnKind.SWITCH.value) in runner.tasks:
+            return True
+        return await dbthread.run(self.journal.get, rollout_id, TxnKind.SWITCH) is not None
 
     def _prepare(self, rollout_id: str, coming: Coming | None = Coming()) -> None:
         """Blocking, on the store's thread: the switch that follows this stage made ready now
@@ -1825,7 +1845,17 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         def ready(seen: Outlook) -> tuple[Built, bytes, transaction.Staged] | None:
             return self._take_prepared(rollout_id, wanted, verifier, request.keep_frozen, seen)
 
-        await self._pin_ahead(change, rollout_id)
+        known = None  # whether the switch is a replay, once asked (``_switch_known``)
+        if change in plans.KEEPS_CERTIFICATE:
+            known = await self._switch_known(rollout_id)
+            # The start's check (``plans.plan_problem``) asked again, nothing changed yet: a
+            # certificate changed since would freeze, restart and roll back (review s72 L).
+            untrusted = plans.untrusted_now
+            if not known and (
+                refused := await asyncio.to_thread(untrusted, self.journal, driver, change)
+            ):
+                raise PlanRefused(refused)
+        await self._pin_ahead(change, rollout_id, known=known)
         return await self._begin(
             rollout_id,
             TxnKind.SWITCH,

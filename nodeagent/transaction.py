@@ -268,6 +268,22 @@ class TransactionDied(TerminalError):
     message is the daemon's one line)."""
 
 
+def _started_before(status: dict[str, Any] | None, began: dt.datetime) -> bool:
+    """Whether the server's status (``started_at``, as ``_not_loaded`` reads it) says it
+    started before ``began`` (a transaction's start, after its plan took the certificate
+    served: ``plans.source_pin``), so that nothing restarted it since; False where it does
+    not say. Both times are the node's one wall clock (as ``_not_loaded`` takes them): a clock
+    stepped back between the two can pass a restarted server as not, the rule as before
+    session 73, accepted (the admin's to notice, as there)."""
+    try:
+        started = dt.datetime.fromisoformat(str((status or {}).get("started_at")))
+    except ValueError:
+        return False
+    if started.tzinfo is None or began.tzinfo is None:
+        return False
+    return started < began
+
+
 def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
     """Why nothing shows that the server loaded ``config_file`` as it is now ("" if it
     did): the server's status must say when it started (``started_at``, ISO 8601, as the
@@ -376,6 +392,22 @@ def _still_kept(txn: Txn, plan: Plan, reason: str) -> str:
         return reason
     note = kept_note(Path(plan.keep_edited), written=plan.change == HTTP_WRITTEN)
     return f"{reason} ({note})" if txn.reason.startswith(note) else reason
+
+
+async def _all_or_none(*checks: Awaitable[_T]) -> list[_T]:
+    """``asyncio.gather``'s results of ``checks``, run at once; once one raises (the verify's
+    https check of a CA that cannot be used, ``_unusable_ca``; the checking side short of
+    descriptors), the others are cancelled and awaited before it is raised: ``gather`` left
+    them running, and the http and watermark checks begun beside a failed https check looked
+    at the server while the way back began to change it (review s72 L)."""
+    tasks = [asyncio.ensure_future(check) for check in checks]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _unusable_ca(ca_file: Path, exc: ssl.SSLError | ValueError) -> OSError:
@@ -874,7 +906,9 @@ class Runner:
         the server runs now, level-based, doing nothing to the server (no freeze, write,
         restart or unfreeze): its live config is the transaction's target and the server
         answers as the target: ``completed``; its source, answering as the source:
-        ``rolled_back``; where the two answer alike, only if the server started after its
+        ``rolled_back`` (by the certificate its file holds, or the one served when it was
+        planned only if the server started before the transaction: ``_started_before``);
+        where the two answer alike, only if the server started after its
         config was written (``_not_loaded``); anything else, a server frozen with no lease
         in the journal, or one whose status cannot be read (``_restored_status``):
         ``failed``, and the node needs the admin (``Journal.needs_admin``; see
@@ -906,6 +940,13 @@ class Runner:
                 pin, looked = plan.source_fingerprint, "the server runs its source"
             else:
                 looked = "the server's live config is neither its target nor its source"
+        status, unread = await self._restored_status()
+        # The way back's rule (``restore_pin``): the certificate served at plan time counts
+        # only where nothing restarted the server since; the copy's phase cannot say whether
+        # anything did (the agent ran on after it), so only the server's start before the
+        # transaction's proves it (review s72 L: either pin passed, and a server restarted
+        # onto another certificate than its file's was "rolled_back").
+        pin = restore_pin(pin, restarted=not _started_before(status, txn.started_at))
         if outcome is not TxnOutcome.FAILED:
             try:
                 problems = await self._problems(
@@ -916,7 +957,6 @@ class Runner:
             if problems:
                 looked += f" on disk, but does not answer as it: {'; '.join(problems)}"
                 outcome = TxnOutcome.FAILED
-        status, unread = await self._restored_status()
         if status is None:
             # Whether the server is frozen, and since when it runs, is unknown: nothing proves
             # the verdict (review s41rev3 N2: where the schemes tell target from source the
@@ -2298,7 +2338,7 @@ class Runner:
                 return f"write watermark moved from {watermark_was} to {now} while frozen"
             return None
 
-        problems = await asyncio.gather(https(), http(), watermark())
+        problems = await _all_or_none(https(), http(), watermark())
         return [p for p in problems if p]
 
     async def _verify_target(self, txn: Txn, plan: Plan) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from nodeagent.journal import Journal
+from tests import byo_certs
 from tests.cluster import LEADER_POLL, AdminTokenCluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, start_nodes
@@ -231,6 +233,21 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
     assert "pending" in text
     assert login(world.nodes[0], PW1, ca_pem) == 200  # the old one still works until restart
 
+    # Review s72 (L): a node whose certificate its client CA did not issue (that CA file
+    # replaced here) is refused by `rollout start` up front, with the agent's words (the
+    # Check path alone was tested), nothing started; the file put back, it goes ahead below.
+    client_ca = live_client_ca_file(world.nodes[1])
+    installed = client_ca.read_bytes()
+    client_ca.write_bytes(byo_certs.make_ca("Praxis own").pem)
+    refused = world.cli(
+        "rollout", "start", "--change", "change-password", "--nodes", "node2", "--yes"
+    )
+    client_ca.write_bytes(installed)
+    assert refused.returncode != 0, refused.stdout + refused.stderr
+    assert f"not one its CA {client_ca} issued" in refused.stderr, refused.stderr
+    assert "run rotate-cert first" in refused.stderr, refused.stderr
+    assert world.schema()["rollouts"][0]["change"] == "enable-tls"  # nothing started
+
     # A change-password of node2 alone (review s69 revpass3 M1): the rollout's table names
     # only node2, and nothing said that node1 and node3 still run version 1 (a PC there told
     # the new password got "wrong password"). The schema says it cluster-wide: the newest
@@ -293,6 +310,13 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
     for secret in (PW1, PW2):
         assert secret not in evidence
     assert '"hash"' not in evidence and "salt" not in json.dumps(world.schema())
+
+
+def live_client_ca_file(node: Node) -> Path:
+    """The client CA file the node's reference server's config names."""
+    table = tomllib.loads(node.server.config_path.read_text())
+    path = Path(table.get("server", table)["client_ca_file"])
+    return path if path.is_absolute() else node.server.config_path.parent / path
 
 
 def test_a_pc_of_the_same_name_does_not_take_the_name_from_another(tmp_path: Path) -> None:

@@ -1901,18 +1901,45 @@ async def test_a_staged_ca_the_tls_library_refuses_rolls_back_naming_the_ca_file
     (changed on disk after its Stage checked it) is let pass there (``probe.prepare_https``);
     the verify's real check then raised ssl's words alone, "verify: no start line: cadata does
     not contain a certificate (_ssl.c:4020) (errno 0, ?)", naming neither the file nor that
-    it is the CA. Now the switch rolls back, at once, in one line naming the CA file."""
+    it is the CA. Now the switch rolls back, at once, in one line naming the CA file. Review
+    s72 (L): the http check begun beside it is cancelled, and awaited, before the way back
+    begins (it ran on, looking at the server while the way back changed it)."""
     sc = SCENARIOS["completes"]
     w = world(sc)
     w.plan.ca_file.write_bytes(ca_pem)
     journal = CrashingJournal(w.journal_path)
     runner = w.runner(journal)
-    runner.checks = replace(runner.checks, check_https=probe.check_https)
+    beside: list[list[str] | None] = []  # per check begun beside https: the ops at its cancel
+
+    def hung_once(real: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def check(*args: Any) -> Any:
+            if beside:
+                return await real(*args)
+            beside.append(None)
+            try:
+                await asyncio.sleep(60)  # (the server slow to answer it)
+            except asyncio.CancelledError:
+                beside[0] = list(w.server.ops)
+                raise
+            return await real(*args)
+
+        return check
+
+    checks = runner.checks
+    runner.checks = replace(
+        checks,
+        check_https=probe.check_https,
+        check_http=hung_once(checks.check_http),
+        port_open=hung_once(checks.port_open),
+    )
     txn, staging = await begin_as_the_servicer(w, runner, journal)
     staged = await asyncio.wrap_future(staging)
     assert staged is not None and staged.ca_pem == ca_pem  # the staging let it pass
     done = await runner.run(txn, begun=next_action(Phase.STARTED), staged=staging)
     assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+    # Review s72 (L): the check begun beside the https one was cancelled (and awaited) before
+    # the way back touched the server, not left looking at it mid-rollback.
+    assert beside == [["freeze", "write_config target", "restart"]], beside
     assert done.reason.startswith(f"verify: {w.plan.ca_file}: not a CA certificate"), done.reason
     assert why in done.reason and "\n" not in done.reason, done.reason
     assert done.failed_phase is not None and "errno 0" not in done.reason

@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import select
+import socket
 import ssl
 import threading
+import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
+import grpc
 import pytest
 import structlog
 
@@ -33,6 +37,7 @@ from tlsroll.config import ConfigFile, dump_toml
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import UnsafePermissions
 from tlsroll.v1 import agent_pb2
+from tlsroll.wire import CHANGE, TXN_OUTCOME
 
 APP = "/praxis"
 HTTPS_PORT = 8443
@@ -652,6 +657,29 @@ class FakeContext:
         raise Aborted(code, details)
 
 
+def an_agent(
+    served: Served, driver: QuietReference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[service.NodeAgentService, Runner]:
+    """The agent's servicer in this process, over ``driver``, taking any caller as the leader
+    (epoch 1 announced), and its runner."""
+    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
+
+    async def no_wait(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    def clock() -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    runner = Runner(served.journal, driver, clock, sleep=no_wait)
+    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+    trust.announce(1)
+    cfg = type("C", (), {"data_dir": tmp_path / "data"})()
+    agent = service.NodeAgentService(
+        cast(Any, cfg), cast(Any, None), served.journal, driver, runner, clock, trust=trust
+    )
+    return agent, runner
+
+
 async def test_the_served_pin_of_a_way_back_is_taken_off_the_store_thread(
     served: Served, https_listener: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -670,21 +698,7 @@ async def test_the_served_pin_of_a_way_back_is_taken_off_the_store_thread(
         return connect(*args, **kwargs)
 
     monkeypatch.setattr(tls, "connect", spy)
-    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
-
-    async def no_wait(_seconds: float) -> None:
-        await asyncio.sleep(0)
-
-    def clock() -> dt.datetime:
-        return dt.datetime.now(dt.UTC)
-
-    runner = Runner(served.journal, driver, clock, sleep=no_wait)
-    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
-    trust.announce(1)
-    cfg = type("C", (), {"data_dir": tmp_path / "data"})()
-    agent = service.NodeAgentService(
-        cast(Any, cfg), cast(Any, None), served.journal, driver, runner, clock, trust=trust
-    )
+    agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
     request = agent_pb2.RollbackRequest(
         command=agent_pb2.Command(rollout_id="b1", epoch=1), undoes=""
     )
@@ -694,3 +708,236 @@ async def test_the_served_pin_of_a_way_back_is_taken_off_the_store_thread(
     assert seen and not [name for name in seen if name.startswith(dbthread.THREAD_NAME)], seen
     assert Plan.from_json(done.plan).source_fingerprint == served.fingerprint
     assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+
+
+class Trickler:
+    """A TCP server that answers one TLS client's ClientHello a byte at a time: a record
+    header saying 16 KiB follow, then one byte every ``EVERY`` seconds, each well within a
+    socket operation's timeout, up to ``MOST`` bytes, or until the client closes. ``sent``:
+    how many it sent before it stopped."""
+
+    EVERY = 0.05
+    MOST = 100
+
+    def __init__(self, address: str, port: int) -> None:
+        self.listener = socket.create_server((address, port))
+        self.sent = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(5.0)
+            conn.recv(1 << 16)  # (the ClientHello)
+            record = b"\x16\x03\x03\x40\x00" + b"\x02" * (self.MOST - 5)
+            for byte in record:
+                readable, _, _ = select.select([conn], [], [], self.EVERY)
+                try:
+                    if readable and not conn.recv(1 << 16):
+                        return  # the client closed: it gave up
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                self.sent += 1
+
+    def close(self) -> None:
+        self.thread.join(timeout=30)
+        self.listener.close()
+        assert not self.thread.is_alive()
+
+
+def test_a_plan_handshake_gives_up_on_a_trickling_server(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s72 (L) feared that ``plans.served_pin``'s timeout bounded each socket operation,
+    so that a server trickling its handshake a byte at a time held the call for as long as
+    it trickled. ``ssl``'s handshake timeout is for the whole handshake (since Python 3.5):
+    the client gives up (and closes) long before the server has sent all it would (a
+    timeout of 0.3 s here, a byte every 0.05 s, 100 bytes: 5 s). A guard: a handshake of
+    ``tls.connect``'s own that reset its timeout at each byte would fail it."""
+    monkeypatch.setattr(plans, "SERVED_PIN_TIMEOUT", 0.3)
+    facts = served.driver().facts()
+    trickler = Trickler(served.address, HTTPS_PORT)
+    try:
+        assert plans.served_pin(facts) == ""
+    finally:
+        trickler.close()
+    assert 0 < trickler.sent < Trickler.MOST, trickler.sent
+
+
+@pytest.mark.parametrize("call", ["served_pin", "untrusted_certificate"])
+async def test_a_plan_handshake_is_bounded_as_a_whole_connect_and_handshake_together(
+    served: Served, https_listener: None, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """Review s72 (L): ``plans.served_pin`` (1 s) and ``plans.untrusted_certificate`` (2 s)
+    gave their timeout to the TCP connect and again to the handshake: the call, on a Switch's
+    or a Rollback's path and the preflight's, could take twice as long (a connect whose SYN
+    was answered late, then a slow handshake). Each is one deadline for the whole call now
+    (``tls.connect``'s ``within``): a connect that used all of it (here one that takes 0.35 s
+    of 0.3) leaves no handshake, however promptly the server would answer; the call says what
+    it says of a server that did not answer."""
+    monkeypatch.setattr(plans, "SERVED_PIN_TIMEOUT", 0.3)
+    monkeypatch.setattr(plans, "UNTRUSTED_TIMEOUT", 0.3)
+    facts = served.driver().facts()
+    connect = ssl.SSLSocket.connect
+
+    def slow(sock: ssl.SSLSocket, address: Any) -> None:
+        time.sleep(0.35)
+        connect(sock, address)
+
+    if call == "served_pin":
+        assert await asyncio.to_thread(plans.served_pin, facts) == served.fingerprint
+        monkeypatch.setattr(ssl.SSLSocket, "connect", slow)
+        assert await asyncio.to_thread(plans.served_pin, facts) == ""
+    else:
+        blocked = plans.untrusted_certificate
+        assert await asyncio.to_thread(blocked, facts, served.client_ca, Change.FINALIZE)
+        monkeypatch.setattr(ssl.SSLSocket, "connect", slow)
+        assert await asyncio.to_thread(blocked, facts, served.client_ca, Change.FINALIZE) is None
+
+
+class StartedAt(QuietReference):
+    """As ``QuietReference``, its status saying when the server started (``server_started``)."""
+
+    server_started: dt.datetime
+
+    async def status(self) -> dict[str, Any]:
+        return {"frozen": False, "watermark": 0, "started_at": self.server_started.isoformat()}
+
+
+@pytest.mark.parametrize("restarted", [True, False])
+async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_only_unrestarted(
+    served: Served, https_listener: None, restarted: bool
+) -> None:
+    """Review s72 (L): ``Runner._settle_restored`` (a transaction unfinished in a journal put
+    back from a copy, settled by what the server runs) took either pin of the source
+    (``Plan.source_fingerprint``: the certificate its file held, and the one it served when
+    planned), where the way back's own check (``restore_pin``) takes the served one only
+    where nothing restarted the server since. The copy's phase cannot say whether anything
+    did: a server that started after the transaction began now counts restarted, and one
+    serving the certificate of before, not its file's, is not "rolled_back" but the
+    admin's; one that started before it passes on the certificate it served then."""
+    renewed, renewed_key = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])
+    served.cert.write_bytes(byo_certs.pem(renewed))  # (on disk only: the listener keeps its own)
+    write_private(served.key, byo_certs.key_pem(renewed_key))
+    driver = StartedAt(served.driver().config_file, served.etc.parent / "refserver.log")
+    built = await asyncio.to_thread(
+        plans.rollback_plan, served.journal, driver, served.txn_dir, "b1", undoes=""
+    )
+    assert built.plan.source_fingerprint == f"{pki.fingerprint(renewed)},{served.fingerprint}"
+    began = dt.datetime.now(dt.UTC)
+    driver.server_started = began + dt.timedelta(minutes=1 if restarted else -1)
+    txn = served.journal.create(
+        Txn(
+            "b1",
+            TxnKind.ROLLBACK,
+            1,
+            Phase.RB_RESTARTED,  # (as the copy had it)
+            built.plan.to_json(),
+            began,
+            failed_phase=Phase.RESTARTED,
+            restart_needed=True,
+            target_config=built.config,
+            source_config=driver.read_config(),  # (live: the source)
+        )
+    )
+
+    async def no_wait(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    runner = Runner(served.journal, driver, lambda: dt.datetime.now(dt.UTC), sleep=no_wait)
+    settled = await runner._settle_restored(txn)
+
+    if restarted:
+        assert settled.outcome is TxnOutcome.FAILED, settled.reason
+        said = f"presents {served.fingerprint}, not the certificate it served before"
+        assert f"{said} {pki.fingerprint(renewed)}:" in settled.reason, settled.reason
+    else:
+        assert settled.outcome is TxnOutcome.ROLLED_BACK, settled.reason
+
+
+def switch_request(change: Change, rollout_id: str = "p1") -> agent_pb2.SwitchRequest:
+    verifier = ""
+    if change is Change.CHANGE_PASSWORD:
+        verifier = password.verifier_to_json(password.make_verifier("pw", **password.TEST_PARAMS))
+    return agent_pb2.SwitchRequest(
+        command=agent_pb2.Command(rollout_id=rollout_id, epoch=1),
+        change=CHANGE.wire(change),
+        auth_verifier_json=verifier,
+    )
+
+
+class Counted(QuietReference):
+    """As ``QuietReference``, its freezes counted."""
+
+    freezes = 0
+
+    async def freeze(self, drain_timeout: float) -> int:
+        self.freezes += 1
+        return 0
+
+
+@pytest.mark.parametrize("change", KEEPS_CERTIFICATE)
+async def test_a_switch_keeping_a_certificate_its_ca_no_longer_issued_is_refused_unfrozen(
+    served: Served,
+    https_listener: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Change,
+) -> None:
+    """Review s72 (L): the start's check of a change that keeps the server's certificate
+    (``plans.plan_problem``: its CA did not issue it) was not made again at the switch: a
+    server whose certificate changed between the start's check and its switch still froze,
+    restarted and rolled back. The Switch asks again before anything is frozen or written,
+    and refuses it with the check's own words (FAILED_PRECONDITION: the leader's "switch
+    refused: …; nothing on the node was changed")."""
+    driver = Counted(served.driver(listen=listens(change)).config_file, served.etc / "log")
+    config = driver.read_config()
+    agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
+
+    with pytest.raises(Aborted) as refused:
+        await agent.Switch(switch_request(change), cast(Any, FakeContext()))
+
+    code, details = refused.value.args
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, refused.value.args
+    assert f"not one its CA {served.client_ca} issued" in details, details
+    assert "run rotate-cert first" in details and "\n" not in details, details
+    assert served.journal.get("p1", TxnKind.SWITCH) is None
+    assert (driver.freezes, runner.tasks, driver.read_config()) == (0, {}, config)
+
+
+async def test_a_switch_sent_again_finds_its_transaction_before_any_handshake(
+    served: Served,
+    https_listener: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s72 (L): a Switch repeated (the leader's watch reopened with ``switch`` set)
+    made its plan's handshake (``plans.take_served_pin``) before it found the transaction
+    it reports. It finds the transaction first now: no handshake, once the runner holds the
+    switch, or (an agent restarted since) the journal does."""
+    driver = served.driver(listen=listens(Change.FINALIZE), client_ca_file=str(served.own_ca))
+    handshakes: list[str] = []
+    connect = tls.connect
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        handshakes.append(str(args[1:3]))
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(tls, "connect", counted)
+    agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
+    request = switch_request(Change.FINALIZE)
+    await agent.Switch(request, cast(Any, FakeContext()))
+    done = await runner.tasks[("p1", TxnKind.SWITCH.value)]
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert handshakes, "the first Switch made its plan's handshakes"
+    handshakes.clear()
+
+    again = await agent.Switch(request, cast(Any, FakeContext()))
+    restarted, _ = an_agent(served, driver, tmp_path, monkeypatch)  # (its runner knows none)
+    after_a_restart = await restarted.Switch(request, cast(Any, FakeContext()))
+
+    assert handshakes == []
+    for reply in (again, after_a_restart):
+        assert (reply.rollout_id, reply.outcome) == ("p1", TXN_OUTCOME.wire(TxnOutcome.COMPLETED))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from pathlib import Path
 
 # Mozilla server-side TLS guidelines, "intermediate" configuration (TLS 1.2 part).
@@ -88,6 +89,7 @@ def connect(
     server_hostname: str | None = None,
     source_address: tuple[str, int] | None = None,
     handshake: bool = True,
+    within: float | None = None,
 ) -> ssl.SSLSocket:
     """A TLS client socket connected to ``host:port`` (its handshake done unless ``handshake``
     is false: then the caller's ``do_handshake()``); closed on every failure, so the caller
@@ -98,12 +100,30 @@ def connect(
     peer reset it in between (a server restarting) raises with the new ``SSLSocket`` unclosed
     in Python before 3.11.8 / 3.12.2 (CPython gh-113280): its descriptor stays open until the
     garbage collector finds it. As ``create_connection``, each address of ``host`` is tried
-    in turn; a TLS failure is not retried on the next."""
+    in turn; a TLS failure is not retried on the next.
+
+    ``timeout`` bounds the TCP connect, and then the handshake, each on its own (``ssl``'s
+    handshake timeout is for all of it, since Python 3.5, however slowly bytes come), so with
+    every address tried a call can take a multiple of it. ``within`` (seconds) bounds them
+    all together (``TimeoutError`` once it is up; the returned socket keeps ``timeout``): for
+    a caller whose own time is bounded (review s72 L: the agent's plan handshakes, on a
+    Switch's path)."""
+    deadline = None if within is None else time.monotonic() + within
+
+    def left() -> float | None:
+        """``timeout``, or what is left of ``within`` if that is less."""
+        if deadline is None:
+            return timeout
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no TLS connection to {host}:{port} within {within} s")
+        return remaining if timeout is None else min(timeout, remaining)
+
     last: OSError | None = None
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         raw = socket.socket(family, kind, proto)
         try:
-            raw.settimeout(timeout)
+            raw.settimeout(left())
             if source_address is not None:
                 raw.bind(source_address)
             sock = context.wrap_socket(
@@ -122,7 +142,11 @@ def connect(
             sock.close()
             raise
         try:
-            if handshake:
+            if handshake and deadline is not None:
+                sock.settimeout(left())
+                sock.do_handshake()
+                sock.settimeout(timeout)
+            elif handshake:
                 sock.do_handshake()
         except BaseException:
             sock.close()
