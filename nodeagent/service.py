@@ -33,7 +33,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess, Worker
 from nodeagent.drivers import Driver, DriverError, ServerFacts, config_stat
 from nodeagent.identity import Identity
-from nodeagent.journal import Journal, Outlook, Staged, Txn
+from nodeagent.journal import Journal, JournalError, Outlook, Staged, Txn
 from nodeagent.leader_link import RESTART_VIEW_WAIT
 from nodeagent.lease import Lease, Leases
 from nodeagent.plans import Built, PlanRefused
@@ -570,14 +570,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         transaction's kind, or ``PREPARES``): refused while another transaction is held
         (``_refuse_if_held``), before the epoch's write, which a held node's journal would
         refuse; a stale epoch is refused first all the same (a read: session 73, a stale
-        leader was told the hold's reason, not that its epoch is stale)."""
+        leader was told the hold's reason, not that its epoch is stale; a read that fails
+        leaves the hold's reason, as before)."""
         require_leader(context, self.trust)
         _rollout_id(command.rollout_id)
         if command.epoch == 0:
             raise invalid("epoch must be set")
         if begins is not None:
             if self.runner is not None and self.runner.held:
-                seen = max(self._epoch or 0, await asyncio.to_thread(self.journal.highest_epoch))
+                try:
+                    journalled = await asyncio.to_thread(self.journal.highest_epoch)
+                except JournalError:  # a look only: the hold's reason below says what is wrong
+                    journalled = 0
+                seen = max(self._epoch or 0, journalled)
                 if command.epoch < seen:
                     raise stale_epoch(command.epoch, seen)
             self._refuse_if_held(command.rollout_id, begins)

@@ -26,7 +26,7 @@ import pytest
 
 from nodeagent import service
 from nodeagent.drivers import ReferenceDriver, ServerFacts, config_stat
-from nodeagent.journal import Journal, Txn
+from nodeagent.journal import Journal, JournalError, Txn
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Phase, Plan
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust
@@ -393,6 +393,41 @@ async def test_a_stale_leader_is_told_its_epoch_is_stale_before_a_held_transacti
                 )
             assert str(caught.value) == hold, str(caught.value)
     assert "admit_epoch 4" not in journal.epoch_calls  # no write was tried
+    journal.close()
+
+
+class UnreadableEpochJournal(Journal):
+    """The journal whose epoch cannot be read (a disk that fails reads too)."""
+
+    def highest_epoch(self) -> int:
+        raise JournalError("journal j: disk I/O error (SQLITE_IOERR)")
+
+
+async def test_a_held_node_whose_epoch_cannot_be_read_still_says_the_hold_s_reason(
+    tmp_path: Path,
+) -> None:
+    """Review s73 revrefused, L: the stale epoch's read before a held transaction's reason
+    (above) is a look only; one that fails (the journal held as it cannot be written may not
+    read either) answered every command with the journal's error instead of the hold's reason
+    ("needs the admin: …"). The hold's reason stands; a stale epoch the process has seen is
+    refused still, from memory."""
+    journal = UnreadableEpochJournal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    hold = "needs the admin: its journal cannot be written (disk I/O error)"
+    agent.runner = cast(Any, type("Held", (), {"held": {("rheld", "switch"): hold[17:]}})())
+    for begins in (TxnKind.SWITCH, TxnKind.ROLLBACK):
+        with pytest.raises(RpcStatusError) as caught:
+            await agent._command(
+                cast(Any, None), agent_pb2.Command(rollout_id="rother", epoch=5), begins=begins
+            )
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert str(caught.value) == hold, str(caught.value)
+    agent._epoch = 5  # seen by this process
+    with pytest.raises(RpcStatusError) as caught:
+        await agent._command(
+            cast(Any, None), agent_pb2.Command(rollout_id="rother", epoch=4), begins="switch"
+        )
+    assert str(caught.value).startswith("stale epoch 4: this node has seen epoch 5")
     journal.close()
 
 

@@ -50,7 +50,7 @@ from structlog.testing import capture_logs
 
 from leader import byo, changes, planner
 from leader import engine as engine_module
-from leader.agent_client import NotHeardYet, StepFailed, SwitchRefused, cut_off_error
+from leader.agent_client import NotHeardYet, NotSent, StepFailed, SwitchRefused, cut_off_error
 from leader.commands import Commands, RolloutRequest
 from leader.engine import (
     MAX_RETRY_SECONDS,
@@ -2988,9 +2988,10 @@ async def test_a_way_back_its_agent_has_is_followed_before_its_first_heartbeat(
     await leader.stop()
 
 
+@pytest.mark.parametrize("unsent", ["not heard", "not sent"])
 @pytest.mark.parametrize("code", [grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL])
 async def test_a_way_back_not_sendable_whose_agent_fails_the_question_needs_attention(
-    world: World, code: grpc.StatusCode
+    world: World, code: grpc.StatusCode, unsent: str
 ) -> None:
     """Session 73 (s72 refused's L): the way back's Rollback not sendable yet (its agent not
     heard since the leader started: ``NotHeardYet``) asks the agent whether it has the way
@@ -3003,6 +3004,8 @@ async def test_a_way_back_not_sendable_whose_agent_fails_the_question_needs_atte
     charlie = world.agents["charlie"]
 
     async def not_heard(request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        if unsent == "not sent":  # (review s73 revrefused: the NotSent branch, the same way)
+            raise NotSent("agent charlie has not reported rollback.undoes; sent nothing")
         raise NotHeardYet("agent charlie: not heard since the leader started; sent nothing")
 
     charlie.rollback = not_heard  # type: ignore[method-assign]
