@@ -326,6 +326,13 @@ class Outlook:
     staged: Staged | None
 
 
+_TXN_FIELDS = tuple(f.name for f in fields(Txn))
+# A new transaction's row; nothing where one has its key (``Journal.create``: a replay). Column
+# names come from the dataclass, never from input.
+_INSERT_TXN = (
+    f"INSERT INTO txns ({', '.join(_TXN_FIELDS)}) VALUES ({', '.join('?' * len(_TXN_FIELDS))})"  # noqa: S608
+    " ON CONFLICT (rollout_id, kind) DO NOTHING"
+)
 _DATETIME_FIELDS = {"started_at", "ended_at", "freeze_started_at", "freeze_ended_at"}
 _ENUM_FIELDS: dict[str, type[Phase | TxnKind]] = {
     "kind": TxnKind,
@@ -333,6 +340,10 @@ _ENUM_FIELDS: dict[str, type[Phase | TxnKind]] = {
     "failed_phase": Phase,
 }
 _PENDING = ""  # how the outcome column says "pending" (as 0.1.0 did)
+_INSERT_EVENT = (
+    "INSERT INTO events (at, rollout_id, kind, step, what, detail) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_NO_DETAIL = json.dumps({})  # an event's empty detail, as ``json.dumps`` wrote it
 # The stages a new one ends (``Journal.record_csr``): another rollout's, never in a transaction.
 _STAGES_OVER = (
     "SELECT * FROM staged WHERE rollout_id != ? AND rollout_id NOT IN (SELECT rollout_id FROM txns)"
@@ -537,6 +548,8 @@ def _move_aside(path: Path) -> list[Path]:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        # The events of the write under way (``_event``), inserted at its end (``_tx``).
+        self._queued: list[tuple[str, ...]] = []
         self._db = Database(
             self.path,
             MIGRATIONS,
@@ -545,6 +558,7 @@ class Journal:
             mark=mark_copy,
             losing=LOSING,
             reads_floor_from=READS_FLOOR_FROM,
+            cached=False,  # (the journal keeps nothing in the store's cache)
         )
         self._frozen: set[tuple[str, str]] = set()  # (``in_freeze_window``; filled below)
         self._put_back()
@@ -706,9 +720,16 @@ class Journal:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write (``Database.tx``). The events it records (``_event``) are inserted at
+        its end, in the order they were made, in one statement (``executemany``), before its
+        commit: a switch's record inside the freeze window made one INSERT per event, two to
+        four a record (session 73, journalcpu)."""
         try:
             with self._db.tx() as db:
+                self._queued = []  # (under the store's lock: one write at a time)
                 yield db
+                if self._queued:
+                    db.executemany(_INSERT_EVENT, self._queued)
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
 
@@ -1116,18 +1137,15 @@ class Journal:
         """Insert a new transaction, or return the existing one with the same key (a replay).
         ``begin``: the first step, whose ``begin`` event goes in the same write."""
         with self._tx() as db:
-            row = db.execute(
-                "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
-                (txn.rollout_id, txn.kind.value),
-            ).fetchone()
-            if row is not None:
+            # The row is inserted unless one has its key, then read only if it had (a
+            # replay): no read of the row before every insert (session 73, journalcpu).
+            inserted = db.execute(_INSERT_TXN, [_enc(n, getattr(txn, n)) for n in _TXN_FIELDS])
+            if inserted.rowcount == 0:
+                row = db.execute(
+                    "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
+                    (txn.rollout_id, txn.kind.value),
+                ).fetchone()
                 return _txn(row, self.path)
-            names = [f.name for f in fields(Txn)]
-            db.execute(
-                # Column names come from the dataclass, never from input.
-                f"INSERT INTO txns ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",  # noqa: S608
-                [_enc(n, getattr(txn, n)) for n in names],
-            )
             self._event(db, txn, "create", "end", {})
             self._begin(db, txn, begin)
         return txn
@@ -1142,9 +1160,11 @@ class Journal:
     ) -> Txn:
         """Record what a step changed (``phase`` and what it found; never the plan). ``begin``:
         the next step, whose ``begin`` event goes in the same write (one write per step).
-        ``passed``: the step before, not journalled yet, recorded first in the same write."""
+        ``passed``: the step before, not journalled yet, recorded first in the same write (its
+        changes and this step's in one UPDATE of the row: ``_passed``)."""
         with self._tx() as db:
-            new = self._update(db, self._passed(db, txn, passed), changes)
+            txn, carried = self._passed(db, txn, passed)
+            new = self._update(db, txn, changes, carried=carried)
             self._begin(db, new, begin)
             return new
 
@@ -1164,11 +1184,11 @@ class Journal:
         ends with the server still frozen (see ``unfreeze_owed``). ``begin`` and ``passed`` as
         for ``update``."""
         with self._tx() as db:
-            txn = self._passed(db, txn, passed)
+            txn, carried = self._passed(db, txn, passed)
             self._event(db, txn, step, "error", {"reason": error})
             if unfreeze_owed:
                 self._set_meta(db, "unfreeze_owed", txn.rollout_id)
-            new = self._update(db, txn, changes)
+            new = self._update(db, txn, changes, carried=carried)
             self._begin(db, new, begin)
             return new
 
@@ -1188,15 +1208,21 @@ class Journal:
         if step is not None:
             self._event(db, txn, step, "begin", {}, at)
 
-    def _passed(self, db: sqlite3.Connection, txn: Txn, passed: Passed | None) -> Txn:
+    def _passed(
+        self, db: sqlite3.Connection, txn: Txn, passed: Passed | None
+    ) -> tuple[Txn, dict[str, Any]]:
         """The record of a step that ended before the one being written (``Passed``: a
-        switch's restart, ``Runner._defers``): its changes, its phase's ``end`` and the
-        ``begin`` of the step after it, stamped when it ended, in the same write."""
+        switch's restart, ``Runner._defers``): its phase's ``end`` and the ``begin`` of the step
+        after it, stamped when it ended, in the same write; returned: the transaction as it
+        left it, and its changes, which the write's own UPDATE of the row carries (``_update``'s
+        ``carried``: one UPDATE, not two, inside the freeze window; session 73)."""
         if passed is None:
-            return txn
-        new = self._update(db, txn, dict(passed.changes), passed.at)
+            return txn, {}
+        changes = dict(passed.changes)
+        new = self._changed(txn, changes)
+        self._ended(db, new, changes, passed.at)
         self._begin(db, new, passed.begin, passed.at)
-        return new
+        return new, changes
 
     def last_begun(self, txn: Txn) -> str | None:
         """The step whose ``begin`` is this transaction's last event, if it is one: begun (or
@@ -1230,22 +1256,38 @@ class Journal:
         txn: Txn,
         changes: dict[str, Any],
         at: dt.datetime | None = None,
+        *,
+        carried: dict[str, Any] | None = None,
     ) -> Txn:
-        if "plan" in changes:
-            raise ValueError("a transaction's plan is fixed when it starts")
-        new = replace(txn, **changes)  # TypeError for a name that is not a field
-        sets = ", ".join(f"{k} = ?" for k in changes)
+        """The row updated with ``changes`` (its phase's ``end`` event if the phase or the
+        outcome changed); ``carried``: the changes of a step recorded before in this write
+        (``_passed``), written in the same UPDATE (``changes`` win where both name a field)."""
+        new = self._changed(txn, changes)
+        written = {**carried, **changes} if carried else changes
+        sets = ", ".join(f"{k} = ?" for k in written)
         db.execute(
             f"UPDATE txns SET {sets} WHERE rollout_id = ? AND kind = ?",  # noqa: S608 - names are dataclass fields
-            [*(_enc(k, v) for k, v in changes.items()), txn.rollout_id, txn.kind.value],
+            [*(_enc(k, v) for k, v in written.items()), txn.rollout_id, txn.kind.value],
         )
-        if "phase" in changes or "outcome" in changes:
-            detail = {"outcome": new.outcome.value} if new.finished else {}
-            self._event(db, new, new.phase, "end", detail, at)
+        self._ended(db, new, changes, at)
         if new.freeze_ended_at is not None or new.finished:
             key = (txn.rollout_id, txn.kind.value)
             self._db.after_commit(lambda: self._frozen.discard(key))
         return new
+
+    @staticmethod
+    def _changed(txn: Txn, changes: dict[str, Any]) -> Txn:
+        if "plan" in changes:
+            raise ValueError("a transaction's plan is fixed when it starts")
+        return replace(txn, **changes)  # TypeError for a name that is not a field
+
+    def _ended(
+        self, db: sqlite3.Connection, new: Txn, changes: dict[str, Any], at: dt.datetime | None
+    ) -> None:
+        """The ``end`` event of ``new``'s phase, if ``changes`` moved the phase or outcome."""
+        if "phase" in changes or "outcome" in changes:
+            detail = {"outcome": new.outcome.value} if new.finished else {}
+            self._event(db, new, new.phase, "end", detail, at)
 
     def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
         with self._tx() as db:
@@ -1253,27 +1295,27 @@ class Journal:
 
     def _event(
         self,
-        db: sqlite3.Connection,
+        _db: sqlite3.Connection,
         txn: Txn,
         step: str,
         what: str,
         detail: dict[str, Any],
         at: dt.datetime | None = None,
     ) -> None:
+        """Queue the event for the write under way (``_tx`` inserts them before its commit),
+        stamped now (or ``at``)."""
         if str(step) == "freeze" and what in ("begin", "again"):  # (before the freeze call)
             key = (txn.rollout_id, txn.kind.value)
             self._db.after_commit(lambda: self._frozen.add(key))
-        db.execute(
-            "INSERT INTO events (at, rollout_id, kind, step, what, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+        self._queued.append(
             (
                 (at or dt.datetime.now(dt.UTC)).isoformat(),
                 txn.rollout_id,
                 txn.kind.value,
                 str(step),
                 what,
-                json.dumps(detail, sort_keys=True),
-            ),
+                json.dumps(detail, sort_keys=True) if detail else _NO_DETAIL,
+            )
         )
 
     def events(self, rollout_id: str) -> list[dict[str, Any]]:

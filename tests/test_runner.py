@@ -2270,6 +2270,99 @@ async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_ste
     assert done.outcome is TxnOutcome.COMPLETED
 
 
+def _statement(sql: str) -> str:
+    """A journal statement as the trace gives it, cut to what it does and to which table."""
+    words = sql.split()
+    if words[0] in ("INSERT", "DELETE"):  # INSERT INTO t, DELETE FROM t
+        return " ".join(words[:3])
+    return " ".join(words[:2]) if words[0] in ("UPDATE", "BEGIN", "PRAGMA", "SELECT") else words[0]
+
+
+async def test_a_switch_s_records_inside_the_freeze_window_are_three_commits_of_few_statements(
+    world: Callable[[Scenario], World],
+) -> None:
+    """Session 73 (journalcpu): every read and write of the journal looked at ``PRAGMA
+    data_version`` (for a cache the journal never keeps); each event was an INSERT of its own;
+    the record of the restart, carried in the verify's write, updated the row twice; the
+    create read the row it was about to insert. Inside the freeze window now: three commits,
+    each before the action it must precede (the frozen watermark before the config's write,
+    ``config_written`` before the restart, ``verified`` before the unfreeze), one UPDATE of
+    the row each and their events, nothing else. SQLite's trace names each row of one
+    ``executemany`` as a statement."""
+    w = world(SCENARIOS["completes"])
+    journal = CrashingJournal(w.journal_path)
+    runner = w.runner(journal)
+    traced: list[tuple[str, str, int]] = []  # (window, statement, server ops done by then)
+
+    def trace(sql: str) -> None:
+        s = w.server
+        window = "freeze" if s.frozen else ("after" if "unfreeze" in s.ops else "before")
+        traced.append((window, _statement(sql), len(s.ops)))
+
+    journal._db._db.set_trace_callback(trace)
+    txn, staged = await begin_as_the_servicer(w, runner, journal)
+    done = await runner.run(txn, begun=next_action(Phase.STARTED), staged=staged)
+    journal._db._db.set_trace_callback(None)
+    assert w.assert_ended_well(journal) == done
+    events = ["INSERT INTO events"]
+    record = ["BEGIN IMMEDIATE", "UPDATE txns", *events * 2, "COMMIT"]
+    inside = [q for window, q, _ in traced if window == "freeze"]
+    assert inside == [
+        *record,  # frozen, write_config begin
+        *record,  # config_written, restart begin
+        "BEGIN IMMEDIATE",
+        "UPDATE txns",  # restarted and verified: one UPDATE
+        *events * 4,  # restarted, verify begin, verified, unfreeze begin
+        "COMMIT",
+    ], traced
+    assert [q for window, q, _ in traced if window == "before"] == [
+        "BEGIN IMMEDIATE",
+        "INSERT INTO txns",  # no read of the row first: a replay's insert does nothing
+        *events * 2,  # create, freeze begin
+        "COMMIT",
+    ]
+    ops = ["freeze", "write_config target", "restart", "unfreeze"]
+    assert w.server.ops == ops
+    commits = [ran for window, q, ran in traced if window == "freeze" and q == "COMMIT"]
+    # persist before act: each commit before the action after it (the server's ops then)
+    assert commits == [1, 2, 3], traced
+    assert [q for window, q, _ in traced if window == "after"] == [
+        "BEGIN IMMEDIATE",
+        "INSERT INTO meta",
+        "DELETE FROM meta",
+        "UPDATE txns",
+        *events,
+        "COMMIT",
+    ]
+    journal.close()
+
+
+def test_a_transaction_created_again_is_found_and_nothing_is_written(tmp_path: Path) -> None:
+    """``Journal.create`` inserts without reading first (session 73): a transaction already
+    journalled under the key (a replay) is returned as journalled, and the write changes
+    nothing (no row, no event, no commit)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    first = Txn(
+        rollout_id="r1",
+        kind=TxnKind.SWITCH,
+        epoch=3,
+        phase=Phase.STARTED,
+        plan={"change": "enable-tls"},
+        started_at=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+    )
+    assert journal.create(first, begin="freeze") == first
+    events, commits = journal.events("r1"), journal._db.commits
+    again = replace(
+        first, epoch=4, plan={"change": "rotate-cert"}, started_at=dt.datetime.now(dt.UTC)
+    )
+    assert journal.create(again, begin="freeze") == first
+    assert journal.events("r1") == events and journal._db.commits == commits
+    assert [(e["step"], e["what"]) for e in events] == [("create", "end"), ("freeze", "begin")]
+    other = replace(first, kind=TxnKind.ROLLBACK)
+    assert journal.create(other) == other == journal.get("r1", TxnKind.ROLLBACK)
+    journal.close()
+
+
 @pytest.mark.parametrize("name", ["completes", "restart_fails", "freeze_fails", "undo"])
 async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_its_rename(
     name: str, world: Callable[[Scenario], World]

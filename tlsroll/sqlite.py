@@ -1087,6 +1087,7 @@ class Database:
         mark: Mark | None = None,
         losing: str = "",
         reads_floor_from: int | None = None,
+        cached: bool = True,
     ) -> None:
         """Open (or create, 0600) the file and apply its missing migrations (see ``migrate``;
         ``created`` writes a new file's first rows in the same transaction). ``cache_kib``:
@@ -1094,8 +1095,11 @@ class Database:
         SQLite's default (2000 KiB). A file that cannot be opened now (a full disk, a
         read-only file system: ``unavailable``) is a ``StoreUnavailable`` whose message begins
         with ``what`` and the path. ``ignorable``, ``mark``, ``losing``, ``reads_floor_from``: see
-        ``migrate``."""
+        ``migrate``. ``cached=False``: a store that keeps nothing in ``cache`` (nor ``peek``s):
+        no look at ``data_version`` in each read and write (``_others_wrote``; the agent's
+        journal, session 73)."""
         self.path = Path(path)
+        self._cached = cached
         self._lock = threading.Lock()
         # Bumped by every committed write except a routine one (``tx(routine=True)``): a
         # reader that keeps what it read in memory (the leader's heartbeat path:
@@ -1194,6 +1198,8 @@ class Database:
     def _others_wrote(self) -> None:
         """Under the lock: drop ``cache`` if another connection committed since the last look
         (``data_version`` changes only for other connections' commits, never for ours)."""
+        if not self._cached:  # nothing kept: nothing to drop
+            return
         version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
         if version != self._data_version:
             self._data_version = version
