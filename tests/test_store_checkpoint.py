@@ -323,7 +323,7 @@ def test_a_retry_the_store_thread_runs_at_once_leaves_the_next_checkpoint_due(
             else:
                 fn(*args)
 
-    monkeypatch.setattr(dbthread, "started", lambda: AtOnce())
+    monkeypatch.setattr(dbthread, "started", AtOnce)
     monkeypatch.setattr(dbthread, "pending", lambda: 0)
     db = Database(tmp_path / "s.sqlite3", SCHEMA)
     db.checkpoint_every = 2
