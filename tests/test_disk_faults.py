@@ -526,9 +526,7 @@ def checkpoint_on_a_full_disk(cluster: AdminTokenCluster, data: Path) -> None:
         status = cluster.cli("rollout", "status")
         trouble = status.stderr.splitlines()[0]
         # (its writes still work: not said as a failed write's, review s73 revdisk)
-        assert trouble.startswith("tlsroll: the leader's store cannot grow since 20"), (
-            status.stderr
-        )
+        assert trouble.startswith("tlsroll: the leader's store cannot grow since 20"), status.stderr
         assert "database or disk is full (SQLITE_FULL) at its checkpoint" in trouble
         assert "rollouts go on for now" in trouble
     finally:
