@@ -1135,6 +1135,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         viewer.reader.login_failures = state.login_failures
         viewer.reader.clock_offset = state.clocks.offset
         viewer.reader.store_trouble = lambda: health.trouble
+        viewer.reader.store_writes_work = lambda: health.writes_work
         viewer.reader.live_server = lambda name: state.live_servers.get(name, "")
         # (a copy, made at once: the watch and the page read it in a worker thread while
         # heartbeats change it on the event loop)
@@ -1186,6 +1187,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         rotator.status.view,
         node_problems=state.node_problems,
         store_trouble=lambda: health.trouble,
+        store_writes_work=lambda: health.writes_work,
         login_failures=state.login_failures,
         fresh=state.fresh_reports,
         reported=state.store.report_since_start,

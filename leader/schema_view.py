@@ -658,11 +658,14 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         login_failures: Callable[[], Sequence[LoginFailuresRow]] | None = None,
         live_server: Callable[[str], str] | None = None,
         served: Callable[[], Mapping[str, str]] | None = None,
+        store_writes_work: Callable[[], bool] | None = None,
     ) -> None:
         """``auto_rotate``: what the automatic rotation last decided
         (``leader.auto_rotate.Status.view``); ``node_problems``: the nodes the leader sees a
         problem with now (``leader.service.LeaderState.node_problems``); ``store_trouble``:
         why the store's writes fail and since when, while they do (``Engine.store_trouble``);
+        ``store_writes_work``: True while that is its checkpoint's alone, the writes still
+        committing (``StoreHealth.writes_work``);
         ``login_failures``: the nodes whose server counts wrong client passwords
         (``leader.service.LeaderState.login_failures``); ``live_server``: what a node's
         server serves by its latest heartbeat (``LeaderState.live_servers``; "" not known):
@@ -681,6 +684,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         self.live_server = live_server
         self.served = served
         self.store_trouble = store_trouble
+        self.store_writes_work = store_writes_work
         self.schema = schema
         self.clock = clock
         self.expiry = expiry
@@ -724,6 +728,8 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         if trouble is not None:  # (read in memory: the store it is about may fail to answer)
             message.store_trouble.problem, since = trouble
             message.store_trouble.since.FromDatetime(since)
+            if self.store_writes_work is not None:
+                message.store_trouble.writes_work = self.store_writes_work()
         message.total_rollouts = total
         return message
 

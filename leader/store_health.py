@@ -91,6 +91,13 @@ class StoreHealth:
         or its checkpoints do (the writes then go on for a while in the ``-wal``)."""
         return self.writes or self.checkpoint_trouble
 
+    @property
+    def writes_work(self) -> bool:
+        """True while ``trouble`` is the checkpoint's alone: the writes still commit (into
+        the ``-wal``), and rollouts go on until it must grow (what the words say: review s73
+        revdisk, they said no rollout moved)."""
+        return self.writes is None and self.checkpoint_trouble is not None
+
     def checkpoint(self, failed: sqlite3.Error | None) -> None:
         """A checkpoint of the store ran (``Database.on_checkpoint``, on the store's thread):
         ``failed``, the error of one the disk did not take, is kept (why, since when) and told
@@ -109,7 +116,7 @@ class StoreHealth:
                 self.checkpoint_trouble = (why, since)
             if first:
                 if self.writes is None:
-                    sd_notify(f"STATUS=Store writes failing since {since:%Y-%m-%d %H:%M:%S}: {why}")
+                    _checkpoint_status(why, since)
                 log.warning(
                     "store.checkpoint_failing",
                     error_type=type(failed).__name__,
@@ -149,5 +156,13 @@ class StoreHealth:
                 error=why,
                 detail="the store takes writes again: the failure said before is over",
             )
-            if self.checkpoint_trouble is None:
+            checkpoint = self.checkpoint_trouble
+            if checkpoint is None:
                 sd_notify("STATUS=Store writes work again")
+            else:  # (not the failed write's words, now over: review s73 revdisk)
+                _checkpoint_status(*checkpoint)
+
+
+def _checkpoint_status(why: str, since: dt.datetime) -> None:
+    """systemd's ``STATUS=`` while the store's checkpoint alone fails (its writes commit)."""
+    sd_notify(f"STATUS=Store checkpoint failing since {since:%Y-%m-%d %H:%M:%S}: {why}")

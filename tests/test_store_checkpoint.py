@@ -301,3 +301,40 @@ async def test_a_failed_checkpoint_is_kept_told_and_tried_again_after_a_wait_not
     finally:
         await dbthread.barrier()
         db.close()
+
+
+def test_a_retry_the_store_thread_runs_at_once_leaves_the_next_checkpoint_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry's timer hands the checkpoint to the store thread from a thread of its own,
+    without the lock: the store thread may run it before the timer's thread has its next
+    line. Here a stand-in for the store thread runs each call handed to it at once. The
+    checkpoint then ran, and one due at a later commit is queued and runs. Before (review s73
+    revdisk): the timer's thread marked it queued after it had run, and no commit queued one
+    again, nor a retry: the leader's store said "cannot write" until it was restarted."""
+
+    later: list[tuple[Any, tuple[Any, ...]]] = []
+
+    class AtOnce:  # (the store thread: runs what it is handed before the caller goes on,
+        # unless the caller holds the lock, as a commit does: then once it is released)
+        def submit_uncounted(self, fn: Any, /, *args: Any) -> None:
+            if db._lock.locked():
+                later.append((fn, args))
+            else:
+                fn(*args)
+
+    monkeypatch.setattr(dbthread, "started", AtOnce)
+    monkeypatch.setattr(dbthread, "pending", lambda: 0)
+    db = Database(tmp_path / "s.sqlite3", SCHEMA)
+    db.checkpoint_every = 2
+    try:
+        db._try_again()  # (a retry's time come)
+        assert db.checkpoints == 1
+        for _ in range(2):
+            with db.tx() as conn:
+                conn.execute("INSERT INTO rec (body) VALUES (x'00')")
+        for fn, args in later:
+            fn(*args)
+        assert len(later) == 1 and db.checkpoints == 2
+    finally:
+        db.close()

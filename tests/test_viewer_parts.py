@@ -728,6 +728,33 @@ def test_the_store_s_trouble_is_in_the_page_s_words_with_sqlite_s_marked_english
         assert words in own and "SQLITE" not in own and "disk is full" not in own, own
 
 
+def test_a_store_whose_checkpoint_alone_fails_is_not_said_to_stop_the_rollouts(
+    store: Store,
+) -> None:
+    """Review s73 revdisk: a checkpoint the disk does not take while the writes still commit
+    (``StoreHealth.writes_work``) was shown in the words of a failed write ("no rollout moves
+    until it can", "keine Umstellung kommt weiter"), where rollouts go on until the writes
+    fail. Its own words now, in each language; a failed write's stay."""
+    problem = "store: database or disk is full (SQLITE_FULL) at its checkpoint (…)"
+    reader = Reader(store, SchemaStore(store.db), lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    reader.store_trouble = lambda: (problem, NOW - dt.timedelta(minutes=3))
+    works = [True]
+    reader.store_writes_work = lambda: works[0]
+    page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    expected = {
+        (True, "de"): ("gehen vorerst weiter", "keine Umstellung kommt weiter"),
+        (True, "en"): ("rollouts go on for now", "no rollout moves"),
+        (False, "de"): ("keine Umstellung kommt weiter", "vorerst"),
+        (False, "en"): ("no rollout moves until it can", "for now"),
+    }
+    for (writes_work, lang), (said, unsaid) in expected.items():
+        works[0] = writes_work
+        html = pages.schema_content(reader.read(), Words.of(lang), page)
+        (alert,) = re.findall(r'<div class="alert"[^>]*data-trouble="store"[^>]*>(.*?)</div>', html)
+        own = unescape(re.sub(r"<q lang=\"en\">.*?</q>|<[^>]+>", "", alert))
+        assert said in own and unsaid not in own, (writes_work, lang, own)
+
+
 def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Store) -> None:
     schema = SchemaStore(store.db)
     failure = BootstrapFailureRow("a", "127.0.0.9", "ws-empfang", 7, NOW, NOW)

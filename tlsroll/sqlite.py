@@ -1340,12 +1340,14 @@ class Database:
         worker = dbthread.started()
         if worker is None:
             return
+        # Marked before it is handed over: the thread may run it (and clear the mark) before
+        # this one has its next line, when this is the retry's timer (no lock held: review
+        # s73 revdisk; marked after, it stayed marked, and no checkpoint was queued again).
+        self._checkpoint_queued = True
         try:
             worker.submit_uncounted(self._checkpoint_idle, waited)
         except RuntimeError:  # the thread was shut down (the process ends)
             self._checkpoint_queued = False
-            return
-        self._checkpoint_queued = True
 
     def _checkpoint_idle(self, waited: int) -> None:
         """(On the store's thread.) Checkpoint the ``-wal`` into the file, off the path of any
@@ -1437,6 +1439,7 @@ class Database:
             self._retry = None
             if self._closed or self._checkpoint_queued:
                 return
+            self._checkpoint_queued = True  # (no commit queues another meanwhile)
         self._queue_checkpoint(0)
 
     def touch(self) -> None:

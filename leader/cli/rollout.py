@@ -1003,6 +1003,14 @@ def _say_store_trouble(schema: schema_pb2.Schema) -> None:
     if schema.HasField("store_trouble"):
         trouble = schema.store_trouble
         since = trouble.since.ToDatetime(tzinfo=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if trouble.writes_work:  # (its checkpoint's alone: review s73 revdisk)
+            click.echo(
+                f"tlsroll: the leader's store cannot grow since {since}: {trouble.problem};"
+                " rollouts go on for now, until its writes fail (free space on the leader's"
+                " disk)",
+                err=True,
+            )
+            return
         click.echo(
             f"tlsroll: the leader cannot write its store since {since}: {trouble.problem}; "
             "no rollout moves until it can (free space on the leader's disk)",

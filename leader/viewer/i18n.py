@@ -83,6 +83,11 @@ _DE: dict[str, str] = {
     "store_trouble": "Der Leader kann seit {since} nicht in seinen Speicher schreiben; keine "
     "Umstellung kommt weiter, bis er es wieder kann. Bitte die Praxis-IT verständigen (Platz "
     "auf der Festplatte des Leaders schaffen). Der Leader beschreibt es auf Englisch:",
+    # (its writes still commit, its checkpoint fails: ``StoreHealth.writes_work``)
+    "store_checkpoint_trouble": "Der Leader kann seinen Speicher seit {since} nicht mehr "
+    "wachsen lassen; Umstellungen gehen vorerst weiter, bis seine Schreibvorgänge scheitern. "
+    "Bitte die Praxis-IT verständigen (Platz auf der Festplatte des Leaders schaffen). Der "
+    "Leader beschreibt es auf Englisch:",
     "needs_admin": "Knoten {node} braucht die Praxis-IT: ein früherer Stand seines Journals "
     "wurde zurückgespielt, und was sein Server ausführt, zeigt nicht, wie eine Umstellung "
     "ausgegangen ist; er wird nicht umgestellt, bis die Praxis-IT ihn geprüft hat, und sein "
@@ -311,6 +316,9 @@ _EN: dict[str, str] = {
     "store_trouble": "The leader cannot write its store since {since}; no rollout moves "
     "until it can. Please call the practice IT (free space on the leader's disk). The leader "
     "says:",
+    "store_checkpoint_trouble": "The leader's store cannot grow since {since}; rollouts go on "
+    "for now, until its writes fail. Please call the practice IT (free space on the leader's "
+    "disk). The leader says:",
     "needs_admin": "Node {node} needs the practice IT: an earlier copy of its journal was "
     "put back, and what its server runs does not show how a switch ended; it is not switched "
     "until the practice IT has checked it, and its server may refuse to save until then. "

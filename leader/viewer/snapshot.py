@@ -424,6 +424,9 @@ class Reader:
         # (``leader.store_health.StoreHealth.trouble``): a page shows it as `rollout status`
         # does; read in memory (the store it is about may fail to answer), set likewise.
         self.store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None
+        # True while that trouble is the checkpoint's alone, the writes still committing
+        # (``StoreHealth.writes_work``), set likewise.
+        self.store_writes_work: Callable[[], bool] | None = None
         # What each node's managed server runs by its latest heartbeat ("http", "https",
         # "http+https", "down: …", "needs the admin: …", "restarting: …";
         # ``leader.service.server_summary``, kept in
@@ -541,6 +544,8 @@ class Reader:
         if trouble is not None:
             message.store_trouble.problem, since = trouble
             message.store_trouble.since.FromDatetime(since)
+            if self.store_writes_work is not None:
+                message.store_trouble.writes_work = self.store_writes_work()
         if page:
             data = self._page_data(message, rows, pending, Counter(c.node for c in still))
         else:

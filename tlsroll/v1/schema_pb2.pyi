@@ -774,9 +774,14 @@ class StoreTroubleView(_message.Message):
 
     PROBLEM_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
+    WRITES_WORK_FIELD_NUMBER: _builtins.int
     problem: _builtins.str
     """SQLite's words and code, or the file and errno: "store: database or disk is full
     (SQLITE_FULL)".
+    """
+    writes_work: _builtins.bool
+    """True while its writes still commit and only its checkpoint fails (their -wal cannot be
+    copied into a file that must grow): rollouts go on until the -wal must grow.
     """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
@@ -787,10 +792,11 @@ class StoreTroubleView(_message.Message):
         *,
         problem: _builtins.str = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
+        writes_work: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["problem", b"problem", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["problem", b"problem", "since", b"since", "writes_work", b"writes_work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
