@@ -27,7 +27,7 @@ import structlog
 from nodeagent import plans, service
 from nodeagent.drivers import DriverError, ReferenceDriver, make_driver
 from nodeagent.journal import Journal, Txn
-from nodeagent.transaction import Phase, Plan, Runner
+from nodeagent.transaction import Phase, Plan, Runner, _started_before
 from nodeagent.trust import LeaderTrust
 from tests import byo_certs
 from tests.conftest import next_loopback
@@ -801,14 +801,16 @@ class StartedAt(QuietReference):
     """As ``QuietReference``, its status saying when the server started (``server_started``)."""
 
     server_started: dt.datetime
+    timespec = "auto"  # (an exec command's status may say whole seconds)
 
     async def status(self) -> dict[str, Any]:
-        return {"frozen": False, "watermark": 0, "started_at": self.server_started.isoformat()}
+        started_at = self.server_started.isoformat(timespec=self.timespec)
+        return {"frozen": False, "watermark": 0, "started_at": started_at}
 
 
-@pytest.mark.parametrize("restarted", [True, False])
+@pytest.mark.parametrize("started", ["after", "before", "in its second, said in seconds"])
 async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_only_unrestarted(
-    served: Served, https_listener: None, restarted: bool
+    served: Served, https_listener: None, started: str
 ) -> None:
     """Review s72 (L): ``Runner._settle_restored`` (a transaction unfinished in a journal put
     back from a copy, settled by what the server runs) took either pin of the source
@@ -817,7 +819,9 @@ async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_o
     where nothing restarted the server since. The copy's phase cannot say whether anything
     did: a server that started after the transaction began now counts restarted, and one
     serving the certificate of before, not its file's, is not "rolled_back" but the
-    admin's; one that started before it passes on the certificate it served then."""
+    admin's; one that started before it passes on the certificate it served then. Review s73
+    revhttps: a status that says when in whole seconds (an exec command's) says a start
+    within the second the transaction began as before it: restarted, as far as it can tell."""
     renewed, renewed_key = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])
     served.cert.write_bytes(byo_certs.pem(renewed))  # (on disk only: the listener keeps its own)
     write_private(served.key, byo_certs.key_pem(renewed_key))
@@ -827,7 +831,10 @@ async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_o
     )
     assert built.plan.source_fingerprint == f"{pki.fingerprint(renewed)},{served.fingerprint}"
     began = dt.datetime.now(dt.UTC)
-    driver.server_started = began + dt.timedelta(minutes=1 if restarted else -1)
+    restarted = started != "before"
+    driver.server_started = began + dt.timedelta(minutes={"after": 1, "before": -1}.get(started, 0))
+    if started.endswith("in seconds"):
+        driver.timespec = "seconds"  # (began's second: before it as said, maybe not as it was)
     txn = served.journal.create(
         Txn(
             "b1",
@@ -855,6 +862,33 @@ async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_o
         assert f"{said} {pki.fingerprint(renewed)}:" in settled.reason, settled.reason
     else:
         assert settled.outcome is TxnOutcome.ROLLED_BACK, settled.reason
+
+
+@pytest.mark.parametrize(
+    ("started_at", "before"),
+    [
+        ("2026-12-03T13:39:59+00:00", True),  # a whole second before 13:40:00.300
+        ("2026-12-03T13:40:00+00:00", False),  # in seconds: may be 13:40:00.9, after
+        ("2026-12-03T13:40:00.299+00:00", True),
+        ("2026-12-03T13:40:00.300+00:00", False),  # (the very millisecond: not before)
+        ("2026-12-03T13:40:00.2+00:00", True),  # a stamp in tenths: 13:40:00.2..0.3
+        ("2026-12-03T13:40:00.25+00:00", True),
+        ("2026-12-03T13:40:00.299999+00:00", True),
+        ("2026-12-03T13:39:00+00:00", True),  # a stamp in minutes (by its digits): 13:39:xx
+        ("2026-12-03T13:40:00.100", False),  # no zone
+        ("", False),
+    ],
+)
+def test_a_start_is_before_a_transaction_only_by_a_grain_of_its_stamp(
+    started_at: str, before: bool
+) -> None:
+    """Review s73 revhttps: ``_started_before`` (which decides whether a put-back settle takes
+    the certificate served at plan time) compared the stamp as if exact; a ``started_at`` is
+    cut down to its grain (whole seconds in README's example of a status), so a server the
+    transaction restarted within the second it began read as started before it."""
+    began = dt.datetime(2026, 12, 3, 13, 40, 0, 300000, tzinfo=dt.UTC)
+    assert _started_before({"started_at": started_at}, began) is before
+    assert _started_before(None, began) is False
 
 
 def switch_request(change: Change, rollout_id: str = "p1") -> agent_pb2.SwitchRequest:
