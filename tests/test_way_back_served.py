@@ -35,7 +35,7 @@ from tests.conftest import next_loopback
 from tests.private_files import write_private
 from tlsroll import dbthread, password, pki, tls
 from tlsroll.config import ConfigFile, dump_toml
-from tlsroll.enums import Change, TxnKind, TxnOutcome
+from tlsroll.enums import JOURNAL_PUT_BACK, NEEDS_ADMIN, Change, TxnKind, TxnOutcome
 from tlsroll.errors import UnsafePermissions
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import CHANGE, TXN_OUTCOME
@@ -944,6 +944,36 @@ async def test_a_switch_keeping_a_certificate_its_ca_no_longer_issued_is_refused
     assert "run rotate-cert first" in details and "\n" not in details, details
     assert served.journal.get("p1", TxnKind.SWITCH) is None
     assert (driver.freezes, runner.tasks, driver.read_config()) == (0, {}, config)
+
+
+async def test_a_switch_on_a_node_that_needs_the_admin_is_refused_so_before_the_certificate(
+    served: Served, https_listener: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s73 revhttps: the switch's second untrusted-certificate check came before the
+    refusal of a node whose journal, put back from a copy, needs the admin (``_begin``'s):
+    such a node answered with the certificate's words, which the leader takes for a refusal
+    of a node nothing began on ("nothing on the node was changed"), where the put-back words
+    make it ask the admin (``rollout_core.after_refusal``: the copy may be older than a try
+    that began the switch). The needs-admin refusal comes first, no handshake made."""
+    driver = Counted(served.driver().config_file, served.etc / "log")
+    why = f"{JOURNAL_PUT_BACK}switch of rollout p0: not settled by what the server runs"
+    monkeypatch.setattr(served.journal, "needs_admin", lambda: why)
+    agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
+    handshakes: list[str] = []
+
+    def untrusted(*_args: Any) -> str:  # (a certificate its CA no longer issued)
+        handshakes.append("untrusted_certificate")
+        return "the server's certificate is not one its CA issued …; run rotate-cert first"
+
+    monkeypatch.setattr(plans, "untrusted_certificate", untrusted)
+
+    with pytest.raises(Aborted) as refused:
+        await agent.Switch(switch_request(Change.CHANGE_PASSWORD), cast(Any, FakeContext()))
+
+    code, details = refused.value.args
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, refused.value.args
+    assert details.startswith(f"{NEEDS_ADMIN}{why}"), details
+    assert handshakes == [] and driver.freezes == 0 and runner.tasks == {}
 
 
 async def test_a_switch_sent_again_finds_its_transaction_before_any_handshake(
