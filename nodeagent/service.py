@@ -1853,6 +1853,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         known = None  # whether the switch is a replay, once asked (``_switch_known``)
         if change in plans.KEEPS_CERTIFICATE:
             known = await self._switch_known(rollout_id)
+            if not known:
+                # Refused as ``_begin`` would, first (from memory): a journal put back says so,
+                # not the certificate's words, which the leader took for "nothing began"
+                # (review s73 revhttps; ``rollout_core.after_refusal``).
+                self._refuse_if_needs_admin()
             # The start's check (``plans.plan_problem``) asked again, nothing changed yet: a
             # certificate changed since would freeze, restart and roll back (review s72 L).
             untrusted = plans.untrusted_now

@@ -274,14 +274,36 @@ def _started_before(status: dict[str, Any] | None, began: dt.datetime) -> bool:
     served: ``plans.source_pin``), so that nothing restarted it since; False where it does
     not say. Both times are the node's one wall clock (as ``_not_loaded`` takes them): a clock
     stepped back between the two can pass a restarted server as not, the rule as before
-    session 73, accepted (the admin's to notice, as there)."""
+    session 73, accepted (the admin's to notice, as there).
+
+    A ``started_at`` is its start cut down to the stamp's grain (the reference server's to
+    the millisecond; an exec command's may say whole seconds, as README's example does): the
+    server may have started up to a grain after it says, so it must say so a grain before
+    ``began`` (``_stamp_grain``). A server restarted by the transaction within the second it
+    began (a switch's restart comes milliseconds after) passed as unrestarted (review s73
+    revhttps)."""
     try:
         started = dt.datetime.fromisoformat(str((status or {}).get("started_at")))
     except ValueError:
         return False
     if started.tzinfo is None or began.tzinfo is None:
         return False
-    return started < began
+    return started + _stamp_grain(started) <= began
+
+
+def _stamp_grain(stamp: dt.datetime) -> dt.timedelta:
+    """The coarsest grain ``stamp`` may have been cut to, by its digits (a safe bound, not
+    its text's: ``…:07.250`` may be a stamp in tenths, ``…:00`` one in minutes)."""
+    if stamp.microsecond:
+        grain = 1
+        while stamp.microsecond % (grain * 10) == 0:
+            grain *= 10
+        return dt.timedelta(microseconds=grain)
+    if stamp.second:
+        return dt.timedelta(seconds=1)
+    if stamp.minute:
+        return dt.timedelta(minutes=1)
+    return dt.timedelta(hours=1) if stamp.hour else dt.timedelta(days=1)
 
 
 def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:

@@ -18,6 +18,7 @@ import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
@@ -27,14 +28,14 @@ import structlog
 from nodeagent import plans, service
 from nodeagent.drivers import DriverError, ReferenceDriver, make_driver
 from nodeagent.journal import Journal, Txn
-from nodeagent.transaction import Phase, Plan, Runner
+from nodeagent.transaction import Phase, Plan, Runner, _started_before
 from nodeagent.trust import LeaderTrust
 from tests import byo_certs
 from tests.conftest import next_loopback
 from tests.private_files import write_private
 from tlsroll import dbthread, password, pki, tls
 from tlsroll.config import ConfigFile, dump_toml
-from tlsroll.enums import Change, TxnKind, TxnOutcome
+from tlsroll.enums import JOURNAL_PUT_BACK, NEEDS_ADMIN, Change, TxnKind, TxnOutcome
 from tlsroll.errors import UnsafePermissions
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import CHANGE, TXN_OUTCOME
@@ -774,16 +775,20 @@ async def test_a_plan_handshake_is_bounded_as_a_whole_connect_and_handshake_toge
     gave their timeout to the TCP connect and again to the handshake: the call, on a Switch's
     or a Rollback's path and the preflight's, could take twice as long (a connect whose SYN
     was answered late, then a slow handshake). Each is one deadline for the whole call now
-    (``tls.connect``'s ``within``): a connect that used all of it (here one that takes 0.35 s
-    of 0.3) leaves no handshake, however promptly the server would answer; the call says what
-    it says of a server that did not answer."""
-    monkeypatch.setattr(plans, "SERVED_PIN_TIMEOUT", 0.3)
-    monkeypatch.setattr(plans, "UNTRUSTED_TIMEOUT", 0.3)
+    (``tls.connect``'s ``within``): a connect that used all of it (here one that takes the
+    timeout and 0.05 s more) leaves no handshake, however promptly the server would answer;
+    the call says what it says of a server that did not answer. (The connect's time is
+    ``tls``'s clock moved on, not waited for: with a timeout of 0.3 s, the handshake of the
+    call that must pass needed to end within it, on a loaded machine too: review s73
+    revhttps.)"""
     facts = served.driver().facts()
     connect = ssl.SSLSocket.connect
+    taken = 0.0  # seconds the connects "took", on ``tls``'s clock only
+    monkeypatch.setattr(tls, "time", SimpleNamespace(monotonic=lambda: time.monotonic() + taken))
 
     def slow(sock: ssl.SSLSocket, address: Any) -> None:
-        time.sleep(0.35)
+        nonlocal taken
+        taken += max(plans.SERVED_PIN_TIMEOUT, plans.UNTRUSTED_TIMEOUT) + 0.05
         connect(sock, address)
 
     if call == "served_pin":
@@ -801,14 +806,16 @@ class StartedAt(QuietReference):
     """As ``QuietReference``, its status saying when the server started (``server_started``)."""
 
     server_started: dt.datetime
+    timespec = "auto"  # (an exec command's status may say whole seconds)
 
     async def status(self) -> dict[str, Any]:
-        return {"frozen": False, "watermark": 0, "started_at": self.server_started.isoformat()}
+        started_at = self.server_started.isoformat(timespec=self.timespec)
+        return {"frozen": False, "watermark": 0, "started_at": started_at}
 
 
-@pytest.mark.parametrize("restarted", [True, False])
+@pytest.mark.parametrize("started", ["after", "before", "in its second, said in seconds"])
 async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_only_unrestarted(
-    served: Served, https_listener: None, restarted: bool
+    served: Served, https_listener: None, started: str
 ) -> None:
     """Review s72 (L): ``Runner._settle_restored`` (a transaction unfinished in a journal put
     back from a copy, settled by what the server runs) took either pin of the source
@@ -817,7 +824,9 @@ async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_o
     where nothing restarted the server since. The copy's phase cannot say whether anything
     did: a server that started after the transaction began now counts restarted, and one
     serving the certificate of before, not its file's, is not "rolled_back" but the
-    admin's; one that started before it passes on the certificate it served then."""
+    admin's; one that started before it passes on the certificate it served then. Review s73
+    revhttps: a status that says when in whole seconds (an exec command's) says a start
+    within the second the transaction began as before it: restarted, as far as it can tell."""
     renewed, renewed_key = byo_certs.leaf(byo_certs.make_ca("Praxis own"), [served.address])
     served.cert.write_bytes(byo_certs.pem(renewed))  # (on disk only: the listener keeps its own)
     write_private(served.key, byo_certs.key_pem(renewed_key))
@@ -827,7 +836,10 @@ async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_o
     )
     assert built.plan.source_fingerprint == f"{pki.fingerprint(renewed)},{served.fingerprint}"
     began = dt.datetime.now(dt.UTC)
-    driver.server_started = began + dt.timedelta(minutes=1 if restarted else -1)
+    restarted = started != "before"
+    driver.server_started = began + dt.timedelta(minutes={"after": 1, "before": -1}.get(started, 0))
+    if started.endswith("in seconds"):
+        driver.timespec = "seconds"  # (began's second: before it as said, maybe not as it was)
     txn = served.journal.create(
         Txn(
             "b1",
@@ -855,6 +867,33 @@ async def test_a_way_back_settled_from_a_journal_put_back_takes_the_served_pin_o
         assert f"{said} {pki.fingerprint(renewed)}:" in settled.reason, settled.reason
     else:
         assert settled.outcome is TxnOutcome.ROLLED_BACK, settled.reason
+
+
+@pytest.mark.parametrize(
+    ("started_at", "before"),
+    [
+        ("2026-12-03T13:39:59+00:00", True),  # a whole second before 13:40:00.300
+        ("2026-12-03T13:40:00+00:00", False),  # in seconds: may be 13:40:00.9, after
+        ("2026-12-03T13:40:00.299+00:00", True),
+        ("2026-12-03T13:40:00.300+00:00", False),  # (the very millisecond: not before)
+        ("2026-12-03T13:40:00.2+00:00", True),  # a stamp in tenths: 13:40:00.2..0.3
+        ("2026-12-03T13:40:00.25+00:00", True),
+        ("2026-12-03T13:40:00.299999+00:00", True),
+        ("2026-12-03T13:39:00+00:00", True),  # a stamp in minutes (by its digits): 13:39:xx
+        ("2026-12-03T13:40:00.100", False),  # no zone
+        ("", False),
+    ],
+)
+def test_a_start_is_before_a_transaction_only_by_a_grain_of_its_stamp(
+    started_at: str, before: bool
+) -> None:
+    """Review s73 revhttps: ``_started_before`` (which decides whether a put-back settle takes
+    the certificate served at plan time) compared the stamp as if exact; a ``started_at`` is
+    cut down to its grain (whole seconds in README's example of a status), so a server the
+    transaction restarted within the second it began read as started before it."""
+    began = dt.datetime(2026, 12, 3, 13, 40, 0, 300000, tzinfo=dt.UTC)
+    assert _started_before({"started_at": started_at}, began) is before
+    assert _started_before(None, began) is False
 
 
 def switch_request(change: Change, rollout_id: str = "p1") -> agent_pb2.SwitchRequest:
@@ -905,6 +944,36 @@ async def test_a_switch_keeping_a_certificate_its_ca_no_longer_issued_is_refused
     assert "run rotate-cert first" in details and "\n" not in details, details
     assert served.journal.get("p1", TxnKind.SWITCH) is None
     assert (driver.freezes, runner.tasks, driver.read_config()) == (0, {}, config)
+
+
+async def test_a_switch_on_a_node_that_needs_the_admin_is_refused_so_before_the_certificate(
+    served: Served, https_listener: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s73 revhttps: the switch's second untrusted-certificate check came before the
+    refusal of a node whose journal, put back from a copy, needs the admin (``_begin``'s):
+    such a node answered with the certificate's words, which the leader takes for a refusal
+    of a node nothing began on ("nothing on the node was changed"), where the put-back words
+    make it ask the admin (``rollout_core.after_refusal``: the copy may be older than a try
+    that began the switch). The needs-admin refusal comes first, no handshake made."""
+    driver = Counted(served.driver().config_file, served.etc / "log")
+    why = f"{JOURNAL_PUT_BACK}switch of rollout p0: not settled by what the server runs"
+    monkeypatch.setattr(served.journal, "needs_admin", lambda: why)
+    agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
+    handshakes: list[str] = []
+
+    def untrusted(*_args: Any) -> str:  # (a certificate its CA no longer issued)
+        handshakes.append("untrusted_certificate")
+        return "the server's certificate is not one its CA issued …; run rotate-cert first"
+
+    monkeypatch.setattr(plans, "untrusted_certificate", untrusted)
+
+    with pytest.raises(Aborted) as refused:
+        await agent.Switch(switch_request(Change.CHANGE_PASSWORD), cast(Any, FakeContext()))
+
+    code, details = refused.value.args
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, refused.value.args
+    assert details.startswith(f"{NEEDS_ADMIN}{why}"), details
+    assert handshakes == [] and driver.freezes == 0 and runner.tasks == {}
 
 
 async def test_a_switch_sent_again_finds_its_transaction_before_any_handshake(
