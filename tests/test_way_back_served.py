@@ -755,9 +755,10 @@ def test_a_plan_handshake_gives_up_on_a_trickling_server(
     so that a server trickling its handshake a byte at a time held the call for as long as
     it trickled. ``ssl``'s handshake timeout is for the whole handshake (since Python 3.5):
     the client gives up (and closes) long before the server has sent all it would (a
-    timeout of 0.3 s here, a byte every 0.05 s, 100 bytes: 5 s). A guard: a handshake of
-    ``tls.connect``'s own that reset its timeout at each byte would fail it."""
-    monkeypatch.setattr(plans, "SERVED_PIN_TIMEOUT", 0.3)
+    timeout of 1 s here, a byte every 0.05 s, 100 bytes: 5 s). A guard: a handshake of
+    ``tls.connect``'s own that reset its timeout at each byte would fail it. (1 s, not less:
+    the trickler's thread must have sent its first byte by then on a loaded machine too.)"""
+    monkeypatch.setattr(plans, "SERVED_PIN_TIMEOUT", 1.0)
     facts = served.driver().facts()
     trickler = Trickler(served.address, HTTPS_PORT)
     try:
