@@ -36,7 +36,7 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from nodeagent import leader_link
+from nodeagent import leader_link, nodefiles
 from nodeagent.leader_link import LeaderLink, leader_channel_options
 from tests.children import ROOT, python_child
 from tests.leader_rig import leader_with_a_node
@@ -158,10 +158,11 @@ async def test_an_agent_pings_by_the_leader_s_interval_once_the_leader_said_it(
     TCP_USER_TIMEOUT too) follows it: it stayed 2 of the agent's own intervals, and such an
     agent dropped its connection 2 s into a PING's wait of 8 s. The agent keeps the interval
     heard (``DATA/leader.serial.json``): a restarted agent's first channel is timed by it and
-    made once (it was made again at every start's second beat). Under a leader at the
-    agent's own interval, no channel is made again. The agent's real link against the Leader
-    service on a real mTLS port; what is counted is the channels the link makes and their
-    keepalive options."""
+    made once (it was made again at every start's second beat); one kept from a leader whose
+    interval changed since times it until the leader's first answer, and is kept no more
+    (revsmalls). Under a leader at the agent's own interval, no channel is made again. The
+    agent's real link against the Leader service on a real mTLS port; what is counted is the
+    channels the link makes and their keepalive options."""
     made: list[dict[str, object]] = []
     real = grpc.aio.secure_channel
 
@@ -203,6 +204,17 @@ async def test_an_agent_pings_by_the_leader_s_interval_once_the_leader_said_it(
                 for _ in range(3):
                     await link.beat()
                 timed_by([leader_at])
+                # The leader's interval changed in its config meanwhile (2 s now): the kept one
+                # times the restarted agent's first channel until the leader's first answer,
+                # the next beat's channel is timed by the new one, which is kept in its stead.
+                await link.close()
+                rig.state.heartbeat_interval = 2
+                made.clear()
+                link = LeaderLink(link.cfg, link.identity, trust, journal)
+                for _ in range(3):
+                    await link.beat()
+                timed_by([leader_at, 2])
+                assert nodefiles.read_leader_interval(link.cfg.data_dir) == 2
             finally:
                 await link.close()
                 journal.close()

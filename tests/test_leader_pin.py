@@ -229,6 +229,36 @@ def test_the_serial_record_round_trips(tmp_path: Path) -> None:
     assert nodefiles.read_leader_pin(tmp_path) == (None, True)
 
 
+@pytest.mark.parametrize(
+    ("kept", "taken"),
+    [("5", None), (0, None), (-5, None), (5.0, None), (True, None), (None, None), ([5], None),
+     (3601, None), (10**30, None), (1, 1), (3600, 3600)],
+)  # fmt: skip
+async def test_a_kept_interval_no_leader_could_have_said_is_none_kept(
+    tmp_path: Path, loopback: Callable[[], str], kept: object, taken: int | None
+) -> None:
+    """Session 73 (smalls): the record keeps the leader's interval beside the serial, and a
+    restarted agent's first channel PINGs by it. A value no leader's config takes (1-3600 s: a
+    damaged or foreign record) is none kept: the first channel is timed by the agent's own
+    interval, as before the leader is heard; the serial is read as ever (an earlier agent
+    reads the serial and ``announces`` alone: the key is extra to it)."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    link, trust, journal = agent_link(tmp_path, rig.node_files, loopback(), loopback(), 2)
+    try:
+        await link.close()
+        record = {"serial": "1f00a", "announces": True, "interval": kept}
+        nodefiles.leader_pin_path(link.cfg.data_dir).write_text(json.dumps(record))
+        assert nodefiles.read_leader_pin(link.cfg.data_dir) == (0x1F00A, True)
+        link = leader_link.LeaderLink(link.cfg, link.identity, trust, journal)  # (restarted)
+        assert link.leader_interval == taken
+        assert link._ping_interval() == (taken or 2)
+        assert link.pin == 0x1F00A and link.announces
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
 async def test_an_earlier_leader_is_obeyed_as_before_until_a_leader_named_its_serial(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
