@@ -669,6 +669,44 @@ async def test_a_crash_at_any_write_resumes_and_acts_once(
     journal.close()
 
 
+@pytest.mark.parametrize(
+    ("name", "at", "lost"),
+    [("completes", 1, False), ("completes", 2, True), ("completes", 2, False)],
+    ids=["after-freeze-begin", "instead-of-frozen", "after-frozen"],
+)
+async def test_a_switch_resumed_in_its_freeze_window_holds_the_checkpoint_while_frozen(
+    name: str, at: int, lost: bool, world: Callable[..., World]
+) -> None:
+    """Review s73 revjournal: the journal's freeze window (``in_freeze_window``: no idle
+    checkpoint while the server is frozen) is opened by the ``freeze begin`` event's write and
+    read from the row at the agent's start (``freeze_started_at`` set, not ended). An agent
+    killed after that event and before the ``frozen`` record (or with that record lost) finds
+    a row with no ``freeze_started_at``: the resumed freeze, whose ``begin`` is not journalled
+    again (``Journal.last_begun``), then ran its whole window with the checkpoint free. After
+    each write of the resumed switch: the server frozen means the window is open."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    first = CrashingJournal(w.journal_path, at, lost=lost)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    seen: list[tuple[str, bool, bool]] = []  # (write, server frozen, window open) after each
+    journal = CrashingJournal(w.journal_path)  # (the agent started again: ``World.resume``)
+    journal.after_write = lambda: seen.append(
+        (journal.writes[-1], w.server.frozen, journal.in_freeze_window())
+    )
+    runner = w.runner(journal)
+    await runner.resume_all()
+    await asyncio.gather(*runner.tasks.values())
+    w.assert_ended_well(journal)
+    assert [label for label, frozen, _ in seen if frozen], seen
+    assert [(label, True) for label, frozen, _ in seen if frozen] == [
+        (label, held) for label, frozen, held in seen if frozen
+    ]
+    assert not journal.in_freeze_window()
+    journal.close()
+
+
 @pytest.mark.parametrize("refused", [False, True], ids=["freezes-again", "refused"])
 async def test_a_switch_resumed_after_its_freeze_was_lifted_freezes_again(
     refused: bool, world: Callable[..., World]
