@@ -1270,9 +1270,14 @@ class Journal:
             [*(_enc(k, v) for k, v in written.items()), txn.rollout_id, txn.kind.value],
         )
         self._ended(db, new, changes, at)
+        key = (txn.rollout_id, txn.kind.value)
         if new.freeze_ended_at is not None or new.finished:
-            key = (txn.rollout_id, txn.kind.value)
             self._db.after_commit(lambda: self._frozen.discard(key))
+        elif new.freeze_started_at is not None:
+            # In the window as the row says it (as ``__init__`` reads it): also for a freeze
+            # whose ``begin`` was journalled by the agent before a crash, resumed without it
+            # (``last_begun``), which opened no window in this one (review s73 revjournal).
+            self._db.after_commit(lambda: self._frozen.add(key))
         return new
 
     @staticmethod

@@ -669,6 +669,44 @@ async def test_a_crash_at_any_write_resumes_and_acts_once(
     journal.close()
 
 
+@pytest.mark.parametrize(
+    ("name", "at", "lost"),
+    [("completes", 1, False), ("completes", 2, True), ("completes", 2, False)],
+    ids=["after-freeze-begin", "instead-of-frozen", "after-frozen"],
+)
+async def test_a_switch_resumed_in_its_freeze_window_holds_the_checkpoint_while_frozen(
+    name: str, at: int, lost: bool, world: Callable[..., World]
+) -> None:
+    """Review s73 revjournal: the journal's freeze window (``in_freeze_window``: no idle
+    checkpoint while the server is frozen) is opened by the ``freeze begin`` event's write and
+    read from the row at the agent's start (``freeze_started_at`` set, not ended). An agent
+    killed after that event and before the ``frozen`` record (or with that record lost) finds
+    a row with no ``freeze_started_at``: the resumed freeze, whose ``begin`` is not journalled
+    again (``Journal.last_begun``), then ran its whole window with the checkpoint free. After
+    each write of the resumed switch: the server frozen means the window is open."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    first = CrashingJournal(w.journal_path, at, lost=lost)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    seen: list[tuple[str, bool, bool]] = []  # (write, server frozen, window open) after each
+    journal = CrashingJournal(w.journal_path)  # (the agent started again: ``World.resume``)
+    journal.after_write = lambda: seen.append(
+        (journal.writes[-1], w.server.frozen, journal.in_freeze_window())
+    )
+    runner = w.runner(journal)
+    await runner.resume_all()
+    await asyncio.gather(*runner.tasks.values())
+    w.assert_ended_well(journal)
+    assert [label for label, frozen, _ in seen if frozen], seen
+    assert [(label, True) for label, frozen, _ in seen if frozen] == [
+        (label, held) for label, frozen, held in seen if frozen
+    ]
+    assert not journal.in_freeze_window()
+    journal.close()
+
+
 @pytest.mark.parametrize("refused", [False, True], ids=["freezes-again", "refused"])
 async def test_a_switch_resumed_after_its_freeze_was_lifted_freezes_again(
     refused: bool, world: Callable[..., World]
@@ -2360,6 +2398,137 @@ def test_a_transaction_created_again_is_found_and_nothing_is_written(tmp_path: P
     assert [(e["step"], e["what"]) for e in events] == [("create", "end"), ("freeze", "begin")]
     other = replace(first, kind=TxnKind.ROLLBACK)
     assert journal.create(other) == other == journal.get("r1", TxnKind.ROLLBACK)
+    journal.close()
+
+
+class RowCheckingJournal(CrashingJournal):
+    """A journal that, after each write returning a transaction, reads the row back: the
+    transaction the runner goes on with must be the row the journal holds (the carried
+    UPDATE of session 73 writes two steps' changes at once). It also keeps, after each write,
+    whether the freeze window is open (``in_freeze_window``) and what the journal's file says
+    of it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.checked: list[str] = []
+        self.windows: list[tuple[str, bool, bool]] = []  # (write, in memory, from the file)
+
+    def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        result = super()._write(label, write, *args, **kwargs)
+        txn = result if isinstance(result, Txn) else args[0]
+        row = self.get(txn.rollout_id, txn.kind)
+        if isinstance(result, Txn):
+            assert result == row, label
+            self.checked.append(label)
+        assert row is not None
+        freeze = [e["what"] for e in self.events(txn.rollout_id) if e["step"] == "freeze"]
+        window = (
+            not row.finished
+            and row.freeze_ended_at is None
+            and (row.freeze_started_at is not None or "begin" in freeze or "again" in freeze)
+        )
+        self.windows.append((label, self.in_freeze_window(), window))
+        return result
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+async def test_the_transaction_each_record_returns_is_the_row_it_wrote(
+    name: str, layout: str, world: Callable[..., World]
+) -> None:
+    """Session 73 review (revjournal): each record's write returns the transaction the runner
+    goes on with, built in memory; the row must say the same after the commit, also where a
+    write carries the step before it (``Passed``: the restart with the verify's outcome, one
+    UPDATE of both steps' changes). And the freeze window the journal keeps in memory (its
+    idle checkpoint held: ``in_freeze_window``, kept by callbacks after each commit) is the
+    one the file shows after each write."""
+    sc = SCENARIOS[name]
+    w = world(sc, layout)
+    journal = RowCheckingJournal(w.journal_path)
+    done = await w.run(journal)
+    assert w.assert_ended_well(journal) == done
+    assert journal.checked == [label for label in journal.writes if label != "freeze begin"]
+    carried = any(label.startswith("restarted + verify begin, ") for label in journal.checked)
+    assert carried == (name in ("completes", "undo", "verify_fails"))  # (a ``Passed`` carried)
+    assert [(label, memory) for label, memory, _ in journal.windows] == [
+        (label, file) for label, _, file in journal.windows
+    ]
+    assert any(memory for _, memory, _ in journal.windows)
+    assert not journal.in_freeze_window()
+    journal.close()
+
+
+def test_a_field_a_write_and_the_step_it_carries_both_change_is_the_write_s(
+    tmp_path: Path,
+) -> None:
+    """Session 73 review (revjournal): a field both the carried step (``Passed``) and the
+    write's own changes name is written as the write's, in the row and in the transaction
+    returned; the carried step's other changes and its ``end`` event stay."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    txn = journal.create(
+        Txn(
+            rollout_id="r1",
+            kind=TxnKind.SWITCH,
+            epoch=1,
+            phase=Phase.CONFIG_WRITTEN,
+            plan={"change": "enable-tls"},
+            started_at=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+        ),
+        begin="restart",
+    )
+    ended = dt.datetime(2026, 1, 2, 0, 0, 5, tzinfo=dt.UTC)
+    passed = Passed(
+        {"phase": Phase.RESTARTED, "restart_seconds": 1.5, "reason": "carried"}, ended, "verify"
+    )
+    new = journal.update(txn, passed=passed, phase=Phase.VERIFIED, reason="own", begin="unfreeze")
+    assert new == journal.get("r1", TxnKind.SWITCH)
+    assert (new.phase, new.restart_seconds, new.reason) == (Phase.VERIFIED, 1.5, "own")
+    assert [(e["step"], e["what"]) for e in journal.events("r1")][2:] == [
+        ("restarted", "end"),
+        ("verify", "begin"),
+        ("verified", "end"),
+        ("unfreeze", "begin"),
+    ]
+    journal.close()
+
+
+def test_a_write_the_disk_refuses_leaves_no_event_no_freeze_window_and_nothing_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """Session 73 review (revjournal): a write's events are queued and inserted at its end
+    (``Journal._tx``), the freeze window opened by a callback after its commit. A write the
+    disk refuses at that insert (SQLITE_FULL: the file may not grow, ``max_page_count``)
+    leaves the journal as it was: no event of it, the row unchanged, no freeze window (no
+    checkpoint held for a freeze never made); the next write inserts its own events only."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    txn = journal.create(
+        Txn(
+            rollout_id="r1",
+            kind=TxnKind.SWITCH,
+            epoch=1,
+            phase=Phase.STARTED,
+            plan={"change": "enable-tls"},
+            started_at=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+        )
+    )
+    before = journal.events("r1")
+    raw = journal._db._db
+    pages = int(raw.execute("PRAGMA page_count").fetchone()[0])
+    raw.execute(f"PRAGMA max_page_count = {pages}")
+    passed = Passed({"phase": Phase.FROZEN, "watermark": 7}, dt.datetime.now(dt.UTC), "freeze")
+    with pytest.raises(JournalError, match="full"):  # (the error's event needs new pages)
+        journal.fail(txn, "write_config", "x" * 100_000, passed=passed, phase=Phase.ROLLING_BACK)
+    assert not journal.in_freeze_window()
+    assert journal.events("r1") == before
+    assert journal.get("r1", TxnKind.SWITCH) == txn
+    raw.execute(f"PRAGMA max_page_count = {pages * 1000}")
+    journal.event(txn, "probe", "ok")
+    assert [(e["step"], e["what"]) for e in journal.events("r1")][len(before) :] == [
+        ("probe", "ok")
+    ]
+    assert not journal.in_freeze_window()
+    journal.update(txn, phase=Phase.STARTED, begin="freeze")
+    assert journal.in_freeze_window()
     journal.close()
 
 
