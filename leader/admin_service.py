@@ -57,7 +57,7 @@ from leader.schema_store import (
 from leader.schema_view import behind_view, finalize_preview, rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
 from leader.store import Node, OwnCert, RolloutHoldsCA, in_rollout_text
-from leader.store_health import StoreHealth
+from leader.store_health import StoreHealth, start_refused
 from leader.tokens import ID_LEN, ID_SHAPE, JoinToken
 from leader.viewer.grants import MAX_NAME as MAX_VIEWER_NAME
 from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
@@ -404,6 +404,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             # `rollout start`'s dry run: the refusal at once, no agent asked (review rev58a
             # M2: with a node's agent stopped it said "cannot ask the agent of node2").
             return admin_pb2.PlanResponse(busy=busy)
+        no_room = await self._start_refused(wanted.change)
+        if no_room and request.refuse_if_busy:  # (said as `busy` is: the CLI refuses with it)
+            return admin_pb2.PlanResponse(busy=no_room)
         planned = await self.commands.plan(wanted)
         rollout, nodes = planned.rollout, planned.records
         checks, steps, warnings = plan_texts(
@@ -461,6 +464,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 )
         if outside := await self._outside_scope(rollout, nodes):
             warnings.append(outside)
+        if no_room:
+            warnings.append(f"{no_room} (rollout start refuses it)")
         on_http = await self._on_http(
             [r.name for r in nodes if r.state is not NodeState.SKIPPED], rollout
         )
@@ -596,8 +601,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def StartRollout(
         self, request: admin_pb2.RolloutRequest, context: Ctx
     ) -> schema_pb2.RolloutView:
-        row = await self.commands.start(rollout_request(request), _actor(context))
+        wanted = rollout_request(request)
+        if no_room := await self._start_refused(wanted.change):
+            raise failed_precondition(no_room)
+        row = await self.commands.start(wanted, _actor(context))
         return rollout_view(row)
+
+    async def _start_refused(self, change: Change) -> str | None:
+        """Why a start of ``change`` is refused for the leader's own disk now
+        (``store_health.start_refused``), or None: never the way back (disable-tls)."""
+        if change is Change.DISABLE_TLS:
+            return None
+        data_dir = self.state.store.db.path.parent
+        return await asyncio.to_thread(start_refused, self.store_health, data_dir)
 
     @map_errors(ERRORS)
     @runs_to_end

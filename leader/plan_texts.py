@@ -49,8 +49,8 @@ ENTRIES_BY_FREEZE = {
 SEED_WARNINGS = (RESTART, RECONNECT_DIRECT)
 CHECKS = (
     "preflight: managed server healthy; ports 8443 and 9443 free on the node; config "
-    "directory writable; a systemd/exec template renders; clock within 120 s of the leader; "
-    "certificate names known",
+    "directory writable; room on its disk for the switch's writes; a systemd/exec template "
+    "renders; clock within 120 s of the leader; certificate names known",
     "stage: node key made on the node, CSR signed by the cluster CA, stored inactive",
     "switch: freeze writes, write new config atomically, restart, verify https with the "
     "staged certificate and 8080 closed, write watermark unchanged, unfreeze; else roll back",
@@ -75,8 +75,8 @@ TRANSITIONAL_WARNINGS = (
 )
 ROTATE_CHECKS = (
     "preflight: the node serves https; managed server healthy; port 9443 free (or the "
-    "agent's); config directory writable; a systemd/exec template renders; clock within 120 s "
-    "of the leader; certificate names known",
+    "agent's); config directory writable; room on its disk for the switch's writes; a "
+    "systemd/exec template renders; clock within 120 s of the leader; certificate names known",
     "stage: a new node key made on the node, CSR signed by the cluster CA, stored inactive",
     "switch: freeze writes, write the config with the new certificate atomically, restart, "
     "verify https with the staged certificate, write watermark unchanged, unfreeze; else roll "
@@ -100,8 +100,8 @@ OWN_ROTATE_CLIENT_STEPS = (
 )
 PASSWORD_CHECKS = (
     "preflight: the node serves https; managed server healthy; port 9443 free (or the "
-    "agent's); config directory writable; a systemd/exec template renders; clock within 120 s "
-    "of the leader; certificate names known",
+    "agent's); config directory writable; room on its disk for the switch's writes; a "
+    "systemd/exec template renders; clock within 120 s of the leader; certificate names known",
     "stage: none (the staged password's verifier goes with the switch; no new certificate)",
     "switch: freeze writes, write the config with the staged password's verifier atomically, "
     "restart, verify https, write watermark unchanged, unfreeze; else roll back to the "

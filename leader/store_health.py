@@ -20,9 +20,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from tlsroll import logs
+from tlsroll import logs, room
 from tlsroll.daemon import sd_notify
 from tlsroll.rpc import storage_trouble
 
@@ -166,3 +167,30 @@ class StoreHealth:
 def _checkpoint_status(why: str, since: dt.datetime) -> None:
     """systemd's ``STATUS=`` while the store's checkpoint alone fails (its writes commit)."""
     sd_notify(f"STATUS=Store checkpoint failing since {since:%Y-%m-%d %H:%M:%S}: {why}")
+
+
+def start_refused(health: StoreHealth | None, data_dir: Path) -> str | None:
+    """Why `rollout start` of a change that switches nodes (not the way back, nor a resume,
+    an abort or a retry) is refused now, one line, or None (blocking: a ``statvfs``): the
+    leader's store cannot be written, or its checkpoint fails (in the words of `rollout
+    status`), or its data dir has less free than ``tlsroll.room.LEADER_ROOM``. Begun anyway,
+    its steps' records failed mid-rollout, a node frozen or switched while the leader could
+    not record it (session 73, diskroom)."""
+    after = (
+        "; no rollout starts until then (the way back, tlsroll rollout rollback, is not"
+        " refused for it)"
+    )
+    trouble = health.trouble if health is not None else None
+    if trouble is not None and health is not None:
+        why, since = trouble
+        when = f"{since:%Y-%m-%d %H:%M:%S} UTC"
+        said = (
+            f"the leader's store cannot grow since {when}: {why}"
+            if health.writes_work
+            else f"the leader cannot write its store since {when}: {why}"
+        )
+        return f"{said}; free space on the leader's disk (df -h){after}"
+    problems = room.room_problems(
+        [("the leader's data dir", data_dir, room.LEADER_ROOM)], work="a rollout"
+    )
+    return f"{problems[0]}{after}" if problems else None

@@ -588,6 +588,12 @@ class Journal:
         return bool(self._frozen)
 
     @property
+    def checkpoint_trouble(self) -> str | None:
+        """Why the journal's last checkpoint failed (its disk full: ``Database``), until one
+        succeeds; None while they work."""
+        return self._db.checkpoint_trouble
+
+    @property
     def checkpoints_held(self) -> int:
         """How many idle checkpoints waited for a freeze window's end (``in_freeze_window``)."""
         return self._db.checkpoints_held

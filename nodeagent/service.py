@@ -49,7 +49,18 @@ from nodeagent.transaction import (
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
-from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password, probe, tls
+from tlsroll import (
+    __version__,
+    clocks,
+    dbthread,
+    features,
+    httpcheck,
+    logs,
+    password,
+    probe,
+    room,
+    tls,
+)
 from tlsroll.clients import ClientsView, quiet_refusal
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import (
@@ -1107,7 +1118,37 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         linked = config_link_problem(driver.config_file)
         if linked:  # a switch would refuse it too (``plans.refuse_linked_config``)
             problems.append(linked)
+        if not way_back:  # (the way back, the emergency path, is not refused for it)
+            problems += self._room_problems(driver)
         return facts, unread, problems, edited
+
+    def _room_problems(self, driver: Driver) -> list[str]:
+        """Why no switch should begin for want of room (blocking; ``tlsroll.room``): too
+        little free space for its writes on the file system of the agent's data dir (its
+        journal) or of the server's config directory, or a journal whose checkpoint fails
+        (its disk full: its records go on into the ``-wal`` until that must grow). A switch
+        begun there froze the server, then failed a journal write mid-way and was held until
+        the admin came (session 73, diskroom). The checks' and the Stage's."""
+        try:
+            size = driver.config_file.stat().st_size
+        except OSError:  # (the checks say a config that cannot be read)
+            size = 0
+        problems = room.room_problems(
+            [
+                ("the agent's data dir", self.journal.path.parent, room.JOURNAL_ROOM),
+                (
+                    "the server's config directory",
+                    driver.config_file.parent,
+                    room.CONFIG_ROOM + room.CONFIG_COPIES * size,
+                ),
+            ]
+        )
+        if (why := self.journal.checkpoint_trouble) is not None:
+            problems.append(
+                f"the journal {self.journal.path} cannot grow: its checkpoint fails ({why});"
+                " free space on its file system (df -h)"
+            )
+        return problems
 
     def _port_problems(self, facts: ServerFacts) -> list[str]:
         problems = []
@@ -1213,6 +1254,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
         rollout_id = await self._command(context, request.command, begins=PREPARES)
         self._refuse_if_needs_admin()
+        # Checked again (the preflight's may be minutes old): no key staged for a switch the
+        # disk would hold mid-way (``_room_problems``).
+        if no_room := await asyncio.to_thread(self._room_problems, self._driver()):
+            raise failed_precondition("; ".join(no_room))
         if self.on_prepare is not None:  # a switch follows: get ready while nothing restarts
             self.on_prepare()
         if request.own_certificate:

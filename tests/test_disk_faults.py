@@ -529,6 +529,18 @@ def checkpoint_on_a_full_disk(cluster: AdminTokenCluster, data: Path) -> None:
         assert trouble.startswith("tlsroll: the leader's store cannot grow since 20"), status.stderr
         assert "database or disk is full (SQLITE_FULL) at its checkpoint" in trouble
         assert "rollouts go on for now" in trouble
+        # Session 73 (diskroom): no rollout starts meanwhile, in the same words, before it is
+        # planned or a password made; the way back is not refused for it (here: none to take
+        # back). Before: the start went on, its records failing once the -wal had to grow.
+        refused = cluster.cli("rollout", "start", "--scope", "cluster", "--yes")
+        assert refused.returncode == 1, refused.stderr
+        line = one_line_error(refused.stderr, "tlsroll")
+        assert line.startswith("tlsroll: error: the leader's store cannot grow since 20"), line
+        assert "(SQLITE_FULL) at its checkpoint" in line, line
+        assert "free space on the leader's disk (df -h); no rollout starts until then" in line
+        assert line.endswith("is not refused for it); nothing was started"), line
+        back = cluster.cli("rollout", "rollback", "--yes")
+        assert back.returncode == 1 and "cannot grow" not in back.stderr, back.stderr
     finally:
         filler.unlink()
 

@@ -1,0 +1,252 @@
+"""No switch begun on a disk with no room for it (session 73, diskroom).
+
+A node whose disk was full froze its server for a switch, then failed its journal's write
+mid-way: a switch held until the admin came. Nothing looked at the free space before. Now the
+agent's checks (its preflight, `tlsroll plan`, a start's) and its Stage refuse a node whose data
+dir or server config directory has too little free space for a switch's writes
+(``tlsroll.room``), or whose journal's checkpoint fails; and the leader refuses `rollout start`
+(never the way back) while its own store's checkpoint fails or its data dir has too little
+free. The file systems are real small tmpfs mounts, filled (needs root, as
+``tests.test_disk_faults``); the servicers run in this process.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from leader.admin_service import AdminService
+from leader.cli.rollout import rollout_request
+from leader.rollout_core import Change, FreezeMode, RolloutState
+from leader.service import LeaderState
+from leader.store_health import StoreHealth
+from leader.wire import CHANGE, FREEZE
+from nodeagent import service
+from nodeagent.journal import Journal
+from nodeagent.service import NodeAgentService
+from nodeagent.trust import LeaderTrust
+from tests.nodeside import fill, tmpfs
+from tests.test_agent_command import Ctx, StillDriver
+from tests.test_engine import VERIFIER_1, make_world
+from tlsroll import room
+from tlsroll import sqlite as tsqlite
+from tlsroll.rpc import RpcStatusError
+from tlsroll.v1 import admin_pb2, agent_pb2
+
+
+@pytest.fixture(autouse=True)
+def any_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
+    # (the view's handshake: no server at a port of the host's here)
+    monkeypatch.setattr(service, "served_certificate", lambda *_: b"")
+
+
+def agent_on(directory: Path) -> tuple[NodeAgentService, Journal]:
+    """The real servicer, its journal in ``directory/data``, its server's config in
+    ``directory/cfg`` (a server that is healthy and never changes)."""
+    (directory / "data").mkdir()
+    (directory / "cfg").mkdir()
+    journal = Journal(directory / "data" / "journal.sqlite3")
+    driver = StillDriver(directory / "cfg")
+    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
+    with socket.socket() as s:  # a bootstrap port nobody holds
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = type("C", (), {"names": names, "bootstrap_port": port})()
+    trust = LeaderTrust(directory / "ca.pem", "example.test", directory / "crl.pem")
+    trust.announce(5)
+    agent = NodeAgentService(
+        cast(Any, cfg),
+        cast(Any, None),
+        journal,
+        cast(Any, driver),
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=trust,
+    )
+    return agent, journal
+
+
+COMMAND = agent_pb2.Command(rollout_id="r1", epoch=3)
+
+
+async def stage_refused(agent: NodeAgentService) -> str:
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.Stage(agent_pb2.StageRequest(command=COMMAND), cast(Any, Ctx()))
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION, caught.value
+    return str(caught.value)
+
+
+async def test_a_node_with_too_little_free_space_is_refused_by_its_checks_and_its_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data dir and the config directory on one small file system, filled: the checks
+    (`tlsroll plan`'s, a start's, the preflight's) say it in one line naming both directories,
+    the space each has and needs, and "free space ... (df -h)"; the Stage refuses before it
+    looks for its CSR; the way back's checks do not refuse it. Room again: no such problem.
+    Before: nothing looked, and the switch froze the server, then held mid-way."""
+    fs = tmp_path / "fs"
+    with tmpfs(fs, "8m"):
+        agent, journal = agent_on(fs)
+        try:
+            reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+            assert reply.ok, reply.problems  # 8 MiB: room for a switch's writes
+            await agent._command(cast(Any, None), COMMAND)  # (the preflight's: the epoch kept)
+            filler = fill(fs)
+            try:
+                reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+                assert not reply.ok
+                (line,) = [p for p in reply.problems if "free space" in p]
+                assert line.startswith(
+                    f"too little free space for a switch: the agent's data dir {fs / 'data'} and"
+                    f" the server's config directory {fs / 'cfg'} have "
+                ), line
+                assert line.endswith("; free space on their file system (df -h)"), line
+                need = room.JOURNAL_ROOM + room.CONFIG_ROOM  # (the config file is empty)
+                assert f"a switch needs {room.size_text(need)}" in line, line
+                said = await stage_refused(agent)
+                assert said.startswith("too little free space for a switch"), said
+                assert "CSR" not in said
+                # (the way back's own plan, which reads what the switch kept, is not this one's)
+                monkeypatch.setattr(service, "_plan_problem", lambda *_: None)
+                way_back = agent_pb2.CheckRequest(way_back=True)
+                back = await agent.Check(way_back, cast(Any, None))
+                assert not any("free space" in p for p in back.problems), back.problems
+            finally:
+                filler.unlink()
+            reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+            assert reply.ok, reply.problems
+            # (the Stage now gets past the room's check, to its own refusal)
+            assert "no CSR for rollout r1" in await stage_refused(agent)
+        finally:
+            journal.close()
+
+
+async def test_a_node_whose_journal_checkpoint_fails_is_refused_until_one_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal's checkpoint fails as on a full disk (SQLITE_FULL: the file must grow):
+    its records still commit into the ``-wal``, until that must grow. The checks and the Stage
+    refuse a switch naming the journal and "free space"; a checkpoint that succeeds clears
+    it. Before: only the agent's log said it (``db.checkpoint_failed``)."""
+    monkeypatch.setattr(tsqlite, "RETRY_FIRST", 3600.0)  # (no retry of its own meanwhile)
+    monkeypatch.setattr(tsqlite, "RETRY_MOST", 3600.0)
+    agent, journal = agent_on(tmp_path)
+    db = journal._db
+    real = db._db
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    full.sqlite_errorname = "SQLITE_FULL"
+    failing = [True]
+
+    class Failing:  # the journal's connection, whose checkpoint fails while ``failing``
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if failing[0] and sql.startswith("PRAGMA wal_checkpoint"):
+                raise full
+            return real.execute(sql, *args)
+
+    db._db = cast(Any, Failing())
+    try:
+        db._checkpoint_idle(tsqlite.IDLE_WAITS)  # (as the store's thread runs it)
+        assert journal.checkpoint_trouble == "SQLITE_FULL: database or disk is full"
+        reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+        assert not reply.ok
+        expected = (
+            f"the journal {journal.path} cannot grow: its checkpoint fails (SQLITE_FULL:"
+            " database or disk is full); free space on its file system (df -h)"
+        )
+        assert expected in reply.problems, reply.problems
+        assert await stage_refused(agent) == expected
+        failing[0] = False
+        db._checkpoint_idle(tsqlite.IDLE_WAITS)
+        assert journal.checkpoint_trouble is None
+        reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+        assert reply.ok, reply.problems
+    finally:
+        if db._retry is not None:
+            db._retry.cancel()
+        db._db = real
+        journal.close()
+
+
+async def test_the_leader_refuses_a_start_on_its_full_disk_never_the_way_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's store on a small file system: `rollout start` (its dry run and the start
+    itself) is refused while the store's checkpoint fails (in `rollout status`'s words) or
+    while its data dir has too little free space; the way back (`rollout rollback`:
+    disable-tls) is planned and started all the same. Before: a start went on, and its steps'
+    records failed mid-rollout."""
+    fs = tmp_path / "fs"
+    with tmpfs(fs, "16m"):
+        world = make_world(fs, monkeypatch)
+        leader = world.boot()
+        try:
+            health = StoreHealth(world.clock.wall)
+            admin = AdminService(
+                LeaderState(leader.store, world.ca, world.clock.wall, 1),
+                leader.commands,
+                leader.schema,
+            )
+            admin.store_health = health
+            first = rollout_request("cluster", None, 1, "node", "enable-tls")
+            first.auth_verifier_json = VERIFIER_1
+            await admin.StartRollout(first, cast(Any, Ctx()))  # room: it starts
+            assert (await leader.run()).rollout.state is RolloutState.COMPLETED
+            start = rollout_request("cluster", None, 1, "node", "rotate-cert")
+            dry_run = rollout_request("cluster", None, 1, "node", "rotate-cert")
+            dry_run.refuse_if_busy = True
+            # as `rollout rollback` asks
+            way_back = admin_pb2.RolloutRequest(
+                change=CHANGE.wire(Change.DISABLE_TLS),
+                max_parallel=1,
+                freeze=FREEZE.wire(FreezeMode.NODE),
+            )
+
+            async def refused() -> str:
+                planned = await admin.PlanRollout(dry_run, cast(Any, Ctx()))
+                with pytest.raises(RpcStatusError) as caught:
+                    await admin.StartRollout(start, cast(Any, Ctx()))
+                assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+                assert planned.busy == str(caught.value)
+                return planned.busy
+
+            full = sqlite3.OperationalError("database or disk is full")
+            full.sqlite_errorname = "SQLITE_FULL"
+            health.checkpoint(full)
+            said = await refused()
+            assert said.startswith("the leader's store cannot grow since 20"), said
+            assert "(SQLITE_FULL) at its checkpoint" in said, said
+            assert "free space on the leader's disk (df -h); no rollout starts until then" in said
+            assert said.endswith("(the way back, tlsroll rollout rollback, is not refused for it)")
+            # the way back is planned and starts (its writes still commit)
+            dry_back = admin_pb2.RolloutRequest()
+            dry_back.CopyFrom(way_back)
+            dry_back.refuse_if_busy = True
+            assert (await admin.PlanRollout(dry_back, cast(Any, Ctx()))).busy == ""
+            view = await admin.StartRollout(way_back, cast(Any, Ctx()))
+            assert view.id and view.undoes
+            assert (await leader.run()).rollout.state is RolloutState.COMPLETED
+            health.checkpoint(None)  # one succeeded
+            filler = fill(fs)
+            try:
+                said = await refused()
+                assert said.startswith(
+                    f"too little free space for a rollout: the leader's data dir {fs} has "
+                ), said
+                assert f"a rollout needs {room.size_text(room.LEADER_ROOM)}" in said, said
+            finally:
+                filler.unlink()
+            planned = await admin.PlanRollout(dry_run, cast(Any, Ctx()))
+            assert not planned.busy, planned.busy  # (room again: planned)
+        finally:
+            await leader.stop()

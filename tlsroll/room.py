@@ -1,0 +1,78 @@
+"""Whether a file system has room for what a switch writes, before one begins (session 73).
+
+A node whose disk is full froze its server for a switch, then failed its journal's write
+mid-way: a switch held until the admin freed space (``nodeagent.transaction.Runner``'s
+hold). The agent's checks (its preflight, `tlsroll plan`, its stage again) and the leader's
+`rollout start` look at the free space first (``os.statvfs``: the blocks an unprivileged
+writer may use, ``f_bavail`` × ``f_frsize``) against a floor that covers what a switch writes
+there:
+
+* the agent's data dir (its journal): ``JOURNAL_ROOM``, the ``-wal`` as SQLite bounds it by
+  its own automatic checkpoint (1000 pages of 4 KiB), which it may reach while the journal's
+  idle checkpoint waits through a freeze window; a switch's own records (about fifteen
+  commits of a few pages) are a small part of it;
+* the managed server's config directory: ``CONFIG_ROOM`` and ``CONFIG_COPIES`` times the
+  config's size: the staged key, certificate and CA bundle (a block each at least) and the
+  files beside the live config a switch writes (the new config, the old one kept for the way
+  back, a temporary one: the config's size each);
+* the leader's data dir (its store): ``LEADER_ROOM``, the ``-wal``'s bound as above and the
+  rows a rollout adds (a few KiB per node and step: about 4 MiB for 200 nodes).
+
+Two of them on one file system need their sum there. A floor, not a promise: a disk that
+something else fills meanwhile still fails (the switch is then held, as before).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+MIB = 1 << 20
+JOURNAL_ROOM = 4 * MIB
+CONFIG_ROOM = 64 * 1024
+CONFIG_COPIES = 4
+LEADER_ROOM = 8 * MIB
+
+
+def free_bytes(directory: Path) -> int:
+    """The bytes an unprivileged writer may still use on ``directory``'s file system."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def size_text(count: int) -> str:
+    """``count`` bytes as df -h would say them, roughly (KiB below a MiB)."""
+    if count < MIB:
+        return f"{count / 1024:.0f} KiB"
+    return f"{count / MIB:.1f} MiB"
+
+
+def room_problems(needs: Sequence[tuple[str, Path, int]], work: str = "a switch") -> list[str]:
+    """One line per file system among ``needs`` (what, directory, bytes needed) with less free
+    than the sum needed there for ``work``, naming its directories; a directory that cannot be
+    looked at (gone, no access) is not said here (the checks that write there say it)."""
+    by_fs: dict[int, list[tuple[str, Path, int]]] = {}
+    for what, directory, need in needs:
+        try:
+            device = os.stat(directory).st_dev
+        except OSError:
+            continue
+        by_fs.setdefault(device, []).append((what, directory, need))
+    problems = []
+    for group in by_fs.values():
+        try:
+            free = free_bytes(group[0][1])
+        except OSError:
+            continue
+        need = sum(n for _, _, n in group)
+        if free >= need:
+            continue
+        where = " and ".join(f"{what} {directory}" for what, directory, _ in group)
+        one = "its file system" if len(group) == 1 else "their file system"
+        problems.append(
+            f"too little free space for {work}: {where} {'has' if len(group) == 1 else 'have'}"
+            f" {size_text(free)} free, {work} needs {size_text(need)}; free space on {one}"
+            " (df -h)"
+        )
+    return problems
