@@ -267,12 +267,12 @@ def test_a_journal_reopened_before_the_freeze_answered_holds_the_window(tmp_path
         again = Journal(path)  # (the agent started again)
         try:
             assert again.in_freeze_window() is expected, step
-            txn = again.get("r1", TxnKind.SWITCH)
-            assert txn is not None
+            kept = again.get("r1", TxnKind.SWITCH)
+            assert kept is not None
             if step == "begun":  # resumed: the freeze answered
-                again.update(txn, phase=Phase.FROZEN, freeze_started_at=at)
+                again.update(kept, phase=Phase.FROZEN, freeze_started_at=at)
             elif step == "frozen":
-                again.update(txn, phase=Phase.VERIFIED, freeze_ended_at=at)
+                again.update(kept, phase=Phase.VERIFIED, freeze_ended_at=at)
             assert again.in_freeze_window() is (step == "begun"), step
         finally:
             again.close()
