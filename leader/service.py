@@ -590,7 +590,10 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
             "enrol.accepted", node=names.common_name, token_id=token.id, addresses=list(names.ips)
         )
         return enrolment_pb2.EnrolResponse(
-            certificate_pem=pki.cert_to_pem(issued[0]), ca_certificate_pem=self.state.ca.cert_pem
+            certificate_pem=pki.cert_to_pem(issued[0]),
+            ca_certificate_pem=self.state.ca.cert_pem,
+            # Kept by the agent: its first channel is timed by it (session 73, leftovers).
+            heartbeat_interval_seconds=self.state.heartbeat_interval,
         )
 
 

@@ -61,7 +61,12 @@ from nodeagent.nodefiles import EnrolmentRefused as EnrolmentRefused  # noqa: PL
 from nodeagent.nodefiles import LeaderFailed as LeaderFailed  # noqa: PLC0414
 from nodeagent.nodefiles import PinNotShown as PinNotShown  # noqa: PLC0414
 from nodeagent.nodefiles import check_issued as check_issued  # noqa: PLC0414
-from nodeagent.nodefiles import crl_kind_problem, forget_pin_unseen, refused_ca_kind_problem
+from nodeagent.nodefiles import (
+    crl_kind_problem,
+    forget_pin_unseen,
+    keep_enrolment_interval,
+    refused_ca_kind_problem,
+)
 from nodeagent.nodefiles import install_renewed as install_renewed  # noqa: PLC0414
 from nodeagent.nodefiles import paths as paths  # noqa: PLC0414
 from nodeagent.nodefiles import pending_paths as pending_paths  # noqa: PLC0414
@@ -76,6 +81,7 @@ from tlsroll.errors import (
     TlsrollError,
     TransientError,
     UnsafePermissions,
+    os_error_text,
 )
 from tlsroll.fsutil import (
     PUBLIC,
@@ -688,6 +694,15 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
         install_renewed(cfg.data_dir, cert)
     else:
         pki.write_cert(cert_file, cert)
+    try:  # (the agent's own interval until the leader's first answer, as before, if not kept)
+        keep_enrolment_interval(cfg.data_dir, reply.heartbeat_interval_seconds)
+    except OSError as exc:
+        log.warning(
+            "agent.leader_interval_not_kept",
+            error=os_error_text(exc)[:200],
+            detail="the agent could not save the leader's heartbeat interval to its data dir; "
+            "it learns it from the leader's first answer",
+        )
     log.info(
         "agent.enrolled",
         node=cfg.node_name,

@@ -568,11 +568,16 @@ class Journal:
             row = db.execute("SELECT value FROM meta WHERE key = 'needs_admin'").fetchone()
         self._needs_admin: str | None = str(row["value"]) if row and row["value"] else None
         # The transactions between their freeze and its end (``in_freeze_window``), as the
-        # journal says once each record has committed: no idle checkpoint runs meanwhile.
+        # journal says once each record has committed: no idle checkpoint runs meanwhile. As
+        # in memory, from the ``freeze`` step's begin (or ``again``) on, before the freeze
+        # answered (``freeze_started_at``: a crash in between left the window unheld until the
+        # transaction ended; session 73, leftovers).
         with self._read() as db:
             rows = db.execute(
-                "SELECT rollout_id, kind FROM txns WHERE outcome = ?"
-                " AND freeze_started_at IS NOT NULL AND freeze_ended_at IS NULL",
+                "SELECT rollout_id, kind FROM txns AS t WHERE outcome = ?"
+                " AND freeze_ended_at IS NULL AND (freeze_started_at IS NOT NULL OR EXISTS ("
+                "SELECT 1 FROM events AS e WHERE e.rollout_id = t.rollout_id"
+                " AND e.kind = t.kind AND e.step = 'freeze' AND e.what IN ('begin', 'again')))",
                 (_PENDING,),
             ).fetchall()
         self._frozen = {(str(r["rollout_id"]), str(r["kind"])) for r in rows}

@@ -93,7 +93,7 @@ STREAM_RETRY_BEATS = 60
 # Intervals the agent's kernel waits for the leader to acknowledge what the agent sent (a
 # heartbeat message, a PING) before it drops the connection (``leader_channel_options``).
 UNACKED_HEARTBEATS = 2
-LEADER_INTERVAL_MAX = 3600  # the largest ``heartbeat_interval`` a leader's config takes
+LEADER_INTERVAL_MAX = nodefiles.LEADER_INTERVAL_MAX
 # A renewal-mode message asks for an answer when the leader has said nothing on the stream for
 # about this many renewal bounds (``wants_answer``): how the agent notices a leader whose Python
 # stopped. 1 (every message at the bound asks) noticed it within 25 s at 5 s, for about 0.1 ms

@@ -166,6 +166,9 @@ def forget_pin_unseen(data_dir: Path) -> None:
         pin_unseen_path(data_dir).unlink()
 
 
+LEADER_INTERVAL_MAX = 3600  # the largest ``heartbeat_interval`` a leader's config takes
+
+
 def leader_pin_path(data_dir: Path) -> Path:
     return data_dir / "leader.serial.json"
 
@@ -222,6 +225,28 @@ def write_leader_pin(
     if interval is not None:
         record["interval"] = interval
     write_atomic(leader_pin_path(data_dir), json.dumps(record).encode() + b"\n", PRIVATE)
+
+
+def keep_enrolment_interval(data_dir: Path, interval: int) -> bool:
+    """The leader's heartbeat interval its enrolment answer said
+    (``EnrolResponse.heartbeat_interval_seconds``), kept in ``DATA/leader.serial.json`` as a
+    heartbeat answer's is, so that the agent's first channel is timed by it: before, a fresh
+    agent dialed by its own interval and dialed again once the leader's first answer said
+    another (session 73, leftovers). Not kept where the answer says none (0: a leader of an
+    earlier release) or one no leader's config takes, where the record says a leader announced
+    its serial (an answer on the leader's generic name, as the join port's, is not taken then:
+    ``leader_link.LeaderLink._trusts``), or where it cannot be read (the link says so); the
+    record's serial and ``announces`` stay. Whether it was written; OSError raised."""
+    if not 1 <= interval <= LEADER_INTERVAL_MAX:
+        return False
+    try:
+        serial, announces = read_leader_pin(data_dir)
+    except (OSError, NotRegularFile, ValueError):
+        return False
+    if announces or read_leader_interval(data_dir) == interval:
+        return False
+    write_leader_pin(data_dir, serial, announces, interval)
+    return True
 
 
 def crl_path(data_dir: Path) -> Path:

@@ -117,11 +117,42 @@ def test_crafted_request_enrols_and_spends_the_token(cluster: Cluster) -> None:
     assert pki.key_matches(cert, key)
     assert pki.names_of(cert) == pki.Names.of("good", [address])
     assert reply.ca_certificate_pem == cluster.ca_pem
+    assert reply.heartbeat_interval_seconds == cluster.heartbeat_interval
     assert token_info(cluster, token).uses_left == 0
     (node,) = [n for n in cluster.store_table("nodes") if n["name"] == "good"]
     assert node["cert_fingerprint"] == pki.fingerprint(cert)
     assert node["key_pin"] == pki.spki_pin(key.public_key())
     assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+@pytest.mark.parametrize("record", ["none", "a leader that announced its serial"])
+def test_the_enrolment_answer_says_the_leader_s_interval_and_the_agent_keeps_it(
+    cluster: Cluster, record: str
+) -> None:
+    """Session 73 (leftovers): a fresh agent had no leader interval kept
+    (``DATA/leader.serial.json``), so its first channel was timed by its own interval and it
+    dialed again at its second beat, once the leader's first answer said its own (every test
+    cluster's agent: 1 s under a 2 s leader). The enrolment answer says the leader's
+    interval, and the enrolment (here ``identity.enrol`` in this process) keeps it, as a
+    heartbeat answer's is kept. Not where a leader announced its serial: an answer on the
+    leader's generic name, as the join port's, is not taken then (the record stays as it
+    was)."""
+    name = f"interval-{len(record)}"
+    address = next_loopback()
+    agent = cluster.add_agent(name, address, start=False)
+    announced = record != "none"
+    if announced:
+        make_private_dir(agent.data_dir)
+        nodefiles.write_leader_pin(agent.data_dir, None, True)
+    before = nodefiles.leader_pin_path(agent.data_dir).read_bytes() if announced else None
+    assert cluster.agent_heartbeat_interval != cluster.heartbeat_interval
+    identity.enrol(AgentConfig.load(agent.config_path))
+    assert pki.names_of(agent.cert()) == pki.Names.of(name, [address])
+    if announced:
+        assert nodefiles.leader_pin_path(agent.data_dir).read_bytes() == before
+    else:
+        assert nodefiles.read_leader_interval(agent.data_dir) == cluster.heartbeat_interval
+        assert nodefiles.read_leader_pin(agent.data_dir) == (None, False)
 
 
 # --- tokens -----------------------------------------------------------------------------------

@@ -242,6 +242,42 @@ async def test_the_agents_checkpoint_waits_for_the_end_of_a_freeze_window(tmp_pa
         journal.close()
 
 
+def test_a_journal_reopened_before_the_freeze_answered_holds_the_window(tmp_path: Path) -> None:
+    """Session 73 (leftovers): in memory the freeze window begins at the ``freeze`` step's
+    ``begin`` (or ``again``), journalled before the freeze call; a journal opened again read
+    it from ``freeze_started_at``, written only once the freeze answered: an agent that
+    stopped in between did not hold its idle checkpoint for that transaction, not even once
+    it resumed (its resumed freeze journals no ``begin`` again). Read back as memory holds
+    it: a pending transaction with a freeze begun (or begun again) whose end is not
+    journalled; not one that has not begun its freeze, nor one whose freeze ended."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "").to_json()
+    at = dt.datetime.now(dt.UTC)
+    try:
+        journal.create(Txn("r0", TxnKind.SWITCH, 1, Phase.STARTED, plan, at))  # (no freeze)
+        txn = journal.create(Txn("r1", TxnKind.SWITCH, 1, Phase.STARTED, plan, at))
+        assert not journal.in_freeze_window()
+        journal.event(txn, "freeze", "begin")
+        assert journal.in_freeze_window()
+    finally:
+        journal.close()
+    for step, expected in [("begun", True), ("frozen", True), ("ended", False)]:
+        again = Journal(path)  # (the agent started again)
+        try:
+            assert again.in_freeze_window() is expected, step
+            kept = again.get("r1", TxnKind.SWITCH)
+            assert kept is not None
+            if step == "begun":  # resumed: the freeze answered
+                again.update(kept, phase=Phase.FROZEN, freeze_started_at=at)
+            elif step == "frozen":
+                again.update(kept, phase=Phase.VERIFIED, freeze_ended_at=at)
+            assert again.in_freeze_window() is (step == "begun"), step
+        finally:
+            again.close()
+
+
 async def test_a_failed_checkpoint_is_kept_told_and_tried_again_after_a_wait_not_per_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -768,7 +768,7 @@ def test_a_plan_handshake_gives_up_on_a_trickling_server(
     assert 0 < trickler.sent < Trickler.MOST, trickler.sent
 
 
-@pytest.mark.parametrize("call", ["served_pin", "untrusted_certificate"])
+@pytest.mark.parametrize("call", ["served_pin", "untrusted_certificate", "served_certificate"])
 async def test_a_plan_handshake_is_bounded_as_a_whole_connect_and_handshake_together(
     served: Served, https_listener: None, monkeypatch: pytest.MonkeyPatch, call: str
 ) -> None:
@@ -781,7 +781,7 @@ async def test_a_plan_handshake_is_bounded_as_a_whole_connect_and_handshake_toge
     the call says what it says of a server that did not answer. (The connect's time is
     ``tls``'s clock moved on, not waited for: with a timeout of 0.3 s, the handshake of the
     call that must pass needed to end within it, on a loaded machine too: review s73
-    revhttps.)"""
+    revhttps.) Session 73: the heartbeat's own (``service.served_certificate``, 2 s) too."""
     facts = served.driver().facts()
     connect = ssl.SSLSocket.connect
     taken = 0.0  # seconds the connects "took", on ``tls``'s clock only
@@ -789,13 +789,21 @@ async def test_a_plan_handshake_is_bounded_as_a_whole_connect_and_handshake_toge
 
     def slow(sock: ssl.SSLSocket, address: Any) -> None:
         nonlocal taken
-        taken += max(plans.SERVED_PIN_TIMEOUT, plans.UNTRUSTED_TIMEOUT) + 0.05
+        taken += max(plans.SERVED_PIN_TIMEOUT, plans.UNTRUSTED_TIMEOUT, service.SERVED_TIMEOUT)
+        taken += 0.05
         connect(sock, address)
 
     if call == "served_pin":
         assert await asyncio.to_thread(plans.served_pin, facts) == served.fingerprint
         monkeypatch.setattr(ssl.SSLSocket, "connect", slow)
         assert await asyncio.to_thread(plans.served_pin, facts) == ""
+    elif call == "served_certificate":
+        heartbeat = service.served_certificate
+        address, port = facts.address, facts.https_port
+        pem = await asyncio.to_thread(heartbeat, address, port)
+        assert pki.fingerprint(pki.load_cert_pem(pem)) == served.fingerprint
+        monkeypatch.setattr(ssl.SSLSocket, "connect", slow)
+        assert await asyncio.to_thread(heartbeat, address, port) == b""
     else:
         blocked = plans.untrusted_certificate
         assert await asyncio.to_thread(blocked, facts, served.client_ca, Change.FINALIZE)

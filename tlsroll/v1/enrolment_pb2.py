@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atlsroll/v1/enrolment.proto\x12\ntlsroll.v1\"\xa7\x01\n\x0c\x45nrolRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x11\n\tdns_names\x18\x05 \x03(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\x12\n\nagent_port\x18\x07 \x01(\r\x12\x13\n\x0bnames_apart\x18\x08 \x01(\x08\"D\n\rEnrolResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\x32I\n\tEnrolment\x12<\n\x05\x45nrol\x12\x18.tlsroll.v1.EnrolRequest\x1a\x19.tlsroll.v1.EnrolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atlsroll/v1/enrolment.proto\x12\ntlsroll.v1\"\xa7\x01\n\x0c\x45nrolRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x11\n\tdns_names\x18\x05 \x03(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\x12\n\nagent_port\x18\x07 \x01(\r\x12\x13\n\x0bnames_apart\x18\x08 \x01(\x08\"h\n\rEnrolResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\r2I\n\tEnrolment\x12<\n\x05\x45nrol\x12\x18.tlsroll.v1.EnrolRequest\x1a\x19.tlsroll.v1.EnrolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLREQUEST']._serialized_start=43
   _globals['_ENROLREQUEST']._serialized_end=210
   _globals['_ENROLRESPONSE']._serialized_start=212
-  _globals['_ENROLRESPONSE']._serialized_end=280
-  _globals['_ENROLMENT']._serialized_start=282
-  _globals['_ENROLMENT']._serialized_end=355
+  _globals['_ENROLRESPONSE']._serialized_end=316
+  _globals['_ENROLMENT']._serialized_start=318
+  _globals['_ENROLMENT']._serialized_end=391
 # @@protoc_insertion_point(module_scope)

@@ -80,17 +80,24 @@ class EnrolResponse(_message.Message):
 
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.bytes
     ca_certificate_pem: _builtins.bytes
+    heartbeat_interval_seconds: _builtins.int
+    """The leader's heartbeat interval (s), as its heartbeat answers say it
+    (`HeartbeatResponse.interval_seconds`): the agent keeps it, so that its first channel to the
+    leader is timed by it (0: a leader of an earlier release; the agent's own until it hears).
+    """
     def __init__(
         self,
         *,
         certificate_pem: _builtins.bytes = ...,
         ca_certificate_pem: _builtins.bytes = ...,
+        heartbeat_interval_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "heartbeat_interval_seconds", b"heartbeat_interval_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
