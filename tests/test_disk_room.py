@@ -250,3 +250,35 @@ async def test_the_leader_refuses_a_start_on_its_full_disk_never_the_way_back(
             assert not planned.busy, planned.busy  # (room again: planned)
         finally:
             await leader.stop()
+
+
+async def test_the_automatic_rotation_is_refused_on_the_leaders_full_disk_as_a_start_is(
+    tmp_path: Path,
+) -> None:
+    """``auto_rotate`` starts its rotation through the leader's commands, not `rollout
+    start`'s servicer: it went on where the admin's start is refused (review s73 revroom), a
+    rotation whose steps' records would fail mid-way. Now it is blocked with the same words
+    (the schema and ``auto_rotate.blocked`` say them), and starts once the store's checkpoint
+    works again."""
+    import functools
+
+    from leader.store_health import start_refused
+    from tests.test_auto_rotate import FakeCommands, FakeSchema, _rotator
+
+    schema = FakeSchema()
+    commands = FakeCommands(schema)
+    health = StoreHealth(lambda: dt.datetime.now(dt.UTC))
+    rotator = _rotator(schema, commands, ["n1"], "2026-12-05 03:00")  # in its window
+    # (as the leader's runtime gives it)
+    rotator.start_refused = functools.partial(start_refused, health, tmp_path)
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"
+    health.checkpoint(full)
+    decision = await rotator.check()
+    assert decision.verdict.value == "blocked", decision
+    assert decision.reason.startswith("the leader's store cannot grow since 20"), decision
+    assert "no rollout starts until then" in rotator.status.view().reason
+    assert not commands.started
+    health.checkpoint(None)  # one succeeded
+    assert (await rotator.check()).verdict.value == "started"
+    assert len(commands.started) == 1
