@@ -464,7 +464,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 )
         if outside := await self._outside_scope(rollout, nodes):
             warnings.append(outside)
-        if no_room:
+        if no_room and busy:  # (else said as the plan's refusal: `busy`, below)
             warnings.append(f"{no_room} (rollout start refuses it)")
         on_http = await self._on_http(
             [r.name for r in nodes if r.state is not NodeState.SKIPPED], rollout
@@ -514,7 +514,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             # does: `plan` exits 1 for it, as for any refusal a start of the plan meets.
             in_use = planned.password_in_use
             reply.password_doubt_refuses = bool(in_use.doubt(rollout.change, not in_use.version))
-        reply.busy = busy
+        # The leader's disk refuses a start too: `tlsroll plan` exits 1 for it, as for a
+        # rollout not ended (review s73 revroom: it warned and exited 0).
+        reply.busy = busy or no_room or ""
         # What the start refuses as nodes it preflights at once are blocked (its first
         # max_parallel and this leader's prepare_ahead: review s67 rev2 M3): the CLI refuses
         # with it before it asks or makes a password.

@@ -154,6 +154,7 @@ class AutoRotator:
         needs_admin: Callable[[], Collection[str]] = frozenset,
         cut_off: Callable[[], Collection[str]] = frozenset,
         monotonic: Callable[[], float] = time.monotonic,
+        start_refused: Callable[[], str | None] = lambda: None,
     ) -> None:
         """``zone``: the window's (``maintenance_timezone``); None: the host's local time.
         ``local_clock``: now, aware in any zone (it is read on ``zone``'s wall clock), or
@@ -161,8 +162,11 @@ class AutoRotator:
         ``needs_admin``: the nodes that need the admin now (any thread; the leader's node
         problems of that kind), left out of every rotation. ``cut_off``: the nodes whose agent
         is cut off (``Store.cut_off_nodes``: it reads the store, so in a thread), left out
-        too. ``monotonic``: elapsed time (``SETTLE_SECONDS`` from this rotator's making)."""
+        too. ``monotonic``: elapsed time (``SETTLE_SECONDS`` from this rotator's making).
+        ``start_refused``: why no rollout may start now for the leader's own disk (blocking:
+        ``leader.store_health.start_refused``, as `rollout start` is refused), or None."""
         self.monotonic = monotonic
+        self.start_refused = start_refused
         self._made = monotonic()
         self.needs_admin = needs_admin
         self.cut_off = cut_off
@@ -279,6 +283,11 @@ class AutoRotator:
         nodes = decision.nodes
         offline: list[str] = []
         refused: list[str] = []  # "names: the plan's refusal", one for each refusal
+        # The leader's disk first, as `rollout start` is refused for it: a rotation begun
+        # there failed its steps' records mid-way, a node frozen or switched while the leader
+        # could not record it (review s73 revroom: it bypassed the admin's refusal).
+        if (no_room := await asyncio.to_thread(self.start_refused)) is not None:
+            return Decision(Verdict.BLOCKED, decision.nodes, no_room)
         while True:
             request = RolloutRequest(Change.ROTATE_CERT, Scope.of_nodes(nodes))
             try:

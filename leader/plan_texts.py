@@ -46,6 +46,11 @@ ENTRIES_BY_FREEZE = {
     FreezeMode.SCOPE: "; with --freeze scope every node in scope refuses entries from the first "
     "switch until the last one has ended.",
 }
+START_REFUSED_AFTER = (
+    "; no rollout starts until then (the way back, tlsroll rollout rollback, is not refused for it)"
+)
+"""How every refusal of a start for the leader's own disk ends (``store_health.start_refused``):
+`tlsroll plan` tells it from a rollout not ended (``PlanResponse.busy`` says either)."""
 SEED_WARNINGS = (RESTART, RECONNECT_DIRECT)
 CHECKS = (
     "preflight: managed server healthy; ports 8443 and 9443 free on the node; config "

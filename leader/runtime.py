@@ -82,7 +82,7 @@ from leader.service import (
 )
 from leader.states import NodeProblemKind
 from leader.store import Restored, Store, ca_pinned, relearning
-from leader.store_health import StoreHealth
+from leader.store_health import StoreHealth, start_refused
 from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, pki
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
 from tlsroll.defaults import LEADER_NAME
@@ -1124,6 +1124,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
             p.node for p in state.node_problems() if p.kind is NodeProblemKind.NEEDS_ADMIN
         ],
         cut_off=state.store.cut_off_nodes,
+        # (refused as `rollout start` is: ``AdminService._start_refused``)
+        start_refused=functools.partial(start_refused, health, state.store.db.path.parent),
     )
     rotator.announce()  # a window read in UTC only because the host runs on UTC
     expiry.reported = lambda: dict(state.served_fingerprints)  # as the heartbeats say (a copy)

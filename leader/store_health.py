@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from leader.plan_texts import START_REFUSED_AFTER
 from tlsroll import logs, room
 from tlsroll.daemon import sd_notify
 from tlsroll.rpc import storage_trouble
@@ -176,10 +177,7 @@ def start_refused(health: StoreHealth | None, data_dir: Path) -> str | None:
     status`), or its data dir has less free than ``tlsroll.room.LEADER_ROOM``. Begun anyway,
     its steps' records failed mid-rollout, a node frozen or switched while the leader could
     not record it (session 73, diskroom)."""
-    after = (
-        "; no rollout starts until then (the way back, tlsroll rollout rollback, is not"
-        " refused for it)"
-    )
+    after = START_REFUSED_AFTER
     trouble = health.trouble if health is not None else None
     if trouble is not None and health is not None:
         why, since = trouble

@@ -178,6 +178,32 @@ async def test_a_node_whose_journal_checkpoint_fails_is_refused_until_one_succee
         journal.close()
 
 
+def plan_refusal(reply: admin_pb2.PlanResponse) -> str:
+    """What `tlsroll plan` (``leader.cli.rollout.plan``) refuses with (exit 1) given ``reply``
+    (its warnings must not say it again), "" if it exits 0."""
+    from contextlib import nullcontext
+
+    from leader.cli import rollout as rollout_cmd
+    from leader.cli.base import CLIError
+
+    leader = type(
+        "L",
+        (),
+        {
+            "admin": lambda _self: nullcontext(type("A", (), {"PlanRollout": 0})),
+            "call": lambda _self, _method, _request: reply,
+        },
+    )()
+    assert not any("free space" in w or "cannot grow" in w for w in reply.warnings), reply
+    try:
+        rollout_cmd.plan.callback.__wrapped__(  # type: ignore[union-attr]
+            cast(Any, leader), "cluster", None, 0, 1, "node", "rotate-cert", "direct", None, True
+        )
+    except CLIError as exc:
+        return str(exc)
+    return ""
+
+
 async def test_the_leader_refuses_a_start_on_its_full_disk_never_the_way_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,6 +250,11 @@ async def test_the_leader_refuses_a_start_on_its_full_disk_never_the_way_back(
             full.sqlite_errorname = "SQLITE_FULL"
             health.checkpoint(full)
             said = await refused()
+            # `tlsroll plan` shows the plan and exits 1 with it, as for any refusal a start
+            # meets now (review s73 revroom: it warned and exited 0).
+            assert plan_refusal(await admin.PlanRollout(start, cast(Any, Ctx()))) == (
+                f"{said}; nothing was changed"
+            )
             assert said.startswith("the leader's store cannot grow since 20"), said
             assert "(SQLITE_FULL) at its checkpoint" in said, said
             assert "free space on the leader's disk (df -h); no rollout starts until then" in said
@@ -244,9 +275,44 @@ async def test_the_leader_refuses_a_start_on_its_full_disk_never_the_way_back(
                     f"too little free space for a rollout: the leader's data dir {fs} has "
                 ), said
                 assert f"a rollout needs {room.size_text(room.LEADER_ROOM)}" in said, said
+                planned = await admin.PlanRollout(start, cast(Any, Ctx()))
+                assert plan_refusal(planned) == f"{said}; nothing was changed"
             finally:
                 filler.unlink()
             planned = await admin.PlanRollout(dry_run, cast(Any, Ctx()))
             assert not planned.busy, planned.busy  # (room again: planned)
+            assert plan_refusal(await admin.PlanRollout(start, cast(Any, Ctx()))) == ""
         finally:
             await leader.stop()
+
+
+async def test_the_automatic_rotation_is_refused_on_the_leaders_full_disk_as_a_start_is(
+    tmp_path: Path,
+) -> None:
+    """``auto_rotate`` starts its rotation through the leader's commands, not `rollout
+    start`'s servicer: it went on where the admin's start is refused (review s73 revroom), a
+    rotation whose steps' records would fail mid-way. Now it is blocked with the same words
+    (the schema and ``auto_rotate.blocked`` say them), and starts once the store's checkpoint
+    works again."""
+    import functools
+
+    from leader.store_health import start_refused
+    from tests.test_auto_rotate import FakeCommands, FakeSchema, _rotator
+
+    schema = FakeSchema()
+    commands = FakeCommands(schema)
+    health = StoreHealth(lambda: dt.datetime.now(dt.UTC))
+    rotator = _rotator(schema, commands, ["n1"], "2026-12-05 03:00")  # in its window
+    # (as the leader's runtime gives it)
+    rotator.start_refused = functools.partial(start_refused, health, tmp_path)
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"
+    health.checkpoint(full)
+    decision = await rotator.check()
+    assert decision.verdict.value == "blocked", decision
+    assert decision.reason.startswith("the leader's store cannot grow since 20"), decision
+    assert "no rollout starts until then" in rotator.status.view().reason
+    assert not commands.started
+    health.checkpoint(None)  # one succeeded
+    assert (await rotator.check()).verdict.value == "started"
+    assert len(commands.started) == 1

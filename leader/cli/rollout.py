@@ -44,7 +44,7 @@ from leader.cli.password import (
 )
 from leader.cli.plain import emit, screen
 from leader.cli.schema_cmd import AWAITING, ENDS, TERMINAL
-from leader.plan_texts import FINALIZE_WARNINGS, REPLACES_OTHER, plan_texts
+from leader.plan_texts import FINALIZE_WARNINGS, REPLACES_OTHER, START_REFUSED_AFTER, plan_texts
 from leader.rollout_core import (
     BLOCKED,
     BLOCKED_HTTP,
@@ -248,8 +248,9 @@ def plan(
     must do. With
     --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
     any problem refuses the plan. Exit 1, after showing it, if a start would be refused now (a
-    rollout has not ended: one at a time; enable-tls while the auth password in use cannot be
-    confirmed, where a start without --password-file is refused too) or a node is "blocked:
+    rollout has not ended: one at a time; the leader's own disk short of room or its store
+    failing; enable-tls while the auth password in use cannot be confirmed, where a start
+    without --password-file is refused too) or a node is "blocked:
     <why>": a start would be refused (a node on http only for rotate-cert or
     change-password; one whose agent's preflight checks found problems, a port taken, …,
     among the first --max-parallel nodes it steps) or would stop at that node (further on)."""
@@ -263,7 +264,9 @@ def plan(
     # which alone says that nothing was changed (s44: only the busy one was given, and both
     # streams said it).
     reasons = []
-    if reply.busy:
+    if reply.busy.endswith(START_REFUSED_AFTER):  # the leader's disk (it says until when)
+        reasons.append(reply.busy)
+    elif reply.busy:
         reasons.append(f"{reply.busy}; a start of this plan is refused until it has ended")
     if refused_for_password(reply):  # (a plan brings no password: as a start without one)
         reasons.append(f"{reply.password_doubt}; a start of this plan is refused")
