@@ -1975,10 +1975,14 @@ def _enrolled_agent(cluster: Cluster, name: str, *, token_file: bool = False) ->
         _ENROLLED.clear()
         cluster.start_leader()
         try:
-            for each, in_file in ENROLLED.items():
-                agent = cluster.add_agent(each, next_loopback(), token_file=in_file)
-                assert agent.stop() == 0
+            for each, in_file in ENROLLED.items():  # all started, then each waited for
+                agent = cluster.add_agent(each, next_loopback(), token_file=in_file, start=False)
+                agent.spawn()
                 _ENROLLED[each] = agent
+            for agent in _ENROLLED.values():
+                agent.wait_ready()  # (it has enrolled)
+            for agent in _ENROLLED.values():
+                assert agent.stop() == 0
         finally:
             cluster.stop_leader()
         _ENROLLED_IN[:] = [cluster]
