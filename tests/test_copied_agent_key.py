@@ -224,7 +224,7 @@ def test_a_removal_while_the_store_is_read_notes_no_problem() -> None:
         )
         if removed:
             state.store.state = state  # type: ignore[attr-defined]
-        service = SimpleNamespace(state=state, _refused_since={})
+        service = SimpleNamespace(state=state, _refused_since={}, earlier_hold=None)
         LeaderService._refused(service, caller, "ipv4:127.0.0.9:4000")  # type: ignore[arg-type]
         assert ("n2" in state.earlier_certificates) is not removed
         assert (state.node_problem("n2") is None) is removed
