@@ -74,11 +74,15 @@ from leader.schema_view import SchemaViewService, add_json_to_server
 from leader.service import (
     BATCH_SECONDS,
     TEST_BATCH_ENV,
+    TEST_EARLIER_HOLD_ENV,
+    TWINS_HOLD_BOUNDS,
     EnrolmentService,
     LeaderService,
     LeaderState,
     batch_period,
     control_server_options,
+    earlier_hold,
+    renewal_deadline,
 )
 from leader.states import NodeProblemKind
 from leader.store import Restored, Store, ca_pinned, relearning
@@ -1030,6 +1034,10 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     leader_service.batch_seconds = batch_period(os.environ)
     if leader_service.batch_seconds != BATCH_SECONDS:
         _test_hook(TEST_BATCH_ENV, leader_service.batch_seconds)
+    hold = earlier_hold(os.environ, cfg.heartbeat_interval)
+    if hold != TWINS_HOLD_BOUNDS * renewal_deadline(cfg.heartbeat_interval):
+        leader_service.earlier_hold = hold
+        _test_hook(TEST_EARLIER_HOLD_ENV, hold)
     leader_service.workstation_certs_per_hour = cfg.workstation_certs_per_hour
     leader_pb2_grpc.add_LeaderServicer_to_server(leader_service, control)
     await add_standard_services(control, [_service(leader_pb2, "Leader")])

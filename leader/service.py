@@ -915,6 +915,23 @@ node's identity hold the node (``LeaderState.node_problem``) after they were las
 live agents each send at least every renewal bound, so their messages interleave again
 within one; once one stops, the node is free this long after."""
 
+TEST_EARLIER_HOLD_ENV = "TLSROLL_TEST_EARLIER_HOLD_SECONDS"
+"""Tests only: seconds an earlier certificate's node problem holds after the last refusal of it
+(``LeaderService._refused``) in place of ``TWINS_HOLD_BOUNDS`` renewal deadlines (16 s at a
+1 s interval), at least 1 and never longer than those (``earlier_hold``), so that a test that
+shows the problem outlasting its hold (a revocation that must not end it) waits seconds less.
+Not a setting: the hold is what keeps the problem shown while a refused agent's calls come
+late."""
+
+
+def earlier_hold(environ: Mapping[str, str], heartbeat_interval: int) -> float:
+    """Seconds an earlier certificate's node problem holds after its last refusal:
+    ``TWINS_HOLD_BOUNDS`` renewal deadlines, or the test hook's (``TEST_EARLIER_HOLD_ENV``) if
+    it holds a number from 1 to that."""
+    default = TWINS_HOLD_BOUNDS * renewal_deadline(heartbeat_interval)
+    return hook_number(environ, TEST_EARLIER_HOLD_ENV, default, lambda v: 1 <= v <= default)
+
+
 EVICTED_KEPT = 4
 """Agent ids per node whose stream was ended for another agent's newer one that the leader
 remembers (``LeaderService._note_evicted``): one coming back while another agent lives means
@@ -1420,6 +1437,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._write_due = math.inf
         self._write_sooner = asyncio.Event()
         self.batch_seconds = BATCH_SECONDS
+        # Seconds an earlier certificate's problem holds after its last refusal (``_refused``;
+        # None: ``TWINS_HOLD_BOUNDS`` renewal deadlines; ``earlier_hold``: a test's shorter).
+        self.earlier_hold: float | None = None
         # leader.toml's ``workstation_certs_per_hour`` (set by the leader; None: the store's
         # default, ``WORKSTATION_CERTS_PER_HOUR``).
         self.workstation_certs_per_hour: int | None = None
@@ -1710,7 +1730,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             return
         earlier = self.state.earlier_certificates
         now = self.state.monotonic()
-        until = now + TWINS_HOLD_BOUNDS * renewal_deadline(self.state.heartbeat_interval)
+        hold = self.earlier_hold
+        if hold is None:
+            hold = TWINS_HOLD_BOUNDS * renewal_deadline(self.state.heartbeat_interval)
+        until = now + hold
         held = earlier.get(caller.name)
         if held is None or now >= held.until:
             log.warning(

@@ -1954,15 +1954,39 @@ def test_an_error_nobody_foresaw_in_a_daemon_is_one_line_with_its_type_only(
 # --- s49agentexit: the agent's key readable by others, a token file too, a damaged identity ---
 
 
+# The agents the tests below take (``_enrolled_agent``), by name: True for those with their
+# token in a file (``join_token_file``). The first test to ask for one enrols them all under
+# one start of the leader: each enrolled under its own start, the module started and stopped
+# the leader eleven times more (some 20 s of a CI run, session 73).
+ENROLLED = {
+    **dict.fromkeys(("dkey", "dcert", "dca", "dkey2", "dkey3", "mkey", "mca"), False),
+    **dict.fromkeys(("mpin", "agentfiles"), False),
+    **dict.fromkeys(("mnames", "eback", "nospiffe"), True),
+}
+_ENROLLED: dict[str, Agent] = {}
+_ENROLLED_IN: list[Cluster] = []  # the cluster they are of (the module's)
+
+
 def _enrolled_agent(cluster: Cluster, name: str, *, token_file: bool = False) -> Agent:
-    """An agent that enrolled (its identity in its data dir), stopped, as is the leader."""
-    cluster.start_leader()
-    try:
-        agent = cluster.add_agent(name, next_loopback(), token_file=token_file)
-        assert agent.stop() == 0
-    finally:
-        cluster.stop_leader()
-    return agent
+    """An agent that enrolled (its identity in its data dir), stopped, as is the leader; each
+    name (``ENROLLED``) is one test's own agent, enrolled with every other on first use."""
+    assert ENROLLED[name] == token_file, name
+    if not _ENROLLED_IN or _ENROLLED_IN[0] is not cluster:
+        _ENROLLED.clear()
+        cluster.start_leader()
+        try:
+            for each, in_file in ENROLLED.items():  # all started, then each waited for
+                agent = cluster.add_agent(each, next_loopback(), token_file=in_file, start=False)
+                agent.spawn()
+                _ENROLLED[each] = agent
+            for agent in _ENROLLED.values():
+                agent.wait_ready()  # (it has enrolled)
+            for agent in _ENROLLED.values():
+                assert agent.stop() == 0
+        finally:
+            cluster.stop_leader()
+        _ENROLLED_IN[:] = [cluster]
+    return _ENROLLED[name]
 
 
 def test_an_agent_join_token_file_others_can_read_is_a_config_error(
@@ -2210,14 +2234,10 @@ def test_an_agent_certificate_with_no_cluster_identity_is_enrolled_again_without
 
 # --- s50agent2: the agent's data dir and journal it may not use: exit 2 naming the fix ---
 
-_AGENTS: dict[str, Agent] = {}
-
 
 def _stopped_agent(cluster: Cluster) -> Agent:
     """One enrolled agent (stopped) for the cases below, each putting its damage back."""
-    if "files" not in _AGENTS:
-        _AGENTS["files"] = _enrolled_agent(cluster, "agentfiles")
-    return _AGENTS["files"]
+    return _enrolled_agent(cluster, "agentfiles")
 
 
 # case -> (the file the line names, relative to the data dir, the damage (returns its undo),

@@ -23,12 +23,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from leader.service import TEST_EARLIER_HOLD_ENV
 from tests.cluster import csr_pem, wait_until
 from tests.nodeside import cluster_of
 from tlsroll import pki
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)
+# Seconds the earlier certificate's problem holds after its last refusal (the leader's test
+# hook; 2 renewal deadlines, 16 s, without it), so that the test waits past it in seconds.
+HOLD = 8
 
 
 def _problems(cluster: object) -> list[dict[str, object]]:
@@ -40,7 +44,10 @@ def _problems(cluster: object) -> list[dict[str, object]]:
 def test_a_copy_of_an_agent_key_that_renewed_itself_is_the_node_s_problem(
     tmp_path: Path,
 ) -> None:
-    with cluster_of(tmp_path, 2) as (cluster, (_node1, node2)):
+    with cluster_of(tmp_path, 2, env={TEST_EARLIER_HOLD_ENV: str(HOLD)}) as (
+        cluster,
+        (_node1, node2),
+    ):
         agent = node2.agent
         assert agent is not None
         cert, key = agent.cert_file.read_bytes(), agent.key_file.read_bytes()
@@ -111,7 +118,11 @@ def test_a_copy_of_an_agent_key_that_renewed_itself_is_the_node_s_problem(
             # copy, on record, kept the node): that is the node's own agent's certificate here.
             revoked = cluster.cli("ca", "revoke", copied_serial)
             assert revoked.returncode == 0, revoked.stderr
-            time.sleep(20)  # longer than the problem's hold (2 renewal deadlines: 16 s here)
+            # Past the problem's hold (``HOLD``, the leader's hook, as its log says): the
+            # refusals since the revocation held it on (before, they did not count).
+            hooks = [e for e in cluster.leader.log_events() if e.get("event") == "leader.test_hook"]
+            assert [e["value"] for e in hooks if e["hook"] == TEST_EARLIER_HOLD_ENV] == [HOLD]
+            time.sleep(HOLD + 4)
             (problem,) = [p for p in _problems(cluster) if p.get("node") == "node2"]
             assert problem["kind"] == "earlier-certificate", problem
             # What the problem says to do ends it: the removal revokes the copy's certificate.
@@ -213,7 +224,22 @@ def test_a_removal_while_the_store_is_read_notes_no_problem() -> None:
         )
         if removed:
             state.store.state = state  # type: ignore[attr-defined]
-        service = SimpleNamespace(state=state, _refused_since={})
+        service = SimpleNamespace(state=state, _refused_since={}, earlier_hold=None)
         LeaderService._refused(service, caller, "ipv4:127.0.0.9:4000")  # type: ignore[arg-type]
         assert ("n2" in state.earlier_certificates) is not removed
         assert (state.node_problem("n2") is None) is removed
+
+
+def test_the_hold_hook_only_ever_shortens_the_hold() -> None:
+    """``TEST_EARLIER_HOLD_ENV``: from 1 s to the hold without it (``TWINS_HOLD_BOUNDS``
+    renewal deadlines); anything else, or none, is that hold."""
+    from leader.service import TWINS_HOLD_BOUNDS, earlier_hold, renewal_deadline
+
+    for interval in (1, 5):
+        default = TWINS_HOLD_BOUNDS * renewal_deadline(interval)
+        assert earlier_hold({}, interval) == default
+        assert earlier_hold({TEST_EARLIER_HOLD_ENV: "8"}, interval) == 8
+        assert earlier_hold({TEST_EARLIER_HOLD_ENV: "1"}, interval) == 1
+        assert earlier_hold({TEST_EARLIER_HOLD_ENV: str(default)}, interval) == default
+        for bad in ("0", "0.5", str(default + 1), "-3", "nan", "inf", "x", ""):
+            assert earlier_hold({TEST_EARLIER_HOLD_ENV: bad}, interval) == default, bad

@@ -168,6 +168,15 @@ MODULES: dict[str, list[object]] = {"long": [0, 1], "mid": [0, 1, 2], "short": [
 """Longest recorded first, fewest tests first: xdist's own order (by test count) is the reverse."""
 
 
+# Seconds a generated session may take before it counts as hung. It takes 1-4 s, but a test
+# worker of a loaded CI (five workers and their daemons on two cores) starts three interpreters
+# for it (the controller and two workers, each importing pytest, xdist and the suite's
+# conftest): 90 s, the bound before session 73, was once not enough. A session that passes
+# costs no more for a longer bound; one that hangs is still killed and fails its test.
+SESSION_BOUND = 240
+pytestmark = pytest.mark.timeout(2 * SESSION_BOUND + 60)  # one test runs two sessions
+
+
 def run_session(
     where: Path,
     *args: str,
@@ -203,11 +212,17 @@ def run_session(
         start_new_session=True,  # its workers with it, if it hangs
     ) as ran:
         try:
-            out, _ = ran.communicate(timeout=90)
+            out, _ = ran.communicate(timeout=SESSION_BOUND)
         except subprocess.TimeoutExpired:
-            os.killpg(ran.pid, signal.SIGKILL)
-            out, _ = ran.communicate()
-            pytest.fail(f"the session hung: {log.read_text() if log.exists() else ''}{out[-3000:]}")
+            # Each process says where it is (pytest's faulthandler dumps every thread's stack
+            # on SIGABRT) before it is killed, so that a hang says where it hung.
+            os.killpg(ran.pid, signal.SIGABRT)
+            try:
+                out, _ = ran.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(ran.pid, signal.SIGKILL)
+                out, _ = ran.communicate()
+            pytest.fail(f"the session hung: {log.read_text() if log.exists() else ''}{out[-6000:]}")
     assert ran.returncode == returncode, out[-3000:]
     return [line.split() for line in log.read_text().splitlines()], out
 
