@@ -2375,19 +2375,24 @@ async def test_a_switch_s_records_inside_the_freeze_window_are_three_commits_of_
     journal.close()
 
 
+def _switch_txn(phase: Phase, epoch: int = 1) -> Txn:
+    """A switch transaction of rollout r1 (enable-tls) at ``phase``, for the journal's own tests."""
+    return Txn(
+        rollout_id="r1",
+        kind=TxnKind.SWITCH,
+        epoch=epoch,
+        phase=phase,
+        plan={"change": "enable-tls"},
+        started_at=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+    )
+
+
 def test_a_transaction_created_again_is_found_and_nothing_is_written(tmp_path: Path) -> None:
     """``Journal.create`` inserts without reading first (session 73): a transaction already
     journalled under the key (a replay) is returned as journalled, and the write changes
     nothing (no row, no event, no commit)."""
     journal = Journal(tmp_path / "journal.sqlite3")
-    first = Txn(
-        rollout_id="r1",
-        kind=TxnKind.SWITCH,
-        epoch=3,
-        phase=Phase.STARTED,
-        plan={"change": "enable-tls"},
-        started_at=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
-    )
+    first = _switch_txn(Phase.STARTED, epoch=3)
     assert journal.create(first, begin="freeze") == first
     events, commits = journal.events("r1"), journal._db.commits
     again = replace(
@@ -2465,17 +2470,7 @@ def test_a_field_a_write_and_the_step_it_carries_both_change_is_the_write_s(
     write's own changes name is written as the write's, in the row and in the transaction
     returned; the carried step's other changes and its ``end`` event stay."""
     journal = Journal(tmp_path / "journal.sqlite3")
-    txn = journal.create(
-        Txn(
-            rollout_id="r1",
-            kind=TxnKind.SWITCH,
-            epoch=1,
-            phase=Phase.CONFIG_WRITTEN,
-            plan={"change": "enable-tls"},
-            started_at=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
-        ),
-        begin="restart",
-    )
+    txn = journal.create(_switch_txn(Phase.CONFIG_WRITTEN), begin="restart")
     ended = dt.datetime(2026, 1, 2, 0, 0, 5, tzinfo=dt.UTC)
     passed = Passed(
         {"phase": Phase.RESTARTED, "restart_seconds": 1.5, "reason": "carried"}, ended, "verify"
@@ -2501,16 +2496,7 @@ def test_a_write_the_disk_refuses_leaves_no_event_no_freeze_window_and_nothing_f
     leaves the journal as it was: no event of it, the row unchanged, no freeze window (no
     checkpoint held for a freeze never made); the next write inserts its own events only."""
     journal = Journal(tmp_path / "journal.sqlite3")
-    txn = journal.create(
-        Txn(
-            rollout_id="r1",
-            kind=TxnKind.SWITCH,
-            epoch=1,
-            phase=Phase.STARTED,
-            plan={"change": "enable-tls"},
-            started_at=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
-        )
-    )
+    txn = journal.create(_switch_txn(Phase.STARTED))
     before = journal.events("r1")
     raw = journal._db._db
     pages = int(raw.execute("PRAGMA page_count").fetchone()[0])
