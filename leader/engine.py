@@ -1832,9 +1832,10 @@ class Engine:
                     rollout_id=rollout_id,
                     node=name,
                     seconds=round(now - since),
-                    detail="its scope freeze is not confirmed: no switch begins, and the other"
-                    " nodes stay frozen (refusing entries) while the rollout runs, until it"
-                    f" answers; tlsroll rollout abort {rollout_id} lifts their freeze",
+                    detail="its scope freeze is not confirmed: no switch begins while the"
+                    " rollout runs, and the nodes still frozen in its scope stay frozen"
+                    " (refusing entries; the nodes done are unfrozen), until it answers;"
+                    f" tlsroll rollout abort {rollout_id} lifts their freeze",
                 )
         return frozenset(unanswered)
 
