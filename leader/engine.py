@@ -1833,8 +1833,8 @@ class Engine:
                     node=name,
                     seconds=round(now - since),
                     detail="its scope freeze is not confirmed: no switch begins while the"
-                    " rollout runs, and the nodes still frozen in its scope stay frozen"
-                    " (refusing entries; the nodes done are unfrozen), until it answers;"
+                    " rollout runs, and those of its scope still frozen stay frozen"
+                    " (refusing entries) until it answers;"
                     f" tlsroll rollout abort {rollout_id} lifts their freeze",
                 )
         return frozenset(unanswered)
