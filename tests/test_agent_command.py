@@ -189,6 +189,30 @@ class StillDriver:
         return ClientsView()
 
 
+def still_service(
+    directory: Path, journal: Journal, driver: StillDriver, announced: int | None = None
+) -> NodeAgentService:
+    """A NodeAgentService over ``driver`` (its checks' config: node n1 on 127.0.0.1, a
+    bootstrap port nobody holds), its leader's epoch ``announced`` if given."""
+    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
+    with socket.socket() as s:  # a bootstrap port nobody holds
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = type("C", (), {"names": names, "bootstrap_port": port})()
+    trust = LeaderTrust(directory / "ca.pem", "example.test", directory / "crl.pem")
+    if announced is not None:
+        trust.announce(announced)
+    return NodeAgentService(
+        cast(Any, cfg),
+        cast(Any, None),
+        journal,
+        cast(Any, driver),
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=trust,
+    )
+
+
 async def test_the_checks_on_the_machine_take_one_worker_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,21 +223,7 @@ async def test_the_checks_on_the_machine_take_one_worker_thread(
     handshake."""
     journal = Journal(tmp_path / "journal.sqlite3")
     driver = StillDriver(tmp_path)
-    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
-    with socket.socket() as s:  # a bootstrap port nobody holds
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = type("C", (), {"names": names, "bootstrap_port": port})()
-    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
-    agent = NodeAgentService(
-        cast(Any, cfg),
-        cast(Any, None),
-        journal,
-        cast(Any, driver),
-        None,
-        lambda: dt.datetime.now(dt.UTC),
-        trust=trust,
-    )
+    agent = still_service(tmp_path, journal, driver)
     hops: list[str] = []
     real = asyncio.to_thread
 

@@ -13,7 +13,6 @@ free. The file systems are real small tmpfs mounts, filled (needs root, as
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import sqlite3
 from pathlib import Path
 from typing import Any, cast
@@ -30,9 +29,8 @@ from leader.wire import CHANGE, FREEZE
 from nodeagent import service
 from nodeagent.journal import Journal
 from nodeagent.service import NodeAgentService
-from nodeagent.trust import LeaderTrust
 from tests.nodeside import fill, tmpfs
-from tests.test_agent_command import Ctx, StillDriver
+from tests.test_agent_command import Ctx, StillDriver, still_service
 from tests.test_engine import VERIFIER_1, make_world
 from tlsroll import room
 from tlsroll import sqlite as tsqlite
@@ -54,22 +52,7 @@ def agent_on(directory: Path) -> tuple[NodeAgentService, Journal]:
     (directory / "cfg").mkdir()
     journal = Journal(directory / "data" / "journal.sqlite3")
     driver = StillDriver(directory / "cfg")
-    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
-    with socket.socket() as s:  # a bootstrap port nobody holds
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = type("C", (), {"names": names, "bootstrap_port": port})()
-    trust = LeaderTrust(directory / "ca.pem", "example.test", directory / "crl.pem")
-    trust.announce(5)
-    agent = NodeAgentService(
-        cast(Any, cfg),
-        cast(Any, None),
-        journal,
-        cast(Any, driver),
-        None,
-        lambda: dt.datetime.now(dt.UTC),
-        trust=trust,
-    )
+    agent = still_service(directory, journal, driver, announced=5)
     return agent, journal
 
 
