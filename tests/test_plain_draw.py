@@ -1119,3 +1119,30 @@ def test_the_help_reads_whole_at_80_columns() -> None:
         assert not re.search(r"review s\d|session \d", text), (path, text)
     start = " ".join(helps["rollout start"].split())
     assert "change-password: apply a staged password; rotate-cert: a new" in start, start
+
+
+@pytest.mark.parametrize(
+    "path", [[], ["rollout"], ["rollout", "start"], ["client"], ["client", "test-connection"]]
+)
+def test_every_help_has_the_same_formatter(
+    monkeypatch: pytest.MonkeyPatch, path: list[str]
+) -> None:
+    """Session 73's note, "80 columns": `tlsroll --help` (the top-level group) was drawn by
+    click's own formatter, which folds at hyphens and in commands in backticks, while every
+    command under it had ``tlsroll.cli.Help``: it has that one too, as the admin's groups
+    and the client's commands have."""
+    from click.testing import CliRunner
+
+    from tlsroll import cli as entry
+
+    drawn: list[str] = []
+
+    class Seen(entry.Help):
+        def getvalue(self) -> str:
+            drawn.append(super().getvalue())
+            return drawn[-1]
+
+    monkeypatch.setattr(entry.HelpContext, "formatter_class", Seen)
+    done = CliRunner().invoke(entry.cli, [*path, "--help"], terminal_width=80)
+    assert done.exit_code == 0, done.output
+    assert drawn and drawn[-1] == done.output, (path, drawn, done.output)
