@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import json
 import re
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from rich.table import Table as RichTable
 
 from leader import planner
 from leader.cli.base import Leader, to_dict
-from leader.cli.draw import PENDING, render_rollout
+from leader.cli.draw import PENDING, render_live, render_rollout
 from leader.cli.plain import Block, Styled, Table, cell_len, clean, fit, wrap
 from leader.rollout_core import (
     Change,
@@ -552,23 +553,23 @@ def test_the_whole_table_fits_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch,
     lines = text.splitlines()
     assert all(cell_len(line) <= 80 for line in lines), text
     head = next(line for line in lines if line.startswith("┃"))
+    # The reason every row had (five lines a row, review s71 "80 columns") is said once, under
+    # the table, folded at its spaces, the command in it on one line; the reason column, empty
+    # then, goes too (session 74), and "still on http" has its place.
     assert [h.strip() for h in head.strip("┃").split("┃")] == [
         "#",
         "node",
         "state",
         "new address",
-        "reason",
+        "still on http",
     ], text
     rows = narrow_rows(text)
-    assert len(rows) == 3 and all(len(row) <= 6 for row in rows), text
+    assert len(rows) == 3 and all(len(row) == 1 for row in rows), text
     assert "https://10.0.0.3:8443/pra" in rows[2][0] and "│ switching │" in rows[2][0], text
-    # The reason every row had (five lines a row, review s71 "80 columns") is said once, under
-    # the table, folded at its spaces, the command in it on one line.
-    assert all(line.split("│")[5].strip() == "" for row in rows for line in row), text
     under = lines[lines.index(next(x for x in lines if x.startswith("└"))) + 1 :]
     assert " ".join(under) == (
         f"reason of every node: {PENDING} not shown on 80 columns: cert expires, old address, "
-        "restart, freeze window (node clock), still on http (all: the same command | less -S)"
+        "restart, freeze window (node clock) (all: the same command | less -S)"
     ), text
     assert any("`tlsroll rollout start --change change-password`" in line for line in under)
     # The heading folded at its spaces, not by the terminal in a word.
@@ -923,6 +924,79 @@ def test_nodes_remove_folds_its_paragraphs_with_the_commands_whole(
     assert said(lines).startswith("removed node praxis-empfang-02; revoked 2 certificate(s).")
 
 
+def header_of(lines: list[str]) -> list[str]:
+    """The headers of the (one) table among ``lines``."""
+    head = next(line for line in lines if line.startswith("┃"))
+    return [h.strip() for h in head.strip("┃").split("┃")]
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_no_empty_reason_column_when_every_node_s_reason_is_said_once(live: bool) -> None:
+    """Session 73's note, "80 columns": since the reason every node shares is said once (on the
+    watch's counts line, under `schema show`'s table), the table kept a reason column with no
+    word in it, 9 columns of an 80-column terminal on every frame of the watch. It goes, the
+    watch's and the table `schema show` leaves at its end alike; a reason one node has of its
+    own keeps it (its row says it); into a pipe every column stays (scripts read it)."""
+    view = watched_view(types_pb2.ROLLOUT_STATE_RUNNING)
+
+    def drawn() -> list[str]:
+        data = to_dict(view)
+        block = render_live(data, 80, 24) if live else render_rollout(data, 80)
+        return block.lines(80, color=False)
+
+    lines = drawn()
+    assert "reason" not in header_of(lines), lines
+    assert all(cell_len(line) <= 80 for line in lines), lines
+    assert PENDING.split("`")[0].split()[-1] in " ".join(lines), lines  # (said once, beside)
+    view.nodes[2].reason = "confirm failed: timeout"
+    lines = drawn()
+    assert header_of(lines)[-1] == "reason", lines
+    assert any("│ confirm failed: timeout" in line for line in lines), lines
+    piped = render_rollout(to_dict(watched_view(types_pb2.ROLLOUT_STATE_RUNNING)))
+    assert header_of(piped.lines(1000, color=False))[-1] == "reason"
+
+
+def test_a_command_wider_than_the_watch_folds_as_one_shell_command() -> None:
+    """Session 73's note, "80 columns": a command in backticks wider than the terminal (the
+    shared reason's `tlsroll rollout start --change change-password` on a 44-column pane)
+    was folded into lines that, copied, ran as two commands, or cut; the live view's lines must
+    fit (rich's Live cuts the rest). It folds at its spaces with the shell's line continuation:
+    the lines copied together are one command to a shell, and every line fits."""
+    command = "tlsroll rollout start --change change-password"
+    assert f"`{command}`" in PENDING
+    data = watched_rollout(types_pb2.ROLLOUT_STATE_RUNNING)
+    for width in (44, 40, 36):
+        lines = render_live(data, width, 24).lines(width, color=False)
+        assert all(cell_len(line) <= width for line in lines), lines
+        text = "\n".join(lines)
+        copied = text[text.index("`") + 1 : text.index("`", text.index("`") + 1)]
+        assert "\\\n" in copied, text  # folded, with the continuation
+        assert all(line.endswith(" \\") for line in copied.splitlines()[:-1]), text
+        # What a shell makes of the lines pasted: the command's words, each whole.
+        said = subprocess.run(
+            ["sh", "-c", f'set -- {copied}; printf "%s\\n" "$@"'],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        assert said.stdout.split("\n")[:-1] == command.split(), (text, said.stdout)
+
+
+@pytest.mark.parametrize("width", [80, 100, 110])
+def test_the_watch_s_counts_line_cut_says_so_and_leaves_no_half_command(width: int) -> None:
+    """Where no line is free for what every node shares (a short terminal), the counts line is
+    cut: it ends in "…" (at 80 columns the cut fell at a word's end and the "…" was lost:
+    "takes effect" read as whole), and never in a command in backticks (at 100 it read
+    "with `tlsroll rollout st…", which, copied, runs something else)."""
+    data = watched_rollout(types_pb2.ROLLOUT_STATE_RUNNING)
+    lines = render_live(data, width, 9).lines(width, color=False)
+    counts = lines[1]
+    assert counts.startswith("3 nodes: 1 switching, 2 done; every node: password change"), lines
+    assert counts.endswith("…") and "`" not in counts, lines
+    assert cell_len(counts) <= width, lines
+
+
 def test_a_reason_of_some_rows_stays_in_them_and_a_pipe_keeps_each_row_whole() -> None:
     """A reason only some nodes have stays in their rows (only what every row says goes under
     the table); into a pipe every row keeps its whole reason (grep finds a node's line)."""
@@ -1045,3 +1119,30 @@ def test_the_help_reads_whole_at_80_columns() -> None:
         assert not re.search(r"review s\d|session \d", text), (path, text)
     start = " ".join(helps["rollout start"].split())
     assert "change-password: apply a staged password; rotate-cert: a new" in start, start
+
+
+@pytest.mark.parametrize(
+    "path", [[], ["rollout"], ["rollout", "start"], ["client"], ["client", "test-connection"]]
+)
+def test_every_help_has_the_same_formatter(
+    monkeypatch: pytest.MonkeyPatch, path: list[str]
+) -> None:
+    """Session 73's note, "80 columns": `tlsroll --help` (the top-level group) was drawn by
+    click's own formatter, which folds at hyphens and in commands in backticks, while every
+    command under it had ``tlsroll.cli.Help``: it has that one too, as the admin's groups
+    and the client's commands have."""
+    from click.testing import CliRunner
+
+    from tlsroll import cli as entry
+
+    drawn: list[str] = []
+
+    class Seen(entry.Help):
+        def getvalue(self) -> str:
+            drawn.append(super().getvalue())
+            return drawn[-1]
+
+    monkeypatch.setattr(entry.HelpContext, "formatter_class", Seen)
+    done = CliRunner().invoke(entry.cli, [*path, "--help"], terminal_width=80)
+    assert done.exit_code == 0, done.output
+    assert drawn and drawn[-1] == done.output, (path, drawn, done.output)

@@ -213,7 +213,10 @@ class Summarized(click.Group):
     workstation's connection code, cryptography, jinja2, rich and the planner among them
     (about 0.25 s of CPU, session 66). The listing is click's own (``Group.format_commands``),
     a command's line shortened as click shortens its help; a test keeps each summary its
-    command's."""
+    command's. Its help is folded as its commands' are (``Help``): ``tlsroll --help`` had
+    click's own formatter (session 73's note, "80 columns")."""
+
+    context_class = HelpContext
 
     def summary(self, ctx: click.Context, cmd_name: str) -> str | None:
         """The summary of lazy command ``cmd_name``; None: look the command up."""

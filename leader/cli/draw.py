@@ -249,6 +249,7 @@ def render_rollout(r: View, screen: int | None = None) -> Block:
         ],
         "reason": [Styled("; ".join(s for s in _reasons(r, n) if s not in shared)) for n in nodes],
     }
+    _no_empty_reason(columns, shared)
     # The columns go while the new address does not fit whole and the reason 30 wide (they
     # fold: a reason may be long); what still does not fit folds, the reason first (down to
     # 30), then the widest (the address before a node's name, by which the admin reads it).
@@ -271,10 +272,51 @@ def render_rollout(r: View, screen: int | None = None) -> Block:
     )
 
 
+def _no_empty_reason(columns: dict[str, list[Styled]], shared: Sequence[str]) -> None:
+    """Take the reason column out of ``columns`` if what every node's reason says is said
+    once beside the table (``shared``) and so no cell of it is left with a word: it was an
+    empty column of 9, drawn on every frame of the watch (session 73's note, "80 columns")
+    and it took the place of a column an 80-column table then went without. A reason that
+    only some nodes have keeps the column (its rows say it)."""
+    if shared and not any(clean(cell.text).strip() for cell in columns["reason"]):
+        del columns["reason"]
+
+
+CONTINUED = Styled(" \\")
+"""The end of a line of a command in backticks folded onto the next (``_command_lines``): the
+shell's line continuation. The very object (``is``): ``_fold_within`` leaves it out when it
+joins folded lines again."""
+
+
+def _command_lines(token: str, width: int) -> list[str] | None:
+    """A command in backticks (with what sticks to it) wider than ``width``, folded at its
+    spaces onto lines that each leave room for ``CONTINUED``, never inside a word; None if
+    ``token`` is no command, or has a word too wide for any line. The live view's lines must
+    fit the terminal (rich's Live cuts the rest: a command wider than the terminal was cut, or
+    folded by ``plain.wrap`` into lines that, copied, ran as two commands), so such a command
+    folds as one types a long one in a shell: each line but the last ends with " \\", and the
+    lines copied together still paste as one command (session 73's note, "80 columns")."""
+    if "`" not in token or cell_len(token) <= width:
+        return None
+    words = token.split(" ")
+    if any(cell_len(word) > width - len(CONTINUED.text) for word in words):
+        return None
+    lines = [words[0]]
+    for word in words[1:]:
+        if cell_len(f"{lines[-1]} {word}{CONTINUED.text}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    if cell_len(lines[-1]) > width:  # (the last has no continuation: room for it always)
+        return None
+    return lines
+
+
 def _fold(pieces: Sequence[Styled], width: int) -> list[list[Styled]]:
     """A line of styled pieces folded at spaces into lines of at most ``width`` columns (a
-    word longer than that is cut, as ``plain.wrap`` cuts it), each piece keeping its style:
-    a terminal folds a long line anywhere, in the middle of a word."""
+    word longer than that is cut, as ``plain.wrap`` cuts it; a command in backticks longer
+    than that folds with the shell's line continuation, ``_command_lines``), each piece
+    keeping its style: a terminal folds a long line anywhere, in the middle of a word."""
     out: list[list[Styled]] = [[]]
     room = width
     for piece in pieces:
@@ -284,12 +326,16 @@ def _fold(pieces: Sequence[Styled], width: int) -> list[list[Styled]]:
                     out[-1].append(Styled(token[:room], piece.style))
                     room -= min(len(token), room)
                 continue
-            for part in wrap(token, width):
+            command = _command_lines(token, width)
+            for k, part in enumerate(command or wrap(token, width)):
                 if cell_len(part) > room:
                     out.append([])
                     room = width
                 out[-1].append(Styled(part, piece.style))
                 room -= cell_len(part)
+                if command and k < len(command) - 1:
+                    out[-1].append(CONTINUED)
+                    room = 0  # (the next part on a line of its own)
     folded = []
     for line in out:
         while line and not line[-1].text.strip():  # (no spaces at a line's end)
@@ -357,17 +403,21 @@ def _cut(text: str, width: int) -> str:
 
 
 def _cut_line(pieces: Sequence[Styled], width: int) -> list[Styled]:
-    """A line of styled pieces on at most ``width`` columns."""
-    out: list[Styled] = []
-    room = width
-    for piece in pieces:
-        text = clean(piece.text)
-        if cell_len(text) > room:
-            out.append(Styled(_cut(text, room), piece.style))
-            break
-        out.append(Styled(text, piece.style))
-        room -= cell_len(text)
-    return out
+    """A line of styled pieces on at most ``width`` columns, ending in "…" where it was cut
+    (a cut at a piece's end, the line full, lost its "…": the next piece had no room)."""
+    out = [Styled(clean(piece.text), piece.style) for piece in pieces]
+    if sum(cell_len(piece.text) for piece in out) <= width:
+        return out
+    room = width - 1  # (for the "…")
+    for k, piece in enumerate(out):
+        if cell_len(piece.text) > room:
+            cut = piece.text[:room]  # a character takes one column or two
+            while cut and cell_len(cut) > room:
+                cut = cut[:-1]
+            kept = [Styled(cut, piece.style)] if cut else []
+            return [*out[:k], *kept, Styled("…", piece.style)]
+        room -= cell_len(piece.text)
+    return out  # (not reached: the pieces are wider than ``width``)
 
 
 def _counts(nodes: Sequence[View]) -> list[Styled]:
@@ -412,6 +462,7 @@ def _live_table(
             Styled("; ".join(s for s in _reasons(r, n) if s not in shared)) for _, n in rows
         ],
     }
+    _no_empty_reason(columns, shared)
     natural = {
         h: max(cell_len(clean(c.text)) for c in [Styled(h), *cells]) for h, cells in columns.items()
     }
@@ -441,8 +492,32 @@ def _fold_within(pieces: Sequence[Styled], width: int, most: int) -> list[list[S
     folded = _fold(pieces, width)
     if len(folded) <= most:
         return folded
-    rest = [piece for line in folded[most - 1 :] for piece in (*line, Styled(" "))]
-    return [*folded[: most - 1], _cut_line(rest, width)]
+    rest = [
+        piece
+        for line in folded[most - 1 :]
+        for piece in (*(p for p in line if p is not CONTINUED), Styled(" "))
+    ]
+    return [*folded[: most - 1], _whole_commands(_cut_line(rest, width))]
+
+
+def _whole_commands(line: list[Styled]) -> list[Styled]:
+    """A line cut ("…", ``_cut_line``) without the part of a command in backticks the cut
+    left: a copy of that part ran something else ("with `tlsroll rollout st…")."""
+    text = "".join(piece.text for piece in line)
+    if not text.endswith("…") or text.count("`") % 2 == 0:
+        return line
+    keep = text.rfind("`")  # where the command the cut left open begins
+    out: list[Styled] = []
+    for piece in line:
+        if keep <= 0:
+            break
+        out.append(Styled(piece.text[:keep], piece.style))
+        keep -= len(piece.text)
+    while out and not out[-1].text.strip():
+        out.pop()
+    if out:
+        out[-1] = Styled(out[-1].text.rstrip(), out[-1].style)
+    return [*out, Styled("…")]
 
 
 def render_live(r: View, width: int, height: int) -> Block:
