@@ -67,6 +67,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -550,6 +551,9 @@ class Journal:
         self.path = Path(path)
         # The events of the write under way (``_event``), inserted at its end (``_tx``).
         self._queued: list[tuple[str, ...]] = []
+        # The thread of the write under way (``_tx``), None between writes: ``_event`` outside
+        # one is a bug, said loudly (its event would be dropped, or go into another's write).
+        self._writing: int | None = None
         self._db = Database(
             self.path,
             MIGRATIONS,
@@ -738,9 +742,13 @@ class Journal:
         try:
             with self._db.tx() as db:
                 self._queued = []  # (under the store's lock: one write at a time)
-                yield db
-                if self._queued:
-                    db.executemany(_INSERT_EVENT, self._queued)
+                self._writing = threading.get_ident()
+                try:
+                    yield db
+                    if self._queued:
+                        db.executemany(_INSERT_EVENT, self._queued)
+                finally:
+                    self._writing = None
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
 
@@ -1319,7 +1327,11 @@ class Journal:
         at: dt.datetime | None = None,
     ) -> None:
         """Queue the event for the write under way (``_tx`` inserts them before its commit),
-        stamped now (or ``at``)."""
+        stamped now (or ``at``). Outside such a write (in this thread): RuntimeError, a bug;
+        the event would have been dropped silently by the next write's start, or gone into
+        another thread's write (session 73's L)."""
+        if self._writing != threading.get_ident():
+            raise RuntimeError("Journal._event is only for inside a write (Journal._tx)")
         if str(step) == "freeze" and what in ("begin", "again"):  # (before the freeze call)
             key = (txn.rollout_id, txn.kind.value)
             self._db.after_commit(lambda: self._frozen.add(key))
