@@ -459,6 +459,30 @@ class JournalError(TerminalError):
     database or disk is full (SQLITE_FULL)``."""
 
 
+class JournalUnavailable(JournalError):
+    """A read of the journal that failed for a moment (its file locked or busy, an I/O error,
+    a file it could not open, a WAL to recover: ``READ_TRANSIENT``): the agent answers its
+    caller UNAVAILABLE, which asks again, not as a refusal (session 73's L: GetTransaction
+    answered FAILED_PRECONDITION, which the leader takes for "refused the question", needing
+    the admin at once). Still a ``JournalError`` within the agent (what catches one catches
+    it), as one over a full disk is, answered RESOURCE_EXHAUSTED. A damaged journal
+    (SQLITE_CORRUPT, SQLITE_NOTADB) stays a plain ``JournalError``: asking again does not
+    mend it."""
+
+
+# SQLite's codes (extended ones too) of a read that may work if tried again
+# (``JournalUnavailable``): those ``tlsroll.rpc.storage_trouble`` answers UNAVAILABLE for a
+# store of its own (SQLITE_READONLY_RECOVERY: a WAL another connection must recover first),
+# and a lock; a full disk has its own answer (``tlsroll.rpc.is_disk_full``).
+READ_TRANSIENT = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+    "SQLITE_READONLY",
+)
+
+
 class JournalLost(StoreDamaged):
     """The journal is missing, empty or damaged: the agent does not start on it (the message
     says how to recover; exit 4, not restarted)."""
@@ -721,9 +745,14 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
-    def _error(self, exc: sqlite3.Error) -> JournalError:
+    def _error(self, exc: sqlite3.Error, *, read: bool = False) -> JournalError:
+        """``exc`` as the journal's error; of a ``read``, one that may pass is
+        ``JournalUnavailable`` (``READ_TRANSIENT``)."""
         code = getattr(exc, "sqlite_errorname", None)
-        return JournalError(f"journal {self.path}: {exc}" + (f" ({code})" if code else ""))
+        error = JournalError
+        if read and (code or "").startswith(READ_TRANSIENT):
+            error = JournalUnavailable
+        return error(f"journal {self.path}: {exc}" + (f" ({code})" if code else ""))
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -731,7 +760,7 @@ class Journal:
             with self._db.read() as db:
                 yield db
         except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+            raise self._error(exc, read=True) from exc
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -33,7 +33,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess, Worker
 from nodeagent.drivers import Driver, DriverError, ServerFacts, config_stat
 from nodeagent.identity import Identity
-from nodeagent.journal import Journal, JournalError, Outlook, Staged, Txn
+from nodeagent.journal import Journal, JournalError, JournalUnavailable, Outlook, Staged, Txn
 from nodeagent.leader_link import RESTART_VIEW_WAIT
 from nodeagent.lease import Lease, Leases
 from nodeagent.plans import Built, PlanRefused
@@ -98,6 +98,9 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
     NotTheLeader: grpc.StatusCode.PERMISSION_DENIED,
     Revoked: grpc.StatusCode.UNAUTHENTICATED,
     EpochNotAnnounced: grpc.StatusCode.PERMISSION_DENIED,
+    # A journal read that failed for a moment (locked, an I/O error): no refusal, asked again
+    # (a damaged journal, any other ``JournalError``, stays FAILED_PRECONDITION).
+    JournalUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 # A full disk on the node (ENOSPC, EDQUOT, SQLITE_FULL): RESOURCE_EXHAUSTED "disk full: CAUSE"
 # (``tlsroll.rpc.DISK_FULL``), which the leader tells from an agent it cannot reach (UNAVAILABLE,
