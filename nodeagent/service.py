@@ -347,6 +347,13 @@ def txn_message(txn: Txn, driver: Driver | None = None) -> agent_pb2.Transaction
     )
 
 
+def busy_with(running: Txn) -> RpcStatusError:
+    """The refusal of a transaction begun while ``running`` has not ended (one at a time)."""
+    return failed_precondition(
+        f"this node is busy with {running.kind} of rollout {running.rollout_id}"
+    )
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A switch made ready when its node was staged (``NodeAgentService._prepare``): its
@@ -1581,6 +1588,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             return  # a replay (a Switch sent again, a watch reopened): no plan is made
         await plans.take_served_pin(driver)
 
+    async def _switch_outlook(self, rollout_id: str) -> tuple[bool, Txn | None]:
+        """``_switch_known``, and if it is not known the transaction this node is busy with
+        (not ended), if any, from the same read (``Journal.outlook``)."""
+        runner = self.runner
+        if runner is not None and (rollout_id, TxnKind.SWITCH.value) in runner.tasks:
+            return True, None
+        seen = await dbthread.run(self.journal.outlook, rollout_id, TxnKind.SWITCH)
+        return seen.existing is not None, seen.running if seen.existing is None else None
+
     async def _switch_known(self, rollout_id: str) -> bool:
         """Whether this agent holds the switch of ``rollout_id`` already (its runner runs or
         ran it, or the journal has it): a replay, which ``_begin`` reports, so no handshake is
@@ -1774,11 +1790,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             # Refused once it is no replay: a transaction that ran before the node came to need
             # the admin is reported, not refused as never begun (review s71 revplans, H1).
             self._refuse_if_needs_admin()
-            busy = seen.running
-            if busy is not None:
-                raise failed_precondition(
-                    f"this node is busy with {busy.kind} of rollout {busy.rollout_id}"
-                )
+            if seen.running is not None:
+                raise busy_with(seen.running)
             made = ready(seen) if ready is not None else None
             if made is not None:  # made when the node was staged (``_prepare``)
                 (config, plan, fingerprint), live_config, staging = made
@@ -1903,12 +1916,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
         known = None  # whether the switch is a replay, once asked (``_switch_known``)
         if change in plans.KEEPS_CERTIFICATE:
-            known = await self._switch_known(rollout_id)
+            known, busy = await self._switch_outlook(rollout_id)
             if not known:
-                # Refused as ``_begin`` would, first (from memory): a journal put back says so,
+                # Refused as ``_begin`` would, first, in its order: a journal put back says so,
                 # not the certificate's words, which the leader took for "nothing began"
-                # (review s73 revhttps; ``rollout_core.after_refusal``).
+                # (review s73 revhttps; ``rollout_core.after_refusal``); so does a node busy
+                # with another transaction (session 73's L), whose server that one may be
+                # restarting under the handshake below.
                 self._refuse_if_needs_admin()
+                if busy is not None:
+                    raise busy_with(busy)
             # The start's check (``plans.plan_problem``) asked again, nothing changed yet: a
             # certificate changed since would freeze, restart and roll back (review s72 L).
             untrusted = plans.untrusted_now
