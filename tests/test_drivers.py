@@ -1164,7 +1164,7 @@ def _only_the_leader_killed(
             timers.append(timer := threading.Timer(after, os.kill, (pid, sig)))
             timer.start()
 
-    monkeypatch.setattr(client_sources.os, "killpg", killpg)
+    monkeypatch.setattr(os, "killpg", killpg)  # (end_stale calls os.killpg)
     return timers
 
 
