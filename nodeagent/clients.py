@@ -377,14 +377,50 @@ def note_running(track: Path, pid: int) -> Path | None:
     return path
 
 
-def end_stale(track: Path, wait: float = KILL_WAIT) -> list[int]:
+@dataclass(frozen=True)
+class Stale:
+    """A command an earlier agent process left running, ended by ``end_stale``: its pid (its
+    process group's), and the pids of that group still alive when the wait for it ended (none:
+    the whole group is gone)."""
+
+    pid: int
+    left: tuple[int, ...] = ()
+
+
+def group_alive(pgid: int) -> tuple[int, ...]:
+    """The pids of process group ``pgid``'s members that still run (``/proc``; a zombie, which
+    can no longer act, is not one): empty when the group is gone, or this system has no
+    ``/proc``. ``os.killpg(pgid, 0)`` would not do: it succeeds while a member is a zombie
+    its new parent has not reaped yet."""
+    alive: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return ()
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # (gone meanwhile)
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
+            alive.append(int(entry))
+    return tuple(sorted(alive))
+
+
+def end_stale(track: Path, wait: float = KILL_WAIT) -> list[Stale]:
     """At the agent's start (blocking; before any command of its own runs): each command an
     earlier agent process noted in ``track`` and that still runs (the same pid and start time:
     that process was killed while the command ran) is ended with SIGKILL to its whole process
-    group, as a command the agent gives up on is, and its end waited for (``wait`` seconds at
-    most); the notes are removed. A noted command that has exited is not touched, nor what it
-    left running (a restart's server). Returns the pids killed."""
-    killed: list[int] = []
+    group, as a command the agent gives up on is, and the end of that whole group waited for
+    (``wait`` seconds at most): a child of the command (a ``sh -c`` wrapper's tool) that its
+    SIGKILL had not ended yet when the command itself was gone could overlap the resumed step
+    (session 73's CI read one alive). The notes are removed. A noted command that has exited
+    is not touched, nor what it left running (a restart's server). Returns those killed, each
+    with what of its group was still alive when the wait ended (``Stale.left``)."""
+    killed: list[Stale] = []
     try:
         notes = list(track.iterdir())
     except OSError:
@@ -395,10 +431,12 @@ def end_stale(track: Path, wait: float = KILL_WAIT) -> list[int]:
             if pid > 1 and started and _start_time(pid) == started:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
-                killed.append(pid)
                 deadline = time.monotonic() + wait
-                while _start_time(pid) == started and time.monotonic() < deadline:
+                # (a session leader's group: the command is in it till its end, as is every
+                # child that did not move to a group of its own)
+                while (left := group_alive(pid)) and time.monotonic() < deadline:
                     time.sleep(0.02)
+                killed.append(Stale(pid, left))
         with contextlib.suppress(OSError):
             note.unlink(missing_ok=True)
     return killed

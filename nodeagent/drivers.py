@@ -1592,13 +1592,23 @@ class ExecDriver(TemplateDriver):
         with the agent already."""
         if self.running is None:
             return
-        for pid in client_sources.end_stale(self.running):
+        for stale in client_sources.end_stale(self.running):
             log.warning(
                 "exec.stale_command_killed",
-                pid=pid,
+                pid=stale.pid,
                 detail="a command an earlier agent process left running was killed with its"
                 " process group",
             )
+            if stale.left:
+                log.warning(
+                    "exec.stale_command_lingers",
+                    pid=stale.pid,
+                    left=list(stale.left),
+                    detail=f"{len(stale.left)} process(es) of its group still ran"
+                    f" {client_sources.KILL_WAIT:g} s after its SIGKILL (in uninterruptible"
+                    " sleep: a hung disk or NFS mount); the resumed step runs all the same",
+                    hint=f"see what holds them: ps -o pid,stat,wchan,args -g {stale.pid}",
+                )
 
     async def restart(self) -> None:
         await self._op("restart")

@@ -67,6 +67,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -458,6 +459,30 @@ class JournalError(TerminalError):
     database or disk is full (SQLITE_FULL)``."""
 
 
+class JournalUnavailable(JournalError):
+    """A read of the journal that failed for a moment (its file locked or busy, an I/O error,
+    a file it could not open, a WAL to recover: ``READ_TRANSIENT``): the agent answers its
+    caller UNAVAILABLE, which asks again, not as a refusal (session 73's L: GetTransaction
+    answered FAILED_PRECONDITION, which the leader takes for "refused the question", needing
+    the admin at once). Still a ``JournalError`` within the agent (what catches one catches
+    it), as one over a full disk is, answered RESOURCE_EXHAUSTED. A damaged journal
+    (SQLITE_CORRUPT, SQLITE_NOTADB) stays a plain ``JournalError``: asking again does not
+    mend it."""
+
+
+# SQLite's codes (extended ones too) of a read that may work if tried again
+# (``JournalUnavailable``): those ``tlsroll.rpc.storage_trouble`` answers UNAVAILABLE for a
+# store of its own (SQLITE_READONLY_RECOVERY: a WAL another connection must recover first),
+# and a lock; a full disk has its own answer (``tlsroll.rpc.is_disk_full``).
+READ_TRANSIENT = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+    "SQLITE_READONLY",
+)
+
+
 class JournalLost(StoreDamaged):
     """The journal is missing, empty or damaged: the agent does not start on it (the message
     says how to recover; exit 4, not restarted)."""
@@ -550,6 +575,9 @@ class Journal:
         self.path = Path(path)
         # The events of the write under way (``_event``), inserted at its end (``_tx``).
         self._queued: list[tuple[str, ...]] = []
+        # The thread of the write under way (``_tx``), None between writes: ``_event`` outside
+        # one is a bug, said loudly (its event would be dropped, or go into another's write).
+        self._writing: int | None = None
         self._db = Database(
             self.path,
             MIGRATIONS,
@@ -717,9 +745,14 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
-    def _error(self, exc: sqlite3.Error) -> JournalError:
+    def _error(self, exc: sqlite3.Error, *, read: bool = False) -> JournalError:
+        """``exc`` as the journal's error; of a ``read``, one that may pass is
+        ``JournalUnavailable`` (``READ_TRANSIENT``)."""
         code = getattr(exc, "sqlite_errorname", None)
-        return JournalError(f"journal {self.path}: {exc}" + (f" ({code})" if code else ""))
+        error = JournalError
+        if read and (code or "").startswith(READ_TRANSIENT):
+            error = JournalUnavailable
+        return error(f"journal {self.path}: {exc}" + (f" ({code})" if code else ""))
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -727,7 +760,7 @@ class Journal:
             with self._db.read() as db:
                 yield db
         except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+            raise self._error(exc, read=True) from exc
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -738,9 +771,13 @@ class Journal:
         try:
             with self._db.tx() as db:
                 self._queued = []  # (under the store's lock: one write at a time)
-                yield db
-                if self._queued:
-                    db.executemany(_INSERT_EVENT, self._queued)
+                self._writing = threading.get_ident()
+                try:
+                    yield db
+                    if self._queued:
+                        db.executemany(_INSERT_EVENT, self._queued)
+                finally:
+                    self._writing = None
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
 
@@ -1319,7 +1356,11 @@ class Journal:
         at: dt.datetime | None = None,
     ) -> None:
         """Queue the event for the write under way (``_tx`` inserts them before its commit),
-        stamped now (or ``at``)."""
+        stamped now (or ``at``). Outside such a write (in this thread): RuntimeError, a bug;
+        the event would have been dropped silently by the next write's start, or gone into
+        another thread's write (session 73's L)."""
+        if self._writing != threading.get_ident():
+            raise RuntimeError("Journal._event is only for inside a write (Journal._tx)")
         if str(step) == "freeze" and what in ("begin", "again"):  # (before the freeze call)
             key = (txn.rollout_id, txn.kind.value)
             self._db.after_commit(lambda: self._frozen.add(key))

@@ -33,7 +33,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess, Worker
 from nodeagent.drivers import Driver, DriverError, ServerFacts, config_stat
 from nodeagent.identity import Identity
-from nodeagent.journal import Journal, JournalError, Outlook, Staged, Txn
+from nodeagent.journal import Journal, JournalError, JournalUnavailable, Outlook, Staged, Txn
 from nodeagent.leader_link import RESTART_VIEW_WAIT
 from nodeagent.lease import Lease, Leases
 from nodeagent.plans import Built, PlanRefused
@@ -98,6 +98,9 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
     NotTheLeader: grpc.StatusCode.PERMISSION_DENIED,
     Revoked: grpc.StatusCode.UNAUTHENTICATED,
     EpochNotAnnounced: grpc.StatusCode.PERMISSION_DENIED,
+    # A journal read that failed for a moment (locked, an I/O error): no refusal, asked again
+    # (a damaged journal, any other ``JournalError``, stays FAILED_PRECONDITION).
+    JournalUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 # A full disk on the node (ENOSPC, EDQUOT, SQLITE_FULL): RESOURCE_EXHAUSTED "disk full: CAUSE"
 # (``tlsroll.rpc.DISK_FULL``), which the leader tells from an agent it cannot reach (UNAVAILABLE,
@@ -341,6 +344,13 @@ def txn_message(txn: Txn, driver: Driver | None = None) -> agent_pb2.Transaction
         new_url=txn.new_url,
         cert_fingerprint=txn.cert_fingerprint,
         change=str(txn.plan.get("change") or "") if txn.kind is TxnKind.SWITCH else "",
+    )
+
+
+def busy_with(running: Txn) -> RpcStatusError:
+    """The refusal of a transaction begun while ``running`` has not ended (one at a time)."""
+    return failed_precondition(
+        f"this node is busy with {running.kind} of rollout {running.rollout_id}"
     )
 
 
@@ -1578,6 +1588,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             return  # a replay (a Switch sent again, a watch reopened): no plan is made
         await plans.take_served_pin(driver)
 
+    async def _switch_outlook(self, rollout_id: str) -> tuple[bool, Txn | None]:
+        """``_switch_known``, and if it is not known the transaction this node is busy with
+        (not ended), if any, from the same read (``Journal.outlook``)."""
+        runner = self.runner
+        if runner is not None and (rollout_id, TxnKind.SWITCH.value) in runner.tasks:
+            return True, None
+        seen = await dbthread.run(self.journal.outlook, rollout_id, TxnKind.SWITCH)
+        return seen.existing is not None, seen.running if seen.existing is None else None
+
     async def _switch_known(self, rollout_id: str) -> bool:
         """Whether this agent holds the switch of ``rollout_id`` already (its runner runs or
         ran it, or the journal has it): a replay, which ``_begin`` reports, so no handshake is
@@ -1771,11 +1790,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             # Refused once it is no replay: a transaction that ran before the node came to need
             # the admin is reported, not refused as never begun (review s71 revplans, H1).
             self._refuse_if_needs_admin()
-            busy = seen.running
-            if busy is not None:
-                raise failed_precondition(
-                    f"this node is busy with {busy.kind} of rollout {busy.rollout_id}"
-                )
+            if seen.running is not None:
+                raise busy_with(seen.running)
             made = ready(seen) if ready is not None else None
             if made is not None:  # made when the node was staged (``_prepare``)
                 (config, plan, fingerprint), live_config, staging = made
@@ -1900,12 +1916,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
         known = None  # whether the switch is a replay, once asked (``_switch_known``)
         if change in plans.KEEPS_CERTIFICATE:
-            known = await self._switch_known(rollout_id)
+            known, busy = await self._switch_outlook(rollout_id)
             if not known:
-                # Refused as ``_begin`` would, first (from memory): a journal put back says so,
+                # Refused as ``_begin`` would, first, in its order: a journal put back says so,
                 # not the certificate's words, which the leader took for "nothing began"
-                # (review s73 revhttps; ``rollout_core.after_refusal``).
+                # (review s73 revhttps; ``rollout_core.after_refusal``); so does a node busy
+                # with another transaction (session 73's L), whose server that one may be
+                # restarting under the handshake below.
                 self._refuse_if_needs_admin()
+                if busy is not None:
+                    raise busy_with(busy)
             # The start's check (``plans.plan_problem``) asked again, nothing changed yet: a
             # certificate changed since would freeze, restart and roll back (review s72 L).
             untrusted = plans.untrusted_now

@@ -45,7 +45,7 @@ from cryptography import x509
 from leader.agent_client import AgentApi, StepFailed, SwitchRefused, call_failed
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import pki
-from tlsroll.enums import Change, TxnKind, TxnOutcome
+from tlsroll.enums import ENABLE_DUAL, Change, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.rpc import timestamp
 from tlsroll.v1 import agent_pb2
@@ -100,6 +100,9 @@ class FakeTxn:
     outcome: TxnOutcome  # how it ends
     reason: str
     before: tuple[str, str, str]  # (scheme, fingerprint, verifier) live before it
+    # A switch's change as the real agent's plan journals it (``Transaction.change``:
+    # "enable-tls+http" for the phase-1 switch, else the change's name); "" for a rollback.
+    change: str = ""
 
 
 DISK_FULL_CAUSE = (
@@ -153,6 +156,9 @@ class FakeAgent:
     # A newer agent: its transactions end with this outcome number, one this leader's
     # contract does not know (``switch_outcome`` is then its meaning for the agent).
     newer_outcome: agent_pb2.TransactionOutcome.ValueType | None = None
+    # An agent of the release before session 73: its transactions say no change
+    # (``Transaction.change`` empty), and the leader matches them by their key alone.
+    says_no_change: bool = False
 
     @property
     def names(self) -> pki.Names:
@@ -326,6 +332,8 @@ class FakeAgent:
         else:
             raise self._refused(f"change {change.value} is not a switch this agent makes")
         txn = self._begin(rollout_id, TxnKind.SWITCH, request.command.epoch, self.switch_outcome)
+        # as the real agent's plan journals it (``nodeagent.plans``: ``Plan.change``)
+        txn.change = ENABLE_DUAL if request.keep_http else change.value
         if txn.outcome is TxnOutcome.COMPLETED:
             self.scheme, self.fingerprint, self.verifier = target
         self._txn_ends(keep_frozen=request.keep_frozen)
@@ -471,6 +479,7 @@ class FakeAgent:
             restart_seconds=RESTART_SECONDS if done else 0.0,
             unfreeze_keeps_answers=self.unfreeze_keeps_answers,
             phase=self._phase(txn, now, done=done, verified=verified),
+            change="" if self.says_no_change else txn.change,
         )
 
     def _phase(

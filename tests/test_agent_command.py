@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import socket
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -465,6 +466,48 @@ async def test_a_transaction_says_the_change_its_switch_journalled(
     request = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(kind))
     found = await agent.GetTransaction(request, cast(Any, None))
     assert found.change == said
+    journal.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "words", "status"),
+    [
+        ("SQLITE_IOERR_READ", "disk I/O error", grpc.StatusCode.UNAVAILABLE),
+        ("SQLITE_BUSY", "database is locked", grpc.StatusCode.UNAVAILABLE),
+        # damaged: asking again does not mend it (a refusal, as before)
+        ("SQLITE_CORRUPT", "database disk image is malformed", grpc.StatusCode.FAILED_PRECONDITION),
+        ("SQLITE_FULL", "database or disk is full", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ],
+)
+async def test_get_transaction_whose_journal_read_fails_for_a_moment_is_asked_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    code: str,
+    words: str,
+    status: grpc.StatusCode,
+) -> None:
+    """Session 73's L: a journal read that failed for a moment (an I/O error, a lock) was a
+    ``JournalError``, FAILED_PRECONDITION, which the leader takes for a refusal of the
+    question (the node needs attention at once: ``leader.changes.ask_held``), where its
+    other own failures are asked again. It is UNAVAILABLE now (asked again); a damaged
+    journal stays a refusal, a full disk the node's full disk."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+
+    @contextlib.contextmanager
+    def failing() -> Iterator[Any]:
+        exc = sqlite3.OperationalError(words)
+        exc.sqlite_errorname = code  # (as SQLite's module sets it)
+        raise exc
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(journal._db, "read", failing)
+    question = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(TxnKind.SWITCH))
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.GetTransaction(question, cast(Any, Ctx()))
+    assert caught.value.code == status, caught.value
+    assert words in str(caught.value) and code in str(caught.value)
+    monkeypatch.undo()
     journal.close()
 
 

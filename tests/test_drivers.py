@@ -25,12 +25,13 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import grpc
@@ -80,6 +81,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -1123,13 +1125,97 @@ def test_a_noted_command_whose_pid_now_names_another_process_is_left_alone(
         assert other.poll() is None and alive(other.pid)
         assert list(track.iterdir()) == []
         (track / str(other.pid)).write_text(started + "\n")  # this one's
-        assert client_sources.end_stale(track) == [other.pid]
+        assert client_sources.end_stale(track) == [client_sources.Stale(other.pid)]
         assert other.wait(timeout=30) == -signal.SIGKILL
         assert list(track.iterdir()) == []
     finally:
         if other.poll() is None:
             other.kill()
             other.wait(timeout=30)
+
+
+def _stale_group(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """A noted command (a ``sh`` in a session of its own) with a child in its group, as an
+    earlier agent process left it: (the command, its child's pid, the notes' directory)."""
+    track, child = tmp_path / "exec-running", tmp_path / "child.pid"
+    track.mkdir()
+    command = subprocess.Popen(
+        ["sh", "-c", f"sleep 300 & echo $! > {shlex.quote(str(child))}; wait"],
+        start_new_session=True,
+    )
+    wait_until(lambda: child.exists() and child.read_text().strip() != "", 30, "the child")
+    started = client_sources._start_time(command.pid)
+    assert started is not None
+    (track / str(command.pid)).write_text(started + "\n")
+    return command, int(child.read_text()), track
+
+
+def _only_the_leader_killed(
+    monkeypatch: pytest.MonkeyPatch, later: dict[int, float]
+) -> list[threading.Timer]:
+    """``end_stale``'s SIGKILL to a group reaches its leader at once, and each member in
+    ``later`` (pid → seconds) only that much later: a child whose end lags behind its
+    parent's, as under load (session 73's CI), made certain; a member not in it never ends."""
+    timers: list[threading.Timer] = []
+
+    def killpg(pgid: int, sig: int) -> None:
+        os.kill(pgid, sig)
+        for pid, after in later.items():
+            timers.append(timer := threading.Timer(after, os.kill, (pid, sig)))
+            timer.start()
+
+    monkeypatch.setattr(os, "killpg", killpg)  # (end_stale calls os.killpg)
+    return timers
+
+
+def test_a_stale_command_is_ended_with_its_whole_group_before_end_stale_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 73 (its CI's L): ``end_stale`` waited for the noted pid only, not for its
+    process group to be gone: a child of the command whose SIGKILL had not ended it yet
+    still ran when the resumed step (a restart begun again) began. Now it waits (bounded)
+    until no member of the group runs."""
+    command, child, track = _stale_group(tmp_path)
+    timers = _only_the_leader_killed(monkeypatch, {child: 0.5})
+    try:
+        ended = client_sources.end_stale(track)
+        assert not alive(child)  # still running before: its parent's end was all waited for
+        assert ended == [client_sources.Stale(command.pid)]
+        assert command.wait(timeout=30) == -signal.SIGKILL
+        assert list(track.iterdir()) == []
+    finally:
+        for timer in timers:
+            timer.join(30)
+        for pid in (child, command.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        command.wait(timeout=30)
+
+
+def test_a_stale_command_whose_group_does_not_end_in_time_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member of the group that its SIGKILL does not end within the wait (uninterruptible
+    sleep: a hung mount) bounds it: ``end_stale`` returns it in ``Stale.left``, and the exec
+    driver says so in a warning of its own, with its pid."""
+    command, child, track = _stale_group(tmp_path)
+    _only_the_leader_killed(monkeypatch, {})  # the child never ends
+    try:
+        ended = client_sources.end_stale(track, wait=0.2)
+        assert ended == [client_sources.Stale(command.pid, (child,))]
+        assert alive(child)
+        monkeypatch.setattr(client_sources, "end_stale", lambda _track: ended)
+        with capture_logs() as logs:
+            drivers.ExecDriver.end_stale_commands(cast(Any, SimpleNamespace(running=track)))
+        said = [e for e in logs if e["event"] == "exec.stale_command_lingers"]
+        assert [(e["pid"], e["left"], e["log_level"]) for e in said] == [
+            (command.pid, [child], "warning")
+        ], logs
+    finally:
+        for pid in (child, command.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        command.wait(timeout=30)
 
 
 async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:

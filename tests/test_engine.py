@@ -2262,7 +2262,13 @@ async def test_a_change_password_refused_when_run_again_is_followed_only_if_the_
     await leader.run()
     await leader.commands.stage_password(VERIFIER_2, ADMIN)
     charlie = world.agents["charlie"]
-    refuses_its_replay(charlie, TxnKind.SWITCH, "switch", question=f"change {journalled}")
+    # The same change: the fake's own (as the real agent's); none said: an agent of the
+    # release before (the key-alone path); another: its answer says another change.
+    charlie.says_no_change = journalled == ""
+    other = journalled not in ("", Change.CHANGE_PASSWORD.value)
+    refuses_its_replay(
+        charlie, TxnKind.SWITCH, "switch", question=f"change {journalled}" if other else None
+    )
     await leader.start(Change.CHANGE_PASSWORD)
     row = await leader.run(passes=400)
 
@@ -2275,6 +2281,24 @@ async def test_a_change_password_refused_when_run_again_is_followed_only_if_the_
         assert "the agent holds another switch under this rollout id" in charlie_row.reason
     else:
         assert row.rollout.state is R.COMPLETED, states(row)
+    await leader.stop()
+
+
+async def test_the_fake_agents_say_the_change_their_switch_journalled(world: World) -> None:
+    """Session 73's L: ``tests/fake_agent.py`` said no ``Transaction.change``, so every engine
+    test ran the leader's key-alone matching of an older agent. Its switches now say their
+    change as the real agent's plan journals it (the phase-1 switch "enable-tls+http"), and
+    its rollbacks none; ``says_no_change`` is the agent of the release before."""
+    leader = world.boot()
+    row = await leader.start()
+    await leader.run()
+    switch = agent_pb2.GetTransactionRequest(
+        rollout_id=row.rollout.id, kind=TXN_KIND.wire(TxnKind.SWITCH)
+    )
+    for name in ORDER:
+        assert (await world.agents[name].get_transaction(switch)).change == "enable-tls", name
+    world.agents["charlie"].says_no_change = True
+    assert (await world.agents["charlie"].get_transaction(switch)).change == ""
     await leader.stop()
 
 

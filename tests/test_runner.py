@@ -34,7 +34,7 @@ import stat
 import threading
 import tomllib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -2403,6 +2403,28 @@ def test_a_transaction_created_again_is_found_and_nothing_is_written(tmp_path: P
     assert [(e["step"], e["what"]) for e in events] == [("create", "end"), ("freeze", "begin")]
     other = replace(first, kind=TxnKind.ROLLBACK)
     assert journal.create(other) == other == journal.get("r1", TxnKind.ROLLBACK)
+    journal.close()
+
+
+def test_an_event_made_outside_a_journal_write_is_a_loud_bug(tmp_path: Path) -> None:
+    """Session 73's L: ``Journal._event`` queues its event for the write under way, which
+    inserts it before its commit; one made outside a write (in this thread) was dropped
+    silently by the next write's start, or went into another thread's write. It is now a
+    RuntimeError, and nothing is queued; inside a write it is recorded as ever."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    txn = journal.create(_switch_txn(Phase.STARTED))
+    with journal._read() as db, pytest.raises(RuntimeError, match="inside a write"):
+        journal._event(db, txn, "restart", "begin", {})
+    # another thread's write under way: not this thread's either
+    with journal._tx() as db, ThreadPoolExecutor(1) as pool:
+        elsewhere = pool.submit(journal._event, db, txn, "restart", "again", {})
+        with pytest.raises(RuntimeError, match="inside a write"):
+            elsewhere.result(timeout=30)
+    journal.event(txn, "restart", "end")  # (inside its own write)
+    assert [(e["step"], e["what"]) for e in journal.events("r1")] == [
+        ("create", "end"),
+        ("restart", "end"),
+    ]
     journal.close()
 
 

@@ -985,6 +985,41 @@ async def test_a_switch_on_a_node_that_needs_the_admin_is_refused_so_before_the_
     assert handshakes == [] and driver.freezes == 0 and runner.tasks == {}
 
 
+@pytest.mark.parametrize("change", KEEPS_CERTIFICATE)
+async def test_a_switch_on_a_busy_node_is_refused_as_busy_before_the_certificate(
+    served: Served,
+    https_listener: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Change,
+) -> None:
+    """Session 73's L (httpsl): a node busy with another transaction (not ended) answered a
+    Switch that keeps the certificate with the untrusted certificate's words, its check made
+    (a handshake with a server that other transaction may be restarting) before ``_begin``'s
+    "busy". The refusal is now in ``_begin``'s order: the node's state (needs the admin,
+    busy) before the plan's checks; no handshake is made."""
+    driver = Counted(served.driver(listen=listens(change)).config_file, served.etc / "log")
+    other = Txn("p0", TxnKind.ROLLBACK, 1, Phase.STARTED, {}, dt.datetime.now(dt.UTC))
+    await dbthread.run(served.journal.create, other)
+    agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
+    handshakes: list[str] = []
+
+    def untrusted(*_args: Any) -> str:  # (a certificate its CA no longer issued)
+        handshakes.append("untrusted_certificate")
+        return "the server's certificate is not one its CA issued …; run rotate-cert first"
+
+    monkeypatch.setattr(plans, "untrusted_certificate", untrusted)
+
+    with pytest.raises(Aborted) as refused:
+        await agent.Switch(switch_request(change), cast(Any, FakeContext()))
+
+    code, details = refused.value.args
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, refused.value.args
+    assert details == "this node is busy with rollback of rollout p0", details
+    assert handshakes == [] and driver.freezes == 0 and runner.tasks == {}
+    assert served.journal.get("p1", TxnKind.SWITCH) is None
+
+
 async def test_a_switch_sent_again_finds_its_transaction_before_any_handshake(
     served: Served,
     https_listener: None,

@@ -508,9 +508,10 @@ class RolloutRequest(_message.Message):
     STRATEGY_DIRECT: the seed's switch.
     """
     refuse_if_busy: _builtins.bool
-    """PlanRollout: while a rollout not ended keeps this one from starting, answer at once with
-    `busy` alone (no plan), before any agent is asked: `rollout start`'s dry run (its agents,
-    busy switching, made the refusal "cannot ask the agent of NODE": review rev58a M2).
+    """PlanRollout: while a rollout not ended (or the leader's disk: `PlanResponse.busy`) keeps
+    this one from starting, answer at once with `busy` alone (no plan), before any agent is
+    asked: `rollout start`'s dry run (its agents, busy switching, made the refusal "cannot ask
+    the agent of NODE": review rev58a M2).
     `tlsroll plan` leaves it unset: the plan, with `busy` and a warning.
     """
     auth_version: _builtins.int
@@ -722,8 +723,11 @@ class PlanResponse(_message.Message):
     so the CLI sends no new password; 0: the rollout needs a new one.
     """
     busy: _builtins.str
-    """A rollout that has not ended: the refusal a start of this plan meets now (one line);
-    empty: none. (The CLI refuses before it generates a password or asks.)
+    """The refusal a start of this plan meets now (one line), empty: none. Either a rollout
+    that has not ended, or the leader's own store or disk (too little room, a store it cannot
+    write or grow: session 73), whose words end "no rollout starts until then (...)"
+    (leader/plan_texts.py START_REFUSED_AFTER), by which `tlsroll plan` tells the two apart.
+    (The CLI refuses before it generates a password or asks.)
     """
     password_doubt: _builtins.str
     """enable-tls: why the auth password in use cannot be confirmed now (one line; empty: it
