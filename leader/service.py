@@ -267,7 +267,7 @@ def bootstrap_problem(node: str, why: str) -> str:
 
 # What the leader keeps of an agent's ``HeartbeatRequest.store_trouble``: texts, characters each.
 STORE_TROUBLE_MAX = 4
-STORE_TROUBLE_CHARS = 300
+STORE_TROUBLE_CHARS = 600
 
 
 def agent_store_problem(node: str, trouble: Sequence[str]) -> str:

@@ -127,7 +127,7 @@ STAGES_REPORTED = 64
 # What a heartbeat says of the agent's own store at most (``HeartbeatRequest.store_trouble``):
 # texts, and characters each.
 STORE_TROUBLE_MAX = 4
-STORE_TROUBLE_CHARS = 300
+STORE_TROUBLE_CHARS = 600
 # The figures in a store trouble's words (the free space it names, with its unit): not news
 # on their own (``report_key``).
 _FIGURES = re.compile(r"\d+(?:\.\d+)?(?: [KMGT]iB)?")

@@ -139,7 +139,7 @@ def nodes(
     print_fitted(headers, rows, NODES_DROPS, whole=("node", "addresses"))
     for n in reply.nodes:  # (what its agent says of its own store: session 74)
         if n.store_trouble and not n.HasField("removed_at"):
-            trouble = "; ".join(peertext.clean(t, 300) for t in n.store_trouble)
+            trouble = "; ".join(peertext.clean(t, 600) for t in n.store_trouble)
             say(f"{n.name}: its agent cannot write its store safely: {trouble}", style="red")
     if mixed := _mixed_schemes(reply.nodes, leader):
         say(mixed, style="yellow")

@@ -317,7 +317,7 @@ class HeartbeatRequest(_message.Message):
     @_builtins.property
     def store_trouble(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Why the agent could not write its own store safely now (at most 4 short texts of at most
-        300 characters each): its journal's checkpoint fails (its disk full), or the file system
+        600 characters each: they name directories): its journal's checkpoint fails (its disk full), or the file system
         of its data dir or of the server's config directory has less free space than a switch
         writes (`tlsroll.room`). Its checks refuse a switch meanwhile; the leader shows it as the
         node's problem until a message says none. Empty: none (or an agent of an earlier
