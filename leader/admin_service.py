@@ -901,6 +901,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
         if n.removed_at is not None:
             return info  # (a removed node has no clock to show: nothing read for it)
+        if (store := self.state.agent_store.get(n.name)) is not None:
+            info.store_trouble.extend(store[1])  # (its agent's own store: session 74)
         # What the agent implements as its heartbeats said since this leader started
         # (``Store.features_heard``); of an agent not heard since, the store's row is a former
         # process's, which a kill may have left without its first heartbeat's report: no

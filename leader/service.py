@@ -265,6 +265,20 @@ def bootstrap_problem(node: str, why: str) -> str:
     )
 
 
+# What the leader keeps of an agent's ``HeartbeatRequest.store_trouble``: texts, characters each.
+STORE_TROUBLE_MAX = 4
+STORE_TROUBLE_CHARS = 600
+
+
+def agent_store_problem(node: str, trouble: Sequence[str]) -> str:
+    """The node problem node ``node``'s agent says of its own store (``trouble``, cleaned:
+    ``HeartbeatRequest.store_trouble``)."""
+    return (
+        f"{node}'s agent cannot write its store safely: {'; '.join(trouble)}; its checks refuse"
+        " a switch there until there is room (it says so at its next heartbeat)"
+    )
+
+
 @dataclass
 class LeaderState:
     """What the servicers share: the store, the CA, the clock and a few settings.
@@ -294,6 +308,11 @@ class LeaderState:
     # node -> since when, and why, its heartbeats say its bootstrap service should run but did
     # not start (``LiveServer.bootstrap_problem``, cleaned): a node problem (``node_problems``).
     bootstrap_down: dict[str, tuple[dt.datetime, str]] = field(default_factory=dict)
+    # node -> since when, and what, its heartbeats say of its agent's own store (its journal's
+    # checkpoint fails, a disk below a switch's floor: ``HeartbeatRequest.store_trouble``,
+    # cleaned): a node problem (``node_problems``) until a heartbeat says none. Not stored: a
+    # leader that starts again hears it with each agent's first message.
+    agent_store: dict[str, tuple[dt.datetime, tuple[str, ...]]] = field(default_factory=dict)
     # node -> the wrong passwords at its server's own login (the server keeps the count across
     # its restarts), by its heartbeats (``LiveServer.login_failures``): only nodes with some
     # (``login_failures``).
@@ -418,6 +437,7 @@ class LeaderState:
             self.served_fingerprints,
             self.needs_admin_since,
             self.bootstrap_down,
+            self.agent_store,
             self.server_login_failures,
             self.login_failures_logged,
         ):
@@ -469,6 +489,12 @@ class LeaderState:
                 node, bootstrap_problem(node, why), since, NodeProblemKind.BOOTSTRAP_DOWN
             )
             for node, (since, why) in list(self.bootstrap_down.items())
+        )
+        problems += (
+            NodeProblemRow(
+                node, agent_store_problem(node, said), since, NodeProblemKind.AGENT_STORE
+            )
+            for node, (since, said) in list(self.agent_store.items())
         )
         clocks, step = self.clocks.problems_and_step()
         problems += (
@@ -1991,6 +2017,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 self.state.served_fingerprints.pop(name, None)
             self._bootstrap_problem(name, request, now)
             self._login_failures(name, request.server, now, shift)
+        self._agent_store(name, request, now)
         # The node's clock against the leader's (``leader.node_clocks``), not from a message
         # that copies an earlier report: it carries that report's time.
         # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the
@@ -2276,6 +2303,31 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         if before is None:
             log.warning("node.bootstrap_down", node=name, detail=why)
         self.state.bootstrap_down[name] = (before[0] if before else now, why)
+
+    def _agent_store(
+        self, name: str, request: leader_pb2.HeartbeatRequest, now: dt.datetime
+    ) -> None:
+        """What the heartbeat says of the agent's own store (``store_trouble``): a node problem
+        from the first message that says some until one says none, its since kept while the
+        words change (the free space they name moves). Every message of an agent that knows
+        the field says it; one of an earlier release says nothing, which is none known."""
+        texts = request.store_trouble[:STORE_TROUBLE_MAX]
+        said = tuple(t for t in (peertext.clean(t, STORE_TROUBLE_CHARS) for t in texts) if t)
+        before = self.state.agent_store.get(name)
+        if not said:
+            if before is not None:
+                del self.state.agent_store[name]
+                log.info("node.store_trouble_over", node=name)
+            return
+        if before is None:
+            log.warning(
+                "node.store_trouble",
+                node=name,
+                detail="; ".join(said),
+                hint="free space on that node's disk (df -h): its checks refuse a switch there"
+                " until then",
+            )
+        self.state.agent_store[name] = (before[0] if before else now, said)
 
     def _login_failures(
         self,

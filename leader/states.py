@@ -47,6 +47,9 @@ class NodeProblemKind(StrEnum):
     # a copy of its key renewed itself (``LeaderService._refused``). Neither planned nor
     # switched, as with two agents.
     EARLIER_CERTIFICATE = "earlier-certificate"
+    # Its agent cannot write its own store safely (its journal's checkpoint fails, a disk below
+    # what a switch writes: ``HeartbeatRequest.store_trouble``): its checks refuse a switch.
+    AGENT_STORE = "agent-store"
 
 
 class NodeProblemRow(NamedTuple):

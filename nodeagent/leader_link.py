@@ -56,6 +56,7 @@ import datetime as dt
 import functools
 import hashlib
 import random
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -123,6 +124,13 @@ of a heartbeat may take up to 200 KiB. A larger one is not sent (said once per l
 (``leader.service.crl_patience``)."""
 
 STAGES_REPORTED = 64
+# What a heartbeat says of the agent's own store at most (``HeartbeatRequest.store_trouble``):
+# texts, and characters each.
+STORE_TROUBLE_MAX = 4
+STORE_TROUBLE_CHARS = 600
+# The figures in a store trouble's words (the free space it names, with its unit): not news
+# on their own (``report_key``).
+_FIGURES = re.compile(r"\d+(?:\.\d+)?(?: [KMGT]iB)?")
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
 # A stream that ended sooner than this (or an interval, if shorter) after it opened is taken
@@ -414,6 +422,9 @@ def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
     # ``leader.service.LeaderService._look_at_stages``): a stage made or switched would
     # otherwise cost a message per node and rollout.
     key.ClearField("unswitched_stages")
+    # Whether the agent's store is in trouble and which, not how much free space is left (a
+    # filling disk changed it at every beat: session 74).
+    key.store_trouble[:] = [_FIGURES.sub("#", t) for t in key.store_trouble]
     # Whether the server counts wrong passwords, not how many nor when the latest was.
     if key.HasField("server"):
         key.server.login_failures = min(key.server.login_failures, 1)
@@ -800,6 +811,11 @@ class LeaderLink:
         # need not, None before the agent knows (``BootstrapHost.problem``), sent with the
         # server's view.
         self.bootstrap_problem: Callable[[], str | None] | None = None
+        # (Blocking: read on a thread, with the journal's facts.) Why the agent cannot write
+        # its own store safely now (its journal's checkpoint fails, too little free space for
+        # a switch: ``NodeAgentService.store_trouble``), [] if it can: sent with every message
+        # (``HeartbeatRequest.store_trouble``), news when it comes or goes (``report_key``).
+        self.store_trouble: Callable[[], list[str]] | None = None
         # Answers the leader's planning question asked on the heartbeat stream (``Check``'s
         # work: ``NodeAgentService.answer_check``); None: the agent does not say it can, and
         # the leader asks over its channel.
@@ -1298,9 +1314,7 @@ class LeaderLink:
         async with self._lock:
             await self._redial()
             report_id, report = self._failure_report()
-            highest, unswitched = await asyncio.to_thread(
-                self.journal.heartbeat_facts, STAGES_REPORTED
-            )
+            highest, unswitched, trouble = await asyncio.to_thread(self._facts)
             crl_number, crl_pem = self.trust.held()
             # Asked for (``_take``): sent with this message (again with the next if it fails).
             held = crl_pem if self._crl_wanted else b""
@@ -1330,6 +1344,7 @@ class LeaderLink:
                 unswitched_stages=unswitched if self.stages_ended is not None else (),
                 agent_instance=self.instance,
                 failures_report=report_id,
+                store_trouble=trouble,
             )
             if self.renewal is not None:
                 state = self.renewal()
@@ -1412,6 +1427,17 @@ class LeaderLink:
                 )
             self.healthy = True
             self._failing_since, self._outage_said = None, False
+
+    def _facts(self) -> tuple[int, list[str], list[str]]:
+        """(On a thread.) What a heartbeat reports from the journal (``heartbeat_facts``) and of
+        the agent's store (``store_trouble``, bounded), in one hop."""
+        highest, unswitched = self.journal.heartbeat_facts(STAGES_REPORTED)
+        trouble = self.store_trouble() if self.store_trouble is not None else []
+        return (
+            highest,
+            unswitched,
+            [t[:STORE_TROUBLE_CHARS] for t in trouble[:STORE_TROUBLE_MAX]],
+        )
 
     def _failed(self, code: str, detail: str) -> None:
         """A beat failed (``code``, ``detail``: what the log says of it). The first of an

@@ -703,6 +703,7 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
         runner.on_held = link.beat_soon  # "needs the admin" said at once, and its end
     service.on_freeze_change = link.beat_soon  # "frozen" shown as it is now, not an interval on
     link.bootstrap_problem = lambda: bootstrap.problem
+    link.store_trouble = service.store_trouble  # its journal's checkpoint, its disks' room
     link.on_removed = bootstrap.set_removed  # a removed node takes no workstation password
     link.removed_at_start(bootstrap.removed)  # as an earlier run was last told (its journal)
     # A signing refused as removed (``BootstrapHost.sign``): the link's next answered

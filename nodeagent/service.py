@@ -1135,27 +1135,30 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             problems += self._room_problems(driver)
         return facts, unread, problems, edited
 
-    def _room_problems(self, driver: Driver) -> list[str]:
+    def store_trouble(self) -> list[str]:
+        """(Blocking: a thread's.) What the agent's heartbeat says of its own store
+        (``HeartbeatRequest.store_trouble``): what its checks refuse a switch for want of room
+        (``_room_problems``), the server's config directory left out on a node without a
+        [server]. The leader shows it as the node's problem (session 74: between rollouts it
+        showed such a node healthy, and a start's preflight was the first to say it)."""
+        return self._room_problems(self.driver)
+
+    def _room_problems(self, driver: Driver | None) -> list[str]:
         """Why no switch should begin for want of room (blocking; ``tlsroll.room``): too
         little free space for its writes on the file system of the agent's data dir (its
         journal) or of the server's config directory, or a journal whose checkpoint fails
         (its disk full: its records go on into the ``-wal`` until that must grow). A switch
         begun there froze the server, then failed a journal write mid-way and was held until
         the admin came (session 73, diskroom). The checks' and the Stage's."""
-        try:
-            size = driver.config_file.stat().st_size
-        except OSError:  # (the checks say a config that cannot be read)
-            size = 0
-        problems = room.room_problems(
-            [
-                ("the agent's data dir", self.journal.path.parent, room.JOURNAL_ROOM),
-                (
-                    "the server's config directory",
-                    driver.config_file.parent,
-                    room.CONFIG_ROOM + room.CONFIG_COPIES * size,
-                ),
-            ]
-        )
+        needs = [("the agent's data dir", self.journal.path.parent, room.JOURNAL_ROOM)]
+        if driver is not None:
+            try:
+                size = driver.config_file.stat().st_size
+            except OSError:  # (the checks say a config that cannot be read)
+                size = 0
+            config_room = room.CONFIG_ROOM + room.CONFIG_COPIES * size
+            needs.append(("the server's config directory", driver.config_file.parent, config_room))
+        problems = room.room_problems(needs)
         if (why := self.journal.checkpoint_trouble) is not None:
             problems.append(
                 f"the journal {self.journal.path} cannot grow: its checkpoint fails ({why});"

@@ -332,8 +332,12 @@ def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_nee
         assert listed.returncode == 0, listed.stderr
         return str(next(n for n in json.loads(listed.stdout) if n["name"] == node.name)["server"])
 
-    def problem() -> str:  # (the schema's, asked from this process: cheap to poll)
-        said = [p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name]
+    def problem(kind: str = "needs-admin") -> str:  # (the schema's, from this process)
+        said = [
+            p
+            for p in cluster.schema_json()["node_problems"]
+            if p["node"] == node.name and p["kind"] == kind
+        ]
         return f"{said[0]['kind']}: {said[0]['problem']}" if said else ""
 
     with tmpfs(data, "4m"), contextlib.closing(sqlite3.connect(data / "journal.sqlite3")) as db:
@@ -353,6 +357,15 @@ def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_nee
             )
             # `tlsroll nodes` (200 characters of it: what to do first; this data dir is long)
             assert shown().startswith(f"{said} space in {data}; the switch of rollout jfull")
+            # Session 74: its agent's own store trouble too (its heartbeats say it), the disk
+            # under its journal below a switch's floor.
+            low = f"too little free space for a switch: the agent's data dir {data} has "
+            wait_until(
+                lambda: f"its store safely: {low}" in problem("agent-store"),
+                30,
+                "the schema's node problems to show the agent's store trouble",
+                interval=0.2,
+            )
             assert agent.running
             status = node.admin_status()
             assert (node.server_pid(), status["frozen"]) == (pid, True)  # no restart, no lift

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -159,6 +160,149 @@ async def test_a_node_whose_journal_checkpoint_fails_is_refused_until_one_succee
             db._retry.cancel()
         db._db = real
         journal.close()
+
+
+async def test_a_node_whose_agent_has_no_room_is_shown_in_the_leaders_view_until_room_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loopback: Callable[[], str]
+) -> None:
+    """Session 74: between rollouts the leader did not know of a node whose agent cannot write
+    its store safely: `tlsroll nodes`, `schema show` and the viewer showed it healthy, and a
+    start's preflight was the first to say it. Now the agent's heartbeat says it
+    (``HeartbeatRequest.store_trouble``: the real servicer's checks on a real full tmpfs, then
+    its journal's checkpoint failing as on a full disk) over a real stream to the real Leader
+    service, which shows it as the node's problem (``agent-store``, in the schema, `tlsroll
+    nodes` and the viewer's page, in German and English) from the message that says so,
+    its since kept while the free space it names moves, until a message says none."""
+    from html import unescape
+
+    from leader.schema_store import SchemaStore
+    from leader.schema_view import SchemaViewService
+    from leader.states import NodeProblemKind
+    from leader.viewer import pages
+    from leader.viewer.i18n import Words
+    from tests.test_node_clocks import T, leader_and_link, reader_of
+    from tlsroll.v1 import schema_pb2
+
+    monkeypatch.setattr(tsqlite, "RETRY_FIRST", 3600.0)  # (no retry of its own meanwhile)
+    monkeypatch.setattr(tsqlite, "RETRY_MOST", 3600.0)
+    fs = tmp_path / "fs"
+    with tmpfs(fs, "8m"):
+        agent, journal = agent_on(fs)
+        try:
+            async with leader_and_link(tmp_path, loopback) as (rig, link, _skew):
+                link.store_trouble = agent.store_trouble
+                admin = AdminService(rig.state, cast(Any, None), SchemaStore(rig.store.db))
+
+                async def listed() -> list[str]:
+                    reply = await admin.ListNodes(admin_pb2.ListNodesRequest(), cast(Any, None))
+                    (node,) = reply.nodes
+                    return list(node.store_trouble)
+
+                await link.beat()
+                assert rig.state.node_problems() == [] and await listed() == []
+                filler = fill(fs)
+                try:
+                    await link.beat()
+                    (problem,) = rig.state.node_problems()
+                    assert (problem.node, problem.kind) == ("hb1", NodeProblemKind.AGENT_STORE)
+                    assert problem.since == T
+                    start = (
+                        "hb1's agent cannot write its store safely: too little free space for a"
+                        f" switch: the agent's data dir {fs / 'data'} and the server's config"
+                        f" directory {fs / 'cfg'} have "
+                    )
+                    assert problem.problem.startswith(start), problem.problem
+                    assert problem.problem.endswith(
+                        "(df -h); its checks refuse a switch there until there is room (it says"
+                        " so at its next heartbeat)"
+                    ), problem.problem
+                    (said,) = await listed()
+                    assert said.startswith("too little free space for a switch: "), said
+                    assert rig.state.node_problem("hb1") is None  # the agent's checks refuse
+                    view = SchemaViewService(
+                        SchemaStore(rig.store.db),
+                        lambda: rig.clock[0],
+                        node_problems=rig.state.node_problems,
+                        fresh=rig.state.fresh_reports,
+                        reported=rig.store.report_since_start,
+                    )
+                    answer = view._answer(schema_pb2.GetSchemaRequest(), None)
+                    (shown,) = answer.node_problems
+                    assert shown.kind == schema_pb2.NODE_PROBLEM_KIND_AGENT_STORE
+                    assert shown.problem == problem.problem
+                    snap = reader_of(rig).read(times=True)
+                    page = pages.PageContext("127.0.0.1", "test", T, "/events")
+                    for lang, words in (
+                        ("de", "Der Agent von Knoten hb1 kann nicht mehr sicher in seinen"),
+                        ("en", "The agent of node hb1 cannot write its store safely"),
+                    ):
+                        html = unescape(pages.schema_content(snap, Words.of(lang), page))
+                        assert words in html and "knows no more" not in html, html
+                        assert "nicht näher" not in html and problem.problem in html
+                    # The journal's checkpoint fails too (SQLITE_FULL, as on a full disk): both
+                    # said; the problem's since stays.
+                    db = journal._db
+                    real = db._db
+                    full = sqlite3.OperationalError("database or disk is full")
+                    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+                    full.sqlite_errorname = "SQLITE_FULL"
+
+                    class Failing:  # the journal's connection, whose checkpoint fails
+                        def __getattr__(self, name: str) -> Any:
+                            return getattr(real, name)
+
+                        def execute(self, sql: str, *args: Any) -> Any:
+                            if sql.startswith("PRAGMA wal_checkpoint"):
+                                raise full
+                            return real.execute(sql, *args)
+
+                    db._db = cast(Any, Failing())
+                    try:
+                        db._checkpoint_idle(tsqlite.IDLE_WAITS)  # (as the store's thread runs it)
+                    finally:
+                        db._db = real
+                        if db._retry is not None:
+                            db._retry.cancel()
+                    assert journal.checkpoint_trouble is not None
+                    rig.clock[0] += dt.timedelta(seconds=5)
+                    await link.beat()
+                    (problem,) = rig.state.node_problems()
+                    assert problem.since == T, problem
+                    assert (
+                        f"the journal {journal.path} cannot grow: its checkpoint fails"
+                        " (SQLITE_FULL: database or disk is full)" in problem.problem
+                    ), problem.problem
+                    assert len(await listed()) == 2
+                finally:
+                    filler.unlink()
+                await link.beat()  # room on the disk, but the journal's checkpoint still fails
+                (problem,) = rig.state.node_problems()
+                assert "free space for a switch" not in problem.problem
+                assert "cannot grow" in problem.problem
+                db._checkpoint_idle(tsqlite.IDLE_WAITS)  # (a checkpoint that succeeds)
+                assert journal.checkpoint_trouble is None
+                await link.beat()
+                assert rig.state.node_problems() == [] and await listed() == []
+        finally:
+            journal.close()
+
+
+def test_the_free_space_a_store_trouble_names_is_not_news_its_coming_and_going_is() -> None:
+    """Session 74: a heartbeat is sent before the renewal bound only with news
+    (``report_key``): a filling disk's free space, named in the agent's store trouble, moves at
+    every beat and would have made each a message; the trouble that comes, goes or changes
+    its kind is news."""
+    from nodeagent.leader_link import report_key
+    from tlsroll.v1 import leader_pb2
+
+    def key(*trouble: str) -> bytes:
+        return report_key(leader_pb2.HeartbeatRequest(agent_version="v", store_trouble=trouble))
+
+    low = "too little free space for a switch: the agent's data dir /d has {} free, needs 4 MiB"
+    assert key(low.format("1.2 MiB")) == key(low.format("0.9 MiB")) == key(low.format("8 KiB"))
+    assert key() != key(low.format("1.2 MiB"))
+    journal = "the journal /d/j cannot grow: its checkpoint fails (SQLITE_FULL: disk is full)"
+    assert key(low.format("1 MiB")) != key(low.format("1 MiB"), journal) != key(journal)
 
 
 def plan_refusal(reply: admin_pb2.PlanResponse) -> str:

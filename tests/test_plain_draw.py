@@ -692,6 +692,32 @@ def test_nodes_on_a_narrow_terminal_keeps_names_and_addresses_whole(
     assert "not shown" not in piped and piped.splitlines()[1].count("┃") == 10, piped
 
 
+def test_nodes_says_a_node_whose_agent_cannot_write_its_store_under_its_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 74: `tlsroll nodes` showed a node whose agent's journal checkpoint fails, or
+    whose disk is below a switch's floor, as online and well. Its agent's words
+    (``NodeInfo.store_trouble``) go in a line under the table, folded at 80 columns, whole into
+    a pipe; a node without says nothing."""
+    from leader.cli import identity
+
+    reply = two_nodes()
+    trouble = (
+        "the journal /var/lib/tlsroll-agent/journal.sqlite3 cannot grow: its checkpoint fails"
+        " (SQLITE_FULL: database or disk is full); free space on its file system (df -h)"
+    )
+    reply.nodes[1].store_trouble.append(trouble)
+    monkeypatch.setattr(identity, "Leader", ListingLeader(reply))
+    text = listed_on(monkeypatch, 80, True, "nodes")
+    assert all(cell_len(line) <= 80 for line in text.splitlines()), text
+    said = " ".join(text.split("praxis-empfang-02: its agent", 1)[1].split())
+    assert said.startswith(f"cannot write its store safely: {trouble}"), text
+    assert "node1: its agent" not in text
+    piped = listed_on(monkeypatch, 200, False, "nodes")
+    line = f"praxis-empfang-02: its agent cannot write its store safely: {trouble}"
+    assert line in piped.splitlines(), piped
+
+
 def test_token_list_on_a_narrow_terminal_keeps_the_node_s_name_whole(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

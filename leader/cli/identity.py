@@ -137,6 +137,10 @@ def nodes(
         )
     # (at 80 columns rich cut every cell to a few letters: "praxi…", "127.1…")
     print_fitted(headers, rows, NODES_DROPS, whole=("node", "addresses"))
+    for n in reply.nodes:  # (what its agent says of its own store: session 74)
+        if n.store_trouble and not n.HasField("removed_at"):
+            trouble = "; ".join(peertext.clean(t, 600) for t in n.store_trouble)
+            say(f"{n.name}: its agent cannot write its store safely: {trouble}", style="red")
     if mixed := _mixed_schemes(reply.nodes, leader):
         say(mixed, style="yellow")
     if reply.HasField("password_behind"):  # (a change-password that ended part way: s69)

@@ -98,6 +98,10 @@ _DE: dict[str, str] = {
     "bootstrap_down": "Der Dienst zum Einrichten von Arbeitsplätzen auf Knoten {node} ist "
     "nicht gestartet: Arbeitsplätze können dort nicht eingerichtet werden. Bitte die "
     "Praxis-IT verständigen.",
+    "agent_store": "Der Agent von Knoten {node} kann nicht mehr sicher in seinen Speicher "
+    "schreiben; der Knoten wird nicht umgestellt, bis wieder Platz ist. Bitte die Praxis-IT "
+    "verständigen (Platz auf der Festplatte des Knotens schaffen). Der Agent beschreibt es auf "
+    "Englisch:",
     "bootstrap_previous": "Der Dienst zum Einrichten von Arbeitsplätzen auf Knoten {node} "
     "arbeitet noch mit seinen bisherigen Einstellungen: der Agent kann sein Journal nicht "
     "lesen, ein neues Passwort oder eine Rücknahme gilt dort noch nicht. Bitte die Praxis-IT "
@@ -327,6 +331,9 @@ _EN: dict[str, str] = {
     "the practice IT. The leader describes it:",
     "bootstrap_down": "The service that sets up workstations on node {node} did not start: "
     "workstations cannot be set up there. Please call the practice IT.",
+    "agent_store": "The agent of node {node} cannot write its store safely; the node is not "
+    "switched until there is room. Please call the practice IT (free space on the node's "
+    "disk). The agent says:",
     "bootstrap_previous": "The service that sets up workstations on node {node} still serves "
     "its previous settings: its agent cannot read its journal, and a new password or a "
     "rollback is not in effect there. Please call the practice IT (check the node's disk).",

@@ -1117,6 +1117,7 @@ class NodeInfo(_message.Message):
     AGENT_TOO_OLD_FOR_FIELD_NUMBER: _builtins.int
     AGENT_NOT_HEARD_FIELD_NUMBER: _builtins.int
     OTHER_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    STORE_TROUBLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent_version: _builtins.str
     agent_port: _builtins.int
@@ -1203,6 +1204,14 @@ class NodeInfo(_message.Message):
         agent is upgraded. Empty: nothing (or a removed node, or one `agent_not_heard`).
         """
 
+    @_builtins.property
+    def store_trouble(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the agent's last heartbeat said of its own store (`HeartbeatRequest.store_trouble`:
+        a journal checkpoint that fails, a disk below a switch's floor), as the leader shows it
+        (cleaned). Empty: none known (an agent of an earlier release says nothing of it), or a
+        leader before this field.
+        """
+
     def __init__(
         self,
         *,
@@ -1234,10 +1243,11 @@ class NodeInfo(_message.Message):
         agent_too_old_for: _abc.Iterable[_builtins.str] | None = ...,
         agent_not_heard: _builtins.bool = ...,
         other_certificate: _builtins.bool = ...,
+        store_trouble: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "clock_offset_seconds", b"clock_offset_seconds", "enrolled_at", b"enrolled_at", "last_heartbeat", b"last_heartbeat", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "addresses", b"addresses", "agent_features", b"agent_features", "agent_not_heard", b"agent_not_heard", "agent_port", b"agent_port", "agent_too_old_for", b"agent_too_old_for", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "cert_serial", b"cert_serial", "clock_differs", b"clock_differs", "clock_leader", b"clock_leader", "clock_offset_seconds", b"clock_offset_seconds", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "key_pin", b"key_pin", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "other_certificate", b"other_certificate", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "server", b"server", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "addresses", b"addresses", "agent_features", b"agent_features", "agent_not_heard", b"agent_not_heard", "agent_port", b"agent_port", "agent_too_old_for", b"agent_too_old_for", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "cert_serial", b"cert_serial", "clock_differs", b"clock_differs", "clock_leader", b"clock_leader", "clock_offset_seconds", b"clock_offset_seconds", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "key_pin", b"key_pin", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "other_certificate", b"other_certificate", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "server", b"server", "store_trouble", b"store_trouble", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clock_offset_seconds: _TypeAlias = _typing.Literal["clock_offset_seconds"]  # noqa: Y015
     _WhichOneofArgType__clock_offset_seconds: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds"]  # noqa: Y015

@@ -199,6 +199,7 @@ class HeartbeatRequest(_message.Message):
     FAILURES_REPORT_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     HELD_CRL_PEM_FIELD_NUMBER: _builtins.int
+    STORE_TROUBLE_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -313,6 +314,18 @@ class HeartbeatRequest(_message.Message):
         one that lacks every feature.
         """
 
+    @_builtins.property
+    def store_trouble(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why the agent could not write its own store safely now (at most 4 short texts of at most
+        600 characters each: they name directories): its journal's checkpoint fails (its disk full), or the file system
+        of its data dir or of the server's config directory has less free space than a switch
+        writes (`tlsroll.room`). Its checks refuse a switch meanwhile; the leader shows it as the
+        node's problem until a message says none. Empty: none (or an agent of an earlier
+        release, which says nothing of it). The free space a text names is not news on its own
+        (``nodeagent.leader_link.report_key``): it goes with the next message, at the renewal
+        bound at the latest; a trouble that comes or goes is sent at once.
+        """
+
     def __init__(
         self,
         *,
@@ -337,10 +350,11 @@ class HeartbeatRequest(_message.Message):
         failures_report: _builtins.int = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
         held_crl_pem: _builtins.bytes = ...,
+        store_trouble: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check_answer", b"check_answer", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "failures_report", b"failures_report", "features", b"features", "held_crl_pem", b"held_crl_pem", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "unswitched_stages", b"unswitched_stages", "wants_answer", b"wants_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "failures_report", b"failures_report", "features", b"features", "held_crl_pem", b"held_crl_pem", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "store_trouble", b"store_trouble", "unswitched_stages", b"unswitched_stages", "wants_answer", b"wants_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

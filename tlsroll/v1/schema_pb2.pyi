@@ -56,6 +56,12 @@ class _NodeProblemKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeP
     its data dir. The leader neither plans nor switches the node (a leader before this value
     reports no such problem; a reader before it sees an unknown kind: the words say it).
     """
+    NODE_PROBLEM_KIND_AGENT_STORE: _NodeProblemKind.ValueType  # 6
+    """The node's agent cannot write its own store safely (`HeartbeatRequest.store_trouble`:
+    its journal's checkpoint fails, or a disk is below what a switch writes): its checks
+    refuse a switch there until room is back (a leader before this value reports no such
+    problem; a reader before it sees an unknown kind: the problem's words say what it is).
+    """
 
 class NodeProblemKind(_NodeProblemKind, metaclass=_NodeProblemKindEnumTypeWrapper): ...
 
@@ -84,6 +90,12 @@ NODE_PROBLEM_KIND_EARLIER_CERTIFICATE: NodeProblemKind.ValueType  # 5
 (refused): a copy of the node's key renewed itself, or the agent runs on an old copy of
 its data dir. The leader neither plans nor switches the node (a leader before this value
 reports no such problem; a reader before it sees an unknown kind: the words say it).
+"""
+NODE_PROBLEM_KIND_AGENT_STORE: NodeProblemKind.ValueType  # 6
+"""The node's agent cannot write its own store safely (`HeartbeatRequest.store_trouble`:
+its journal's checkpoint fails, or a disk is below what a switch writes): its checks
+refuse a switch there until room is back (a leader before this value reports no such
+problem; a reader before it sees an unknown kind: the problem's words say what it is).
 """
 Global___NodeProblemKind: _TypeAlias = NodeProblemKind  # noqa: Y015
 
