@@ -17,7 +17,14 @@ service manager would); the rollout ends; one that did not complete is settled a
 last retry, or ``rollout rollback``), and faults of their own hit that first retry or way back.
 Two modes aim at the admin's way out: ``enable-retry`` and ``disable-again`` abort the first
 rollout once a node has begun its freeze (a planted stop, no fault), and their faults hit the
-``rollout retry`` or the second ``rollout rollback``. Then the invariant:
+``rollout retry`` or the second ``rollout rollback``. Two more (session 74) aim at the
+password's and the transitional strategy's transactions: ``change-password`` (a switched
+cluster, a new password staged) and ``finalize`` (of a transitional phase 1, ``--force``).
+``--faults disk`` fills a small tmpfs under a node's journal, its server's config dir or the
+leader's data dir at the moment, freed ``down`` seconds later (root only: refused otherwise),
+and a moment may be a phase of the node's transaction (frozen, config_written, restarted:
+the config write, the restart, the verify runs), seen by a 1 ms watch of its journal's files.
+Then the invariant:
 
 - every node fully on https (8443 serving a certificate of the cluster CA, 8080 closed) or
   fully on http (8080 open, 8443 closed), not frozen: a write is accepted at the end;
@@ -25,7 +32,9 @@ rollout once a node has begun its freeze (a planted stop, no fault), and their f
 - the leader's node states agree with what each node serves (a node ``done`` in an enable-tls
   rollout serves https, ``done`` in a way back serves http; failed, rolled back or pending:
   the scheme it had), none needs the admin;
-- a way back that the admin settled leaves every node on http.
+- a way back that the admin settled leaves every node on http;
+- a change-password that completed leaves no node on an older password;
+- no daemon's or server's log holds a traceback or a secret.
 
 Each iteration's seed is printed first, then its faults (each with the moment it met: the
 journal's last two events or the leader's state; "not hit" where the rollout ended first) and
@@ -49,6 +58,7 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -60,7 +70,7 @@ from typing import Any
 
 from leader.wire import NODE_STATE, ROLLOUT_STATE
 from tests.cluster import Cluster, wait_until
-from tests.nodeside import Node, cluster_of
+from tests.nodeside import Node, cluster_of, fill, tmpfs
 from tests.test_fault_matrix import (
     ENDED,
     ORDER,
@@ -79,10 +89,23 @@ MODES = ("enable-node", "enable-node-p2", "enable-scope", "disable")
 # begun to switch (a planted stop, no fault), and the faults hit the admin's ``rollout retry``
 # (enable-tls) or the second way back (``rollout rollback``).
 SETTLE_MODES = ("enable-retry", "disable-again")
+# Session 74: the password's and the transitional strategy's transactions. A switched cluster
+# (no fault) gets a new staged password (``password set``) and a change-password rollout, which
+# the faults hit; or phase 1 of the transitional strategy (no fault) ends awaiting its finalize,
+# and the faults hit the finalize (``--force``: the writers are workstations on http).
+PASSWORD_MODES = ("change-password", "finalize")
+ALL_MODES = MODES + SETTLE_MODES + PASSWORD_MODES
 FAULTS = ("leader", "agent", "server", "agent-stop")
 # Beyond the brief's four (``--faults``): the leader and an agent down together, and a server
 # that does not come back until the rollout has ended (then the admin starts it).
-EXTRA_FAULTS = ("leader+agent", "server-gone")
+EXTRA_FAULTS = ("leader+agent", "server-gone", "disk")
+# Session 74: a disk with no room left. Its directory (a node's agent data dir, its journal's;
+# a node's server config dir, where the agent writes the config and stages its files; or the
+# leader's data dir, its store's) is a small tmpfs of its own from the iteration's start (the
+# mounts need root: ``--faults disk`` refuses to run without), filled up at the fault's moment
+# and freed ``down`` seconds later.
+DISK_PLACES = ("journal", "config", "leader")
+DISK_SIZE = {"journal": "16m", "config": "8m", "leader": "32m"}
 LEADER_FAULTS = ("leader", "leader+agent")
 # Where a fault hits (``Fault.at``): a time after the rollout's start (session 70's only kind:
 # most fell in "switching"), a step of the watched node's transaction as its agent journals it
@@ -92,6 +115,12 @@ LEADER_FAULTS = ("leader", "leader+agent")
 AGENT_STEPS = ("freeze", "write_config", "restart", "verify", "unfreeze")
 BACK_STEPS = ("restore_config", "verify_source")
 LEADER_STATES = ("preflight", "staging", "switching", "confirming", "done")
+# Session 74: the watched node's transaction in a phase (its journal's ``txns`` row), seen by a
+# 1 ms poll of the journal's files (SQLite opened only when they changed): the config write
+# runs in ``frozen``, the restart in ``config_written``, the verify in ``restarted``. A step's
+# ``begin`` record, polled every 5 ms with SQLite opened each time, was mostly seen once the
+# step had ended (session 73).
+PHASES = ("frozen", "config_written", "restarted")
 LEASE = 20  # scope_freeze_lease, as the matrix's
 END_TIMEOUT = 100 + LEASE + 60  # a scope freeze's unanswered node: a lease and a minute more
 WATCH_TIMEOUT = 90.0  # a step never reached (the rollout ended first) is "not reached"
@@ -108,6 +137,7 @@ class Fault:
     rollout: str = "first"  # "first", or "settle": the admin's retry or way back
     moment: str = ""  # what was seen when it hit
     hit: bool = False
+    place: str = ""  # a disk fault's directory: "journal", "config" or "leader"
 
 
 @dataclass
@@ -121,18 +151,23 @@ class Result:
     schemes: dict[str, str] = field(default_factory=dict)
     acked: int = 0
     verdict: str = "ok"
+    # The daemons' warnings and errors (each ``who:event`` once): which paths the faults
+    # reached (a disk full that nothing wrote to meanwhile leaves none).
+    reached: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def line(self) -> str:
         faults = "; ".join(
-            f"{f.rollout}:{f.kind}@{f.target} {f.at}(+{f.delay}s on {f.watch}) down {f.down}s"
+            f"{f.rollout}:{f.kind}@{f.target}{':' + f.place if f.place else ''}"
+            f" {f.at}(+{f.delay}s on {f.watch}) down {f.down}s"
             f" {'HIT ' + f.moment if f.hit else 'not hit: ' + f.moment}"
             for f in self.faults
         )
         return (
             f"{self.mode} n={self.nodes} [{faults}] -> {self.ended} {self.settled}"
             f" {self.schemes} acked={self.acked}: {self.verdict} {self.problems}"
+            f" reached {self.reached}"
         )
 
 
@@ -157,15 +192,29 @@ def draw_fault(
         return None
     kind = rng.choice(kinds)
     target = rng.choice(free)
-    watch = rng.choice(names) if kind == "leader" else target
+    place = ""
+    if kind == "disk":
+        place = rng.choice([p for p in DISK_PLACES if p != "leader" or "leader" not in taken])
+    on_leader = kind == "leader" or place == "leader"
+    watch = rng.choice(names) if on_leader else target
     where = rng.random()
-    if where < 0.25:
+    if where < 0.2:
         at, delay = "time", round(rng.uniform(0, 3.5), 2)
-    elif where < 0.75:
+    elif where < 0.55:
         at = "step:" + rng.choice(AGENT_STEPS * 3 + BACK_STEPS)
         # At the record, within a few ms, or later in the step (a restart's record is written
         # before it; its end rides the verify's write: "step:verify" is seen after it).
         delay = round(rng.choice((0.0, rng.uniform(0, 0.05), rng.uniform(0, 0.3))), 3)
+    elif where < 0.8:
+        # In the action the phase leads to: at once, or a few ms into it. The verify runs in
+        # the same hand-off as the ``restarted`` record (a look mostly sees ``verified``
+        # already): ``config_written`` with a delay up to a restart's length lands in the
+        # restart's end or the verify as well.
+        name = rng.choice(PHASES)
+        at = "phase:" + name
+        delay = round(rng.choice((0.0, 0.0, rng.uniform(0, 0.01), rng.uniform(0, 0.05))), 4)
+        if name == "config_written" and rng.random() < 0.5:
+            delay = round(rng.uniform(0.05, 0.6), 4)
     else:
         at, delay = "state:" + rng.choice(LEADER_STATES), round(rng.uniform(0, 0.2), 3)
     # Mostly a quick restart, as systemd's; now and then an outage past the leader's step
@@ -174,9 +223,11 @@ def draw_fault(
     if kind == "server":
         down = max(down, 3.0)  # the matrix's: its manager starts it after 3 s
     taken.add(target)
-    if kind in LEADER_FAULTS:
+    if on_leader or kind in LEADER_FAULTS:
         taken.add("leader")
-    return Fault(kind, "leader" if kind == "leader" else target, at, delay, down, watch, rollout)
+    return Fault(
+        kind, "leader" if on_leader else target, at, delay, down, watch, rollout, place=place
+    )
 
 
 def draw(rng: random.Random, kinds: tuple[str, ...], names: list[str], rollout: str) -> list[Fault]:
@@ -201,6 +252,48 @@ def seen_step(node: Node, rollout_id: str, step: str) -> str:
     return " ".join(f"{s}.{w}" for s, w in rows[-2:])
 
 
+class JournalWatch:
+    """The watched node's journal looked at only when its files changed (their sizes and
+    times), or every 20 ms at the latest: a 1 ms poll that opens SQLite only on a write."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.signature: tuple[tuple[int, int], ...] = ()
+        self.looked = 0.0
+
+    def changed(self) -> bool:
+        signature = []
+        for suffix in ("", "-wal"):
+            try:
+                st = os.stat(f"{self.node.journal_path}{suffix}")
+            except OSError:
+                signature.append((-1, -1))
+            else:
+                signature.append((st.st_size, st.st_mtime_ns))
+        now = time.monotonic()
+        if tuple(signature) == self.signature and now - self.looked < 0.02:
+            return False
+        self.signature, self.looked = tuple(signature), now
+        return True
+
+
+def seen_phase(node: Node, rollout_id: str, phase: str) -> str:
+    """The watched node's transactions for ``rollout_id`` (a switch, a way back): "" unless
+    one is in ``phase`` or past it; else what it is in ("frozen", or "passed: restarted")."""
+    try:
+        rows = node.journal_query("SELECT phase FROM txns WHERE rollout_id = ?", rollout_id)
+    except sqlite3.Error:
+        return ""
+    order = ("started", *PHASES, "verified", "completed")
+    for row in rows:
+        now = str(row["phase"])
+        if now == phase:
+            return f"in {now}"
+        if now not in order or order.index(now) > order.index(phase):
+            return f"passed: {now}"
+    return ""
+
+
 def await_moment(
     fault: Fault,
     cluster: Cluster,
@@ -216,10 +309,15 @@ def await_moment(
         return True
     how, _, name = fault.at.partition(":")
     watched = next(n for n in nodes if n.name == fault.watch)
+    journal = JournalWatch(watched)
     deadline = time.monotonic() + WATCH_TIMEOUT
     while time.monotonic() < deadline:
         ended = over.is_set()  # (read first: a step seen after it still counts)
-        if how == "step":
+        if how == "phase":
+            if journal.changed() and (seen := seen_phase(watched, rollout_id, name)):
+                fault.moment = seen
+                break
+        elif how == "step":
             if seen := seen_step(watched, rollout_id, name):
                 fault.moment = seen
                 break
@@ -234,7 +332,7 @@ def await_moment(
         if ended:
             fault.moment = "the rollout ended first"
             return False
-        time.sleep(0.005 if how == "step" else 0.03)
+        time.sleep({"phase": 0.001, "step": 0.005}.get(how, 0.03))
     else:
         fault.moment = "not seen in time"
         return False
@@ -242,10 +340,34 @@ def await_moment(
     return True
 
 
+def disk_dir(root: Path, fault: Fault) -> Path:
+    """The directory a disk fault fills: under the iteration's ``root``, as ``cluster_of``
+    lays a cluster out (mounted on before it starts)."""
+    if fault.place == "leader":
+        return root / "cluster" / "data"
+    number = int(fault.target.removeprefix("node"))
+    if fault.place == "journal":
+        return root / "cluster" / "agents" / fault.target / "data"
+    return root / f"n{number - 1}" / "server"
+
+
 def inject(fault: Fault, cluster: Cluster, nodes: list[Node]) -> None:
     node = next((n for n in nodes if n.name == fault.target), nodes[0])
     assert node.agent is not None
-    if fault.kind == "leader":
+    if fault.kind == "disk":
+        directory = {
+            "leader": cluster.data_dir,
+            "journal": node.agent.data_dir,
+            "config": node.config_dir,
+        }[fault.place]
+        if not os.path.ismount(directory):  # the campaign's layout changed: say so
+            raise RuntimeError(f"{directory} is not the tmpfs mounted for the disk fault")
+        filler = fill(directory)
+        try:
+            time.sleep(fault.down)
+        finally:
+            filler.unlink()
+    elif fault.kind == "leader":
         cluster.kill_leader()
         time.sleep(fault.down)
         cluster.start_leader()
@@ -466,6 +588,13 @@ def check(
         problems.append(f"the leader's node list says {seen}, the nodes {result.schemes}")
     if wanted_back and result.settled and any(s != "http" for s in result.schemes.values()):
         problems.append(f"the admin's way back left {result.schemes}")
+    # A change-password that completed (or the admin's retry of it): no node runs an older
+    # password than the one staged.
+    if result.mode == "change-password" and rollout_state(cluster, rollouts[-1]) == "completed":
+        with contextlib.suppress(Exception):
+            behind = cluster.schema_json().get("password_behind")
+            if behind:
+                problems.append(f"completed, yet nodes run an older password: {behind}"[:400])
     result.acked = sum(len(w.acked) for w in writers)
 
 
@@ -485,10 +614,14 @@ def abort_early(result: Result, cluster: Cluster, nodes: list[Node], rollout_id:
 
 
 def iteration(
-    seed: int, root: Path, kinds: tuple[str, ...] = FAULTS, sizes: tuple[int, ...] = (3,)
+    seed: int,
+    root: Path,
+    kinds: tuple[str, ...] = FAULTS,
+    sizes: tuple[int, ...] = (3,),
+    modes: tuple[str, ...] = ALL_MODES,
 ) -> Result:
     rng = random.Random(seed)
-    mode = rng.choice(MODES + SETTLE_MODES)
+    mode = rng.choice(modes)
     count = rng.choice(sizes)
     names = [f"node{i + 1}" for i in range(count)]
     result = Result(seed, mode, count)
@@ -498,16 +631,61 @@ def iteration(
     later = draw(rng, kinds, names, "settle") if mode in SETTLE_MODES or rng.random() < 0.5 else []
     result.faults = first + later
     began = time.monotonic()
+    with contextlib.ExitStack() as mounts:
+        for fault in result.faults:  # (one place per fault: two faults hit two places)
+            if fault.kind == "disk":
+                mounts.enter_context(tmpfs(disk_dir(root, fault), DISK_SIZE[fault.place]))
+        run_iteration(result, root, first, later)
+    result.seconds = round(time.monotonic() - began, 1)
+    return result
+
+
+PASSWORDS = ("fault-campaign-password-for-practice", "fault-campaign-second-password-practice")
+
+
+def prepare(result: Result, cluster: Cluster, root: Path) -> bool:
+    """What a mode's faulted rollout starts from, without a fault: a switched cluster (the way
+    back, change-password), or phase 1 of the transitional strategy awaiting its finalize; and
+    a new staged password for change-password. False if it did not get there."""
+    pw = root / "pw"
+    switch = ["start", "--scope", "cluster", "--password-file", str(pw)]
+    mode = result.mode
+    switched_first = mode.startswith("disable") or mode == "change-password"
+    if switched_first and wait_end(cluster, start(cluster, *switch), 100) != "completed":
+        return False
+    if mode == "change-password":
+        second = root / "pw2"
+        second.touch(0o600)
+        second.write_text(PASSWORDS[1] + "\n")
+        staged = cluster.cli("password", "set", "--password-file", str(second))
+        if staged.returncode != 0:
+            result.problems.append(f"password set: {(staged.stdout + staged.stderr)[:300]}")
+            return False
+    if mode == "finalize":
+        phase1 = start(cluster, *switch, "--strategy", "transitional")
+        seen = [""]
+
+        def waiting() -> bool:
+            seen[0] = rollout_state(cluster, phase1)
+            return seen[0] in ("awaiting_finalize", *ENDED)
+
+        wait_until(waiting, 100, "phase 1 awaiting its finalize", interval=0.5)
+        if seen[0] != "awaiting_finalize":
+            return False
+        result.settled.append(f"phase 1 {phase1}")
+    return True
+
+
+def run_iteration(result: Result, root: Path, first: list[Fault], later: list[Fault]) -> None:
+    mode, count = result.mode, result.nodes
     with cluster_of(root, count, step_deadline=15, scope_freeze_lease=LEASE) as (cluster, nodes):
         pw = root / "pw"
         pw.touch(0o600)
-        pw.write_text("fault-campaign-password-for-practice\n")
+        pw.write_text(PASSWORDS[0] + "\n")
         switch = ["start", "--scope", "cluster", "--password-file", str(pw)]
-        if mode.startswith("disable"):
-            switched = start(cluster, *switch)
-            if wait_end(cluster, switched, 100) != "completed":
-                result.verdict = "setup-failed"
-                return result
+        if not prepare(result, cluster, root):
+            result.verdict = "setup-failed"
+            return
         stop = threading.Event()
         writers = [Writer(n, stop) for n in nodes]
         threads = [threading.Thread(target=w.run, daemon=True) for w in writers]
@@ -521,6 +699,10 @@ def iteration(
                 rollout_id = start(cluster, *switch, "--freeze", "scope", "--max-parallel", "2")
             elif mode == "enable-node-p2":
                 rollout_id = start(cluster, *switch, "--max-parallel", "2")
+            elif mode == "change-password":
+                rollout_id = start(cluster, "start", "--scope", "cluster", "--change", mode)
+            elif mode == "finalize":
+                rollout_id = start(cluster, "finalize", "--force")
             else:
                 rollout_id = start(cluster, *switch)
             if mode in SETTLE_MODES:
@@ -539,9 +721,26 @@ def iteration(
             for t in threads:
                 t.join(30)
         check(result, cluster, nodes, writers, rollouts)
+        logs = cluster.logs_text() + "".join(
+            n.server.log_path.read_text(errors="replace")
+            for n in nodes
+            if n.server.log_path.exists()
+        )
+        result.reached = sorted(
+            {
+                f"{d.name}:{e.get('event')}"
+                for d in cluster.daemons()
+                for e in d.log_events()
+                if e.get("level") in ("warning", "error", "critical")
+            }
+        )
+        if "Traceback" in logs:
+            result.problems.append("a traceback in a daemon's or a server's log")
+        if found := cluster.find_secrets(logs, PASSWORDS):
+            result.problems.append(f"secrets in the logs: {found}")
         if result.problems:
             result.verdict = "VIOLATION"
-            keep = root.parent / f"logs-{seed}"
+            keep = root.parent / f"logs-{result.seed}"
             keep.mkdir(exist_ok=True)
             (keep / "daemons.log").write_text(cluster.logs_text())
             for node in nodes:
@@ -552,8 +751,21 @@ def iteration(
                 with contextlib.suppress(OSError, sqlite3.Error):
                     events = node.journal_query("SELECT * FROM events ORDER BY seq")
                     (keep / f"{node.name}-journal.json").write_text(json.dumps(events, indent=1))
-    result.seconds = round(time.monotonic() - began, 1)
-    return result
+
+
+def cannot_mount(root: Path) -> str:
+    """Why a tmpfs cannot be mounted under ``root`` ("" if it can): the disk fault needs it."""
+    probe = root / "mount-probe"
+    try:
+        with tmpfs(probe, "64k"):
+            pass
+    except (OSError, subprocess.SubprocessError) as exc:
+        said = getattr(exc, "stderr", b"") or b""
+        return (said.decode(errors="replace").strip() or str(exc)).splitlines()[-1][:200]
+    finally:
+        with contextlib.suppress(OSError):
+            probe.rmdir()
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,6 +779,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(FAULTS),
         help=f"the faults drawn from (a seed's draw depends on them): {FAULTS + EXTRA_FAULTS}",
     )
+    parser.add_argument(
+        "--modes",
+        default=",".join(ALL_MODES),
+        help=f"the rollouts drawn from (a seed's draw depends on them): {ALL_MODES}",
+    )
     parser.add_argument("--root", type=Path, default=None, help="a short tmp dir")
     parser.add_argument(
         "--nodes", default="3", help="cluster sizes drawn from, e.g. 3,4,5 (a seed's draw too)"
@@ -575,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
     faults = tuple(args.faults.split(","))
     if unknown := set(faults) - set(FAULTS + EXTRA_FAULTS):
         parser.error(f"unknown faults: {sorted(unknown)}")
+    modes = tuple(args.modes.split(","))
+    if unknown := set(modes) - set(ALL_MODES):
+        parser.error(f"unknown modes: {sorted(unknown)}")
     try:
         sizes = tuple(int(n) for n in args.nodes.split(","))
     except ValueError:
@@ -585,6 +805,13 @@ def main(argv: list[str] | None = None) -> int:
         print("set TLSROLL_TEST_SLOT (loopback addresses of their own)", file=sys.stderr)
         return 2
     root = args.root or Path(tempfile.mkdtemp(prefix="faults-"))
+    if "disk" in faults and (refused := cannot_mount(root)):
+        print(f"--faults disk: cannot mount a tmpfs here ({refused}): run as root", file=sys.stderr)
+        return 2
+    # The phase moments' watch is a thread beside the writers' and the other faults': at the
+    # interpreter's 5 ms switch interval it may look only every 5 ms (a verify's length);
+    # 0.5 ms lets it look about as often as it polls.
+    sys.setswitchinterval(0.0005)
     deadline = time.monotonic() + args.minutes * 60
     results: list[Result] = []
     print(f"campaign: seeds {args.seed}.. under {root}", flush=True)
@@ -595,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.seed + i
         print(f"[{i}] seed {seed}", flush=True)
         try:
-            result = iteration(seed, root / str(seed), faults, sizes)
+            result = iteration(seed, root / str(seed), faults, sizes, modes)
         except Exception as exc:
             result = Result(seed, "?")
             result.verdict = "ERROR"

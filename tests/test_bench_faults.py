@@ -1,0 +1,127 @@
+"""The fault campaign's own parts that need no cluster (``bench/faults.py``, session 74): its
+arguments, the draw of a disk fault, the phase moments' reading of a journal, and the refusal
+of ``--faults disk`` where no tmpfs can be mounted (never a silent skip). In-process, cheap."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import faults
+from tests.cluster import wait_until
+
+
+def test_unknown_modes_and_faults_are_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv, said in (
+        (["--modes", "enable-node,bogus"], "unknown modes: ['bogus']"),
+        (["--faults", "disk,flood"], "unknown faults: ['flood']"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            faults.main(argv)
+        assert exited.value.code == 2
+        assert said in capsys.readouterr().err
+
+
+def test_disk_faults_are_drawn_on_a_place_each_and_the_leader_at_most_once() -> None:
+    names = ["node1", "node2", "node3"]
+    places: set[str] = set()
+    moments: set[str] = set()
+    for seed in range(300):
+        drawn = faults.draw(random.Random(seed), ("disk", "leader"), names, "first")
+        assert 1 <= len(drawn) <= 2
+        assert sum(f.target == "leader" for f in drawn) <= 1, drawn
+        for fault in drawn:
+            moments.add(fault.at.partition(":")[0])
+            if fault.kind == "disk":
+                places.add(fault.place)
+                assert (fault.target == "leader") == (fault.place == "leader"), fault
+                assert fault.watch in names
+            else:
+                assert fault.place == ""
+        assert len({(f.target, f.place) for f in drawn}) == len(drawn), drawn
+    assert places == set(faults.DISK_PLACES)
+    assert moments == {"time", "step", "phase", "state"}
+
+
+def test_a_disk_faults_directory_follows_the_clusters_layout(tmp_path: Path) -> None:
+    def at(target: str, place: str) -> Path:
+        fault = faults.Fault("disk", target, "time", 0, 1, "node1", place=place)
+        return faults.disk_dir(tmp_path, fault)
+
+    assert at("leader", "leader") == tmp_path / "cluster" / "data"
+    assert at("node2", "journal") == tmp_path / "cluster" / "agents" / "node2" / "data"
+    assert at("node3", "config") == tmp_path / "n2" / "server"
+
+
+class Journal:
+    """A node whose journal is a file of this test (``seen_phase`` reads ``txns``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.journal_path = path
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("CREATE TABLE txns (rollout_id TEXT, kind TEXT, phase TEXT)")
+            db.commit()
+
+    def put(self, phase: str) -> None:
+        with contextlib.closing(sqlite3.connect(self.journal_path)) as db:
+            db.execute("DELETE FROM txns")
+            db.execute("INSERT INTO txns VALUES ('r1', 'switch', ?)", (phase,))
+            db.commit()
+
+    def journal_query(self, sql: str, *params: object) -> list[dict[str, Any]]:
+        with contextlib.closing(sqlite3.connect(self.journal_path)) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute(sql, params).fetchall()]
+
+
+def test_a_phase_moment_is_seen_in_its_phase_or_after_it_never_before(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    node: Any = journal
+    watch = faults.JournalWatch(node)
+    assert watch.changed()
+    assert faults.seen_phase(node, "r1", "config_written") == ""  # no transaction yet
+    for phase, seen in (
+        ("started", ""),
+        ("frozen", ""),
+        ("config_written", "in config_written"),
+        ("restarted", "passed: restarted"),
+        ("rolling_back", "passed: rolling_back"),
+    ):
+        journal.put(phase)
+        # A write is seen (a file's time may not move within a clock tick: then at the next
+        # look 20 ms on at the latest).
+        wait_until(watch.changed, 10, f"the journal's change to {phase}", interval=0.001)
+        assert faults.seen_phase(node, "r1", "config_written") == seen, phase
+    assert faults.seen_phase(node, "r2", "frozen") == ""  # another rollout's
+
+
+def test_disk_faults_where_no_tmpfs_can_be_mounted_refuse_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @contextlib.contextmanager
+    def refused(directory: Path, size: str = "8m") -> Iterator[Path]:
+        directory.mkdir(parents=True, exist_ok=True)
+        raise subprocess.CalledProcessError(
+            32, ["mount"], stderr=b"mount: /x: must be superuser to use mount.\n"
+        )
+        yield directory  # (never reached)
+
+    monkeypatch.setattr(faults, "tmpfs", refused)
+    monkeypatch.setenv("TLSROLL_TEST_SLOT", "3")
+    code = faults.main(["--faults", "agent,disk", "--root", str(tmp_path), "--iterations", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        "--faults disk: cannot mount a tmpfs here (mount: /x: must be superuser to use mount.):"
+        " run as root\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # no iteration ran
