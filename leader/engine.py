@@ -206,6 +206,23 @@ MAX_RETRY_SECONDS = 30.0
 REASON_AFTER_ATTEMPTS = 3  # a freeze refused this often: its reason goes on the node
 STALE_ATTEMPTS = 5
 REPORT_LAG = planner.REPORT_LAG  # --when-quiet: how old an agent's client view may be
+TEST_REPORT_LAG_ENV = "TLSROLL_TEST_REPORT_LAG_SECONDS"
+"""Tests only: a leader daemon's ``REPORT_LAG`` for ``--when-quiet`` (whole seconds, 1 to
+``REPORT_LAG``'s: ``report_lag``), so that a test of a node known long enough to be quiet
+waits seconds less for it. Not a setting: only how old a report the gate takes an agent's view
+to be (its ``clients_refresh``, 10 s, and a margin) changes; the agent's fresh look before the
+freeze stays, and a report's staleness (``planner.report_stale_after``) does not change."""
+
+
+def report_lag(environ: Mapping[str, str]) -> dt.timedelta:
+    """``REPORT_LAG``, or the test hook's (``TEST_REPORT_LAG_ENV``) if it holds a whole number
+    of seconds from 1 to ``REPORT_LAG``'s."""
+    most = int(REPORT_LAG.total_seconds())
+    return dt.timedelta(
+        seconds=hook_number(environ, TEST_REPORT_LAG_ENV, most, lambda v: 1 <= v <= most)
+    )
+
+
 StepKey = tuple[str, str, Step]
 _OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
 # The planner's routine node events: the engine logs them at debug (``reconcile``).
@@ -329,6 +346,9 @@ class Engine:
     # unfrozen (``_lease_ran_out``): ``LEASE_MARGIN``, shorter only in a test (the leader sets
     # it: ``lease_margin``).
     lease_margin: float = LEASE_MARGIN
+    # How old an agent's client view may be, for ``--when-quiet`` (``_held_for_quiet``'s
+    # ``as_of``): ``REPORT_LAG``, shorter only in a test (the leader sets it: ``report_lag``).
+    report_lag: dt.timedelta = REPORT_LAG
     # What a node's agent says of its server on its heartbeats (``LeaderState.live_servers``:
     # "needs the admin: <why>" for one whose transaction is held on a journal it cannot write);
     # set by the leader. A switching node's note says it, not "unreachable" (session 70).
@@ -708,7 +728,7 @@ class Engine:
         known = {n: i.first_report for n, i in infos.items() if i.source and not i.problem}
         # How fresh each node's latest report is known to be: its newest sighting of anyone,
         # or its arrival less what an agent may have cached (REPORT_LAG), the later of both.
-        as_of = {n: i.reported_at - REPORT_LAG for n, i in infos.items()}
+        as_of = {n: i.reported_at - self.report_lag for n, i in infos.items()}
         for c in clients:
             as_of[c.node] = max(as_of.get(c.node, c.last_seen), c.last_seen)
         last = {n: i.last_http_at for n, i in infos.items()}

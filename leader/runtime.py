@@ -42,11 +42,14 @@ from leader.db import (
 )
 from leader.engine import (
     LEASE_MARGIN,
+    REPORT_LAG,
     SILENT_AFTER,
     TEST_LEASE_MARGIN_ENV,
+    TEST_REPORT_LAG_ENV,
     TEST_SILENT_AFTER_ENV,
     Engine,
     lease_margin,
+    report_lag,
     silent_after,
 )
 from leader.expiry import ExpiryWatch, own_certificates
@@ -1080,6 +1083,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     engine.lease_margin = lease_margin(os.environ)
     if engine.lease_margin != LEASE_MARGIN:
         _test_hook(TEST_LEASE_MARGIN_ENV, engine.lease_margin)
+    engine.report_lag = report_lag(os.environ)
+    if engine.report_lag != REPORT_LAG:
+        _test_hook(TEST_REPORT_LAG_ENV, engine.report_lag.total_seconds())
     commands = Commands(
         state.store,
         schema,

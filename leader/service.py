@@ -2642,6 +2642,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     beat.hold(heard_stages(request))
                     if beat.held:
                         await self._look_at_stages((beat,), snap)
+                        # What a test waits for, not a time (tests/test_stage_news.py).
+                        log.debug(
+                            "heartbeat.stages_heard",
+                            node=caller.name,
+                            stages=sorted(beat.held),
+                            ended=sorted(beat.over),
+                        )
                 # Nothing to say to a renewal that asks nothing: an answer would cost as much
                 # as the message. A list newer only by superseded certificates waits for the
                 # watch's next round (``CRL_NEWS_SECONDS``), as it does for a quiet stream.

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from leader import planner, service
+from leader import engine, planner, service
 from leader.cli.draw import AWAITING
 from refserver.server import CLIENTS_WINDOW_ENV
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
@@ -57,13 +57,16 @@ WAITS = AWAITING  # what a node's row says (and, in English, the viewer's)
 
 @contextlib.contextmanager
 def one_node(
-    root: Path, clients_refresh: int = 10, window: int = WINDOW
+    root: Path,
+    clients_refresh: int = 10,
+    window: int = WINDOW,
+    leader_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Cluster, Node]]:
     """A leader (1 s heartbeats) and node1 on its address, whose reference server reports
     the workstations it saw within ``window`` seconds; its agent reuses its view of them for
     ``clients_refresh`` seconds (the agent's default: 10). A window below the config's least
     (60 s) is set by the server's test knob, for the server the test starts and each one its
-    agent starts (a switch's restart)."""
+    agent starts (a switch's restart); ``leader_env`` is added to the leader's environment."""
     address = next_loopback()
     cluster = AdminTokenCluster(root / "cluster", address, heartbeat_interval=1)
     short = {CLIENTS_WINDOW_ENV: str(window)} if window < WINDOW else None
@@ -72,7 +75,7 @@ def one_node(
     )
     try:
         cluster.init("--node-name", "node1")
-        cluster.start_leader()
+        cluster.start_leader(leader_env)
         node.start(short, clients_refresh=clients_refresh)
         cluster.wait_for_nodes_online(["node1"])
         yield cluster, node
@@ -566,20 +569,26 @@ def test_when_quiet_refuses_a_switch_if_the_agent_sees_http_afresh_and_stores_th
     a workstation wrote on http just before, which no report shows. Just before the switch's
     freeze the agent reads its server's clients afresh, sees the write and refuses: node1
     goes back to pending with the reason, 8080 stays open, and the sighting is stored (the
-    schema's still-on-http list). It finalized before, and the restart wiped the write."""
+    schema's still-on-http list). It finalized before, and the restart wiped the write.
+    The leader takes a report to be ``lag`` s old, not ``planner.REPORT_LAG``'s 15 (its test
+    hook ``TEST_REPORT_LAG_ENV``): node1 is known long enough 12 s sooner."""
     quiet = 10  # seconds; the write comes about a second before the agent's look
-    with one_node(tmp_path, clients_refresh=3600) as (cluster, node):
+    lag = 3  # seconds (the hook's)
+    hooked = {engine.TEST_REPORT_LAG_ENV: str(lag)}
+    with one_node(tmp_path, clients_refresh=3600, leader_env=hooked) as (cluster, node):
+        said = [e for e in cluster.leader.log_events() if e["event"] == "leader.test_hook"]
+        assert [(e["hook"], e["value"]) for e in said] == [(engine.TEST_REPORT_LAG_ENV, lag)]
         phase1 = phase_1(cluster, tmp_path)
 
         def known_long_enough() -> bool:
             # The gate's quiet time: from the node's first report to its latest, less what an
-            # agent may have cached (``planner.REPORT_LAG``), a margin on top.
+            # agent may have cached (``lag``, the hook's), a margin on top.
             rows = [r for r in cluster.store_table("node_clients_info") if r["node"] == "node1"]
             if not rows:
                 return False
             first = dt.datetime.fromisoformat(rows[0]["first_report"])
             latest = dt.datetime.fromisoformat(rows[0]["reported_at"])
-            spoken = latest - first - planner.REPORT_LAG
+            spoken = latest - first - dt.timedelta(seconds=lag)
             return spoken > dt.timedelta(seconds=quiet + 3)
 
         wait_until(known_long_enough, 120, "node1 known for the quiet time", interval=1)
@@ -601,3 +610,16 @@ def test_when_quiet_refuses_a_switch_if_the_agent_sees_http_afresh_and_stores_th
         assert node.port_open(8080)
         assert on_http_named(cluster, "node1") == [ws.source]  # stored with the refusal
         assert sorted(live(node).schemes) == ["http", "https"]
+
+
+def test_the_test_only_report_lag_only_shortens_the_gate_s() -> None:
+    """``TEST_REPORT_LAG_ENV`` (above) takes whole seconds from 1 to ``REPORT_LAG``'s; anything
+    else leaves ``REPORT_LAG``: the hook never makes a report count as older, nor as fresher
+    than a second."""
+    most = planner.REPORT_LAG
+    assert engine.report_lag({}) == most
+    assert engine.report_lag({engine.TEST_REPORT_LAG_ENV: "3"}) == dt.timedelta(seconds=3)
+    assert engine.report_lag({engine.TEST_REPORT_LAG_ENV: "1"}) == dt.timedelta(seconds=1)
+    assert engine.report_lag({engine.TEST_REPORT_LAG_ENV: "15"}) == most
+    for bad in ("0", "-3", "16", "3.5", "nan", "x", ""):
+        assert engine.report_lag({engine.TEST_REPORT_LAG_ENV: bad}) == most, bad

@@ -39,6 +39,7 @@ import pytest
 from cryptography import x509
 
 from leader.config import TEST_AGENT_CERT_ENV
+from leader.engine import TEST_REPORT_LAG_ENV
 from leader.expiry import ADVICE, Expiry
 from leader.rollout_core import cut_off_reason, left_cut_off, left_out_reason
 from leader.store import in_rollout_text
@@ -563,8 +564,12 @@ def test_a_node_revoked_while_finalize_when_quiet_holds_it_is_left_out(tmp_path:
     client report stale for good, and the finalize ran for ever. Now the engine's next pass
     leaves it out, as a finalize started after the revocation does: skipped with the
     left-out reason; node1 is finalized, the finalize completes and phase 1 with it, naming
-    node2 left dual; `nodes remove node2` then works."""
-    with cluster_of(tmp_path, 2) as (cluster, nodes):
+    node2 left dual; `nodes remove node2` then works. The leader takes a client report to be
+    3 s old, not 15 (its test hook ``TEST_REPORT_LAG_ENV``): node1 is quiet 12 s sooner."""
+    hooked = {TEST_REPORT_LAG_ENV: "3"}
+    with cluster_of(tmp_path, 2, env=hooked) as (cluster, nodes):
+        said = [e for e in cluster.leader.log_events() if e["event"] == "leader.test_hook"]
+        assert [(e["hook"], e["value"]) for e in said] == [(TEST_REPORT_LAG_ENV, 3)], said
         node1, node2 = nodes
         agent = node2.agent
         assert agent is not None
