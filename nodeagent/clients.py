@@ -342,15 +342,23 @@ def _last_line(tail: bytes | bytearray) -> str:
     return peertext.clean(lines[-1], ERROR_LINE) if lines else ""
 
 
+def _stat_fields(stat: bytes) -> list[str]:
+    """The fields of a ``/proc/PID/stat`` after the process's name (state, ppid, pgrp, ...).
+    The name, in parentheses, may hold spaces and parentheses (the last ")" ends it), and any
+    bytes: a name cut at 15 bytes in a character's middle is not UTF-8, so the file is read
+    as bytes (read as text, any such process on the host made the agent's start fail)."""
+    return stat[stat.rfind(b")") + 2 :].decode("ascii", "replace").split()
+
+
 def _start_time(pid: int) -> str | None:
     """When process ``pid`` started (this boot's id and ``/proc/PID/stat``'s starttime, in
     clock ticks since boot: with the pid, it names one process, never a later one given the
     same pid), or None if it is gone, a zombie, or this system has no such file."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # (the name in parentheses may hold spaces)
+    fields = _stat_fields(stat)
     if len(fields) < 20 or fields[0] == "Z":
         return None
     try:  # this boot's: ticks since boot name a process only within one boot
@@ -401,10 +409,10 @@ def group_alive(pgid: int) -> tuple[int, ...]:
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
         except OSError:  # (gone meanwhile)
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # state, ppid, pgrp, ...
+        fields = _stat_fields(stat)  # state, ppid, pgrp, ...
         if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
             alive.append(int(entry))
     return tuple(sorted(alive))

@@ -89,6 +89,7 @@ from tlsroll.sqlite import (
     StoreUnavailable,
     damage,
     move_aside,
+    unreadable,
 )
 
 log = logs.get_logger(__name__)
@@ -460,13 +461,15 @@ class JournalError(TerminalError):
 
 
 class JournalUnavailable(JournalError):
-    """A read of the journal that failed for a moment (its file locked or busy, an I/O error,
-    a file it could not open, a WAL to recover: ``READ_TRANSIENT``): the agent answers its
+    """A read of the journal that failed for a moment (its file locked or busy, an I/O error
+    of a lock or of the WAL's shared memory, a file it could not open, a WAL to recover:
+    ``READ_TRANSIENT``; not a disk that could not read the file back): the agent answers its
     caller UNAVAILABLE, which asks again, not as a refusal (session 73's L: GetTransaction
     answered FAILED_PRECONDITION, which the leader takes for "refused the question", needing
     the admin at once). Still a ``JournalError`` within the agent (what catches one catches
     it), as one over a full disk is, answered RESOURCE_EXHAUSTED. A damaged journal
-    (SQLITE_CORRUPT, SQLITE_NOTADB) stays a plain ``JournalError``: asking again does not
+    (SQLITE_CORRUPT, SQLITE_NOTADB), or one the disk could not read back
+    (``tlsroll.sqlite.unreadable``), stays a plain ``JournalError``: asking again does not
     mend it."""
 
 
@@ -747,10 +750,13 @@ class Journal:
 
     def _error(self, exc: sqlite3.Error, *, read: bool = False) -> JournalError:
         """``exc`` as the journal's error; of a ``read``, one that may pass is
-        ``JournalUnavailable`` (``READ_TRANSIENT``)."""
+        ``JournalUnavailable`` (``READ_TRANSIENT``), not a disk that could not read the file
+        back (``tlsroll.sqlite.unreadable``: SQLITE_IOERR_READ, _SHORT_READ, ...), which the
+        agent's start takes for damage (exit 4) and asking again does not mend (review s74
+        revsmall: the leader asked again without end, the node "unknown — agent unreachable")."""
         code = getattr(exc, "sqlite_errorname", None)
         error = JournalError
-        if read and (code or "").startswith(READ_TRANSIENT):
+        if read and (code or "").startswith(READ_TRANSIENT) and unreadable(exc) is None:
             error = JournalUnavailable
         return error(f"journal {self.path}: {exc}" + (f" ({code})" if code else ""))
 

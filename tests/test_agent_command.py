@@ -472,10 +472,14 @@ async def test_a_transaction_says_the_change_its_switch_journalled(
 @pytest.mark.parametrize(
     ("code", "words", "status"),
     [
-        ("SQLITE_IOERR_READ", "disk I/O error", grpc.StatusCode.UNAVAILABLE),
+        ("SQLITE_IOERR_SHMLOCK", "disk I/O error", grpc.StatusCode.UNAVAILABLE),
         ("SQLITE_BUSY", "database is locked", grpc.StatusCode.UNAVAILABLE),
         # damaged: asking again does not mend it (a refusal, as before)
         ("SQLITE_CORRUPT", "database disk image is malformed", grpc.StatusCode.FAILED_PRECONDITION),
+        # a disk that could not read the file back: damage too (``tlsroll.sqlite.unreadable``,
+        # exit 4 at the agent's start), not asked again without end (review s74 revsmall)
+        ("SQLITE_IOERR_READ", "disk I/O error", grpc.StatusCode.FAILED_PRECONDITION),
+        ("SQLITE_IOERR_SHORT_READ", "disk I/O error", grpc.StatusCode.FAILED_PRECONDITION),
         ("SQLITE_FULL", "database or disk is full", grpc.StatusCode.RESOURCE_EXHAUSTED),
     ],
 )
@@ -497,7 +501,8 @@ async def test_get_transaction_whose_journal_read_fails_for_a_moment_is_asked_ag
     @contextlib.contextmanager
     def failing() -> Iterator[Any]:
         exc = sqlite3.OperationalError(words)
-        exc.sqlite_errorname = code  # (as SQLite's module sets it)
+        exc.sqlite_errorname = code  # (as SQLite's module sets them)
+        exc.sqlite_errorcode = getattr(sqlite3, code)
         raise exc
         yield  # pragma: no cover
 

@@ -1218,6 +1218,43 @@ def test_a_stale_command_whose_group_does_not_end_in_time_is_said(
         command.wait(timeout=30)
 
 
+def test_a_process_whose_name_is_not_utf8_does_not_stop_the_stale_commands_end(
+    tmp_path: Path,
+) -> None:
+    """Review s74 revsmall (M): ``group_alive`` reads every process's ``/proc/PID/stat``,
+    whose name (in parentheses) is any bytes, cut by the kernel at 15: "ääääääää" is kept as
+    7½ characters, not UTF-8. Read as text, such a process anywhere on the host made
+    ``end_stale`` raise UnicodeDecodeError at the agent's start, after its SIGKILL and
+    before its wait. Here the stale command itself has such a name (``_start_time`` reads
+    its stat too), and the group is waited for as any."""
+    code = (
+        "import sys, time; open('/proc/self/comm', 'wb').write(b'(\\xc3\\xa4) x\\xc3');"
+        " print('named', flush=True); time.sleep(300)"
+    )
+    odd = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert odd.stdout is not None and odd.stdout.readline() == b"named\n"
+        assert Path(f"/proc/{odd.pid}/comm").read_bytes() == b"(\xc3\xa4) x\xc3\n"
+        assert client_sources.group_alive(odd.pid) == (odd.pid,)
+        started = client_sources._start_time(odd.pid)
+        assert started is not None
+        track = tmp_path / "exec-running"
+        track.mkdir()
+        (track / str(odd.pid)).write_text(started + "\n")
+        assert client_sources.end_stale(track) == [client_sources.Stale(odd.pid)]
+        assert odd.wait(timeout=30) == -signal.SIGKILL
+        assert client_sources.group_alive(odd.pid) == ()
+        assert list(track.iterdir()) == []
+    finally:
+        if odd.poll() is None:
+            odd.kill()
+            odd.wait(timeout=30)
+        if odd.stdout is not None:
+            odd.stdout.close()
+
+
 async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """``wait_until`` with the event loop running (it reads the commands' outputs)."""
     deadline = time.monotonic() + timeout
