@@ -48,10 +48,7 @@ start is what a rollout's first node waits for; ``cryptoworker_child``'s docstri
 collector off, at its start in a thread that lowers its own priority (``priority.WARM_NICE``,
 as ``nodeagent.warmup`` does: a node is prepared while another node's server restarts on the
 same machine); a request waits for that import (given its priority back where the system
-allows it) and is served at the normal priority. A child started for a rollout's first nodes
-(``warm(low_priority=False)``: their planning ``Check``, with nothing restarting beside it and
-the rollout's first switch waiting for it) imports at the normal priority
-(``cryptoworker_child.NORMAL``; issue 15, session 74). Under the agent's systemd unit it never is:
+allows it) and is served at the normal priority. Under the agent's systemd unit it never is:
 raising a priority needs CAP_SYS_NICE, which the unit's CapabilityBoundingSet leaves out, so a
 request that comes before the import has ended waits for it at nice +10 (a cold start on a busy
 machine; review s41, Low 4).
@@ -223,9 +220,7 @@ class CryptoWorker:
             await self._kill(proc)
             raise
 
-    async def _running(self, op: str, *, low_priority: bool = True) -> asyncio.subprocess.Process:
-        """The running child, or a new one (its preload at a low priority unless
-        ``low_priority`` is False: ``warm``)."""
+    async def _running(self, op: str) -> asyncio.subprocess.Process:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             return proc
@@ -241,8 +236,6 @@ class CryptoWorker:
                 self.log_level,
                 str(os.getpid()),  # its parent: an orphan serves nothing (``_orphaned``)
                 cryptoworker_child.TAKES,  # it says ``TAKEN`` once it has a whole request
-                # Its preload's priority (``warm``).
-                cryptoworker_child.LOWERED if low_priority else cryptoworker_child.NORMAL,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=None,  # its log lines go where the agent's go
@@ -260,28 +253,24 @@ class CryptoWorker:
 
     # --- start ahead, stop when idle ---------------------------------------------------------
 
-    def warm(self, *, low_priority: bool = True) -> None:
+    def warm(self) -> None:
         """Start the child now, ahead of need (its start and its import of the certificate
         code then overlap other work); nothing if one runs or is starting. Needs the running
-        event loop. ``low_priority``: its preload at ``priority.WARM_NICE`` (a node prepared
-        ahead, while another node's server may restart on the same machine); False for a
-        rollout's first nodes, warmed by its planning ``Check``: nothing of the rollout
-        restarts yet, and its first switch waits for this child's first answer (issue 15,
-        session 74)."""
+        event loop."""
         if self._closed or self.pid is not None:
             return
         self._loop = asyncio.get_running_loop()
         if self._lock.locked():
             return  # a call (or a start) is under way: it starts one
-        self._spawn(self._warm(low_priority))
+        self._spawn(self._warm())
 
-    async def _warm(self, low_priority: bool = True) -> None:
+    async def _warm(self) -> None:
         async with self._lock:
             if self._closed or self.pid is not None:
                 return
             self._disarm()
             try:
-                await self._running("warm", low_priority=low_priority)
+                await self._running("warm")
             except TlsrollError as exc:  # the call that needs it says so again
                 log.warning(
                     "cryptoworker.not_started",
@@ -428,7 +417,7 @@ class InProcess:
         # either way.
         return _result(cryptoworker_child.serve({"op": op, "request": request}))
 
-    def warm(self, *, low_priority: bool = True) -> None:
+    def warm(self) -> None:
         pass
 
     async def close(self) -> None:

@@ -52,13 +52,6 @@ TAKES = "takes"
 """The child's fourth argument where the agent reads ``TAKEN`` (one that started it before
 the byte was said gives three, and reads none)."""
 
-LOWERED = "low"
-NORMAL = "normal"
-"""The child's fifth argument: its preload's priority, lowered by ``priority.WARM_NICE``
-(``LOWERED``, and whatever else: an agent that started it before this argument gives four) or
-left as the agent's (``NORMAL``: a rollout's first nodes, warmed by its planning ``Check``,
-``cryptoworker.CryptoWorker.warm``)."""
-
 TAKEN = b"."
 """Written back before a request's answer, once the child has the request's whole line and
 before it acts on it: a child that ended without saying it never acted on the request, which
@@ -174,16 +167,14 @@ def failed(op: str, exc: BaseException) -> str:
 
 
 class _Preload:
-    """``PRELOAD`` imported at the child's start, in a thread of low priority (unless
-    ``low_priority`` is False: the agent's ``NORMAL``); a request
+    """``PRELOAD`` imported at the child's start, in a thread of low priority; a request
     waits for it (``wait``), and gives that thread its priority back while it does. The
     garbage collector is off while it imports, and what was made by then is frozen out of
     every later collection (``tlsroll.lean.importing``): importing ``cryptography`` and ours
     set off some 35 collections that freed nothing, about 15 ms of the child's 90-100 ms of
     CPU from its start to its first key (issue 15, session 71)."""
 
-    def __init__(self, *, low_priority: bool = True) -> None:
-        self.low_priority = low_priority
+    def __init__(self) -> None:
         self.done = threading.Event()
         self.tid: int | None = None
         self.before: int | None = None
@@ -196,8 +187,7 @@ class _Preload:
                 self.tid = threading.get_native_id()
                 with contextlib.suppress(OSError):
                     self.before = os.getpriority(os.PRIO_PROCESS, self.tid)
-            if self.low_priority:
-                lower_priority()
+            lower_priority()
             with lean.importing():
                 for name in PRELOAD:
                     importlib.import_module(name)
@@ -242,7 +232,7 @@ def main() -> int:
     warnings.showwarning = _show_warning
     parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
     takes = len(args) > 3 and args[3] == TAKES
-    preload = _Preload(low_priority=not (len(args) > 4 and args[4] == NORMAL))
+    preload = _Preload()
     stdin = sys.stdin.buffer
     while True:
         line = stdin.readline()

@@ -948,7 +948,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             reply.csr_pem = await self._csr(driver, rollout_id)
         return reply
 
-    def _warm_certificates(self, *, low_priority: bool = True) -> None:
+    def _warm_certificates(self) -> None:
         """A preflight that asks for the CSR (``make_csr``: a rollout that stages a
         certificate): the new key and its CSR, made once the checks pass, are the crypto
         worker's, which an idle agent does not run. It starts now (``CryptoWorker.warm``:
@@ -957,14 +957,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         the rollout's first switch waits for). A preflight that stages nothing
         (change-password, disable-tls) and ``Check`` (``tlsroll plan``) start nothing. A
         rollout's start asks its first nodes' agents to start it with their planning
-        ``Check`` (``warm_certificates``), so that it runs when their preflight comes, its
-        import at the normal priority (``low_priority`` False: nothing of the rollout restarts
-        yet; a later node's preflight comes while another node's server may restart, and its
-        worker imports at a low one); it stops by itself when idle
-        (``cryptoworker.IDLE_SECONDS``)."""
+        ``Check`` (``warm_certificates``), so that it runs when their preflight comes; it
+        stops by itself when idle (``cryptoworker.IDLE_SECONDS``)."""
         if self.driver is None:
             return
-        self.crypto.warm(low_priority=low_priority)
+        self.crypto.warm()
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Check(
@@ -989,10 +986,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             # start, which this node's preflight waits for, gains their time (12-21 ms on the
             # loaded bench). The review of session 28 (M1) had it after them while it was an
             # import in this process, which shared the GIL with them; a child of its own
-            # costs them its spawn (the rest is another process's). At the normal priority
-            # (session 74): a rollout's first nodes, whose preflight the first switch waits
-            # for, with nothing of the rollout restarting yet.
-            self._warm_certificates(low_priority=False)
+            # costs them its spawn (the rest is another process's, at a low priority).
+            self._warm_certificates()
         return await self._checks(request, received or self.clock(), leader_time)
 
     async def answer_check(self, question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:

@@ -33,7 +33,6 @@ from nodeagent import (
     cryptoworker,
     cryptoworker_child,
     plans,
-    priority,
 )
 from nodeagent.cryptoworker import CryptoWorker, InProcess, WorkerBug, WorkerEnded
 from nodeagent.journal import Journal
@@ -360,47 +359,6 @@ async def test_warm_starts_the_child_ahead_once_and_idles_it_out(
         assert (await worker.call("cert.crl", _crl_request(tmp_path, test_ca)))["number"] == 7
         assert worker.pid == pid and worker.started == 1  # the warmed child answered
         await _until(lambda: worker.pid is None)
-    finally:
-        await worker.close()
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
-@pytest.mark.parametrize("low", [True, False], ids=["ahead", "first-nodes"])
-async def test_warm_preloads_at_a_low_priority_unless_a_rollouts_first_nodes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, low: bool
-) -> None:
-    """Issue 15 (session 74): a node prepared ahead (its preflight, while another node's
-    server may restart) has its child import the certificate code at ``WARM_NICE``; a rollout's
-    first nodes (its planning ``Check``: nothing restarts yet, and the first switch waits for
-    that child's first answer) at the child's own priority. A module put first in the child's
-    preload records the nice value of the thread that imports it, and the child's main
-    thread's (its process id's)."""
-    out = tmp_path / "nice"
-    (tmp_path / "nice_probe.py").write_text(
-        "import os, threading\n"
-        "mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())\n"
-        "main = os.getpriority(os.PRIO_PROCESS, os.getpid())\n"
-        f"with open({str(out) + '.tmp'!r}, 'w') as f:\n"
-        "    f.write(f'{mine} {main}')\n"
-        f"os.replace({str(out) + '.tmp'!r}, {str(out)!r})\n"
-    )
-    main = "cryptoworker_child.main()"
-    assert cryptoworker.CHILD.count(main) == 1
-    probed = (
-        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); cryptoworker_child.PRELOAD = "
-        f"('nice_probe', *cryptoworker_child.PRELOAD); {main}"
-    )
-    monkeypatch.setattr(cryptoworker, "CHILD", cryptoworker.CHILD.replace(main, probed))
-    worker = CryptoWorker()
-    try:
-        if low:
-            worker.warm()
-        else:
-            worker.warm(low_priority=False)
-        await _until(out.exists)
-        thread, process = map(int, out.read_text().split())
-        assert thread == (min(process + priority.WARM_NICE, 19) if low else process)
-        assert worker.started == 1
     finally:
         await worker.close()
 

@@ -186,18 +186,11 @@ async def test_a_warming_check_starts_the_crypto_worker_before_its_checks(
         return agent_pb2.PreflightResponse(ok=True)
 
     monkeypatch.setattr(agent, "_checks", checks)
-    monkeypatch.setattr(agent, "_warm_certificates", functools.partial(_warming, order))
+    monkeypatch.setattr(agent, "_warm_certificates", lambda: order.append("warm"))
     request = agent_pb2.CheckRequest(warm_certificates=warm)
     reply = await agent.Check(request, cast(Any, None))
     assert reply.ok
-    # At the normal priority (session 74): a rollout's first nodes, nothing restarting yet.
-    assert order == (["auth", "warm normal", "checks"] if warm else ["auth", "checks"])
-
-
-def _warming(order: list[str], *, low_priority: bool = True) -> None:
-    """``NodeAgentService._warm_certificates`` recorded in ``order``: "warm" (the crypto
-    worker's import at a low priority: a node prepared ahead) or "warm normal"."""
-    order.append("warm" if low_priority else "warm normal")
+    assert order == (["auth", "warm", "checks"] if warm else ["auth", "checks"])
 
 
 @pytest.mark.parametrize("ok", [True, False], ids=["passes", "fails"])
@@ -234,8 +227,7 @@ async def test_a_preflight_that_makes_the_csr_readies_the_switch_while_the_csr_w
     monkeypatch.setattr(agent, "_checks", checks)
     monkeypatch.setattr(agent, "_csr", csr)
     monkeypatch.setattr(agent, "_driver", lambda: None)
-    # At a low priority: a later node's preflight comes while another node's server restarts.
-    monkeypatch.setattr(agent, "_warm_certificates", functools.partial(_warming, order))
+    monkeypatch.setattr(agent, "_warm_certificates", lambda: order.append("warm"))
     agent.on_prepare = lambda: order.append("prepare")
     request = agent_pb2.PreflightRequest(
         command=agent_pb2.Command(rollout_id="r1", epoch=1), make_csr=make_csr
