@@ -8,8 +8,9 @@
 drive the engine with a fake that has the same methods. Retries live here and only here: a call
 that fails with UNAVAILABLE or DEADLINE_EXCEEDED, or with the node's full disk
 (``NodeDiskFull``), is tried again a few times with backoff (tenacity), then raises
-``TransientError`` (the engine runs the step again later); any other status is the agent
-saying no, ``StepFailed`` (terminal for the step).
+``TransientError`` (the engine runs the step again later; an agent's "being received" at once:
+``BeingReceived``); any other status is the agent saying no, ``StepFailed`` (terminal for the
+step).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tlsroll.errors import (
     TlsrollError,
     TransientError,
 )
-from tlsroll.rpc import DISK_FULL, NO_BDP_PROBE, hostport, reconnect_options
+from tlsroll.rpc import BEING_RECEIVED, DISK_FULL, NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 T = TypeVar("T")
@@ -155,9 +156,11 @@ class NodeDiskFull(TransientError):
 
 def call_failed(node: str, code: grpc.StatusCode, details: str) -> TransientError | StepFailed:
     """What a call to ``node``'s agent that ended with ``code`` raises: UNAVAILABLE or
-    DEADLINE_EXCEEDED a TransientError, the node's full disk a ``NodeDiskFull`` (transient
-    too), any other status the agent saying no (StepFailed; a stale epoch with the way out:
-    ``STALE_EPOCH_ADVICE``)."""
+    DEADLINE_EXCEEDED a TransientError (``BeingReceived`` for the agent's "being received"),
+    the node's full disk a ``NodeDiskFull`` (transient too), any other status the agent
+    saying no (StepFailed; a stale epoch with the way out: ``STALE_EPOCH_ADVICE``)."""
+    if code is grpc.StatusCode.UNAVAILABLE and details.endswith(BEING_RECEIVED):
+        return BeingReceived(f"agent {node}: {details}")
     if code in TRANSIENT_CODES:
         return TransientError(f"agent {node}: {details}")
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(f"{DISK_FULL}: "):
@@ -168,6 +171,12 @@ def call_failed(node: str, code: grpc.StatusCode, details: str) -> TransientErro
     return StepFailed(f"{details} ({code.name})", code)
 
 
+def _ask_again(exc: BaseException) -> bool:
+    """Whether ``AgentClient._call`` tries a call that raised ``exc`` again: transient, and
+    not the agent's "being received" (``BeingReceived``)."""
+    return isinstance(exc, TransientError) and not isinstance(exc, BeingReceived)
+
+
 STALE_EPOCH_ADVICE = (
     "; the leader's store is behind this node (restored from a backup, or the copy kept before"
     " an upgrade put back): see `tlsroll epoch show`; once this rollout has ended, `tlsroll epoch"
@@ -176,6 +185,17 @@ STALE_EPOCH_ADVICE = (
 """What the leader adds to an agent's "stale epoch" refusal it records (audit s40, H1): the way
 out, which the agent's words do not name (``tlsroll epoch advance`` raises the leader's epoch
 floor past every epoch a node reports; refused while a rollout has not ended)."""
+
+
+class BeingReceived(TransientError):
+    """The agent answered GetTransaction UNAVAILABLE "... is being received; ask again"
+    (``tlsroll.rpc.BEING_RECEIVED``): a Switch or Rollback of that transaction reached it and
+    is not journalled yet, though it waited for it (``nodeagent.service.RECEIVING_WAIT``, 10 s;
+    it answers as soon as the request is journalled or dropped). No answer, as any
+    ``TransientError``: nothing is taken from it, the step runs again. Not asked again within
+    the call (``AgentClient._call``), unlike an agent the leader cannot reach or a journal
+    that could not be read for a moment: each try waited the agent's wait again, four tries
+    held the step about 41 s before its node's reason said anything (session 74)."""
 
 
 class AgentCutOff(TransientError):
@@ -492,18 +512,21 @@ class AgentClient:
         CPU on every call to an agent, about six per node, for retries that are rare; a
         transient first failure is handed to it as its first attempt, so that the tries and
         the waits between them are tenacity's as before (4 tries, 0.2, 0.4, 0.8 s apart).
+        An agent's "being received" (``BeingReceived``) ends the tries: it waited already.
         tenacity itself (about 0.4 MiB) is imported only then: a leader whose calls all
         answered never holds it (issue 15)."""
         self.in_flight += 1
         try:
             try:
                 return await self._once(method, request)
+            except BeingReceived:
+                raise
             except TransientError as exc:
                 first: TransientError | None = exc
             import tenacity  # noqa: PLC0415 - only once a call failed (see the docstring)
 
             async for attempt in tenacity.AsyncRetrying(
-                retry=tenacity.retry_if_exception_type(TransientError),
+                retry=tenacity.retry_if_exception(_ask_again),
                 wait=tenacity.wait_exponential(multiplier=0.2, max=2),
                 stop=tenacity.stop_after_attempt(4),
                 reraise=True,

@@ -76,6 +76,7 @@ from tlsroll.enums import (
 from tlsroll.errors import ConfigError, NotRegularFile, PKIError, PKIReason
 from tlsroll.fsutil import config_dir_problem, config_link_problem, read_regular
 from tlsroll.rpc import (
+    BEING_RECEIVED,
     RpcStatusError,
     error_status,
     failed_precondition,
@@ -205,6 +206,16 @@ class Receipts:
                 while key in self._open:
                     await self._changed.wait()
         return key not in self._open
+
+
+def being_received(rollout_id: str, kind: TxnKind) -> RpcStatusError:
+    """GetTransaction's UNAVAILABLE while a request of (``rollout_id``, ``kind``) is still
+    received after ``RECEIVING_WAIT`` (its details end ``tlsroll.rpc.BEING_RECEIVED``, which
+    the leader tells from an agent it cannot reach: it does not ask again at once)."""
+    return RpcStatusError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"a request of the {kind.value} transaction of rollout {rollout_id!r} {BEING_RECEIVED}",
+    )
 
 
 def stale_epoch(epoch: int, seen: int) -> RpcStatusError:
@@ -2167,11 +2178,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         remaining = context.time_remaining() if context is not None else None
         wait = RECEIVING_WAIT if remaining is None else max(0.0, min(RECEIVING_WAIT, remaining - 1))
         if not await self._receipts.settled(request.rollout_id, kind, wait):
-            raise RpcStatusError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"a request of the {kind.value} transaction of rollout {request.rollout_id!r}"
-                " is being received; ask again",
-            )
+            raise being_received(request.rollout_id, kind)
         txn = await dbthread.run(self.journal.get, request.rollout_id, kind)
         if txn is None:
             raise not_found(f"no {kind.value} transaction for rollout {request.rollout_id!r}")

@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -296,3 +297,124 @@ async def test_an_answer_about_another_transaction_is_no_outcome(
             await client.get_transaction(asked)
         with pytest.raises(StepFailed, match=seen):
             _ = [t async for t in client.watch_transaction(asked)]
+
+
+class Receiving(agent_pb2_grpc.NodeAgentServicer):
+    """GetTransaction answered with each of ``answers`` in turn (the last one again and
+    again): a (code, details) status, or the transaction asked about; every call counted."""
+
+    def __init__(self, *answers: tuple[grpc.StatusCode, str] | None) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    async def GetTransaction(self, request: agent_pb2.GetTransactionRequest, context: Any) -> Any:
+        answer = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        if answer is None:
+            return agent_pb2.Transaction(rollout_id=request.rollout_id, kind=request.kind)
+        await context.abort(*answer)
+        raise AssertionError("unreachable")
+
+
+# What an agent of session 73 or later answers GetTransaction while a Switch of the transaction
+# asked about is received and not yet journalled, after its own wait (``RECEIVING_WAIT``, 10 s).
+BEING_RECEIVED = (
+    grpc.StatusCode.UNAVAILABLE,
+    "a request of the switch transaction of rollout 'r1' is being received; ask again",
+)
+
+
+def journal_unavailable() -> tuple[grpc.StatusCode, str]:
+    """The agent's answer when its journal could not be read for a moment (session 74)."""
+    from nodeagent import service
+    from nodeagent.journal import JournalUnavailable
+    from tlsroll.rpc import error_status
+
+    failed = JournalUnavailable("journal /j.sqlite3: database is locked (SQLITE_BUSY)")
+    return error_status(failed, service.ERRORS, "GetTransaction")
+
+
+def test_the_agents_being_received_is_what_the_leader_tells() -> None:
+    """The text above is the agent's (``nodeagent.service.being_received``)."""
+    from nodeagent import service
+    from tlsroll.enums import TxnKind
+
+    said = service.being_received("r1", TxnKind.SWITCH)
+    assert (said.code, str(said)) == BEING_RECEIVED
+
+
+@pytest.mark.parametrize(
+    ("answers", "tries"),
+    [
+        ((BEING_RECEIVED,), 1),  # 4 before: 4 waits of 10 s
+        (((grpc.StatusCode.UNAVAILABLE, "connection refused"), BEING_RECEIVED), 2),  # 4 before
+    ],
+)
+async def test_a_question_answered_being_received_is_not_asked_again_within_the_call(
+    loopback: Callable[[], str],
+    answers: tuple[tuple[grpc.StatusCode, str], ...],
+    tries: int,
+) -> None:
+    """Session 74: the agent answers GetTransaction "being received" only after waiting for
+    the request (``RECEIVING_WAIT``, 10 s; it answers as soon as the request is journalled or
+    dropped). The leader's client asked again at once, as for an agent it cannot reach, four
+    tries: about 41 s in the call before the step's attempt ended and its node's reason could
+    say anything (the engine's "unknown" note comes after 10 s). Now that answer ends the call
+    (a ``TransientError``: no answer, the step runs again); counted in tries, never timed."""
+    agent = Receiving(*answers)  # type: ignore[abstract]  # only the call under test
+    asked = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=SWITCH)
+    async with served(loopback(), agent) as client:
+        with pytest.raises(TransientError, match="is being received; ask again"):
+            await client.get_transaction(asked)
+    assert agent.calls == tries
+
+
+async def test_a_journal_not_read_for_a_moment_is_still_asked_again_within_the_call(
+    loopback: Callable[[], str],
+) -> None:
+    """Told apart from "being received": the agent's journal that could not be read for a
+    moment (UNAVAILABLE, ``JournalUnavailable``) is asked again at once, as an agent the
+    leader cannot reach is (4 tries, a backoff between), and answers the next try."""
+    unreadable = journal_unavailable()
+    assert unreadable[0] is grpc.StatusCode.UNAVAILABLE
+    agent = Receiving(unreadable, unreadable, None)  # type: ignore[abstract]
+    asked = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=SWITCH)
+    async with served(loopback(), agent) as client:
+        txn = await client.get_transaction(asked)
+    assert (txn.rollout_id, agent.calls) == ("r1", 3)
+
+
+class Unknown(agent_pb2_grpc.NodeAgentServicer):
+    """A plain WatchTransaction (no ``switch``) answered NOT_FOUND, as an agent answers it
+    while a request of that transaction is still received (it does not wait for it, unlike
+    GetTransaction)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def WatchTransaction(
+        self, request: agent_pb2.GetTransactionRequest, context: Any
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        self.calls += 1
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no rollback transaction")
+        yield agent_pb2.Transaction()  # (never: an async generator)
+
+
+async def test_a_plain_watch_answered_none_is_no_word_that_nothing_began(
+    loopback: Callable[[], str],
+) -> None:
+    """Session 74 (guard): the agent's plain WatchTransaction does not wait for a request of
+    its transaction being received, so its NOT_FOUND may come a moment before that request
+    is journalled. No leader path reads it as "nothing began": the leader follows a
+    transaction with the plain watch only once it has it or has begun it (Switch answered,
+    GetTransaction found it), and ``wait_transaction`` takes any StepFailed of the watch for
+    no answer (a ``TransientError``: the step runs again), never an outcome."""
+    from leader.changes import wait_transaction
+    from tlsroll.enums import TxnKind
+
+    agent = Unknown()  # type: ignore[abstract]  # only the call under test
+    async with served(loopback(), agent) as client:
+        ctx = SimpleNamespace(agent=client)
+        with pytest.raises(TransientError, match="reading the rollback transaction"):
+            await wait_transaction(cast(Any, ctx), "r1", TxnKind.ROLLBACK)
+    assert agent.calls == 1

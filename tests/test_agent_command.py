@@ -611,6 +611,31 @@ async def test_get_transaction_waits_for_a_request_of_its_key_still_waiting_for_
     journal.close()
 
 
+async def test_get_transaction_answers_once_a_request_it_waits_for_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 74 (guard): the wait ends with the request's note, not at ``RECEIVING_WAIT``:
+    a request dropped before its journal write (refused, its call cut off) lets the waiting
+    question answer from the journal at once (NOT_FOUND: nothing was journalled), never
+    "being received" (the wait is set far longer than this test may last)."""
+    monkeypatch.setattr(service, "RECEIVING_WAIT", 3600.0)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    question = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(TxnKind.SWITCH))
+    with agent._receipts.receiving("r1", TxnKind.SWITCH):
+        asked = asyncio.ensure_future(agent.GetTransaction(question, cast(Any, Ctx())))
+        for _ in range(3000):  # until it waits for the note
+            if asked.done() or getattr(agent._receipts._changed, "_waiters", None):
+                break
+            await asyncio.sleep(0.01)
+        assert not asked.done()
+    with pytest.raises(RpcStatusError) as caught:
+        async with asyncio.timeout(60):  # a bound for the test only: the answer is at once
+            await asked
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    journal.close()
+
+
 async def test_get_transaction_asked_while_a_request_of_its_key_is_received_too_long(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -236,6 +236,15 @@ DISK_FULL = "disk full"
 what its caller tells from any other status of that code (gRPC's own, a message too large)."""
 
 
+BEING_RECEIVED = "is being received; ask again"
+"""How the details of a node agent's UNAVAILABLE to GetTransaction end while a Switch or
+Rollback of the transaction asked about is received and not yet journalled, after the agent
+waited for it (``nodeagent.service.Receipts``, ``RECEIVING_WAIT``): the agent answers, so the
+leader does not ask again at once as it does an agent it cannot reach (that asking only waits
+out the same wait again, four times: session 74); the step runs again
+(``leader.agent_client.BeingReceived``). An agent of session 73 ends its details so too."""
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True if ``exc`` says the disk (or the user's quota on it) is full: ENOSPC, EDQUOT,
     SQLITE_FULL."""
