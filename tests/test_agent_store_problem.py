@@ -8,6 +8,7 @@ space as ``tlsroll.room`` reads it, given) and its link's heartbeat facts.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import MutableMapping
 from html import unescape
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +42,7 @@ def bare_state() -> LeaderState:
     return LeaderState(cast(Any, None), cast(Any, None), lambda: T, 5, monotonic=lambda: 100.0)
 
 
-def heard(state: LeaderState, node: str, *trouble: str) -> list[dict[str, Any]]:
+def heard(state: LeaderState, node: str, *trouble: str) -> list[MutableMapping[str, Any]]:
     """The Leader service's handling of ``node``'s heartbeat saying ``trouble`` of its store
     (``LeaderService._agent_store``), and what it logged."""
     request = leader_pb2.HeartbeatRequest(agent_version="v", store_trouble=trouble)
