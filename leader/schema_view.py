@@ -637,6 +637,7 @@ def problem_view(p: NodeProblemRow) -> schema_pb2.NodeProblemView:
     if p.clock_offset is not None:
         view.clock_offset_seconds = p.clock_offset
         view.clock_leader = p.leader_clock
+    view.agent_said.extend(p.said)
     return view
 
 

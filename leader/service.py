@@ -68,7 +68,7 @@ from leader.schema_store import (
     write_clients,
 )
 from leader.schema_view import fresh_reports
-from leader.states import LoginFailuresRow, NodeProblemKind, NodeProblemRow
+from leader.states import LoginFailuresRow, NodeProblemKind, NodeProblemRow, problem_rank
 from leader.store import (
     CAsOwn,
     EpochFixed,
@@ -268,6 +268,16 @@ def bootstrap_problem(node: str, why: str) -> str:
 # What the leader keeps of an agent's ``HeartbeatRequest.store_trouble``: texts, characters each.
 STORE_TROUBLE_MAX = 4
 STORE_TROUBLE_CHARS = 600
+# The figures in an agent's store trouble (the free space it names): which trouble it is does
+# not change with them (``store_trouble_kinds``).
+_TROUBLE_FIGURES = re.compile(r"\d+(?:\.\d+)?(?: [KMGT]iB)?")
+
+
+def store_trouble_kinds(said: Sequence[str]) -> tuple[str, ...]:
+    """Which troubles an agent's store has (``said``, cleaned), its figures aside: free space
+    that moves is the same trouble, a failing checkpoint another (``LeaderService._agent_store``
+    logs a change of kind: s74 agenttrouble L6)."""
+    return tuple(_TROUBLE_FIGURES.sub("#", t) for t in said)
 
 
 def agent_store_problem(node: str, trouble: Sequence[str]) -> str:
@@ -462,7 +472,8 @@ class LeaderState:
         from the leader's (``leader.node_clocks``: a warning, which holds nothing; a rollout's
         preflight refuses the node beyond its own limit), and every node whose agent says it
         needs the admin (``NEEDS_ADMIN``: its agent refuses stages, switches and rollbacks,
-        and the planner refuses a plan with it), by name."""
+        and the planner refuses a plan with it): what holds a rollout first, then by name
+        (``leader.states.NODE_PROBLEM_ORDER``)."""
         now = self.monotonic()
         problems = [
             NodeProblemRow(node, twins_problem(node), twins.since)
@@ -492,7 +503,11 @@ class LeaderState:
         )
         problems += (
             NodeProblemRow(
-                node, agent_store_problem(node, said), since, NodeProblemKind.AGENT_STORE
+                node,
+                agent_store_problem(node, said),
+                since,
+                NodeProblemKind.AGENT_STORE,
+                said=said,
             )
             for node, (since, said) in list(self.agent_store.items())
         )
@@ -503,7 +518,9 @@ class LeaderState:
             )
             for node, offset, since, leader in clocks
         )
-        return sorted(problems, key=lambda p: (p.node, p.kind))
+        # What holds a rollout first, then by node (``NODE_PROBLEM_ORDER``: by the kinds' names,
+        # information-only ``agent-store`` came before ``needs-admin``; s74 agenttrouble L1).
+        return sorted(problems, key=lambda p: (problem_rank(p.kind), p.node, p.kind))
 
     def node_online(self, node: Node) -> bool:
         """Whether ``node`` is online: enrolled, not cut off by a revocation of its certificate
@@ -2327,6 +2344,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 hint="free space on that node's disk (df -h): its checks refuse a switch there"
                 " until then",
             )
+        elif store_trouble_kinds(before[1]) != store_trouble_kinds(said):
+            # (its free space moving is no change: its kind is, e.g. a checkpoint that fails)
+            log.info("node.store_trouble_changed", node=name, detail="; ".join(said))
         self.state.agent_store[name] = (before[0] if before else now, said)
 
     def _login_failures(

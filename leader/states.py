@@ -52,11 +52,38 @@ class NodeProblemKind(StrEnum):
     AGENT_STORE = "agent-store"
 
 
+# The order node problems are listed in (``LeaderState.node_problems``, `schema show`, the
+# viewer): what holds a node's rollout first (neither planned nor switched: two agents, an
+# earlier certificate; its agent refuses every switch: needs the admin), then what its checks
+# refuse a switch for (its agent's store, its clock beyond the preflight's limit), then what
+# holds no rollout (its bootstrap service). By their names, information-only ``agent-store``
+# came before ``needs-admin`` and ``twin-agents`` (review of s74 agenttrouble, L1).
+NODE_PROBLEM_ORDER = (
+    NodeProblemKind.TWIN_AGENTS,
+    NodeProblemKind.EARLIER_CERTIFICATE,
+    NodeProblemKind.NEEDS_ADMIN,
+    NodeProblemKind.AGENT_STORE,
+    NodeProblemKind.CLOCK_OFFSET,
+    NodeProblemKind.BOOTSTRAP_DOWN,
+)
+
+
+def problem_rank(kind: str) -> int:
+    """Where a problem of ``kind`` (a ``NodeProblemKind``'s value) is listed: its place in
+    ``NODE_PROBLEM_ORDER``; one this release does not know (a newer leader's) last."""
+    try:
+        return NODE_PROBLEM_ORDER.index(NodeProblemKind(kind))
+    except ValueError:
+        return len(NODE_PROBLEM_ORDER)
+
+
 class NodeProblemRow(NamedTuple):
     """A problem the leader sees with a node now (``NodeProblemView``): the node, what is
     wrong and what to do, since when, which problem, and (``CLOCK_OFFSET``) the node's clock
     less the leader's in seconds, and whether most nodes' differ by about as much at once
-    (``leader_clock``: likelier the leader's clock is off; ``leader.skew.leader_step``)."""
+    (``leader_clock``: likelier the leader's clock is off; ``leader.skew.leader_step``), and
+    (``AGENT_STORE``) what its agent said, cleaned (``said``: the viewer quotes the agent's own
+    words, not the leader's sentence around them)."""
 
     node: str
     problem: str
@@ -64,6 +91,7 @@ class NodeProblemRow(NamedTuple):
     kind: NodeProblemKind = NodeProblemKind.TWIN_AGENTS
     clock_offset: float | None = None
     leader_clock: bool = False
+    said: tuple[str, ...] = ()
 
 
 class LoginFailuresRow(NamedTuple):

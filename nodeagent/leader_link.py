@@ -131,6 +131,36 @@ STORE_TROUBLE_CHARS = 600
 # The figures in a store trouble's words (the free space it names, with its unit): not news
 # on their own (``report_key``).
 _FIGURES = re.compile(r"\d+(?:\.\d+)?(?: [KMGT]iB)?")
+# A store trouble's text as sent is at most this long, its figures in full (``cut_trouble``).
+STORE_TROUBLE_SENT = 2 * STORE_TROUBLE_CHARS
+
+
+def cut_trouble(text: str) -> str:
+    """``text`` (a store trouble) cut where its figures masked (``report_key``) reach
+    ``STORE_TROUBLE_CHARS``, never inside a figure, and at ``STORE_TROUBLE_SENT`` in any case.
+    Cut before the mask, a long path let a figure's length move the cut, and its free space
+    changing became news (review of s74 agenttrouble, L4). The leader keeps its own
+    characters (``leader.service.STORE_TROUBLE_CHARS``)."""
+    kept: list[str] = []
+    room, at = STORE_TROUBLE_CHARS, 0
+    for figure in _FIGURES.finditer(text):
+        plain = text[at : figure.start()]
+        if len(plain) >= room:
+            break
+        kept.append(plain)
+        room -= len(plain)
+        if room < 1:
+            break
+        kept.append(figure.group())
+        room -= 1  # (masked, it is one character: ``#``)
+        at = figure.end()
+    else:
+        plain = text[at:]
+    if room > 0:
+        kept.append(plain[:room])
+    return "".join(kept)[:STORE_TROUBLE_SENT]
+
+
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
 # A stream that ended sooner than this (or an interval, if shorter) after it opened is taken
@@ -1436,7 +1466,7 @@ class LeaderLink:
         return (
             highest,
             unswitched,
-            [t[:STORE_TROUBLE_CHARS] for t in trouble[:STORE_TROUBLE_MAX]],
+            [cut_trouble(t) for t in trouble[:STORE_TROUBLE_MAX]],
         )
 
     def _failed(self, code: str, detail: str) -> None:

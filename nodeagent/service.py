@@ -594,6 +594,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # The switch made ready at the last Stage (``_prepare``); read and written on the
         # store's thread only, under ``_lock``.
         self._prepared: Prepared | None = None
+        # The file systems the heartbeat said short of room (``store_trouble``): said until
+        # they are back above the floor and a margin (``room.room_problems``' ``held``).
+        self._room_held: set[int] = set()
 
     # --- guards -------------------------------------------------------------------------------
 
@@ -1151,10 +1154,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         (``HeartbeatRequest.store_trouble``): what its checks refuse a switch for want of room
         (``_room_problems``), the server's config directory left out on a node without a
         [server]. The leader shows it as the node's problem (session 74: between rollouts it
-        showed such a node healthy, and a start's preflight was the first to say it)."""
-        return self._room_problems(self.driver)
+        showed such a node healthy, and a start's preflight was the first to say it). A file
+        system said short stays said until its free space is back above the floor and a
+        margin (``room.said_until``: free space hovering at the floor made every beat news)."""
+        return self._room_problems(self.driver, self._room_held)
 
-    def _room_problems(self, driver: Driver | None) -> list[str]:
+    def _room_problems(self, driver: Driver | None, held: set[int] | None = None) -> list[str]:
         """Why no switch should begin for want of room (blocking; ``tlsroll.room``): too
         little free space for its writes on the file system of the agent's data dir (its
         journal) or of the server's config directory, or a journal whose checkpoint fails
@@ -1169,7 +1174,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 size = 0
             config_room = room.CONFIG_ROOM + room.CONFIG_COPIES * size
             needs.append(("the server's config directory", driver.config_file.parent, config_room))
-        problems = room.room_problems(needs)
+        problems = room.room_problems(needs, held=held)
         if (why := self.journal.checkpoint_trouble) is not None:
             problems.append(
                 f"the journal {self.journal.path} cannot grow: its checkpoint fails ({why});"

@@ -238,7 +238,8 @@ async def test_a_node_whose_agent_has_no_room_is_shown_in_the_leaders_view_until
                     ):
                         html = unescape(pages.schema_content(snap, Words.of(lang), page))
                         assert words in html and "knows no more" not in html, html
-                        assert "nicht näher" not in html and problem.problem in html
+                        assert "nicht näher" not in html and problem.problem not in html
+                        assert f'<q lang="en">{said}</q>' in html  # (the agent's words: s74 L5)
                     # The journal's checkpoint fails too (SQLITE_FULL, as on a full disk): both
                     # said; the problem's since stays.
                     db = journal._db

@@ -48,10 +48,28 @@ def size_text(count: int) -> str:
     return f"{count / MIB:.1f} MiB"
 
 
-def room_problems(needs: Sequence[tuple[str, Path, int]], work: str = "a switch") -> list[str]:
+def said_until(need: int) -> int:
+    """The free space a file system said short of ``need`` must be back to before the agent's
+    heartbeat calls it over (``room_problems``' ``held``): the floor and a margin, a quarter of
+    it and a MiB at least. Free space hovering at the floor made every beat news and a
+    leader's log line per flip (review of s74 agenttrouble, L2)."""
+    return need + max(MIB, need // 4)
+
+
+def room_problems(
+    needs: Sequence[tuple[str, Path, int]],
+    work: str = "a switch",
+    held: set[int] | None = None,
+) -> list[str]:
     """One line per file system among ``needs`` (what, directory, bytes needed) with less free
     than the sum needed there for ``work``, naming its directories; a directory that cannot be
-    looked at (gone, no access) is not said here (the checks that write there say it)."""
+    looked at (gone, no access) is not said here (the checks that write there say it).
+
+    ``held`` (what the agent's heartbeat says: ``NodeAgentService.store_trouble``): the file
+    systems (devices) said short at the last call, kept up to date; one of them stays said
+    until its free space is back to ``said_until`` the need, and every line says that bound
+    (its words change only with their figures). The checks and the Stage refuse by the floor
+    alone (no ``held``)."""
     by_fs: dict[int, list[tuple[str, Path, int]]] = {}
     for what, directory, need in needs:
         try:
@@ -60,19 +78,25 @@ def room_problems(needs: Sequence[tuple[str, Path, int]], work: str = "a switch"
             continue
         by_fs.setdefault(device, []).append((what, directory, need))
     problems = []
-    for group in by_fs.values():
+    for device, group in by_fs.items():
         try:
             free = free_bytes(group[0][1])
         except OSError:
             continue
         need = sum(n for _, _, n in group)
-        if free >= need:
+        if free >= (said_until(need) if held is not None and device in held else need):
+            if held is not None:
+                held.discard(device)
             continue
         where = " and ".join(f"{what} {directory}" for what, directory, _ in group)
         one = "its file system" if len(group) == 1 else "their file system"
+        until = ""
+        if held is not None:
+            held.add(device)
+            until = f" (said until {size_text(said_until(need))} are free)"
         problems.append(
             f"too little free space for {work}: {where} {'has' if len(group) == 1 else 'have'}"
-            f" {size_text(free)} free, {work} needs {size_text(need)}; free space on {one}"
+            f" {size_text(free)} free, {work} needs {size_text(need)}{until}; free space on {one}"
             " (df -h)"
         )
     return problems

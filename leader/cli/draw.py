@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from leader.cli.plain import Block, Part, Styled, Table, cell_len, clean, fit, fold, wrap
+from leader.states import problem_rank
 from tlsroll.enums import CAP_SOURCE
 
 if TYPE_CHECKING:
@@ -727,9 +728,15 @@ def render_password_behind(behind: View) -> Block:
 def render_node_problems(problems: Sequence[View]) -> Block:
     """The nodes the leader sees a problem with now (two agents use one node's identity: held,
     neither planned nor switched; its clock differs from the leader's), each with what to do
-    (the problem's words say which holds the node)."""
+    (the problem's words say which holds the node): what holds a rollout first, as the leader
+    lists them (``leader.states.NODE_PROBLEM_ORDER``; a leader before it listed them by the
+    kinds' names)."""
     table = Table("node", "since", "problem")
-    for p in problems:
+    ordered = sorted(
+        problems,
+        key=lambda p: (problem_rank(p.get("kind", "")), p.get("node", ""), p.get("kind", "")),
+    )
+    for p in ordered:
         table.add_row(p.get("node", ""), fmt_time(p, "since"), p.get("problem", ""))
     return Block(Styled("node problems", "bold red"), table)
 

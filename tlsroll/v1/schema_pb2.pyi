@@ -824,6 +824,7 @@ class NodeProblemView(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     CLOCK_LEADER_FIELD_NUMBER: _builtins.int
+    AGENT_SAID_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     problem: _builtins.str
     """What is wrong and what to do, in words."""
@@ -840,6 +841,13 @@ class NodeProblemView(_message.Message):
     def since(self) -> _timestamp_pb2.Timestamp:
         """Since when the leader sees it."""
 
+    @_builtins.property
+    def agent_said(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """(AGENT_STORE) What the node's agent says of its own store, each text cleaned (English:
+        the free space it names, SQLite's words); ``problem`` quotes them in the leader's sentence.
+        Empty from a leader before this field.
+        """
+
     def __init__(
         self,
         *,
@@ -849,10 +857,11 @@ class NodeProblemView(_message.Message):
         kind: Global___NodeProblemKind.ValueType = ...,
         clock_offset_seconds: _builtins.float | None = ...,
         clock_leader: _builtins.bool = ...,
+        agent_said: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "clock_offset_seconds", b"clock_offset_seconds", "since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "clock_leader", b"clock_leader", "clock_offset_seconds", b"clock_offset_seconds", "kind", b"kind", "node", b"node", "problem", b"problem", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "agent_said", b"agent_said", "clock_leader", b"clock_leader", "clock_offset_seconds", b"clock_offset_seconds", "kind", b"kind", "node", b"node", "problem", b"problem", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clock_offset_seconds: _TypeAlias = _typing.Literal["clock_offset_seconds"]  # noqa: Y015
     _WhichOneofArgType__clock_offset_seconds: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds"]  # noqa: Y015

@@ -1,0 +1,219 @@
+"""The agent-store node problem's leftovers (review of s74 agenttrouble: L1, L2, L4, L5, L6).
+
+In process, cheap: the leader's state and the Leader service's heartbeat handling, the viewer's
+reader and page, `schema show`'s drawing, the agent's servicer on a real directory (its free
+space as ``tlsroll.room`` reads it, given) and its link's heartbeat facts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import MutableMapping
+from html import unescape
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from structlog.testing import capture_logs
+
+from leader.cli.draw import render_node_problems
+from leader.schema_store import SchemaStore
+from leader.service import LeaderService, LeaderState, TwinAgents
+from leader.states import NodeProblemKind
+from leader.store import Store
+from leader.viewer import pages
+from leader.viewer.i18n import Words
+from leader.viewer.snapshot import Reader
+from nodeagent.leader_link import STORE_TROUBLE_CHARS, LeaderLink, report_key
+from tests.conftest import none_fresh
+from tests.test_disk_room import agent_on
+from tlsroll import room
+from tlsroll.enums import NEEDS_ADMIN
+from tlsroll.v1 import leader_pb2
+
+T = dt.datetime(2026, 12, 7, 9, 0, tzinfo=dt.UTC)
+LOW = "too little free space for a switch: the agent's data dir /d has {} free, needs 4 MiB"
+CHECKPOINT = "the journal /d/j cannot grow: its checkpoint fails (SQLITE_FULL: disk is full)"
+
+
+def bare_state() -> LeaderState:
+    """The leader's state with no store or CA (what node problems need: its maps)."""
+    return LeaderState(cast(Any, None), cast(Any, None), lambda: T, 5, monotonic=lambda: 100.0)
+
+
+def heard(state: LeaderState, node: str, *trouble: str) -> list[MutableMapping[str, Any]]:
+    """The Leader service's handling of ``node``'s heartbeat saying ``trouble`` of its store
+    (``LeaderService._agent_store``), and what it logged."""
+    request = leader_pb2.HeartbeatRequest(agent_version="v", store_trouble=trouble)
+    with capture_logs() as logs:
+        LeaderService._agent_store(cast(Any, SimpleNamespace(state=state)), node, request, T)
+    return logs
+
+
+def test_a_node_s_problems_are_listed_what_holds_a_rollout_first(tmp_path: Path) -> None:
+    """L1: by the kinds' names, information-only ``agent-store`` was listed before
+    ``needs-admin`` and ``twin-agents``, which hold the node: now what holds a rollout comes
+    first, in the leader's list, `schema show` (whatever order a leader sends) and the
+    viewer's page, the same order at every read."""
+    state = bare_state()
+    state.twin_agents["b"] = TwinAgents(T, 200.0, ("p1", "p2"))
+    state.needs_admin_since["b"] = T
+    state.live_servers["b"] = f"{NEEDS_ADMIN}: its journal was put back"
+    heard(state, "a", LOW.format("1 MiB"))
+    heard(state, "b", LOW.format("1 MiB"))
+    state.bootstrap_down["a"] = (T, "port 8443 in use")
+    listed = [(p.kind, p.node) for p in state.node_problems()]
+    assert listed == [
+        (NodeProblemKind.TWIN_AGENTS, "b"),
+        (NodeProblemKind.NEEDS_ADMIN, "b"),
+        (NodeProblemKind.AGENT_STORE, "a"),
+        (NodeProblemKind.AGENT_STORE, "b"),
+        (NodeProblemKind.BOOTSTRAP_DOWN, "a"),
+    ], listed
+    assert [(p.kind, p.node) for p in state.node_problems()] == listed  # (stable)
+
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        reader = Reader(
+            store, SchemaStore(store.db), lambda: T, lambda _: True, [], fresh=none_fresh
+        )
+        reader.node_problems = state.node_problems
+        snap = reader.read()
+        shown = snap.data["node_problems"]
+        assert [(p["kind"], p["node"]) for p in shown] == listed
+        page = pages.PageContext("127.0.0.1", "test", T, "/events")
+        html = pages.schema_content(snap, Words.of("en"), page)
+        assert html.index("Two agents use node b") < html.index('data-problem="needs-admin"')
+        assert html.index('data-problem="needs-admin"') < html.index('data-problem="agent-store"')
+        # `schema show` draws them so even from a leader that lists them by the kinds' names.
+        by_name = sorted(shown, key=lambda p: (p["node"], p["kind"]))
+        lines = render_node_problems(by_name).lines(400, color=False)
+        # (a row's first line names its node; the lines its words wrap onto do not)
+        cells = [line[2:].split(" ", 1) for line in lines if line.startswith(("│ a ", "│ b "))]
+        rows = [(node, "two agents" in rest, "bootstrap service" in rest) for node, rest in cells]
+        assert [node for node, _, _ in rows] == ["b", "b", "a", "b", "a"], lines
+        assert rows[0][1] and rows[-1][2], lines
+    finally:
+        store.close()
+
+
+def test_the_viewer_quotes_only_the_agent_s_own_words(tmp_path: Path) -> None:
+    """L5: the viewer quoted the leader's whole sentence (its own words again, in English) as
+    what the agent says: now the agent's own texts alone, as the schema carries them
+    (``NodeProblemView.agent_said``)."""
+    state = bare_state()
+    heard(state, "hb1", LOW.format("1 MiB"), CHECKPOINT)
+    (problem,) = state.node_problems()
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        reader = Reader(
+            store, SchemaStore(store.db), lambda: T, lambda _: True, [], fresh=none_fresh
+        )
+        reader.node_problems = state.node_problems
+        snap = reader.read()
+        (shown,) = snap.data["node_problems"]
+        assert shown["agent_said"] == [LOW.format("1 MiB"), CHECKPOINT], shown
+        page = pages.PageContext("127.0.0.1", "test", T, "/events")
+        for lang, says in (
+            ("de", "Der Agent beschreibt es auf Englisch:"),
+            ("en", "The agent says:"),
+        ):
+            html = unescape(pages.schema_content(snap, Words.of(lang), page))
+            quoted = f'{says} <q lang="en">{LOW.format("1 MiB")}; {CHECKPOINT}</q>'
+            assert quoted in html, html
+            assert problem.problem not in html and "cannot write its store safely:" not in html
+    finally:
+        store.close()
+
+
+def test_a_change_of_kind_of_an_agent_s_store_trouble_is_logged_its_free_space_moving_is_not() -> (
+    None
+):
+    """L6: the leader logged the trouble's coming (a warning) and going, not its change from
+    too little free space to a failing checkpoint: now an info line, and none while only the
+    free space it names moves."""
+    state = bare_state()
+    logs = heard(state, "hb1", LOW.format("1.2 MiB"))
+    assert [e["event"] for e in logs] == ["node.store_trouble"]
+    assert heard(state, "hb1", LOW.format("900 KiB")) == []
+    logs = heard(state, "hb1", LOW.format("800 KiB"), CHECKPOINT)
+    assert [(e["event"], e["log_level"], e["node"]) for e in logs] == [
+        ("node.store_trouble_changed", "info", "hb1")
+    ], logs
+    assert CHECKPOINT in logs[0]["detail"]
+    assert heard(state, "hb1", LOW.format("700 KiB"), CHECKPOINT) == []
+    logs = heard(state, "hb1", CHECKPOINT)
+    assert [e["event"] for e in logs] == ["node.store_trouble_changed"]
+    assert state.agent_store["hb1"][0] == T  # (its since stays)
+    assert [e["event"] for e in heard(state, "hb1")] == ["node.store_trouble_over"]
+
+
+def test_free_space_hovering_at_the_floor_is_said_until_it_is_back_above_a_margin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """L2: free space hovering around the floor made every beat news (a message each beat)
+    and a leader's log line per flip. Now the agent's heartbeat calls the room trouble over
+    only once the free space is back above the floor and a margin (``room.said_until``), its
+    words the same but for their figures meanwhile; its checks still refuse by the floor."""
+    agent, journal = agent_on(tmp_path)
+    try:
+        free = [0]
+        monkeypatch.setattr(room, "free_bytes", lambda _directory: free[0])
+        need = room.JOURNAL_ROOM + room.CONFIG_ROOM  # (one file system: the sum)
+        until = room.said_until(need)
+        assert until > need
+        free[0] = need - 1
+        (short,) = agent.store_trouble()
+        assert short.startswith("too little free space for a switch: "), short
+        assert f"(said until {room.size_text(until)} are free)" in short, short
+
+        def key(trouble: list[str]) -> bytes:
+            return report_key(leader_pb2.HeartbeatRequest(agent_version="v", store_trouble=trouble))
+
+        state = bare_state()
+        lines = [e["event"] for e in heard(state, "hb1", *agent.store_trouble())]
+        for hover in (need + 1, need - 1, need + 1, until - 1, need - 4096):
+            free[0] = hover
+            said = agent.store_trouble()
+            assert key(said) == key([short]), (hover, said)
+            lines += [e["event"] for e in heard(state, "hb1", *said)]
+            # The checks' own floor is the floor: above it, a switch is not refused.
+            assert (agent._room_problems(agent.driver) == []) == (hover >= need)
+        free[0] = until
+        assert agent.store_trouble() == []
+        lines += [e["event"] for e in heard(state, "hb1", *agent.store_trouble())]
+        assert lines == ["node.store_trouble", "node.store_trouble_over"], lines
+        free[0] = need + 1  # over: the floor again, not the margin, says it
+        assert agent.store_trouble() == []
+        free[0] = need - 1
+        assert len(agent.store_trouble()) == 1
+    finally:
+        journal.close()
+
+
+def test_a_long_store_trouble_is_cut_after_its_figures_are_masked() -> None:
+    """L4: the agent cut each text to its characters before ``report_key`` masked the figures,
+    so a long path let a figure's length move the cut and the free space moving was news."""
+    path = "/srv/" + "p" * (STORE_TROUBLE_CHARS - 80)
+
+    def facts(free: str) -> list[str]:
+        text = (
+            f"too little free space for a switch: the agent's data dir {path} has {free} free,"
+            " a switch needs 4.0 MiB; free space on its file system (df -h)"
+        )
+        assert len(text) > STORE_TROUBLE_CHARS
+        link = SimpleNamespace(
+            journal=SimpleNamespace(heartbeat_facts=lambda _most: (0, [])),
+            store_trouble=lambda: [text],
+        )
+        _highest, _unswitched, trouble = LeaderLink._facts(cast(Any, link))
+        return trouble
+
+    def key(trouble: list[str]) -> bytes:
+        return report_key(leader_pb2.HeartbeatRequest(agent_version="v", store_trouble=trouble))
+
+    small, large = facts("8 KiB"), facts("1023.9 MiB")
+    assert key(small) == key(large), (small, large)
+    assert "has 8 KiB free" in small[0] and "has 1023.9 MiB free" in large[0]
+    assert all(len(t) <= 2 * STORE_TROUBLE_CHARS for t in small + large)
