@@ -611,6 +611,120 @@ async def test_get_transaction_waits_for_a_request_of_its_key_still_waiting_for_
     journal.close()
 
 
+class _FailingConnection:
+    """The journal's connection whose ``fail`` statement of a write ("COMMIT",
+    "BEGIN IMMEDIATE"; a read transaction's COMMIT commits) raises ``error`` (as SQLite's
+    module raises it) while set; anything else is the real connection's."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.fail = ""
+        self.error: sqlite3.Error | None = None
+        self._writing = False
+
+    def arm(self, statement: str, code: str, words: str) -> None:
+        self.fail = statement
+        self.error = sqlite3.OperationalError(words)
+        self.error.sqlite_errorname = code
+        self.error.sqlite_errorcode = getattr(sqlite3, code)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.startswith("BEGIN"):
+            self._writing = sql == "BEGIN IMMEDIATE"
+        if self.error is not None and sql == self.fail and self._writing:
+            raise self.error
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize(
+    ("statement", "code", "words", "status", "doubt"),
+    [
+        # frames written, their fsync failed: maybe kept (replayed at the next open)
+        ("COMMIT", "SQLITE_IOERR_FSYNC", "disk I/O error", grpc.StatusCode.UNAVAILABLE, True),
+        ("COMMIT", "SQLITE_IOERR_WRITE", "disk I/O error", grpc.StatusCode.UNAVAILABLE, True),
+        # no commit frame written: nothing kept, asked again all the same
+        ("BEGIN IMMEDIATE", "SQLITE_BUSY", "database is locked", grpc.StatusCode.UNAVAILABLE, False),
+        ("COMMIT", "SQLITE_FULL", "database or disk is full", grpc.StatusCode.RESOURCE_EXHAUSTED, False),
+        # damaged: a refusal (asking again does not mend it); the COMMIT's fate unknown all the same
+        ("COMMIT", "SQLITE_CORRUPT", "database disk image is malformed",
+         grpc.StatusCode.FAILED_PRECONDITION, True),
+    ],
+)  # fmt: skip
+async def test_a_journal_write_that_failed_is_asked_again_and_a_failed_commit_is_in_doubt(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    statement: str,
+    code: str,
+    words: str,
+    status: grpc.StatusCode,
+    doubt: bool,
+) -> None:
+    """Session 74's L3: a journal write that failed with SQLITE_BUSY, _LOCKED or _IOERR was
+    a ``JournalError``, FAILED_PRECONDITION: the leader took the begin for refused, asked
+    GetTransaction, got NOT_FOUND and recorded "nothing changed". But a COMMIT whose frames
+    reached the ``-wal`` and whose fsync failed is not in the agent's view while the next
+    open's recovery replays it: the agent, restarted, would resume what the leader recorded as
+    never begun. Such a write is UNAVAILABLE now (the leader asks again), and until a write is
+    kept again (a probe, which takes the failed frames' place) every read first writes, so
+    GetTransaction answers UNAVAILABLE, never "none held", while the journal cannot be written.
+    A write that wrote no commit frame (a lock, a full disk) leaves no doubt."""
+    from nodeagent import plans
+    from nodeagent.journal import JOURNAL_IN_DOUBT
+
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "")
+    monkeypatch.setattr(plans, "rollback_plan", lambda *_a, **_kw: plans.Built(b"h", plan, ""))
+
+    async def no_pin(_driver: object) -> None:
+        return None
+
+    monkeypatch.setattr(plans, "take_served_pin", no_pin)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    agent.driver = cast(Any, _StubDriver())
+    agent.runner = cast(Any, _StubRunner())
+    agent.cfg = cast(Any, SimpleNamespace(data_dir=tmp_path))
+    assert await command(agent, 5) == "r1"  # (the epoch journalled: its write is not tested)
+    conn = _FailingConnection(journal._db._db)
+    monkeypatch.setattr(journal._db, "_db", conn)
+    rollback = agent_pb2.RollbackRequest(command=agent_pb2.Command(rollout_id="r1", epoch=5))
+    question = agent_pb2.GetTransactionRequest(
+        rollout_id="r1", kind=TXN_KIND.wire(TxnKind.ROLLBACK)
+    )
+
+    conn.arm(statement, code, words)
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.Rollback(rollback, cast(Any, Ctx()))
+    assert caught.value.code == status, caught.value  # FAILED_PRECONDITION before
+    assert words in str(caught.value) and code in str(caught.value)
+    assert (JOURNAL_IN_DOUBT in str(caught.value)) is doubt
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.GetTransaction(question, cast(Any, Ctx()))
+    if doubt:  # the read writes first, which fails as the write did: not "none held"
+        assert caught.value.code == status, caught.value  # NOT_FOUND before
+        assert JOURNAL_IN_DOUBT in str(caught.value)
+    else:  # nothing to settle: the read answers, and writes nothing
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND, caught.value
+        with journal._read() as db:
+            assert db.execute("SELECT 1 FROM meta WHERE key = 'probed_at'").fetchone() is None
+
+    conn.error = None  # the disk works again
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.GetTransaction(question, cast(Any, Ctx()))
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND, caught.value
+    with journal._read() as db:
+        probed = db.execute("SELECT 1 FROM meta WHERE key = 'probed_at'").fetchone()
+    assert (probed is not None) is doubt  # the probe that settled it, kept
+    begun = await agent.Rollback(rollback, cast(Any, Ctx()))  # sent again: begins
+    found = await agent.GetTransaction(question, cast(Any, Ctx()))
+    assert (found.rollout_id, found.started_at) == ("r1", begun.started_at)
+    monkeypatch.undo()
+    journal.close()
+
+
 async def test_get_transaction_asked_while_a_request_of_its_key_is_received_too_long(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
