@@ -24,6 +24,8 @@ from typing import Any, cast
 
 import grpc
 import pytest
+import structlog
+import structlog.testing
 
 from nodeagent import service
 from nodeagent.drivers import ReferenceDriver, ServerFacts, config_stat
@@ -33,9 +35,10 @@ from nodeagent.transaction import Phase, Plan
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust
 from tests.conftest import IssuedCert
 from tests.refserver_helper import RefServer
-from tlsroll import dbthread, pki, probe
+from tlsroll import dbthread, pki, probe, rpc
 from tlsroll.clients import ClientsView
 from tlsroll.enums import TxnKind
+from tlsroll.logsample import SampledLog
 from tlsroll.rpc import RpcStatusError
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import TXN_KIND
@@ -507,11 +510,31 @@ async def test_get_transaction_whose_journal_read_fails_for_a_moment_is_asked_ag
         yield  # pragma: no cover
 
     monkeypatch.setattr(journal._db, "read", failing)
+    clock = [0.0]
+    monkeypatch.setattr(
+        rpc, "_STORE_TROUBLE", SampledLog(every=60, forget=60, clock=lambda: clock[0])
+    )
     question = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(TxnKind.SWITCH))
-    with pytest.raises(RpcStatusError) as caught:
-        await agent.GetTransaction(question, cast(Any, Ctx()))
-    assert caught.value.code == status, caught.value
-    assert words in str(caught.value) and code in str(caught.value)
+    with structlog.testing.capture_logs() as logged:
+        for clock[0] in (0.0, 5.0, 10.0, 61.0):  # asked again every few seconds, a minute on
+            with pytest.raises(RpcStatusError) as caught:
+                await agent.GetTransaction(question, cast(Any, Ctx()))
+            assert caught.value.code == status, caught.value
+            assert words in str(caught.value) and code in str(caught.value)
+    # Review s74 L2: the agent answered UNAVAILABLE and logged nothing (its status map came
+    # before ``error_status``'s line): a method's first such answer is logged now, with its
+    # hint, then one a minute, the others summed up then.
+    lines = [e for e in logged if str(e["event"]).startswith("rpc.unavailable")]
+    if status is grpc.StatusCode.UNAVAILABLE:
+        assert [e["event"] for e in lines] == [
+            "rpc.unavailable",
+            "rpc.unavailable",
+            "rpc.unavailable_summary",
+        ], lines
+        assert lines[0]["method"] == "GetTransaction" and code in lines[0]["error"]
+        assert "hint" in lines[0] and lines[2]["refused_not_logged"] == 2, lines
+    elif status is grpc.StatusCode.FAILED_PRECONDITION:
+        assert lines == []  # a refusal: the caller is told, as before
     monkeypatch.undo()
     journal.close()
 

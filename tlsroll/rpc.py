@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tlsroll import logs
+from tlsroll.logsample import SampledLog
 from tlsroll.errors import TerminalError, TransientError, os_error_text
 from tlsroll.wire import WireError
 
@@ -284,6 +285,8 @@ def error_status(
         return full_disk, short_details(f"{DISK_FULL}: {exc}")
     code = status_for(exc, {**BASE_ERRORS, **mapping})
     if code is not None:
+        if code is grpc.StatusCode.UNAVAILABLE and storage_trouble(exc.__cause__) is not None:
+            _store_trouble(name, exc)
         return code, short_details(str(exc))
     if (unavailable := storage_trouble(exc)) is not None:
         log.warning(
@@ -325,6 +328,40 @@ def error_status(
         hint="a bug in tlsroll: report it with the lines before this one",
     )
     return grpc.StatusCode.INTERNAL, INTERNAL_DETAILS
+
+
+STORE_TROUBLE_EVERY = 60.0
+"""How often (seconds) ``_store_trouble`` logs a method's UNAVAILABLE answers on its own, and
+sums up those it did not log."""
+
+_STORE_TROUBLE = SampledLog(every=STORE_TROUBLE_EVERY, forget=STORE_TROUBLE_EVERY)
+
+
+def _store_trouble(name: str, exc: Exception) -> None:
+    """Log a project error over a store that failed for a moment, answered UNAVAILABLE by
+    its class (the agent's ``JournalUnavailable``: a journal locked or busy, an I/O error),
+    which ``error_status``'s ``rpc.unavailable`` line did not cover: minutes of a locked
+    journal left the node's own log silent (review s74 revsmall L2). Sampled as the join
+    port's refusals are (``SampledLog``): a method's first, again a minute later, the others
+    counted in a summary at most once a minute (the leader asks again every few seconds)."""
+    cause = exc.__cause__
+    code = (getattr(cause, "sqlite_errorname", None) or "") if cause is not None else ""
+    if _STORE_TROUBLE.first(name, code or type(cause).__name__):
+        log.warning(
+            "rpc.unavailable",
+            method=name,
+            error=short_details(str(exc)),
+            hint="the daemon's store could not be read or written for a moment (locked by"
+            " another process, an I/O error): the call is answered UNAVAILABLE, to try again;"
+            " if it lasts, look at the disk (dmesg) and at what else holds the file (fuser)",
+        )
+    if (summary := _STORE_TROUBLE.summary()) is not None:
+        log.warning(
+            "rpc.unavailable_summary",
+            **summary.fields(),
+            detail="calls answered UNAVAILABLE over the store's trouble in that time and not"
+            " logged one by one, by method (top) and SQLite code (reasons)",
+        )
 
 
 INTERNAL_DETAILS = "internal error; see the daemon's log"
