@@ -27,6 +27,7 @@ import pytest
 import structlog
 import structlog.testing
 
+from leader.agent_client import NodeStoreUnavailable, call_failed
 from nodeagent import service
 from nodeagent.drivers import ReferenceDriver, ServerFacts, config_stat
 from nodeagent.journal import Journal, JournalError, Txn
@@ -535,6 +536,16 @@ async def test_get_transaction_whose_journal_read_fails_for_a_moment_is_asked_ag
         assert "hint" in lines[0] and lines[2]["refused_not_logged"] == 2, lines
     elif status is grpc.StatusCode.FAILED_PRECONDITION:
         assert lines == []  # a refusal: the caller is told, as before
+    # Review s74 L1: the leader said "agent unreachable" of this answer; its details begin
+    # with ``STORE_UNAVAILABLE`` now, which the leader's client tells from no answer.
+    failed = call_failed("node1", caught.value.code, str(caught.value))
+    answered = isinstance(failed, NodeStoreUnavailable)
+    assert answered is (status is grpc.StatusCode.UNAVAILABLE), failed
+    if answered:
+        assert str(failed) == (
+            f"agent node1: the node's journal or disk failed for a moment: journal"
+            f" {journal.path}: {words} ({code})"
+        ), failed
     monkeypatch.undo()
     journal.close()
 
@@ -662,20 +673,29 @@ class _FailingConnection:
         return getattr(self._conn, name)
 
 
+UNAVAILABLE, REFUSED = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
+LOCKED, MALFORMED = "database is locked", "database disk image is malformed"
+
+
 @pytest.mark.parametrize(
     ("statement", "code", "words", "status", "doubt"),
     [
         # frames written, their fsync failed: maybe kept (replayed at the next open)
-        ("COMMIT", "SQLITE_IOERR_FSYNC", "disk I/O error", grpc.StatusCode.UNAVAILABLE, True),
-        ("COMMIT", "SQLITE_IOERR_WRITE", "disk I/O error", grpc.StatusCode.UNAVAILABLE, True),
+        ("COMMIT", "SQLITE_IOERR_FSYNC", "disk I/O error", UNAVAILABLE, True),
+        ("COMMIT", "SQLITE_IOERR_WRITE", "disk I/O error", UNAVAILABLE, True),
         # no commit frame written: nothing kept, asked again all the same
-        ("BEGIN IMMEDIATE", "SQLITE_BUSY", "database is locked", grpc.StatusCode.UNAVAILABLE, False),
-        ("COMMIT", "SQLITE_FULL", "database or disk is full", grpc.StatusCode.RESOURCE_EXHAUSTED, False),
+        ("BEGIN IMMEDIATE", "SQLITE_BUSY", LOCKED, UNAVAILABLE, False),
+        (
+            "COMMIT",
+            "SQLITE_FULL",
+            "database or disk is full",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            False,
+        ),
         # damaged: a refusal (asking again does not mend it); the COMMIT's fate unknown all the same
-        ("COMMIT", "SQLITE_CORRUPT", "database disk image is malformed",
-         grpc.StatusCode.FAILED_PRECONDITION, True),
+        ("COMMIT", "SQLITE_CORRUPT", MALFORMED, REFUSED, True),
     ],
-)  # fmt: skip
+)
 async def test_a_journal_write_that_failed_is_asked_again_and_a_failed_commit_is_in_doubt(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

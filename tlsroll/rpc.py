@@ -25,8 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tlsroll import logs
-from tlsroll.logsample import SampledLog
 from tlsroll.errors import TerminalError, TransientError, os_error_text
+from tlsroll.logsample import SampledLog
 from tlsroll.wire import WireError
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -237,6 +237,14 @@ DISK_FULL = "disk full"
 what its caller tells from any other status of that code (gRPC's own, a message too large)."""
 
 
+STORE_UNAVAILABLE = "store unavailable"
+"""How the details of an UNAVAILABLE over the daemon's own store or disk begin when a servicer
+gives a full disk a status of its own (``error_status``'s ``full_disk``: the node agent),
+``store unavailable: CAUSE`` (a journal locked or busy, an I/O error, a read-only disk): its
+caller tells it from an agent it cannot reach, which answers nothing (review s74 L1: the leader
+said "unknown — agent unreachable" of an agent that answered that its journal was locked)."""
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True if ``exc`` says the disk (or the user's quota on it) is full: ENOSPC, EDQUOT,
     SQLITE_FULL."""
@@ -287,6 +295,8 @@ def error_status(
     if code is not None:
         if code is grpc.StatusCode.UNAVAILABLE and storage_trouble(exc.__cause__) is not None:
             _store_trouble(name, exc)
+            if full_disk is not grpc.StatusCode.UNAVAILABLE:
+                return code, short_details(f"{STORE_UNAVAILABLE}: {exc}")
         return code, short_details(str(exc))
     if (unavailable := storage_trouble(exc)) is not None:
         log.warning(
@@ -297,8 +307,10 @@ def error_status(
             "under its data dir (df -h); the call is answered UNAVAILABLE, to try again",
         )
         told = unavailable if paths else storage_trouble(exc, paths=False) or unavailable
-        if full_disk is not grpc.StatusCode.UNAVAILABLE and is_disk_full(exc):
-            return full_disk, short_details(f"{DISK_FULL}: {told}")
+        if full_disk is not grpc.StatusCode.UNAVAILABLE:
+            if is_disk_full(exc):
+                return full_disk, short_details(f"{DISK_FULL}: {told}")
+            return grpc.StatusCode.UNAVAILABLE, short_details(f"{STORE_UNAVAILABLE}: {told}")
         return grpc.StatusCode.UNAVAILABLE, short_details(told)
     if isinstance(exc, OSError) and exc.errno is not None:
         # A file it could not write or read (a directory where its file goes, a permission):
