@@ -293,10 +293,14 @@ def error_status(
         return full_disk, short_details(f"{DISK_FULL}: {exc}")
     code = status_for(exc, {**BASE_ERRORS, **mapping})
     if code is not None:
-        if code is grpc.StatusCode.UNAVAILABLE and storage_trouble(exc.__cause__) is not None:
+        if (
+            code is grpc.StatusCode.UNAVAILABLE
+            and full_disk is not grpc.StatusCode.UNAVAILABLE  # (the agent's servicers)
+            and exc.__cause__ is not None
+            and storage_trouble(exc.__cause__) is not None
+        ):
             _store_trouble(name, exc)
-            if full_disk is not grpc.StatusCode.UNAVAILABLE:
-                return code, short_details(f"{STORE_UNAVAILABLE}: {exc}")
+            return code, short_details(f"{STORE_UNAVAILABLE}: {exc}")
         return code, short_details(str(exc))
     if (unavailable := storage_trouble(exc)) is not None:
         log.warning(
@@ -353,7 +357,8 @@ def _store_trouble(name: str, exc: Exception) -> None:
     """Log a project error over a store that failed for a moment, answered UNAVAILABLE by
     its class (the agent's ``JournalUnavailable``: a journal locked or busy, an I/O error),
     which ``error_status``'s ``rpc.unavailable`` line did not cover: minutes of a locked
-    journal left the node's own log silent (review s74 revsmall L2). Sampled as the join
+    journal left the node's own log silent (review s74 revsmall L2; the leader's store says
+    its own trouble: ``store.writes_failing``). Sampled as the join
     port's refusals are (``SampledLog``): a method's first, again a minute later, the others
     counted in a summary at most once a minute (the leader asks again every few seconds)."""
     cause = exc.__cause__
