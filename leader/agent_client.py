@@ -37,7 +37,14 @@ from tlsroll.errors import (
     TlsrollError,
     TransientError,
 )
-from tlsroll.rpc import BEING_RECEIVED, DISK_FULL, NO_BDP_PROBE, hostport, reconnect_options
+from tlsroll.rpc import (
+    BEING_RECEIVED,
+    DISK_FULL,
+    NO_BDP_PROBE,
+    STORE_UNAVAILABLE,
+    hostport,
+    reconnect_options,
+)
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 T = TypeVar("T")
@@ -154,13 +161,29 @@ class NodeDiskFull(TransientError):
     node back), but said as what it is: ``agent NODE: the node's disk is full: CAUSE``."""
 
 
+NODE_STORE_UNAVAILABLE = "the node's journal or disk failed for a moment"
+
+
+class NodeStoreUnavailable(TransientError):
+    """The agent answered UNAVAILABLE ``store unavailable: CAUSE`` (``tlsroll.rpc.
+    STORE_UNAVAILABLE``): its journal locked or busy, an I/O error, a read-only disk. It is
+    there, and asked again as an agent that does not answer is (its answer may be a write
+    whose outcome it cannot tell yet: ``nodeagent.journal.JOURNAL_IN_DOUBT``), but said as
+    what it is: ``agent NODE: the node's journal or disk failed for a moment: CAUSE``, not
+    "agent unreachable" (review s74 L1)."""
+
+
 def call_failed(node: str, code: grpc.StatusCode, details: str) -> TransientError | StepFailed:
     """What a call to ``node``'s agent that ended with ``code`` raises: UNAVAILABLE or
     DEADLINE_EXCEEDED a TransientError (``BeingReceived`` for the agent's "being received"),
-    the node's full disk a ``NodeDiskFull`` (transient too), any other status the agent
-    saying no (StepFailed; a stale epoch with the way out: ``STALE_EPOCH_ADVICE``)."""
+    the node's full disk a ``NodeDiskFull`` and its store's trouble a ``NodeStoreUnavailable``
+    (transient too), any other status the agent saying no (StepFailed; a stale epoch with the
+    way out: ``STALE_EPOCH_ADVICE``)."""
     if code is grpc.StatusCode.UNAVAILABLE and details.endswith(BEING_RECEIVED):
         return BeingReceived(f"agent {node}: {details}")
+    if code is grpc.StatusCode.UNAVAILABLE and details.startswith(f"{STORE_UNAVAILABLE}: "):
+        cause = details.removeprefix(f"{STORE_UNAVAILABLE}: ")
+        return NodeStoreUnavailable(f"agent {node}: {NODE_STORE_UNAVAILABLE}: {cause}")
     if code in TRANSIENT_CODES:
         return TransientError(f"agent {node}: {details}")
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(f"{DISK_FULL}: "):

@@ -61,7 +61,14 @@ from dataclasses import replace
 from typing import Any
 
 from leader import byo, planner
-from leader.agent_client import NODE_DISK_FULL, Agents, NodeDiskFull, StepFailed
+from leader.agent_client import (
+    NODE_DISK_FULL,
+    NODE_STORE_UNAVAILABLE,
+    Agents,
+    NodeDiskFull,
+    NodeStoreUnavailable,
+    StepFailed,
+)
 from leader.changes import (
     BegunNotKnown,
     Outcome,
@@ -161,6 +168,10 @@ confirm's outcome frees one and sets nothing it waits on)."""
 STEP_DEADLINE = 30.0  # seconds without an answer before a preflight fails (a stage: twice)
 UNKNOWN_AFTER = 10.0  # seconds without an answer before a switching node shows "unknown"
 UNKNOWN = "unknown — agent unreachable since"
+UNKNOWN_ANSWERED = "unknown — its agent answers but cannot go on since"
+"""``UNKNOWN``'s words for an agent that answers, but that its node's disk is full
+(``NodeDiskFull``) or its journal or disk failed for a moment (``NodeStoreUnavailable``: a
+locked journal, an I/O error): not unreachable (review s74 L1); the answer's cause follows."""
 SILENT_AFTER = 10.0
 """Seconds a step may wait for its agent before the engine looks whether the agent is still
 heard (``_Silence``), then again every half heartbeat interval (at least a second) while it
@@ -319,7 +330,7 @@ MID_STEP = "; its {step} waits: the leader keeps asking and records the outcome 
 def _answered(reason: str) -> bool:
     """Whether ``reason`` is a note that an answer of the agent ends (``Engine._record``): its
     silence, its being unreachable mid-switch, or its saying it needs the admin mid-switch."""
-    return reason.startswith((UNKNOWN, SILENT)) or (
+    return reason.startswith((UNKNOWN, UNKNOWN_ANSWERED, SILENT)) or (
         reason.startswith(NEEDS_ADMIN) and reason.endswith(MID_STEP.split("{step}")[1])
     )
 
@@ -1235,7 +1246,8 @@ class Engine:
             )
             limit = deadline if bounded else None
             full = isinstance(exc, NodeDiskFull)
-            await self._trouble(row, step, why, limit, started, disk_full=full)
+            store = isinstance(exc, NodeStoreUnavailable)
+            await self._trouble(row, step, why, limit, started, disk_full=full, store=store)
             return
         except asyncio.CancelledError:
             raise
@@ -1276,12 +1288,14 @@ class Engine:
         started: tuple[float, dt.datetime],
         *,
         disk_full: bool = False,
+        store: bool = False,
     ) -> None:
         """A step got no good answer: when to try again, and what the records say about it.
         ``deadline``: the step fails once it has had no answer that long since the attempt
         that began the trouble started (``started``; None: never). ``disk_full``: the last
-        answer was the node's full disk (``NodeDiskFull``), which the failure says instead of
-        "agent unreachable"."""
+        answer was the node's full disk (``NodeDiskFull``), ``store``: its journal or disk
+        failing for a moment (``NodeStoreUnavailable``), which the failure and a switch's
+        note say instead of "agent unreachable" (the agent answered)."""
         rollout = row.rollout
         key = (rollout.id, step.node, step.step)
         now = self.monotonic()
@@ -1297,22 +1311,25 @@ class Engine:
                 Step.STAGE: NodeEvent.STAGE_FAILED,
             }
             self.trouble.pop(key, None)
-            await self._record(
-                rollout.id,
-                step,
-                failed[step.step],
-                (
+            if disk_full:
+                said = (
                     f"{NODE_DISK_FULL} since {stamp} (for {deadline:.0f} s; free space on it,"
                     f" then retry the rollout): {why}"
-                    if disk_full
-                    else f"agent unreachable since {stamp} (no answer for {deadline:.0f} s): {why}"
-                ),
-            )
+                )
+            elif store:
+                said = (
+                    f"{NODE_STORE_UNAVAILABLE} since {stamp} (for {deadline:.0f} s; its agent's"
+                    f" log says more, then retry the rollout): {why}"
+                )
+            else:
+                said = f"agent unreachable since {stamp} (no answer for {deadline:.0f} s): {why}"
+            await self._record(rollout.id, step, failed[step.step], said)
             self.wake.set()
             return
         if step.step in (Step.SWITCH, Step.CONFIRM) and now - first >= UNKNOWN_AFTER:
+            headline = UNKNOWN_ANSWERED if disk_full or store else UNKNOWN
             reason = self._needs_admin_note(step) or (
-                f"{UNKNOWN} {stamp}: {why}; it may be mid-switch (writes refused); the leader "
+                f"{headline} {stamp}: {why}; it may be mid-switch (writes refused); the leader "
                 "keeps asking and records the outcome when it answers"
             )
             await self._note(rollout.id, step, reason)

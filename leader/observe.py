@@ -57,7 +57,14 @@ from dataclasses import dataclass, replace
 import grpc
 from cryptography import x509
 
-from leader.agent_client import STATUS_CODES, Agents, NodeDiskFull, StepFailed, call_failed
+from leader.agent_client import (
+    STATUS_CODES,
+    Agents,
+    NodeDiskFull,
+    NodeStoreUnavailable,
+    StepFailed,
+    call_failed,
+)
 from leader.rollout_core import CONFIG_READING_DRIVERS, SERVER_DOWN, NodeObservation
 from tlsroll import peertext, pki
 from tlsroll.enums import NEEDS_ADMIN, Change, of_server, problem_of_server
@@ -346,8 +353,9 @@ async def observe(
             checked = await asyncio.wait_for(agent.check(request, timeout=left), left + 1)
         except TimeoutError:
             return late
-        # It answered, but not its checks (a refusal, its disk full): what does it run?
-        except (StepFailed, NodeDiskFull) as exc:
+        # It answered, but not its checks (a refusal, its disk full, its journal failing for a
+        # moment: review s74 L1): what does it run?
+        except (StepFailed, NodeDiskFull, NodeStoreUnavailable) as exc:
             try:
                 status = await asyncio.wait_for(
                     agent.get_status(agent_pb2.GetStatusRequest(), timeout=OBSERVE_TIMEOUT),
@@ -377,7 +385,9 @@ async def observe(
             return seen
         return replace(seen, problems=tuple(problem_of_server(p) for p in checked.problems))
 
-    def refused(view: agent_pb2.ServerView, refusal: StepFailed | NodeDiskFull) -> NodeObservation:
+    def refused(
+        view: agent_pb2.ServerView, refusal: StepFailed | NodeDiskFull | NodeStoreUnavailable
+    ) -> NodeObservation:
         """An agent that refused its checks, or could not make them as its node's disk is full:
         what it runs (GetStatus), and the refusal as its problem (the plan shows the node
         blocked with it; an agent without a managed server is not reachable for a rollout)."""
@@ -390,7 +400,7 @@ async def observe(
             return seen_checked(answer.checked)
         code = STATUS_CODES.get(answer.refused_code, grpc.StatusCode.UNKNOWN)
         failed = call_failed(name, code, answer.refused)
-        if isinstance(failed, StepFailed | NodeDiskFull):
+        if isinstance(failed, StepFailed | NodeDiskFull | NodeStoreUnavailable):
             return refused(answer.server, failed)
         return NodeObservation(False, str(failed))
 

@@ -461,16 +461,40 @@ class JournalError(TerminalError):
 
 
 class JournalUnavailable(JournalError):
-    """A read of the journal that failed for a moment (its file locked or busy, an I/O error
-    of a lock or of the WAL's shared memory, a file it could not open, a WAL to recover:
-    ``READ_TRANSIENT``; not a disk that could not read the file back): the agent answers its
-    caller UNAVAILABLE, which asks again, not as a refusal (session 73's L: GetTransaction
-    answered FAILED_PRECONDITION, which the leader takes for "refused the question", needing
-    the admin at once). Still a ``JournalError`` within the agent (what catches one catches
-    it), as one over a full disk is, answered RESOURCE_EXHAUSTED. A damaged journal
+    """A read or write of the journal that failed for a moment (its file locked or busy, an
+    I/O error of a lock, of the WAL's shared memory, of a write or its fsync, a file it could
+    not open, a WAL to recover: ``READ_TRANSIENT``; not a disk that could not read the file
+    back): the agent answers its caller UNAVAILABLE, which asks again, not as a refusal
+    (session 73's L: GetTransaction answered FAILED_PRECONDITION, which the leader takes for
+    "refused the question", needing the admin at once; session 74's L3: a write so failed was
+    a refusal, which the leader records as "nothing changed", though a failed COMMIT may be
+    kept: ``JOURNAL_IN_DOUBT``). Still a ``JournalError`` within the agent (what catches one
+    catches it), as one over a full disk is, answered RESOURCE_EXHAUSTED. A damaged journal
     (SQLITE_CORRUPT, SQLITE_NOTADB), or one the disk could not read back
     (``tlsroll.sqlite.unreadable``), stays a plain ``JournalError``: asking again does not
     mend it."""
+
+
+JOURNAL_IN_DOUBT = "whether that write was kept is not known until the journal is written again"
+"""What the error of a write whose COMMIT failed says (``Journal._tx``; session 74's L3). In
+WAL mode a transaction is committed once its commit frame is in the ``-wal`` file (SQLite's
+wal.c: "Transactions commit when a frame is written that contains a commit marker"); the
+connection's view (the WAL index in ``-shm``) takes it only after the fsync that
+``synchronous=FULL`` asks for. A COMMIT whose frames were written but whose fsync failed
+(SQLITE_IOERR_FSYNC), or that failed after them, is rolled back in the agent's view (a read
+does not find it) while its frames stay in the ``-wal``: the next open that rebuilds the index
+(the agent restarted, a crash) replays it, a transaction the agent then resumes while the
+leader, told "refused" and then "none held", recorded that nothing changed. So a failed COMMIT
+leaves the journal in doubt: every read first writes again (``probe``), and only once such a
+write is kept (it takes the frames' place: a later frame's checksum no longer follows from the
+one before, so the next recovery stops there) does the read answer; until then it answers
+UNAVAILABLE, asked again, and a restarted agent reads what the recovery kept. Not a failed
+COMMIT that wrote no commit frame: a lock (SQLITE_BUSY, SQLITE_LOCKED: its transaction stays
+open and is rolled back) or a full disk (SQLITE_FULL: the commit frame, the last one written,
+did not fit; a torn frame fails its checksum)."""
+
+# A COMMIT that failed with these wrote no commit frame (``JOURNAL_IN_DOUBT``).
+COMMIT_NOT_WRITTEN = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL")
 
 
 # SQLite's codes (extended ones too) of a read that may work if tried again
@@ -581,6 +605,9 @@ class Journal:
         # The thread of the write under way (``_tx``), None between writes: ``_event`` outside
         # one is a bug, said loudly (its event would be dropped, or go into another's write).
         self._writing: int | None = None
+        # A write's COMMIT failed and no write was kept since (``JOURNAL_IN_DOUBT``): a read
+        # writes first (``_read``).
+        self._in_doubt = False
         self._db = Database(
             self.path,
             MIGRATIONS,
@@ -748,25 +775,30 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
-    def _error(self, exc: sqlite3.Error, *, read: bool = False) -> JournalError:
-        """``exc`` as the journal's error; of a ``read``, one that may pass is
-        ``JournalUnavailable`` (``READ_TRANSIENT``), not a disk that could not read the file
-        back (``tlsroll.sqlite.unreadable``: SQLITE_IOERR_READ, _SHORT_READ, ...), which the
-        agent's start takes for damage (exit 4) and asking again does not mend (review s74
-        revsmall: the leader asked again without end, the node "unknown — agent unreachable")."""
+    def _error(self, exc: sqlite3.Error, *, doubt: bool = False) -> JournalError:
+        """``exc`` as the journal's error; one that may pass is ``JournalUnavailable``
+        (``READ_TRANSIENT``, of a read or a write: session 74's L3), not a disk that could not
+        read the file back (``tlsroll.sqlite.unreadable``: SQLITE_IOERR_READ, _SHORT_READ,
+        ...), which the agent's start takes for damage (exit 4) and asking again does not mend
+        (review s74 revsmall: the leader asked again without end, the node "unknown — agent
+        unreachable"). ``doubt``: a failed COMMIT, whose message says that it may be kept
+        (``JOURNAL_IN_DOUBT``)."""
         code = getattr(exc, "sqlite_errorname", None)
         error = JournalError
-        if read and (code or "").startswith(READ_TRANSIENT) and unreadable(exc) is None:
+        if (code or "").startswith(READ_TRANSIENT) and unreadable(exc) is None:
             error = JournalUnavailable
-        return error(f"journal {self.path}: {exc}" + (f" ({code})" if code else ""))
+        told = f"journal {self.path}: {exc}" + (f" ({code})" if code else "")
+        return error(f"{told}; {JOURNAL_IN_DOUBT}" if doubt else told)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
+        if self._in_doubt and self._writing != threading.get_ident():
+            self.probe()  # (``JOURNAL_IN_DOUBT``: its error is the read's, asked again)
         try:
             with self._db.read() as db:
                 yield db
         except sqlite3.Error as exc:
-            raise self._error(exc, read=True) from exc
+            raise self._error(exc) from exc
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -774,6 +806,7 @@ class Journal:
         its end, in the order they were made, in one statement (``executemany``), before its
         commit: a switch's record inside the freeze window made one INSERT per event, two to
         four a record (session 73, journalcpu)."""
+        committing = False
         try:
             with self._db.tx() as db:
                 self._queued = []  # (under the store's lock: one write at a time)
@@ -784,8 +817,14 @@ class Journal:
                         db.executemany(_INSERT_EVENT, self._queued)
                 finally:
                     self._writing = None
+                committing = True  # (what fails from here on is the COMMIT)
         except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+            code = getattr(exc, "sqlite_errorname", None) or ""
+            doubt = committing and not code.startswith(COMMIT_NOT_WRITTEN)
+            if doubt:
+                self._in_doubt = True  # (``JOURNAL_IN_DOUBT``)
+            raise self._error(exc, doubt=doubt) from exc
+        self._in_doubt = False  # a write kept: a failed COMMIT's frames are no longer replayed
 
     # --- epochs -------------------------------------------------------------------------------
 

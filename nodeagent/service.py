@@ -1909,8 +1909,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise invalid("keep_http is for enable-tls only (transitional phase 1)")
         if request.quiet_seconds and change is not Change.FINALIZE:
             raise invalid("quiet_seconds is for finalize only (rollout finalize --when-quiet)")
-        if request.quiet_seconds:
-            await self._refuse_unless_quiet(rollout_id, request.quiet_seconds)
         verifier = self._verifier(
             request.auth_verifier_json, required=change is Change.CHANGE_PASSWORD
         )
@@ -1945,6 +1943,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 self._refuse_if_needs_admin()
                 if busy is not None:
                     raise busy_with(busy)
+                if request.quiet_seconds:  # (a finalize's: ``KEEPS_CERTIFICATE``)
+                    await self._refuse_unless_quiet(rollout_id, request.quiet_seconds)
             # The start's check (``plans.plan_problem``) asked again, nothing changed yet: a
             # certificate changed since would freeze, restart and roll back (review s72 L).
             untrusted = plans.untrusted_now
@@ -1971,11 +1971,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         seconds: a workstation that wrote on http in those seconds was not in it, and the
         switch's restart wiped the reference server's memory of it before any report (review
         s64 M). The view read here is the driver's cached one from now on, which GetStatus and
-        the heartbeats send: the leader stores the sighting. A switch already begun (a replay:
-        the leader asks again) is not judged again: it is under way."""
-        if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
-            return
-        self._refuse_if_needs_admin()  # before a look that would hold it at the gate
+        the heartbeats send: the leader stores the sighting. Asked only for a switch not begun
+        (a replay, the leader asking again, is under way: not judged again), on a node that
+        neither needs the admin nor is busy with another transaction (``_switch``: those
+        refusals first, in ``_begin``'s order; session 74's L4: a busy node answered with the
+        quiet check's words, the server read under that other transaction's restart)."""
         view = await self._driver().clients_now()
         why = quiet_refusal(view, dt.datetime.now(dt.UTC), quiet_seconds)
         if why is not None:

@@ -87,7 +87,7 @@ class Call:
     rollout_id: str
     epoch: int
     at: float  # fake monotonic time
-    answer: str  # "ok", "replay", "not_found", "unreachable", "disk_full", "refused"
+    answer: str  # "ok", "replay", "not_found", "unreachable", "disk_full", "refused"...
     frozen: frozenset[str]  # every node frozen when the call arrived
 
 
@@ -108,6 +108,7 @@ class FakeTxn:
 DISK_FULL_CAUSE = (
     "/var/lib/tlsroll-agent/journal.sqlite3: No space left on device (errno 28, ENOSPC)"
 )
+STORE_CAUSE = "journal /var/lib/tlsroll-agent/journal.sqlite3: database is locked (SQLITE_BUSY)"
 
 
 @dataclass
@@ -116,8 +117,9 @@ class FakeAgent:
     transactions end), ``refuse`` (method name → message: the call fails with StepFailed),
     ``unreachable`` (the next N calls fail with TransientError), ``disk_full`` (the next N
     calls fail as a real agent's on a full disk: RESOURCE_EXHAUSTED ``disk full: …``, through
-    the real client's ``call_failed``), ``outside_problem`` (what the outside check of the
-    node reports; None: it answers as it should)."""
+    the real client's ``call_failed``), ``store_unavailable`` (the next N calls fail as a real
+    agent's whose journal is locked: UNAVAILABLE ``store unavailable: …``), ``outside_problem``
+    (what the outside check of the node reports; None: it answers as it should)."""
 
     name: str
     address: str
@@ -139,6 +141,7 @@ class FakeAgent:
     refuse: dict[str, str] = field(default_factory=dict)
     unreachable: int = 0
     disk_full: int = 0
+    store_unavailable: int = 0
     outside_problem: str | None = None
     txn_seconds: float = 0.5
     # The last stretch of a transaction (fake seconds) in which its pending state says the
@@ -190,6 +193,12 @@ class FakeAgent:
                 self.name,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"disk full: {DISK_FULL_CAUSE}",
+            )
+        if self.store_unavailable:
+            self.store_unavailable -= 1
+            log("store_unavailable")
+            raise call_failed(
+                self.name, grpc.StatusCode.UNAVAILABLE, f"store unavailable: {STORE_CAUSE}"
             )
         if method in self.refuse:
             log("refused")

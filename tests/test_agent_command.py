@@ -24,7 +24,10 @@ from typing import Any, cast
 
 import grpc
 import pytest
+import structlog
+import structlog.testing
 
+from leader.agent_client import NodeStoreUnavailable, call_failed
 from nodeagent import service
 from nodeagent.drivers import ReferenceDriver, ServerFacts, config_stat
 from nodeagent.journal import Journal, JournalError, Txn
@@ -33,9 +36,10 @@ from nodeagent.transaction import Phase, Plan
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust
 from tests.conftest import IssuedCert
 from tests.refserver_helper import RefServer
-from tlsroll import dbthread, pki, probe
+from tlsroll import dbthread, pki, probe, rpc
 from tlsroll.clients import ClientsView
 from tlsroll.enums import TxnKind
+from tlsroll.logsample import SampledLog
 from tlsroll.rpc import RpcStatusError
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import TXN_KIND
@@ -507,11 +511,41 @@ async def test_get_transaction_whose_journal_read_fails_for_a_moment_is_asked_ag
         yield  # pragma: no cover
 
     monkeypatch.setattr(journal._db, "read", failing)
+    clock = [0.0]
+    monkeypatch.setattr(
+        rpc, "_STORE_TROUBLE", SampledLog(every=60, forget=60, clock=lambda: clock[0])
+    )
     question = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=TXN_KIND.wire(TxnKind.SWITCH))
-    with pytest.raises(RpcStatusError) as caught:
-        await agent.GetTransaction(question, cast(Any, Ctx()))
-    assert caught.value.code == status, caught.value
-    assert words in str(caught.value) and code in str(caught.value)
+    with structlog.testing.capture_logs() as logged:
+        for clock[0] in (0.0, 5.0, 10.0, 61.0):  # asked again every few seconds, a minute on
+            with pytest.raises(RpcStatusError) as caught:
+                await agent.GetTransaction(question, cast(Any, Ctx()))
+            assert caught.value.code == status, caught.value
+            assert words in str(caught.value) and code in str(caught.value)
+    # Review s74 L2: the agent answered UNAVAILABLE and logged nothing (its status map came
+    # before ``error_status``'s line): a method's first such answer is logged now, with its
+    # hint, then one a minute, the others summed up then.
+    lines = [e for e in logged if str(e["event"]).startswith("rpc.unavailable")]
+    if status is grpc.StatusCode.UNAVAILABLE:
+        assert [e["event"] for e in lines] == [
+            "rpc.unavailable",
+            "rpc.unavailable",
+            "rpc.unavailable_summary",
+        ], lines
+        assert lines[0]["method"] == "GetTransaction" and code in lines[0]["error"]
+        assert "hint" in lines[0] and lines[2]["refused_not_logged"] == 2, lines
+    elif status is grpc.StatusCode.FAILED_PRECONDITION:
+        assert lines == []  # a refusal: the caller is told, as before
+    # Review s74 L1: the leader said "agent unreachable" of this answer; its details begin
+    # with ``STORE_UNAVAILABLE`` now, which the leader's client tells from no answer.
+    failed = call_failed("node1", caught.value.code, str(caught.value))
+    answered = isinstance(failed, NodeStoreUnavailable)
+    assert answered is (status is grpc.StatusCode.UNAVAILABLE), failed
+    if answered:
+        assert str(failed) == (
+            f"agent node1: the node's journal or disk failed for a moment: journal"
+            f" {journal.path}: {words} ({code})"
+        ), failed
     monkeypatch.undo()
     journal.close()
 
@@ -633,6 +667,128 @@ async def test_get_transaction_answers_once_a_request_it_waits_for_is_dropped(
         async with asyncio.timeout(60):  # a bound for the test only: the answer is at once
             await asked
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
+class _FailingConnection:
+    """The journal's connection whose ``fail`` statement of a write ("COMMIT",
+    "BEGIN IMMEDIATE"; a read transaction's COMMIT commits) raises ``error`` (as SQLite's
+    module raises it) while set; anything else is the real connection's."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.fail = ""
+        self.error: sqlite3.Error | None = None
+        self._writing = False
+
+    def arm(self, statement: str, code: str, words: str) -> None:
+        self.fail = statement
+        self.error = sqlite3.OperationalError(words)
+        self.error.sqlite_errorname = code
+        self.error.sqlite_errorcode = getattr(sqlite3, code)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.startswith("BEGIN"):
+            self._writing = sql == "BEGIN IMMEDIATE"
+        if self.error is not None and sql == self.fail and self._writing:
+            raise self.error
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+UNAVAILABLE, REFUSED = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION
+LOCKED, MALFORMED = "database is locked", "database disk image is malformed"
+
+
+@pytest.mark.parametrize(
+    ("statement", "code", "words", "status", "doubt"),
+    [
+        # frames written, their fsync failed: maybe kept (replayed at the next open)
+        ("COMMIT", "SQLITE_IOERR_FSYNC", "disk I/O error", UNAVAILABLE, True),
+        ("COMMIT", "SQLITE_IOERR_WRITE", "disk I/O error", UNAVAILABLE, True),
+        # no commit frame written: nothing kept, asked again all the same
+        ("BEGIN IMMEDIATE", "SQLITE_BUSY", LOCKED, UNAVAILABLE, False),
+        (
+            "COMMIT",
+            "SQLITE_FULL",
+            "database or disk is full",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            False,
+        ),
+        # damaged: a refusal (asking again does not mend it); the COMMIT's fate unknown all the same
+        ("COMMIT", "SQLITE_CORRUPT", MALFORMED, REFUSED, True),
+    ],
+)
+async def test_a_journal_write_that_failed_is_asked_again_and_a_failed_commit_is_in_doubt(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    statement: str,
+    code: str,
+    words: str,
+    status: grpc.StatusCode,
+    doubt: bool,
+) -> None:
+    """Session 74's L3: a journal write that failed with SQLITE_BUSY, _LOCKED or _IOERR was
+    a ``JournalError``, FAILED_PRECONDITION: the leader took the begin for refused, asked
+    GetTransaction, got NOT_FOUND and recorded "nothing changed". But a COMMIT whose frames
+    reached the ``-wal`` and whose fsync failed is not in the agent's view while the next
+    open's recovery replays it: the agent, restarted, would resume what the leader recorded as
+    never begun. Such a write is UNAVAILABLE now (the leader asks again), and until a write is
+    kept again (a probe, which takes the failed frames' place) every read first writes, so
+    GetTransaction answers UNAVAILABLE, never "none held", while the journal cannot be written.
+    A write that wrote no commit frame (a lock, a full disk) leaves no doubt."""
+    from nodeagent import plans
+    from nodeagent.journal import JOURNAL_IN_DOUBT
+
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "")
+    monkeypatch.setattr(plans, "rollback_plan", lambda *_a, **_kw: plans.Built(b"h", plan, ""))
+
+    async def no_pin(_driver: object) -> None:
+        return None
+
+    monkeypatch.setattr(plans, "take_served_pin", no_pin)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    agent.driver = cast(Any, _StubDriver())
+    agent.runner = cast(Any, _StubRunner())
+    agent.cfg = cast(Any, SimpleNamespace(data_dir=tmp_path))
+    assert await command(agent, 5) == "r1"  # (the epoch journalled: its write is not tested)
+    conn = _FailingConnection(journal._db._db)
+    monkeypatch.setattr(journal._db, "_db", conn)
+    rollback = agent_pb2.RollbackRequest(command=agent_pb2.Command(rollout_id="r1", epoch=5))
+    question = agent_pb2.GetTransactionRequest(
+        rollout_id="r1", kind=TXN_KIND.wire(TxnKind.ROLLBACK)
+    )
+
+    conn.arm(statement, code, words)
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.Rollback(rollback, cast(Any, Ctx()))
+    assert caught.value.code == status, caught.value  # FAILED_PRECONDITION before
+    assert words in str(caught.value) and code in str(caught.value)
+    assert (JOURNAL_IN_DOUBT in str(caught.value)) is doubt
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.GetTransaction(question, cast(Any, Ctx()))
+    if doubt:  # the read writes first, which fails as the write did: not "none held"
+        assert caught.value.code == status, caught.value  # NOT_FOUND before
+        assert JOURNAL_IN_DOUBT in str(caught.value)
+    else:  # nothing to settle: the read answers, and writes nothing
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND, caught.value
+        with journal._read() as db:
+            assert db.execute("SELECT 1 FROM meta WHERE key = 'probed_at'").fetchone() is None
+
+    conn.error = None  # the disk works again
+    with pytest.raises(RpcStatusError) as caught:
+        await agent.GetTransaction(question, cast(Any, Ctx()))
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND, caught.value
+    with journal._read() as db:
+        probed = db.execute("SELECT 1 FROM meta WHERE key = 'probed_at'").fetchone()
+    assert (probed is not None) is doubt  # the probe that settled it, kept
+    begun = await agent.Rollback(rollback, cast(Any, Ctx()))  # sent again: begins
+    found = await agent.GetTransaction(question, cast(Any, Ctx()))
+    assert (found.rollout_id, found.started_at) == ("r1", begun.started_at)
+    monkeypatch.undo()
     journal.close()
 
 

@@ -50,7 +50,14 @@ from structlog.testing import capture_logs
 
 from leader import byo, changes, planner
 from leader import engine as engine_module
-from leader.agent_client import NotHeardYet, NotSent, StepFailed, SwitchRefused, cut_off_error
+from leader.agent_client import (
+    NODE_STORE_UNAVAILABLE,
+    NotHeardYet,
+    NotSent,
+    StepFailed,
+    SwitchRefused,
+    cut_off_error,
+)
 from leader.commands import Commands, RolloutRequest
 from leader.engine import (
     MAX_RETRY_SECONDS,
@@ -58,6 +65,7 @@ from leader.engine import (
     STEP_RETRY_SECONDS,
     TICK_SECONDS,
     UNKNOWN,
+    UNKNOWN_ANSWERED,
     WAITS_FOR_FREEZE,
     Engine,
 )
@@ -85,6 +93,7 @@ from tests.fake_agent import (
     DISK_FULL_CAUSE,
     RESTART_SECONDS,
     START,
+    STORE_CAUSE,
     FakeAgent,
     FakeAgents,
     FakeClock,
@@ -3086,6 +3095,54 @@ async def test_a_preflight_on_a_full_disk_says_so_and_fails_after_the_step_deadl
     assert bravo.reason.startswith("the node's disk is full since "), bravo.reason
     assert "(for 30 s; free space on it, then retry the rollout)" in bravo.reason, bravo.reason
     assert DISK_FULL_CAUSE in bravo.reason and "unreachable" not in bravo.reason, bravo.reason
+    await leader.stop()
+
+
+async def test_a_preflight_on_a_locked_journal_says_so_and_fails_after_the_step_deadline(
+    world: World,
+) -> None:
+    """Review s74 L1: an agent whose journal is locked or busy answers UNAVAILABLE "store
+    unavailable: …" (``JournalUnavailable``): retried as an agent away is, but the failure at
+    the deadline says what the agent answered, not "agent unreachable" (it answered)."""
+    world.agents["bravo"].store_unavailable = 10_000
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.HALTED
+    bravo = node(row.records, "bravo")
+    assert bravo.state is N.FAILED
+    assert bravo.reason.startswith(f"{NODE_STORE_UNAVAILABLE} since "), bravo.reason
+    assert STORE_CAUSE in bravo.reason and "unreachable" not in bravo.reason, bravo.reason
+    await leader.stop()
+
+
+async def test_a_switching_node_whose_journal_is_locked_shows_it_answers_not_unreachable(
+    world: World,
+) -> None:
+    """Review s74 L1: a switching node whose agent answers UNAVAILABLE over its locked journal
+    (a switch it may have begun: asked again) said "unknown — agent unreachable since …"; it
+    says the agent answers now, with its words, until the outcome replaces it."""
+    alpha = world.agents["alpha"]
+    switch = alpha.switch
+
+    async def switch_then_locked(request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
+        txn = await switch(request)
+        alpha.store_unavailable = 6  # its journal locked right after it began the switch
+        alpha.switch = switch  # type: ignore[method-assign]  # once
+        return txn
+
+    alpha.switch = switch_then_locked  # type: ignore[method-assign]
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run(
+        until=lambda row: node(row.records, "alpha").reason.startswith(UNKNOWN_ANSWERED)
+    )
+    reason = node(row.records, "alpha").reason
+    assert node(row.records, "alpha").state is N.SWITCHING
+    assert STORE_CAUSE in reason and "unreachable" not in reason, reason
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert node(row.records, "alpha") == NodeRecord("alpha", N.DONE)
     await leader.stop()
 
 

@@ -34,6 +34,7 @@ from tests import byo_certs
 from tests.conftest import next_loopback
 from tests.private_files import write_private
 from tlsroll import dbthread, password, pki, tls
+from tlsroll.clients import ClientsView
 from tlsroll.config import ConfigFile, dump_toml
 from tlsroll.enums import JOURNAL_PUT_BACK, NEEDS_ADMIN, Change, TxnKind, TxnOutcome
 from tlsroll.errors import UnsafePermissions
@@ -985,20 +986,34 @@ async def test_a_switch_on_a_node_that_needs_the_admin_is_refused_so_before_the_
     assert handshakes == [] and driver.freezes == 0 and runner.tasks == {}
 
 
-@pytest.mark.parametrize("change", KEEPS_CERTIFICATE)
+@pytest.mark.parametrize(
+    ("change", "quiet"),
+    [*((change, 0) for change in sorted(KEEPS_CERTIFICATE)), (Change.FINALIZE, 600)],
+)
 async def test_a_switch_on_a_busy_node_is_refused_as_busy_before_the_certificate(
     served: Served,
     https_listener: None,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     change: Change,
+    quiet: int,
 ) -> None:
     """Session 73's L (httpsl): a node busy with another transaction (not ended) answered a
     Switch that keeps the certificate with the untrusted certificate's words, its check made
     (a handshake with a server that other transaction may be restarting) before ``_begin``'s
     "busy". The refusal is now in ``_begin``'s order: the node's state (needs the admin,
-    busy) before the plan's checks; no handshake is made."""
+    busy) before the plan's checks; no handshake is made. So is a ``finalize --when-quiet``'s
+    (session 74's L4): it asked the server for its clients first, and a busy node answered
+    with the quiet check's words ("cannot tell"), the server read under that other
+    transaction's restart."""
     driver = Counted(served.driver(listen=listens(change)).config_file, served.etc / "log")
+    asked: list[str] = []
+
+    async def clients_now() -> ClientsView:
+        asked.append("clients_now")
+        return ClientsView(problem="its restart under way")  # (the quiet check refuses)
+
+    monkeypatch.setattr(driver, "clients_now", clients_now)
     other = Txn("p0", TxnKind.ROLLBACK, 1, Phase.STARTED, {}, dt.datetime.now(dt.UTC))
     await dbthread.run(served.journal.create, other)
     agent, runner = an_agent(served, driver, tmp_path, monkeypatch)
@@ -1010,13 +1025,15 @@ async def test_a_switch_on_a_busy_node_is_refused_as_busy_before_the_certificate
 
     monkeypatch.setattr(plans, "untrusted_certificate", untrusted)
 
+    request = switch_request(change)
+    request.quiet_seconds = quiet
     with pytest.raises(Aborted) as refused:
-        await agent.Switch(switch_request(change), cast(Any, FakeContext()))
+        await agent.Switch(request, cast(Any, FakeContext()))
 
     code, details = refused.value.args
     assert code == grpc.StatusCode.FAILED_PRECONDITION, refused.value.args
     assert details == "this node is busy with rollback of rollout p0", details
-    assert handshakes == [] and driver.freezes == 0 and runner.tasks == {}
+    assert handshakes == asked == [] and driver.freezes == 0 and runner.tasks == {}
     assert served.journal.get("p1", TxnKind.SWITCH) is None
 
 

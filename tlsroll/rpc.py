@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tlsroll import logs
 from tlsroll.errors import TerminalError, TransientError, os_error_text
+from tlsroll.logsample import SampledLog
 from tlsroll.wire import WireError
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -245,6 +246,14 @@ out the same wait again, four times: session 74); the step runs again
 (``leader.agent_client.BeingReceived``). An agent of session 73 ends its details so too."""
 
 
+STORE_UNAVAILABLE = "store unavailable"
+"""How the details of an UNAVAILABLE over the daemon's own store or disk begin when a servicer
+gives a full disk a status of its own (``error_status``'s ``full_disk``: the node agent),
+``store unavailable: CAUSE`` (a journal locked or busy, an I/O error, a read-only disk): its
+caller tells it from an agent it cannot reach, which answers nothing (review s74 L1: the leader
+said "unknown — agent unreachable" of an agent that answered that its journal was locked)."""
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True if ``exc`` says the disk (or the user's quota on it) is full: ENOSPC, EDQUOT,
     SQLITE_FULL."""
@@ -293,6 +302,14 @@ def error_status(
         return full_disk, short_details(f"{DISK_FULL}: {exc}")
     code = status_for(exc, {**BASE_ERRORS, **mapping})
     if code is not None:
+        if (
+            code is grpc.StatusCode.UNAVAILABLE
+            and full_disk is not grpc.StatusCode.UNAVAILABLE  # (the agent's servicers)
+            and exc.__cause__ is not None
+            and storage_trouble(exc.__cause__) is not None
+        ):
+            _store_trouble(name, exc)
+            return code, short_details(f"{STORE_UNAVAILABLE}: {exc}")
         return code, short_details(str(exc))
     if (unavailable := storage_trouble(exc)) is not None:
         log.warning(
@@ -303,8 +320,10 @@ def error_status(
             "under its data dir (df -h); the call is answered UNAVAILABLE, to try again",
         )
         told = unavailable if paths else storage_trouble(exc, paths=False) or unavailable
-        if full_disk is not grpc.StatusCode.UNAVAILABLE and is_disk_full(exc):
-            return full_disk, short_details(f"{DISK_FULL}: {told}")
+        if full_disk is not grpc.StatusCode.UNAVAILABLE:
+            if is_disk_full(exc):
+                return full_disk, short_details(f"{DISK_FULL}: {told}")
+            return grpc.StatusCode.UNAVAILABLE, short_details(f"{STORE_UNAVAILABLE}: {told}")
         return grpc.StatusCode.UNAVAILABLE, short_details(told)
     if isinstance(exc, OSError) and exc.errno is not None:
         # A file it could not write or read (a directory where its file goes, a permission):
@@ -334,6 +353,41 @@ def error_status(
         hint="a bug in tlsroll: report it with the lines before this one",
     )
     return grpc.StatusCode.INTERNAL, INTERNAL_DETAILS
+
+
+STORE_TROUBLE_EVERY = 60.0
+"""How often (seconds) ``_store_trouble`` logs a method's UNAVAILABLE answers on its own, and
+sums up those it did not log."""
+
+_STORE_TROUBLE = SampledLog(every=STORE_TROUBLE_EVERY, forget=STORE_TROUBLE_EVERY)
+
+
+def _store_trouble(name: str, exc: Exception) -> None:
+    """Log a project error over a store that failed for a moment, answered UNAVAILABLE by
+    its class (the agent's ``JournalUnavailable``: a journal locked or busy, an I/O error),
+    which ``error_status``'s ``rpc.unavailable`` line did not cover: minutes of a locked
+    journal left the node's own log silent (review s74 revsmall L2; the leader's store says
+    its own trouble: ``store.writes_failing``). Sampled as the join
+    port's refusals are (``SampledLog``): a method's first, again a minute later, the others
+    counted in a summary at most once a minute (the leader asks again every few seconds)."""
+    cause = exc.__cause__
+    code = (getattr(cause, "sqlite_errorname", None) or "") if cause is not None else ""
+    if _STORE_TROUBLE.first(name, code or type(cause).__name__):
+        log.warning(
+            "rpc.unavailable",
+            method=name,
+            error=short_details(str(exc)),
+            hint="the daemon's store could not be read or written for a moment (locked by"
+            " another process, an I/O error): the call is answered UNAVAILABLE, to try again;"
+            " if it lasts, look at the disk (dmesg) and at what else holds the file (fuser)",
+        )
+    if (summary := _STORE_TROUBLE.summary()) is not None:
+        log.warning(
+            "rpc.unavailable_summary",
+            **summary.fields(),
+            detail="calls answered UNAVAILABLE over the store's trouble in that time and not"
+            " logged one by one, by method (top) and SQLite code (reasons)",
+        )
 
 
 INTERNAL_DETAILS = "internal error; see the daemon's log"
