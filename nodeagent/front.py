@@ -22,7 +22,6 @@ from tlsroll.errors import ConfigError, NotRegularFile
 EXIT_CONFIG = 2
 """A config or usage error (``runtime``'s exit codes say all of them)."""
 PROG = "tlsroll-agent"
-log = logs.get_logger("nodeagent.runtime")  # its lines are the daemon's, as before
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,8 +54,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def start(argv: list[str] | None = None) -> tuple[argparse.Namespace, AgentConfig] | int:
-    """The command line read and the config loaded, logging configured; or the exit code of a
-    start refused, its line said."""
+    """The command line read and the config loaded (``runtime.run`` configures the logs from
+    it); or the exit code of a start refused, its line said."""
     ns = parser().parse_args(argv)
     daemon.no_core_dumps()  # before any key or secret is read
     fsutil.runs_as_root()  # its unit's User=root: never told to run as another user
@@ -69,10 +68,6 @@ def start(argv: list[str] | None = None) -> tuple[argparse.Namespace, AgentConfi
         ):
             raise unmounted
         cfg = AgentConfig.load(ns.config)
-        logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
-        log.debug(
-            "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
-        )
     except (ConfigError, NotRegularFile) as exc:
         # NotRegularFile: a file to read (join_token_file, a key) is a directory or a FIFO,
         # for a person to fix (review s47rtin L4)

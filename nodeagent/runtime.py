@@ -829,6 +829,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(ns: argparse.Namespace, cfg: AgentConfig) -> int:
     """The agent of ``front.start``'s command line and config, to its exit code."""
     try:
+        logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
+        log.debug(
+            "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
+        )
         if ns.reinitialise or ns.journal_checked:
             said = asyncio.run(
                 recover(
