@@ -12,6 +12,7 @@ the service manager starts it again and the journal resumes the transaction.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -29,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from nodeagent import certwork, cryptoworker, plans
+from nodeagent import certwork, cryptoworker, front, plans
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import CryptoWorker
@@ -94,7 +95,7 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 # (``fsutil.not_mounted``) and a journal that cannot be opened now (a full disk, a read-only
 # file system, a lock another process holds: StoreUnavailable), which systemd starts again
 # until it can.
-EXIT_CONFIG = 2
+EXIT_CONFIG = front.EXIT_CONFIG
 EXIT_STORE_TOO_NEW = 3
 EXIT_STORE_DAMAGED = 4
 EXIT_CERT_EXPIRED = 5
@@ -817,41 +818,17 @@ def journal_path(cfg: AgentConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = daemon.arguments("tlsroll-agent", "tlsroll node agent")
-    parser.add_argument("--config", type=daemon.path_argument, required=True, help="agent.toml")
-    parser.add_argument("--version", action="version", version=f"tlsroll-agent {__version__}")
-    parser.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=list(logs.LEVELS),
-        help="debug, info, warning or error (default: log_level in the config, else info)",
-    )
-    parser.add_argument(
-        "--reinitialise",
-        action="store_true",
-        help="begin an empty journal in place of a missing, empty or damaged one (the lost"
-        " file is kept beside it) and exit, with the agent stopped; then start the agent as"
-        " before; refused (exit 2) if the journal is intact or only cannot be opened now (a full"
-        " or read-only disk)",
-    )
-    parser.add_argument(
-        "--journal-checked",
-        action="store_true",
-        help="the admin has checked the managed server after a journal put back from a copy"
-        " left a transaction whose outcome the server did not show (the node 'needs the"
-        " admin'): the agent records that and exits, with the agent stopped; started as before,"
-        " the node is planned and switched again",
-    )
-    ns = parser.parse_args(argv)
-    daemon.no_core_dumps()  # before any key or secret is read
-    fsutil.runs_as_root()  # its unit's User=root: never told to run as another user
+    """The daemon: its command line and config read first (``nodeagent.front``, which
+    ``tlsroll-agent`` runs before it imports this module), then a recovery or the agent."""
+    started = front.start(argv)
+    if isinstance(started, int):
+        return started
+    return run(*started)
+
+
+def run(ns: argparse.Namespace, cfg: AgentConfig) -> int:
+    """The agent of ``front.start``'s command line and config, to its exit code."""
     try:
-        # A config below a mount point not mounted now: missing, or in a directory we may not
-        # enter (the leader's ``config_not_yet_there``), a disk not mounted yet, never "no
-        # such file", exit 2, the agent stopped for good before the disk came.
-        if not os.path.lexists(ns.config) and (unmounted := not_mounted("config", ns.config)):
-            raise unmounted
-        cfg = AgentConfig.load(ns.config)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
         log.debug(
             "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
@@ -868,6 +845,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tlsroll-agent: {said}")
             return 0
         asyncio.run(serve(cfg, ns.config))
+    except Exception as exc:
+        return refused(exc, ns, cfg)
+    return 0
+
+
+def refused(failure: Exception, ns: argparse.Namespace, cfg: AgentConfig | None) -> int:
+    """The exit code of a start or a run that failed with ``failure``, its line said (``cfg``:
+    None while it was being loaded)."""
+    try:
+        raise failure
     except (ConfigError, NotDamaged, JournalContradicted, NotRegularFile) as exc:
         # NotRegularFile: a file to read (join_token_file, a key) is a directory or a FIFO,
         # for a person to fix (review s47rtin L4)
@@ -889,8 +876,8 @@ def main(argv: list[str] | None = None) -> int:
         daemon.say("tlsroll-agent", f"{os_error_text(exc)}")
         return 1
     except sqlite3.Error as exc:  # a damaged journal: say which file, never a traceback
-        daemon.say("tlsroll-agent", f"journal {journal_path(cfg)}: {exc}")
+        where = journal_path(cfg) if cfg is not None else ns.config
+        daemon.say("tlsroll-agent", f"journal {where}: {exc}")
         return EXIT_STORE_DAMAGED if needs_a_person(exc) else 1
     except Exception as exc:  # one line, never a traceback (review s48rev3 M1)
         return daemon.internal_error("tlsroll-agent", exc, debug=ns.log_level == "debug")
-    return 0

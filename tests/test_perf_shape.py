@@ -389,6 +389,53 @@ def test_the_reference_server_as_its_driver_starts_it_loads_neither_rich_nor_cry
     assert lines[-1] == "", f"the reference server loaded {lines[-1]}"
 
 
+AGENT_REFUSED = {
+    "help": (["--help"], 0, "usage: tlsroll-agent"),
+    "missing": (["--config", "{tmp}/none.toml"], 2, "tlsroll-agent: config error: "),
+    "bad": (["--config", "{tmp}/agent.toml"], 2, "tlsroll-agent: config error: "),
+}
+NOT_IN_A_REFUSED_AGENT = ("nodeagent.runtime", "grpc", "google.protobuf", "nodeagent.journal")
+
+
+@pytest.mark.parametrize("case", list(AGENT_REFUSED))
+def test_an_agent_refusing_its_config_or_showing_its_help_imports_no_daemon(
+    tmp_path: Path, case: str
+) -> None:
+    """Session 74 (startcpu): ``tlsroll-agent`` reads its command line and config
+    (``nodeagent.front``) before it imports the daemon (``nodeagent.runtime``: gRPC, protobuf,
+    the journal, about half of a start's CPU), so ``--help`` and a config refused (missing, a
+    table missing) cost about 0.1 s of CPU less, with the same line and exit code as before.
+    The installed command, as pyproject.toml declares it."""
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    module, _, function = project["project"]["scripts"]["tlsroll-agent"].partition(":")
+    (tmp_path / "agent.toml").write_text("[leader]\nbogus = 1\n")
+    args, code, said = AGENT_REFUSED[case]
+    argv = ["tlsroll-agent", *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    script = (
+        "import atexit, sys\n"
+        f"NEVER = {NOT_IN_A_REFUSED_AGENT!r}\n"
+        "def held():\n"
+        "    print('held: ' + ' '.join(n for n in NEVER if sys.modules.get(n)))\n"
+        "atexit.register(held)\n"
+        f"sys.argv = {argv!r}\n"
+        f"import {module}\n"
+        f"sys.exit({module}.{function}())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+    said_on = done.stdout if code == 0 else done.stderr
+    assert said_on.startswith(said), done.stderr
+    assert code == 0 or len(done.stderr.splitlines()) == 1, done.stderr  # one line, as before
+    assert done.stdout.splitlines()[-1] == "held: ", f"a refused agent loaded {done.stdout}"
+
+
 @pytest.mark.parametrize("make_csr", [True, False])
 def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
     tmp_path: Path, loopback: Callable[[], str], make_csr: bool
