@@ -217,3 +217,13 @@ def test_a_long_store_trouble_is_cut_after_its_figures_are_masked() -> None:
     assert key(small) == key(large), (small, large)
     assert "has 8 KiB free" in small[0] and "has 1023.9 MiB free" in large[0]
     assert all(len(t) <= 2 * STORE_TROUBLE_CHARS for t in small + large)
+
+
+def test_schema_show_lists_a_node_s_problems_in_the_leader_s_order() -> None:
+    """`schema show` keeps its own copy of the leader's order (it imports none of the leader's
+    state code): the same kinds in the same order."""
+    from leader.cli import draw
+    from leader.states import NODE_PROBLEM_ORDER
+
+    assert tuple(kind.value for kind in NODE_PROBLEM_ORDER) == draw.PROBLEM_ORDER
+    assert draw.problem_rank("a-newer-leader-s-kind") == len(NODE_PROBLEM_ORDER)

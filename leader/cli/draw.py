@@ -17,7 +17,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from leader.cli.plain import Block, Part, Styled, Table, cell_len, clean, fit, fold, wrap
-from leader.states import problem_rank
 from tlsroll.enums import CAP_SOURCE
 
 if TYPE_CHECKING:
@@ -725,11 +724,31 @@ def render_password_behind(behind: View) -> Block:
     return Block(head, f"still on an older one: {nodes}", then)
 
 
+PROBLEM_ORDER = (
+    "twin-agents",
+    "earlier-certificate",
+    "needs-admin",
+    "agent-store",
+    "clock-offset",
+    "bootstrap-down",
+)
+"""``leader.states.NODE_PROBLEM_ORDER``'s kinds, as the schema carries them: the order in which
+`schema show` lists a node's problems (what holds a rollout first). Kept here, not imported:
+`schema show` imports none of the leader's state code (tests/test_perf_shape.py); a test keeps
+the two in step (tests/test_agent_store_problem.py)."""
+
+
+def problem_rank(kind: str) -> int:
+    """Where a problem of ``kind`` is listed: its place in ``PROBLEM_ORDER``; a kind this
+    release does not know (a newer leader's) last."""
+    return PROBLEM_ORDER.index(kind) if kind in PROBLEM_ORDER else len(PROBLEM_ORDER)
+
+
 def render_node_problems(problems: Sequence[View]) -> Block:
     """The nodes the leader sees a problem with now (two agents use one node's identity: held,
     neither planned nor switched; its clock differs from the leader's), each with what to do
     (the problem's words say which holds the node): what holds a rollout first, as the leader
-    lists them (``leader.states.NODE_PROBLEM_ORDER``; a leader before it listed them by the
+    lists them (``PROBLEM_ORDER``; a leader before it listed them by the
     kinds' names)."""
     table = Table("node", "since", "problem")
     ordered = sorted(
