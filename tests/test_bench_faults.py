@@ -5,6 +5,7 @@ of ``--faults disk`` where no tmpfs can be mounted (never a silent skip). In-pro
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sqlite3
 import subprocess
@@ -174,7 +175,7 @@ def test_a_disk_fault_moved_to_a_node_the_admins_retry_covers_finds_its_tmpfs(
     monkeypatch.setattr(faults, "NODE_STATE", SimpleNamespace(text=lambda state: state))
     monkeypatch.setattr(faults, "await_moment", lambda *a: True)
     monkeypatch.setattr(faults, "wait_end", lambda *a: "completed")
-    monkeypatch.setattr(faults.os.path, "ismount", lambda d: Path(d) in mounted)
+    monkeypatch.setattr(os.path, "ismount", lambda d: Path(d) in mounted)
     no_wait = SimpleNamespace(sleep=lambda seconds: None, monotonic=time.monotonic)
     monkeypatch.setattr(faults, "time", no_wait)  # (the fault's ``down``)
     seeds = 0
