@@ -650,6 +650,8 @@ def iteration(
         for directory, place in disk_dirs(root, result.faults, names).items():
             mounts.enter_context(tmpfs(directory, DISK_SIZE[place]))
         run_iteration(result, root, first, later)
+    for fault in later:  # (the first rollout completed: no retry or way back for them)
+        fault.moment = fault.moment or "no retry or way back ran"
     result.seconds = round(time.monotonic() - began, 1)
     return result
 
