@@ -351,6 +351,21 @@ def disk_dir(root: Path, fault: Fault) -> Path:
     return root / f"n{number - 1}" / "server"
 
 
+def disk_dirs(root: Path, faults: list[Fault], names: list[str]) -> dict[Path, str]:
+    """The directories to mount a tmpfs on before the iteration's cluster starts (each with
+    its place): each disk fault's, and for one of the admin's retry or way back every node's
+    of its place, as ``run_with_faults`` may move it to a node that retry covers."""
+    dirs: dict[Path, str] = {}
+    for fault in faults:
+        if fault.kind != "disk":
+            continue
+        movable = fault.rollout == "settle" and fault.place != "leader"
+        for target in names if movable else [fault.target]:
+            moved = Fault(fault.kind, target, fault.at, 0, 0, target, place=fault.place)
+            dirs[disk_dir(root, moved)] = fault.place
+    return dirs
+
+
 def inject(fault: Fault, cluster: Cluster, nodes: list[Node]) -> None:
     node = next((n for n in nodes if n.name == fault.target), nodes[0])
     assert node.agent is not None
@@ -632,10 +647,11 @@ def iteration(
     result.faults = first + later
     began = time.monotonic()
     with contextlib.ExitStack() as mounts:
-        for fault in result.faults:  # (one place per fault: two faults hit two places)
-            if fault.kind == "disk":
-                mounts.enter_context(tmpfs(disk_dir(root, fault), DISK_SIZE[fault.place]))
+        for directory, place in disk_dirs(root, result.faults, names).items():
+            mounts.enter_context(tmpfs(directory, DISK_SIZE[place]))
         run_iteration(result, root, first, later)
+    for fault in later:  # (the first rollout completed: no retry or way back for them)
+        fault.moment = fault.moment or "no retry or way back ran"
     result.seconds = round(time.monotonic() - began, 1)
     return result
 

@@ -5,11 +5,14 @@ of ``--faults disk`` where no tmpfs can be mounted (never a silent skip). In-pro
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -125,3 +128,69 @@ def test_disk_faults_where_no_tmpfs_can_be_mounted_refuse_to_run(
         " run as root\n"
     )
     assert list(tmp_path.iterdir()) == []  # no iteration ran
+
+
+def test_a_disk_fault_moved_to_a_node_the_admins_retry_covers_finds_its_tmpfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault of the admin's retry on a node that retry skips (done before the abort) moves to
+    one it covers (``run_with_faults``); a disk fault's tmpfs must be there too (session 74: it
+    was mounted only on the node first drawn, and the fault failed as the campaign's own)."""
+    mounted: list[Path] = []
+    filled: list[Path] = []
+
+    @contextlib.contextmanager
+    def tmpfs(directory: Path, size: str = "8m") -> Iterator[Path]:
+        mounted.append(directory)
+        yield directory
+
+    def fill(directory: Path) -> Path:
+        filled.append(Path(directory))
+        filler = tmp_path / "filler"
+        filler.touch()
+        return filler
+
+    def run_iteration(result: Any, root: Path, first: Any, later: list[Any]) -> None:
+        (fault,) = later
+        names = [f"node{i + 1}" for i in range(result.nodes)]
+        views = [
+            SimpleNamespace(name=n, state="skipped" if n == fault.target else "pending")
+            for n in names
+        ]
+        monkeypatch.setattr(faults, "rollout_view", lambda *a: SimpleNamespace(nodes=views))
+        cluster: Any = SimpleNamespace(data_dir=root / "cluster" / "data")
+        nodes: Any = [
+            SimpleNamespace(
+                name=n,
+                agent=SimpleNamespace(data_dir=root / "cluster" / "agents" / n / "data"),
+                config_dir=root / f"n{i}" / "server",
+            )
+            for i, n in enumerate(names)
+        ]
+        faults.run_with_faults(result, later, cluster, nodes, "r2")
+
+    monkeypatch.setattr(faults, "tmpfs", tmpfs)
+    monkeypatch.setattr(faults, "fill", fill)
+    monkeypatch.setattr(faults, "run_iteration", run_iteration)
+    monkeypatch.setattr(faults, "NODE_STATE", SimpleNamespace(text=lambda state: state))
+    monkeypatch.setattr(faults, "await_moment", lambda *a: True)
+    monkeypatch.setattr(faults, "wait_end", lambda *a: "completed")
+    monkeypatch.setattr(os.path, "ismount", lambda d: Path(d) in mounted)
+    no_wait = SimpleNamespace(sleep=lambda seconds: None, monotonic=time.monotonic)
+    monkeypatch.setattr(faults, "time", no_wait)  # (the fault's ``down``)
+    seeds = 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        rng.choice(["enable-retry"]), rng.choice([3])
+        (drawn, *more) = faults.draw(rng, ("disk",), ["node1", "node2", "node3"], "settle")
+        if more or drawn.place == "leader":
+            continue
+        seeds += 1
+        mounted.clear()
+        filled.clear()
+        result = faults.iteration(seed, tmp_path / str(seed), ("disk",), (3,), ("enable-retry",))
+        (fault,) = result.faults
+        assert result.problems == [], result.problems
+        assert fault.hit and fault.target != drawn.target, fault
+        assert filled == [faults.disk_dir(tmp_path / str(seed), fault)], (filled, mounted)
+    assert seeds >= 5
