@@ -811,10 +811,13 @@ class Journal:
             with self._db.tx() as db:
                 self._queued = []  # (under the store's lock: one write at a time)
                 self._writing = threading.get_ident()
+                changes = db.total_changes
                 try:
                     yield db
                     if self._queued:
                         db.executemany(_INSERT_EVENT, self._queued)
+                    if self._in_doubt and db.total_changes != changes:
+                        self._db.after_commit(self._settled)
                 finally:
                     self._writing = None
                 committing = True  # (what fails from here on is the COMMIT)
@@ -824,7 +827,13 @@ class Journal:
             if doubt:
                 self._in_doubt = True  # (``JOURNAL_IN_DOUBT``)
             raise self._error(exc, doubt=doubt) from exc
-        self._in_doubt = False  # a write kept: a failed COMMIT's frames are no longer replayed
+
+    def _settled(self) -> None:
+        """(After a COMMIT, under the store's lock.) A write that changed a row was kept: its
+        frames took the place of a failed COMMIT's, no longer replayed (``JOURNAL_IN_DOUBT``).
+        Not one that changed none (``admit_epoch`` of the epoch held, ``end_way_back`` with no
+        way back open): its COMMIT writes no frame (review s74 revdoubt)."""
+        self._in_doubt = False
 
     # --- epochs -------------------------------------------------------------------------------
 

@@ -551,6 +551,7 @@ def _log_crash(task: asyncio.Task[Txn]) -> None:
 def _write_then(
     write: Callable[..., Txn],
     then: Ahead,
+    kept: list[Txn],
     txn: Txn,
     *args: Any,
     **changes: Any,
@@ -558,8 +559,10 @@ def _write_then(
     """``write`` (a journal write: its failure is raised); then the action ``then.act`` with
     the new record (its failure is returned, for the runner to treat as the action's); then,
     if it succeeded, ``then.record`` (the journal write of the phase it leads to: its failure
-    is raised, as any journal write's). The journal still comes before each act."""
+    is raised, as any journal write's, the record ``write`` made in ``kept``). The journal
+    still comes before each act."""
     new = write(txn, *args, **changes)
+    kept.append(new)
     try:
         then.act(new)
     except Exception as exc:
@@ -1135,7 +1138,12 @@ class Runner:
                 self.changes.note(latest)  # what the journal holds, whatever the last write did
             if latest is not None and latest.finished:
                 return latest
-            txn = latest or txn
+            # Unread (a journal in doubt reads only once a write takes: ``JOURNAL_IN_DOUBT``),
+            # the record this process last journalled, which the journal keeps (its only
+            # writer): not the transaction as this task began, by which ``_die`` judged the
+            # freeze (review s74 revdoubt: "started", it lifted a freeze over a target
+            # restarted and never verified).
+            txn = latest or self.changes.latest(txn.rollout_id, txn.kind) or txn
             log.info("txn.restarting", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
 
     async def _die(self, txn: Txn, deaths: int, error: str) -> bool:
@@ -1383,8 +1391,8 @@ class Runner:
         put-back that fails is said and logged, never raised (the agent exits either way)."""
         try:
             latest = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
-        except Exception:  # unreadable: what the server may run is not known; nothing is done
-            return ""
+        except Exception:  # unreadable (in doubt, say): the record this process last journalled
+            latest = self.changes.latest(txn.rollout_id, txn.kind)
         if (
             latest is None
             or latest.phase is not Phase.FROZEN
@@ -1727,7 +1735,15 @@ class Runner:
                 await asyncio.sleep(0)
             await self._held()
             return txn
-        txn, followed, error = await dbthread.run(_write_then, write, then, txn, *args, **changes)
+        kept: list[Txn] = []
+        try:
+            txn, followed, error = await dbthread.run(
+                _write_then, write, then, kept, txn, *args, **changes
+            )
+        except BaseException:
+            if kept:  # the first write took, the record after the act did not: it is the last
+                self.changes.changed(kept[0])  # (``_supervised``'s, if the journal is unread)
+            raise
         key = (txn.rollout_id, txn.kind.value)
         self._journalled(txn.phase)
         self.changes.changed(txn)

@@ -792,6 +792,46 @@ async def test_a_journal_write_that_failed_is_asked_again_and_a_failed_commit_is
     journal.close()
 
 
+@pytest.mark.parametrize("then", ["nothing", "a write that changes nothing, a read"])
+def test_a_journal_in_doubt_is_settled_only_by_a_write_that_wrote(
+    tmp_path: Path, then: str
+) -> None:
+    """Review s74 revdoubt: a COMMIT whose frames reached the ``-wal`` and whose fsync failed
+    (here: the index in ``-shm`` put back as it was before it, so the frames are written and
+    out of view) is replayed by the next open's recovery (``JOURNAL_IN_DOUBT``; "nothing":
+    the premise, seen). A write kept settles the doubt: its frames take the failed ones'
+    place. A transaction that changes no row (the heartbeat's ``end_way_back`` when no way
+    back is open, ``admit_epoch`` of the epoch held) commits no frame, yet it settled the
+    doubt: the read after it answered without the write that the next open replays."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.set_removed_from_cluster("kept")
+    shm = Path(f"{journal.path}-shm")
+    index = shm.read_bytes()
+    journal.set_removed_from_cluster("in doubt")
+    with shm.open("r+b") as f:
+        f.write(index)
+    journal._in_doubt = True  # (as ``Journal._tx`` sets it after such a COMMIT)
+    read = None
+    if then != "nothing":
+        assert journal.end_way_back(["r9"]) is None  # (no write: nothing open)
+        read = journal.removed_from_cluster()
+    crashed = tmp_path / "crashed"  # what a crash (a power cut) leaves: no -shm
+    crashed.mkdir()
+    for suffix in ("", "-wal"):
+        (crashed / f"journal.sqlite3{suffix}").write_bytes(
+            Path(f"{journal.path}{suffix}").read_bytes()
+        )
+    recovered = Journal(crashed / "journal.sqlite3")
+    try:
+        if then == "nothing":
+            assert recovered.removed_from_cluster() == "in doubt"
+        else:  # the read wrote first: what it answered is what any later open finds
+            assert read == recovered.removed_from_cluster() == "kept"
+    finally:
+        recovered.close()
+        journal.close()
+
+
 async def test_get_transaction_asked_while_a_request_of_its_key_is_received_too_long(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -929,6 +929,84 @@ async def test_a_transaction_that_dies_with_an_unverified_config_live_keeps_the_
     resumed.close()
 
 
+class _FsyncFailing:
+    """A journal's connection whose COMMITs fail as a failing disk's fsync does
+    (SQLITE_IOERR_FSYNC) while ``failing``: each write is then in doubt
+    (``nodeagent.journal.JOURNAL_IN_DOUBT``), and so each read, which writes first."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.failing = False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if self.failing and sql == "COMMIT":
+            error = sqlite3.OperationalError("disk I/O error")
+            error.sqlite_errorname = "SQLITE_IOERR_FSYNC"
+            raise error
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+class FsyncFailingFrom(CrashingJournal):
+    """A journal whose disk fails every fsync from the write labelled ``failing_from`` on."""
+
+    def __init__(self, path: Path, failing_from: str) -> None:
+        super().__init__(path)
+        self.failing_from = failing_from
+        self.conn = _FsyncFailing(self._db._db)
+        self._db._db = cast(Any, self.conn)
+
+    def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if label.startswith(self.failing_from) or f", {self.failing_from}" in label:
+            self.conn.failing = True
+        return super()._write(label, write, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "failing_from", "kept"),
+    [
+        ("verify_fails", "restarted", True),  # the target restarted, never verified
+        ("completes", "restarted", False),  # the target runs and verifies: lifted
+        ("completes", "config_written", False),  # the source runs: lifted, and put back
+    ],
+)
+async def test_a_switch_whose_record_is_in_doubt_keeps_the_freeze_as_its_phase_says(
+    name: str, failing_from: str, kept: bool, world: Callable[..., World]
+) -> None:
+    """Review s74 revdoubt: the record of ``restarted`` failed its COMMIT (the fsync: in
+    doubt, ``JOURNAL_IN_DOUBT``) and the disk fails every write after it. In doubt, each read
+    of the journal writes first, which fails: ``_supervised`` could no longer read the record
+    back, and ``_die`` judged the freeze by the transaction as the task began (``started``:
+    "no unverified config live") and lifted it, the target restarted and never verified
+    taking writes (session 69's M, back). The phase the runner last journalled (kept:
+    ``config_written``) decides, as it did while a failed write left the reads working. So
+    for the source put back (session 68) where the record of ``config_written`` is in doubt:
+    unread, the target written and never loaded stayed on disk."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    journal = FsyncFailingFrom(w.journal_path, failing_from)
+    runner = w.runner(journal)
+    first = next_action(Phase.STARTED)
+
+    def create() -> tuple[Txn, Staged | None]:  # the servicer's one hand-off
+        txn = journal.create(w.txn, begin=first)
+        return txn, runner.stage(txn)
+
+    txn, staged = await asyncio.to_thread(create)
+    runner.start(txn, first, staged)
+    assert await settled(runner)  # held: the journal takes no write
+    s = w.server
+    restarted = failing_from == "restarted"
+    assert journal.conn.failing and s.running == (sc.target if restarted else sc.start), s.ops
+    assert s.frozen is kept, (s.ops, said(runner))
+    assert ("the freeze is kept" in said(runner)) is kept, said(runner)
+    assert ("the source config was put back" in said(runner)) is not restarted, said(runner)
+    assert s.config == s.running, s.ops  # (what a restart of the server would load)
+    journal.close()
+
+
 class Filling(CrashingJournal):
     """A journal that takes no write while ``full`` (a full disk under the agent's data dir),
     its probe included; the disk freed, it takes them again."""
