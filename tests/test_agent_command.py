@@ -478,6 +478,9 @@ async def test_a_transaction_says_the_change_its_switch_journalled(
     [
         ("SQLITE_IOERR_SHMLOCK", "disk I/O error", grpc.StatusCode.UNAVAILABLE),
         ("SQLITE_BUSY", "database is locked", grpc.StatusCode.UNAVAILABLE),
+        # a table locked by another connection of the process: said as the store's trouble
+        # too, not "agent unreachable" (review s74 revdoubt L1)
+        ("SQLITE_LOCKED", "database table is locked", grpc.StatusCode.UNAVAILABLE),
         # damaged: asking again does not mend it (a refusal, as before)
         ("SQLITE_CORRUPT", "database disk image is malformed", grpc.StatusCode.FAILED_PRECONDITION),
         # a disk that could not read the file back: damage too (``tlsroll.sqlite.unreadable``,

@@ -203,9 +203,11 @@ _SQLITE_UNAVAILABLE = (
     "SQLITE_READONLY",
     "SQLITE_CANTOPEN",
     "SQLITE_BUSY",
+    "SQLITE_LOCKED",
 )
 """SQLite's result codes (their extended codes too) that say the store's file or disk is
-failing or busy, not that a statement is wrong: the call may work later."""
+failing or busy (or locked by another connection: the agent's journal takes it as passing,
+``nodeagent.journal.READ_TRANSIENT``), not that a statement is wrong: the call may work later."""
 
 _OS_UNAVAILABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 """The errnos of a disk that is full, failing or read-only."""
