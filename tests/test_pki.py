@@ -449,4 +449,4 @@ def test_a_key_written_under_the_kdf_hook_is_weaker_and_kept_only_while_it_is_se
     assert str(keywrap.kdf_of(layout.ca_key.read_bytes())) == "scrypt N=16384 r=8 p=5"
     assert stat.S_IMODE(layout.ca_key.stat().st_mode) == 0o600
     again = pki.read_key(layout.ca_key, b"right")
-    assert again.private_numbers() == ca.key.private_numbers()  # type: ignore[union-attr]
+    assert again.private_numbers() == ca.key.private_numbers()
