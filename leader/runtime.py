@@ -709,6 +709,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     # runs) made the start's changes (a renewal's ca.pem.new put in place, the key upgraded,
     # the certificate rechained) before serve's check refused it (review s49 L4).
     refuse_if_running(cfg)
+    _kdf_hook()  # (set wrong: refused before anything is read)
     check_secret_dirs(layout)
     source = _passphrase_source(cfg)
     credential = source != cfg.ca_passphrase_file
@@ -802,6 +803,26 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
         leader_node=cfg.node_name,
         agent_cert_lifetime=dt.timedelta(seconds=agent_cert),
     )
+
+
+def _kdf_hook() -> None:
+    """The tests' scrypt hook (``keywrap.TEST_KDF_N_ENV``), said at every start while it is set:
+    a CA key this start writes (``upgrade_ca_key``) is under that weaker N, and one ``init``
+    wrote under it is kept. Set wrong, the start is refused (exit 2), never as unset."""
+    try:
+        n = keywrap.hook_kdf_n()
+    except keywrap.KdfHookError as exc:
+        raise ConfigError("environment", None, str(exc)) from None
+    if n is not None:
+        log.warning(
+            "leader.test_hook",
+            hook=keywrap.TEST_KDF_N_ENV,
+            value=n,
+            detail=f"the CA key is written (and kept) under scrypt N={n}, not"
+            f" N={keywrap.SCRYPT_N}: a passphrase guess costs {keywrap.SCRYPT_N // n} times less",
+            hint=f"{keywrap.TEST_KDF_N_ENV} is for tests only: remove it from the leader's"
+            " environment; the next start encrypts the key again at full strength",
+        )
 
 
 def _test_hook(env: str, value: float) -> None:

@@ -21,7 +21,13 @@ from tests import (
     procs,
 )
 from tests.private_files import open_keys_under
-from tlsroll import pki
+from tlsroll import keywrap, pki
+
+# Every CA key a test writes (``tlsroll init``, a leader's start that encrypts one again) is
+# under scrypt N=2^8, not 2^14 (``keywrap.TEST_KDF_N_ENV``: 0.2 s of CPU less at each init and
+# each leader start, this process's and its children's). Set empty, the whole suite runs at full
+# strength; the tests of the key's strength (tests/test_ops.py) clear it themselves.
+os.environ.setdefault(keywrap.TEST_KDF_N_ENV, "256")
 
 # Each test node gets its own 127.0.0.0/8 address so that it can use the seed's fixed ports
 # (8080, 8443, 9443) like a real server would. The second octet is this process's own: the

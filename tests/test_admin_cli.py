@@ -33,7 +33,7 @@ from tests.cluster import (
     one_line_error,
 )
 from tests.conftest import next_loopback
-from tlsroll import __version__, pki
+from tlsroll import __version__, keywrap, pki
 from tlsroll.cli import main
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc
 
@@ -223,8 +223,18 @@ def test_ca_show_pin_is_the_sha256_of_the_ca_spki(cluster: Cluster) -> None:
 
 def test_init_prints_the_pin_and_refuses_to_overwrite(tmp_path: Path) -> None:
     with Cluster(tmp_path, next_loopback()) as fresh:
+        # The tests' scrypt hook (conftest's TLSROLL_TEST_KDF_N) set wrong: refused, nothing
+        # made; set, said on stderr once the key is written (session 74).
+        args = ["init", "--data-dir", str(fresh.data_dir), "--address", fresh.address]
+        line = cli_error(fresh.cli(*args, env={keywrap.TEST_KDF_N_ENV: "1000"}), 2)
+        assert "TLSROLL_TEST_KDF_N (tests only) must be a power of 2 from 2 to 8192" in line
+        assert not fresh.data_dir.exists()
         result = fresh.init()
         assert fresh.ca_pin() in result.stdout
+        assert result.stderr.startswith(
+            "tlsroll: warning: TLSROLL_TEST_KDF_N=256 is set (tests only): the CA key is"
+            " written under scrypt N=256, not N=16384"
+        ), result.stderr
         before = {p: p.read_bytes() for p in fresh.data_dir.rglob("*") if p.is_file()}
         line = cli_error(
             fresh.cli("init", "--data-dir", str(fresh.data_dir), "--address", fresh.address), 1

@@ -40,7 +40,7 @@ from tests.cluster import (
     secure_channel,
 )
 from tests.conftest import next_loopback
-from tlsroll import bootstrap_protocol, pki, spiffe
+from tlsroll import bootstrap_protocol, keywrap, pki, spiffe
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -121,9 +121,45 @@ def init_writes_the_ca_key_under_scrypt_and_openssl_reads_it(cluster: Cluster) -
 def test_init_writes_the_ca_key_under_scrypt_and_a_weak_one_is_encrypted_again_at_start(
     cluster: Cluster,
 ) -> None:
-    # What init wrote (a test of its own before, with a cluster of its own), then the key as an
-    # old version wrote it.
+    # The fixture's init ran under the tests' scrypt hook (conftest: TLSROLL_TEST_KDF_N=256):
+    # the key is under N=256, and a start with the hook keeps it and says so (session 74).
+    assert os.environ[keywrap.TEST_KDF_N_ENV] == "256"
+    assert (
+        kdf_lines(cluster.ca_key_path)
+        == [
+            *SCRYPT_LINES[:2],
+            "INTEGER :0100",  # N = 2^8
+            *SCRYPT_LINES[3:],
+        ]
+    )
+    hooked = cluster.ca_key_path.read_bytes()
+    # Set wrong, the hook is no hook: the start is refused in one line, nothing changed.
+    twin = Daemon("twin", cluster.leader.argv, cluster.root / "twin.log", lambda: False)
+    code, output = twin.run_to_exit(env={keywrap.TEST_KDF_N_ENV: "16384"})
+    assert code == 2
+    line = one_line_error(output, "tlsroll-leader")
+    assert f"{keywrap.TEST_KDF_N_ENV} (tests only) must be a power of 2" in line, line
+    assert cluster.ca_key_path.read_bytes() == hooked
+    cluster.start_leader()
+    said = [e for e in cluster.leader.log_events() if e["event"] == "leader.test_hook"]
+    assert [(e["hook"], e["value"], e["level"]) for e in said] == [
+        (keywrap.TEST_KDF_N_ENV, 256, "warning")
+    ], said
+    assert "tests only" in said[0]["hint"] and "N=256" in said[0]["detail"]
+    assert "ca.key_reencrypted" not in cluster.leader.event_names()
+    assert cluster.ca_key_path.read_bytes() == hooked
+    cluster.stop_leader()
+    # Without the hook (empty: as unset) that key is weak: encrypted again at full strength,
+    # as any production key; then openssl reads it.
+    unhooked = {keywrap.TEST_KDF_N_ENV: ""}
+    cluster.start_leader(unhooked)
+    events = [e for e in cluster.leader.log_events() if e["event"] == "ca.key_reencrypted"]
+    assert [(e["kdf_before"], e["kdf_now"]) for e in events] == [
+        ("scrypt N=256 r=8 p=5", "scrypt N=16384 r=8 p=5")
+    ], events
+    cluster.stop_leader()
     init_writes_the_ca_key_under_scrypt_and_openssl_reads_it(cluster)
+    # Then the key as an old version wrote it.
     passphrase = read_passphrase(cluster.passphrase_path)
     ca = pki.CertificateAuthority.load(cluster.ca_cert_path, cluster.ca_key_path, passphrase)
     # As tlsroll 0.1.0 wrote it: cryptography's own choice, PBKDF2 with 2048 iterations.
@@ -136,24 +172,25 @@ def test_init_writes_the_ca_key_under_scrypt_and_a_weak_one_is_encrypted_again_a
     assert "OBJECT :PBKDF2" in kdf_lines(cluster.ca_key_path)
     assert "INTEGER :0800" in kdf_lines(cluster.ca_key_path)  # 2048
 
-    cluster.start_leader()
+    cluster.start_leader(unhooked)
     events = [e for e in cluster.leader.log_events() if e["event"] == "ca.key_reencrypted"]
-    assert len(events) == 1, cluster.leader.log_text()
-    assert events[0]["kdf_before"] == "PBKDF2 2048 iterations (hmacWithSHA256)"
-    assert events[0]["kdf_now"] == "scrypt N=16384 r=8 p=5"
+    assert len(events) == 2, cluster.leader.log_text()
+    assert events[1]["kdf_before"] == "PBKDF2 2048 iterations (hmacWithSHA256)"
+    assert events[1]["kdf_now"] == "scrypt N=16384 r=8 p=5"
     assert kdf_lines(cluster.ca_key_path) == SCRYPT_LINES
     assert stat.S_IMODE(cluster.ca_key_path.stat().st_mode) == 0o600
     again = pki.CertificateAuthority.load(cluster.ca_cert_path, cluster.ca_key_path, passphrase)
     assert again.key.private_numbers() == ca.key.private_numbers()  # the same key
 
-    # The CA still signs: an agent enrols. A second start leaves the key alone.
+    # The CA still signs: an agent enrols. A second start leaves the key alone, the tests'
+    # hook set again: it never lowers a key's N.
     cluster.add_agent("node1", next_loopback())
     before = cluster.ca_key_path.read_bytes()
     cluster.stop_leader()
     cluster.start_leader()
     assert cluster.ca_key_path.read_bytes() == before
     names = cluster.leader.event_names()
-    assert names.count("ca.key_reencrypted") == 1
+    assert names.count("ca.key_reencrypted") == 2
     assert cluster.find_secrets(cluster.logs_text()) == []
 
 

@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from leader.layout import Layout, upgrade_ca_key
 from tests.cluster import csr_pem
-from tlsroll import pki
+from tlsroll import keywrap, pki
 from tlsroll.errors import PKIError, PKIReason, UnsafePermissions
 
 ADDRESS = "127.0.0.7"
@@ -399,3 +400,53 @@ def test_a_dns_name_that_is_a_number_address_is_refused(name: str) -> None:
 )
 def test_a_dns_name_with_digits_elsewhere_is_signed(name: str) -> None:
     assert pki.dns_problem(name) is None
+
+
+# --- the tests' scrypt hook (TLSROLL_TEST_KDF_N) ----------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "1", "3", "1000", "16384", "32768", "-256", "x", "2**8"])
+def test_the_kdf_hook_set_wrong_is_an_error_never_as_unset(value: str) -> None:
+    hooked = {keywrap.TEST_KDF_N_ENV: value}
+    with pytest.raises(keywrap.KdfHookError) as info:
+        keywrap.hook_kdf_n(hooked)
+    assert "\n" not in str(info.value) and "power of 2 from 2 to 8192" in str(info.value)
+    with pytest.raises(keywrap.KdfHookError):  # nothing written under a hook set wrong
+        keywrap.encrypt(pki.generate_key(), b"pass", hooked)
+    assert keywrap.hook_kdf_n({}) is None
+    assert keywrap.hook_kdf_n({keywrap.TEST_KDF_N_ENV: ""}) is None  # (empty: as unset)
+    assert keywrap.hook_kdf_n({keywrap.TEST_KDF_N_ENV: "8192"}) == 8192
+
+
+def test_a_key_written_under_the_kdf_hook_is_weaker_and_kept_only_while_it_is_set(
+    ca: pki.CertificateAuthority, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 74 (CI time): under ``TLSROLL_TEST_KDF_N`` the CA key is written with that N (a
+    leader start's scrypt costs 0.2 s of CPU at 2^14); while it is set such a key is kept, and
+    without it the leader's start encrypts it again at full strength (``upgrade_ca_key``), as a
+    key of an older tlsroll: a key a test made never stays weak in production."""
+    hooked, unhooked = {keywrap.TEST_KDF_N_ENV: "256"}, {keywrap.TEST_KDF_N_ENV: ""}
+    pem = keywrap.encrypt(ca.key, b"right", hooked)
+    kdf = keywrap.kdf_of(pem)
+    assert str(kdf) == "scrypt N=256 r=8 p=5"
+    assert not kdf.strong and kdf.acceptable(hooked) and not kdf.acceptable(unhooked)
+    assert pki.load_key_pem(pem, b"right").private_numbers() == ca.key.private_numbers()
+    full = keywrap.kdf_of(keywrap.encrypt(ca.key, b"right", unhooked))
+    assert str(full) == "scrypt N=16384 r=8 p=5" and full.acceptable(hooked)  # never lowered
+    lower = keywrap.kdf_of(keywrap.encrypt(ca.key, b"x", {keywrap.TEST_KDF_N_ENV: "128"}))
+    assert not lower.acceptable(hooked)  # (below the hook's N: weak under it too)
+
+    layout = Layout(tmp_path)
+    layout.ca_key.parent.mkdir()
+    monkeypatch.setenv(keywrap.TEST_KDF_N_ENV, "256")
+    pki.write_key(layout.ca_key, ca.key, b"right")
+    assert keywrap.kdf_of(layout.ca_key.read_bytes()).n == 256
+    before = layout.ca_key.read_bytes()
+    assert upgrade_ca_key(layout, ca, b"right") is None  # the hook set: kept
+    assert layout.ca_key.read_bytes() == before
+    monkeypatch.delenv(keywrap.TEST_KDF_N_ENV)
+    assert upgrade_ca_key(layout, ca, b"right") == "scrypt N=256 r=8 p=5"
+    assert str(keywrap.kdf_of(layout.ca_key.read_bytes())) == "scrypt N=16384 r=8 p=5"
+    assert stat.S_IMODE(layout.ca_key.stat().st_mode) == 0o600
+    again = pki.read_key(layout.ca_key, b"right")
+    assert again.private_numbers() == ca.key.private_numbers()

@@ -14,13 +14,20 @@ scrypt above 32 MiB, so OWASP's first choice (N=2^17, 128 MiB) would make a key 
 read back; this is OWASP's equivalent for 16 MiB: N=2^14, r=8, p=5 (about 0.2–0.4 s per try).
 
 ``kdf_of`` reads the parameters of a PEM key back, so that the leader can tell a key written by
-an older tlsroll (or by hand) with a weak KDF and encrypt it again (``is_strong``).
+an older tlsroll (or by hand) with a weak KDF and encrypt it again (``Kdf.strong``).
+
+Tests only: ``TLSROLL_TEST_KDF_N`` (``TEST_KDF_N_ENV``, ``hook_kdf_n``) writes keys with a lower
+N (a power of 2 under 2^14), so that each ``tlsroll init`` and leader start of the test suite
+does not spend 0.2 s of CPU in scrypt. While it is set such a key passes (``Kdf.acceptable``);
+without it, it is as weak as any other and the leader encrypts it again at full strength at its
+next start: a key a test made never stays weak in production.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import padding, serialization
@@ -35,6 +42,36 @@ SCRYPT_R = 8
 SCRYPT_P = 5
 # What a PBKDF2 key needs to count as strong (OWASP, PBKDF2-HMAC-SHA256).
 PBKDF2_MIN_ITERATIONS = 600_000
+
+TEST_KDF_N_ENV = "TLSROLL_TEST_KDF_N"
+"""Tests only: the scrypt N of the keys written while it is set (``hook_kdf_n``), in place of
+``SCRYPT_N``: a power of 2 from 2 to ``SCRYPT_N`` / 2, never higher (OpenSSL reads no more
+than 32 MiB) nor ``SCRYPT_N`` itself. Set wrong it is an error (``KdfHookError``), never as
+unset: the leader refuses to start (exit 2), ``tlsroll init`` to run. Empty is as unset."""
+
+
+class KdfHookError(ValueError):
+    """``TEST_KDF_N_ENV`` holds something other than a power of 2 below ``SCRYPT_N`` (the
+    message says so in one line, never the passphrase: there is none in it)."""
+
+
+def hook_kdf_n(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The scrypt N the test hook (``TEST_KDF_N_ENV``) sets, or None when it is unset (or
+    empty); ``KdfHookError`` if it holds anything but a power of 2 from 2 to ``SCRYPT_N`` / 2."""
+    raw = environ.get(TEST_KDF_N_ENV, "")
+    if not raw:
+        return None
+    try:
+        n = int(raw, 10)
+    except ValueError:
+        n = 0
+    if not 2 <= n < SCRYPT_N or n & (n - 1):
+        raise KdfHookError(
+            f"{TEST_KDF_N_ENV} (tests only) must be a power of 2 from 2 to {SCRYPT_N // 2}, "
+            f"got {raw[:20]!r}; unset it"
+        )
+    return n
+
 
 _PBES2 = "1.2.840.113549.1.5.13"
 _SCRYPT = "1.3.6.1.4.1.11591.4.11"
@@ -159,18 +196,22 @@ def _pem_der(pem: bytes, label: str) -> bytes | None:
 # --- writing -----------------------------------------------------------------------------------
 
 
-def encrypt(key: PrivateKeyTypes, passphrase: bytes) -> bytes:
+def encrypt(
+    key: PrivateKeyTypes, passphrase: bytes, environ: Mapping[str, str] = os.environ
+) -> bytes:
     """``key`` as a PEM ``ENCRYPTED PRIVATE KEY``: PBES2, scrypt (N=2^14, r=8, p=5, a new
-    16-byte salt), AES-256-CBC (a new IV)."""
+    16-byte salt), AES-256-CBC (a new IV). N is the test hook's while it is set
+    (``hook_kdf_n``: ``KdfHookError`` if it is set wrong)."""
     if not passphrase:
         raise ValueError("an encrypted key needs a passphrase")
+    n = hook_kdf_n(environ) or SCRYPT_N
     plain = key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     salt, iv = os.urandom(16), os.urandom(16)
-    derived = Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(passphrase)
+    derived = Scrypt(salt=salt, length=32, n=n, r=SCRYPT_R, p=SCRYPT_P).derive(passphrase)
     padder = padding.PKCS7(128).padder()
     padded = padder.update(plain) + padder.finalize()
     encryptor = Cipher(algorithms.AES(derived), modes.CBC(iv)).encryptor()
@@ -180,7 +221,7 @@ def encrypt(key: PrivateKeyTypes, passphrase: bytes) -> bytes:
         _seq(
             _seq(
                 _oid(_SCRYPT),
-                _seq(_tlv(_OCTET_STRING, salt), _int(SCRYPT_N), _int(SCRYPT_R), _int(SCRYPT_P)),
+                _seq(_tlv(_OCTET_STRING, salt), _int(n), _int(SCRYPT_R), _int(SCRYPT_P)),
             ),
             _seq(_oid(_AES256_CBC), _tlv(_OCTET_STRING, iv)),
         ),
@@ -212,11 +253,22 @@ class Kdf:
 
     @property
     def strong(self) -> bool:
+        """Strong enough to keep, whatever the environment."""
+        return self._strong_from(SCRYPT_N)
+
+    def acceptable(self, environ: Mapping[str, str] = os.environ) -> bool:
+        """Kept as it is by the leader's start: ``strong``, or, while the test hook is set
+        (``hook_kdf_n``; ``KdfHookError`` if set wrong), scrypt at least as strong as the keys
+        written under it. Without the hook a key written under it is weak: encrypted again."""
+        floor = hook_kdf_n(environ)
+        return self.strong or (floor is not None and self._strong_from(floor))
+
+    def _strong_from(self, scrypt_n: int) -> bool:
         if self.name == "scrypt":
             return (
-                self.n >= SCRYPT_N
+                self.n >= scrypt_n
                 and self.r >= SCRYPT_R
-                and self.n * self.r * self.p >= (SCRYPT_N * SCRYPT_R * SCRYPT_P)
+                and self.n * self.r * self.p >= (scrypt_n * SCRYPT_R * SCRYPT_P)
             )
         if self.name == "pbkdf2":
             return self.iterations >= PBKDF2_MIN_ITERATIONS and self.prf in _PRF_STRONG

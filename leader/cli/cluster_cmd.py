@@ -130,6 +130,7 @@ def init(
     for name in dns_names:
         if problem := pki.dns_problem(pki.dns_given(name)):
             raise click.BadParameter(problem, param_hint="--dns")
+    weaker = kdf_hook()  # (set wrong: refused before anything is made)
     try:
         from leader import layout as layout_mod  # noqa: PLC0415 - only init needs it
 
@@ -142,12 +143,36 @@ def init(
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--address") from None
+    if weaker is not None:  # (once made: an init refused wrote no key, and says one line)
+        click.echo(
+            f"tlsroll: warning: {weaker}; unset it for a real cluster (the leader's first"
+            " start without it encrypts the key again)",
+            err=True,
+        )
     ca = pki.read_cert(layout.ca_cert)
     out.print(f"initialised {layout.data_dir}")
     out.print(f"  config      {layout.config}")
     out.print(f"  CA pin      {pki.spki_pin(ca)}   (agents need it: [leader].ca_pin)")
     for line in start_lines(layout.data_dir, layout.config):
         out.print(line)
+
+
+def kdf_hook() -> str | None:
+    """The tests' scrypt hook (``keywrap.TEST_KDF_N_ENV``): set wrong, a usage error (exit 2)
+    before anything is made; set, what ``init`` warns of once the CA key is written weaker
+    (scrypt N=n, not ``keywrap.SCRYPT_N``); None when unset."""
+    from tlsroll import keywrap  # noqa: PLC0415 - only init needs it
+
+    try:
+        n = keywrap.hook_kdf_n()
+    except keywrap.KdfHookError as exc:
+        raise click.UsageError(str(exc)) from None
+    if n is None:
+        return None
+    return (
+        f"{keywrap.TEST_KDF_N_ENV}={n} is set (tests only): the CA key is written under"
+        f" scrypt N={n}, not N={keywrap.SCRYPT_N}"
+    )
 
 
 def start_lines(data_dir: Path, config: Path) -> list[str]:
