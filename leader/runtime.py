@@ -709,7 +709,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     # runs) made the start's changes (a renewal's ca.pem.new put in place, the key upgraded,
     # the certificate rechained) before serve's check refused it (review s49 L4).
     refuse_if_running(cfg)
-    _kdf_hook()  # (set wrong: refused before anything is read)
+    _kdf_hook(layout.data_dir)  # (set wrong: refused before anything is read)
     check_secret_dirs(layout)
     source = _passphrase_source(cfg)
     credential = source != cfg.ca_passphrase_file
@@ -805,7 +805,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     )
 
 
-def _kdf_hook() -> None:
+def _kdf_hook(data_dir: Path) -> None:
     """The tests' scrypt hook (``keywrap.TEST_KDF_N_ENV``), said at every start while it is set:
     a CA key this start writes (``upgrade_ca_key``) is under that weaker N, and one ``init``
     wrote under it is kept. Set wrong, the start is refused (exit 2), never as unset."""
@@ -813,6 +813,8 @@ def _kdf_hook() -> None:
         n = keywrap.hook_kdf_n()
     except keywrap.KdfHookError as exc:
         raise ConfigError("environment", None, str(exc)) from None
+    if (refused := keywrap.hook_refused_for(data_dir, n)) is not None:
+        raise ConfigError("environment", None, refused)
     if n is not None:
         log.warning(
             "leader.test_hook",

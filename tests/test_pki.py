@@ -418,6 +418,36 @@ def test_the_kdf_hook_set_wrong_is_an_error_never_as_unset(value: str) -> None:
     assert keywrap.hook_kdf_n({keywrap.TEST_KDF_N_ENV: "8192"}) == 8192
 
 
+def test_the_kdf_hook_is_refused_for_the_installed_leader_s_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s74 scryptknob: the hook left in a production unit's environment kept the CA
+    key (and every backup made meanwhile) weaker, said but not refused. For the installed
+    leader's data dir (``DEFAULT_DATA_DIR``) both ``init`` (a usage error, exit 2) and a start
+    (a config error, exit 2) refuse it before anything is read or made; any other dir (the
+    tests') takes it. Nothing here touches the default dir: the checks read no file."""
+    import click
+
+    from leader import runtime
+    from leader.cli import cluster_cmd
+    from tlsroll.defaults import DEFAULT_DATA_DIR
+    from tlsroll.errors import ConfigError
+
+    assert keywrap.hook_refused_for(DEFAULT_DATA_DIR, None) is None  # unset: nothing to refuse
+    assert keywrap.hook_refused_for(tmp_path, 256) is None
+    refused = keywrap.hook_refused_for(DEFAULT_DATA_DIR, 256)
+    assert refused is not None and str(DEFAULT_DATA_DIR) in refused and "\n" not in refused
+    monkeypatch.setenv(keywrap.TEST_KDF_N_ENV, "256")
+    with pytest.raises(click.UsageError, match="installed leader's data directory"):
+        cluster_cmd.kdf_hook(DEFAULT_DATA_DIR)
+    with pytest.raises(ConfigError, match="installed leader's data directory"):
+        runtime._kdf_hook(DEFAULT_DATA_DIR)
+    assert cluster_cmd.kdf_hook(tmp_path) is not None  # (said, taken)
+    runtime._kdf_hook(tmp_path)
+    monkeypatch.delenv(keywrap.TEST_KDF_N_ENV)
+    assert cluster_cmd.kdf_hook(DEFAULT_DATA_DIR) is None  # unset: the default dir is fine
+
+
 def test_a_key_written_under_the_kdf_hook_is_weaker_and_kept_only_while_it_is_set(
     ca: pki.CertificateAuthority, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,6 +29,7 @@ import base64
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.hazmat.primitives import padding, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -53,6 +54,28 @@ unset: the leader refuses to start (exit 2), ``tlsroll init`` to run. Empty is a
 class KdfHookError(ValueError):
     """``TEST_KDF_N_ENV`` holds something other than a power of 2 below ``SCRYPT_N`` (the
     message says so in one line, never the passphrase: there is none in it)."""
+
+
+def hook_refused_for(data_dir: Path, n: int | None) -> str | None:
+    """Why the tests' scrypt hook (set to ``n``; None: unset) is refused for a leader's
+    ``data_dir``: the installed unit's own (``tlsroll.defaults.DEFAULT_DATA_DIR``), where a
+    production CA key lives, is never written weaker, whatever the environment says (review of
+    s74 scryptknob: a hook left in a production unit would keep the key up to 8192 times cheaper
+    to guess, and every backup made meanwhile). None: not refused."""
+    if n is None:
+        return None
+    from tlsroll.defaults import DEFAULT_DATA_DIR  # noqa: PLC0415 - only with the hook set
+
+    try:
+        production = data_dir.resolve() == DEFAULT_DATA_DIR.resolve()
+    except OSError:
+        production = data_dir.absolute() == DEFAULT_DATA_DIR
+    if not production:
+        return None
+    return (
+        f"{TEST_KDF_N_ENV} (tests only) is set for {DEFAULT_DATA_DIR}, the installed leader's "
+        "data directory, whose CA key is never written weaker; unset it"
+    )
 
 
 def hook_kdf_n(environ: Mapping[str, str] = os.environ) -> int | None:

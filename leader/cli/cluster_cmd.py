@@ -130,7 +130,7 @@ def init(
     for name in dns_names:
         if problem := pki.dns_problem(pki.dns_given(name)):
             raise click.BadParameter(problem, param_hint="--dns")
-    weaker = kdf_hook()  # (set wrong: refused before anything is made)
+    weaker = kdf_hook(Path(absolute))  # (set wrong: refused before anything is made)
     try:
         from leader import layout as layout_mod  # noqa: PLC0415 - only init needs it
 
@@ -157,7 +157,7 @@ def init(
         out.print(line)
 
 
-def kdf_hook() -> str | None:
+def kdf_hook(data_dir: Path) -> str | None:
     """The tests' scrypt hook (``keywrap.TEST_KDF_N_ENV``): set wrong, a usage error (exit 2)
     before anything is made; set, what ``init`` warns of once the CA key is written weaker
     (scrypt N=n, not ``keywrap.SCRYPT_N``); None when unset."""
@@ -167,6 +167,8 @@ def kdf_hook() -> str | None:
         n = keywrap.hook_kdf_n()
     except keywrap.KdfHookError as exc:
         raise click.UsageError(str(exc)) from None
+    if (refused := keywrap.hook_refused_for(data_dir, n)) is not None:
+        raise click.UsageError(refused)
     if n is None:
         return None
     return (
