@@ -1930,7 +1930,7 @@ def test_an_error_nobody_foresaw_in_a_daemon_is_one_line_with_its_type_only(
     if debug:
         env["TLSROLL_DEBUG"] = "1"
     # there (its load is the bug): a config missing from an empty directory is a disk not
-    # mounted yet, said before the config is read (``leader.runtime.config_not_yet_there``)
+    # mounted yet, said before the config is read (``leader.front.config_not_yet_there``)
     (tmp_path / "any.toml").write_text("")
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "any.toml")],
