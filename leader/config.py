@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 from leader.layout import Layout, leader_names_problem
 from leader.maintenance import Window, WindowError, parse_window
-from leader.store import WORKSTATION_CERTS_PER_HOUR
+from leader.store_rules import WORKSTATION_CERTS_PER_HOUR
 from leader.zones import load_zone
-from tlsroll import logs, pki
+from tlsroll import lifetimes, logs, names
 from tlsroll.config import ConfigFile, Section
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, MAX_FREEZE_LEASE, VIEWER_PORT
 
@@ -31,8 +31,8 @@ the setting's least, a minute, made each such test wait most of a minute (a CI r
 minutes waited some five of them). Not a setting: below a minute an agent renews every few
 seconds, and a node restarted, or a leader, has seconds to be back before a certificate
 ends."""
-MIN_TEST_AGENT_CERT = int(pki.MIN_LIFETIME.total_seconds())  # the shortest leaf pki issues
-SERVER_CERT_LIFETIME = pki.LEAF_VALIDITY_DAYS * 86400  # seconds; under Apple's 398 days
+MIN_TEST_AGENT_CERT = int(lifetimes.MIN_LIFETIME.total_seconds())  # the shortest leaf pki issues
+SERVER_CERT_LIFETIME = lifetimes.LEAF_VALIDITY_DAYS * 86400  # seconds; under Apple's 398 days
 EXPIRY_CHECK_INTERVAL = 3600  # seconds
 # Seconds: the shortest scope_freeze_lease. The engine renews a node's lease at a third of it,
 # on its 1 s tick, and a renewal is a Freeze call that may be retried (0.2, 0.4, 0.8 s apart):
@@ -121,7 +121,7 @@ class LeaderConfig:
     # live shorter than 10 h are checked more often). Tests set a second.
     expiry_check_interval: int = EXPIRY_CHECK_INTERVAL
     # Workstation certificates one node's bootstrap service may have signed per hour (a brake
-    # on a stolen agent key; ``leader.store.WORKSTATION_CERTS_PER_HOUR`` says why 100). A
+    # on a stolen agent key; ``leader.store_rules.WORKSTATION_CERTS_PER_HOUR`` says why 100). A
     # practice with more PCs at one server than that on switch day raises it for the day.
     workstation_certs_per_hour: int = WORKSTATION_CERTS_PER_HOUR
 
@@ -181,10 +181,10 @@ class LeaderConfig:
                 "from the day it is issued",
             )
         # A server certificate lives its lifetime less up to 5 % of it (at most 7 days:
-        # ``pki.spread``): a warning within that made a fresh one due from its issue, and
+        # ``lifetimes.spread``): a warning within that made a fresh one due from its issue, and
         # auto_rotate rotate it again at every window (review s67 rev2 M2).
         shortest = int(
-            pki.spread(dt.timedelta(seconds=config.server_cert_lifetime), 1.0).total_seconds()
+            lifetimes.spread(dt.timedelta(seconds=config.server_cert_lifetime), 1.0).total_seconds()
         )
         if config.expiry_warning_days * 86400 >= shortest:
             raise s.error(
@@ -286,11 +286,11 @@ def _check_names(s: Section, config: LeaderConfig) -> None:
     again with ``address`` and ``dns_names`` at its start, before it binds a port, so an edited
     file got it a certificate for a wildcard, a NUL or every host (review s47rtin H1). A config
     error here is raised before anything is written."""
-    if problem := pki.ip_problem(config.address):
+    if problem := names.ip_problem(config.address):
         raise s.error("address", problem)
     if problem := leader_names_problem(config.address, config.dns_names):
         raise s.error("dns_names", problem)
-    if config.node_name is not None and (problem := pki.node_name_problem(config.node_name)):
+    if config.node_name is not None and (problem := names.node_name_problem(config.node_name)):
         raise s.error("node_name", problem)
 
 

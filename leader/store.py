@@ -26,7 +26,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, TypeVar
 
 from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
-from leader.store_rules import join_again, serial_fits, token_command
+from leader.store_rules import (
+    WORKSTATION_CERTS_PER_HOUR,
+    join_again,
+    serial_fits,
+    token_command,
+)
 from tlsroll import bootstrap_base, clocks, logs, rpc
 from tlsroll.echo import hide_inside, shown
 from tlsroll.errors import TerminalError
@@ -330,14 +335,6 @@ class RenewalReport:
     error: str = ""
 
 
-# Workstation certificates a node's bootstrap service may ask for, per hour, unless leader.toml
-# says otherwise (``workstation_certs_per_hour``): a brake on a stolen agent key, which could
-# otherwise mint client certificates without end (each one is recorded, listed and revocable).
-# On switch day every PC of the practice enrols again at its server within the morning: 30 cut
-# off the 31st PC at one server for an hour (review s64 M3). 100 is a large practice's PCs at
-# one server with room for the PCs that enrol twice (a wrong name, a second try), and still
-# bounds a stolen key to 100 an hour.
-WORKSTATION_CERTS_PER_HOUR = 100
 # Certificates of its own a node may renew, per hour: an agent renews once in weeks (tests: every
 # minute or two); one that asks more often is broken or not ours any more.
 NODE_CERTS_PER_HOUR = 30

@@ -5,7 +5,9 @@ node enrol again.
 ``tlsroll ca revoke``, ``workstations revoke`` and ``nodes remove`` check a serial or name the
 token command before they call the leader; importing ``leader.store`` for that brought SQLite,
 structlog (and rich through it), gRPC's helpers and the pure core into each of them, some
-0.1 s of CPU (session 66). ``leader.store`` imports them from here.
+0.1 s of CPU (session 66). ``leader.store`` imports them from here, and the default of a
+limit the leader's config sets (``WORKSTATION_CERTS_PER_HOUR``: ``leader.config`` reads it
+here, not from the store, so a leader that refuses its config imports no gRPC: session 74).
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ from collections.abc import Sequence
 # A serial a revocation list can hold: positive, below 2**159 (RFC 5280 caps serials at 20
 # octets; cryptography, which signs the list, at 159 bits, as its random serials are).
 SERIAL_LIMIT = 2**159
+# Workstation certificates a node's bootstrap service may ask for, per hour, unless leader.toml
+# says otherwise (``workstation_certs_per_hour``): a brake on a stolen agent key, which could
+# otherwise mint client certificates without end (each one is recorded, listed and revocable).
+# On switch day every PC of the practice enrols again at its server within the morning: 30 cut
+# off the 31st PC at one server for an hour (review s64 M3). 100 is a large practice's PCs at
+# one server with room for the PCs that enrol twice (a wrong name, a second try), and still
+# bounds a stolen key to 100 an hour.
+WORKSTATION_CERTS_PER_HOUR = 100
 
 
 def serial_fits(serial: str) -> bool:

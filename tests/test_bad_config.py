@@ -24,7 +24,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from leader import byo, runtime
+from leader import byo, front, runtime
 from leader.layout import Layout
 from tests.byo_certs import NOW, leaf, make_ca, pem, write_dir
 from tests.cluster import (
@@ -305,7 +305,7 @@ def test_a_wrong_passphrase_in_the_credentials_copy_says_how_to_make_it_again(
     wrong passphrase named only [leader].ca_passphrase_file: the path read, and how to make
     the credential again."""
     layout = Layout(tmp_path)
-    copy = runtime.CREDENTIAL_COPY_DIR / "ca-passphrase"
+    copy = front.CREDENTIAL_COPY_DIR / "ca-passphrase"
     said = runtime.wrong_passphrase(layout, copy)
     assert f"the CA passphrase in {copy} does not open the CA key {layout.ca_key}" in said
     assert "install.sh ca-credential" in said and "ca_passphrase_file" in said
@@ -1930,7 +1930,7 @@ def test_an_error_nobody_foresaw_in_a_daemon_is_one_line_with_its_type_only(
     if debug:
         env["TLSROLL_DEBUG"] = "1"
     # there (its load is the bug): a config missing from an empty directory is a disk not
-    # mounted yet, said before the config is read (``leader.runtime.config_not_yet_there``)
+    # mounted yet, said before the config is read (``leader.front.config_not_yet_there``)
     (tmp_path / "any.toml").write_text("")
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "any.toml")],

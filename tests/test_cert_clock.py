@@ -25,7 +25,6 @@ from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
 from leader.store import (
     NODE_CERTS_PER_HOUR,
     WITHDRAW_WINDOW,
-    WORKSTATION_CERTS_PER_HOUR,
     IssuedCert,
     NodeCert,
     NotFound,
@@ -35,6 +34,7 @@ from leader.store import (
     _check_hourly_certs,
     _record_cert,
 )
+from leader.store_rules import WORKSTATION_CERTS_PER_HOUR
 from tlsroll.sqlite import Database, copy_name, migrate
 
 T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)

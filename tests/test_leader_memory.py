@@ -27,7 +27,7 @@ import structlog.testing
 from cryptography import x509
 from google.protobuf.message import Message as ProtoMessage
 
-from leader import daemon, runtime
+from leader import daemon, front, runtime
 from leader.agent_client import MAX_OPEN_CHANNELS, AgentPool
 from leader.commands import RolloutRequest
 from leader.db import CACHE_KIB, open_db
@@ -1154,22 +1154,29 @@ def test_the_leader_tunes_malloc_first_before_it_imports_the_daemon(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``tlsroll-leader`` sets malloc's threshold before anything starts a gRPC thread or makes
-    a TLS connection (``leader.daemon.main``), after ``keep_out``."""
+    a TLS connection (``leader.daemon.main``), after ``keep_out``; then reads its command line
+    and config (``leader.front``, session 74), then runs the daemon."""
     calls: list[str] = []
 
     def tune() -> bool:
         calls.append("tune")
         return True
 
-    def run(argv: list[str] | None) -> int:
+    def start(argv: list[str] | None) -> tuple[str, str]:
+        calls.append("front")
+        return ("ns", "cfg")
+
+    def run(*started: str) -> int:
         calls.append("runtime")
+        assert started == ("ns", "cfg")
         return 0
 
     monkeypatch.setattr(lean, "keep_out", lambda: calls.append("keep_out"))
     monkeypatch.setattr(heap, "tune", tune)
-    monkeypatch.setattr(runtime, "main", run)
+    monkeypatch.setattr(front, "start", start)
+    monkeypatch.setattr(runtime, "run", run)
     assert daemon.main([]) == 0
-    assert calls == ["keep_out", "tune", "runtime"]
+    assert calls == ["keep_out", "tune", "front", "runtime"]
 
 
 async def test_a_watched_transaction_s_call_goes_when_its_last_reference_does() -> None:

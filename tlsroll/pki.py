@@ -12,7 +12,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
-import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tlsroll import lifetimes as _lifetimes
 from tlsroll import names as _names
 from tlsroll import spiffe
 from tlsroll.errors import PKIError, PKIReason
@@ -48,30 +48,14 @@ parse_pin = _names.parse_pin
 requested_names_problem = _names.requested_names_problem
 utcnow = _names.utcnow
 
-LEAF_VALIDITY_DAYS = 397  # under Apple's 398 (public CAs) and 825 (private CAs)
+# What ``tlsroll.lifetimes`` holds (no X.509 there either): how long a leaf lives.
+LEAF_VALIDITY_DAYS = _lifetimes.LEAF_VALIDITY_DAYS
+MIN_LIFETIME = _lifetimes.MIN_LIFETIME
+SPREAD_FRACTION = _lifetimes.SPREAD_FRACTION
+SPREAD_MAX = _lifetimes.SPREAD_MAX
+SPREAD_FROM = _lifetimes.SPREAD_FROM
+spread = _lifetimes.spread
 CA_VALIDITY_DAYS = 3650
-# The shortest leaf: a test leader's agent certificate (``leader.config.TEST_AGENT_CERT_ENV``);
-# a setting takes a minute at least (``agent_cert_lifetime``, ``server_cert_lifetime``).
-MIN_LIFETIME = dt.timedelta(seconds=10)
-# How much shorter than asked a certificate that no renewer of its own replaces may live
-# (``spread``): a node's https certificate (``sign_csr``) and a workstation's.
-SPREAD_FRACTION = 0.05
-SPREAD_MAX = dt.timedelta(days=7)
-SPREAD_FROM = dt.timedelta(days=2)  # a shorter life (tests' settings) is not spread
-
-
-def spread(lifetime: dt.timedelta, draw: float | None = None) -> dt.timedelta:
-    """``lifetime`` less a random part of ``SPREAD_FRACTION`` of it (at most ``SPREAD_MAX``),
-    in whole seconds; ``draw`` in [0, 1] picks it (None: a random one). The certificates one
-    rollout issues (every node's https certificate) or one morning's switch of the practice
-    PCs (their workstation certificates) then end over days, not on one day: an end the
-    warnings did not get replaced in time takes out a node or a PC at a time, not the whole
-    practice at once. A life under ``SPREAD_FROM`` is kept as it is."""
-    if lifetime < SPREAD_FROM:
-        return lifetime
-    room = min(lifetime * SPREAD_FRACTION, SPREAD_MAX)
-    fraction = secrets.SystemRandom().random() if draw is None else min(max(draw, 0.0), 1.0)
-    return dt.timedelta(seconds=int((lifetime - room * fraction).total_seconds()))
 
 
 # --- keys -------------------------------------------------------------------------------------
