@@ -389,6 +389,40 @@ def test_the_reference_server_as_its_driver_starts_it_loads_neither_rich_nor_cry
     assert lines[-1] == "", f"the reference server loaded {lines[-1]}"
 
 
+def _refused_start(
+    tmp_path: Path, script: str, args: list[str], never: tuple[str, ...], code: int, said: str
+) -> None:
+    """Run the installed command ``script`` (as pyproject.toml declares it) with ``args``
+    (``{tmp}``: ``tmp_path``) and check it ends ``code``, saying ``said`` first (on stderr in
+    one line when refused), having imported none of ``never``."""
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    module, _, function = project["project"]["scripts"][script].partition(":")
+    argv = [script, *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    program = (
+        "import atexit, sys\n"
+        f"NEVER = {never!r}\n"
+        "def held():\n"
+        "    print('held: ' + ' '.join(n for n in NEVER if sys.modules.get(n)))\n"
+        "atexit.register(held)\n"
+        f"sys.argv = {argv!r}\n"
+        f"import {module}\n"
+        f"sys.exit({module}.{function}())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+    said_on = done.stdout if code == 0 else done.stderr
+    assert said_on.startswith(said), done.stderr
+    assert code == 0 or len(done.stderr.splitlines()) == 1, done.stderr  # one line, as before
+    assert done.stdout.splitlines()[-1] == "held: ", f"a refused {script} loaded {done.stdout}"
+
+
 AGENT_REFUSED = {
     "help": (["--help"], 0, "usage: tlsroll-agent"),
     "missing": (["--config", "{tmp}/none.toml"], 2, "tlsroll-agent: config error: "),
@@ -406,34 +440,9 @@ def test_an_agent_refusing_its_config_or_showing_its_help_imports_no_daemon(
     the journal, about half of a start's CPU), so ``--help`` and a config refused (missing, a
     table missing) cost about 0.1 s of CPU less, with the same line and exit code as before.
     The installed command, as pyproject.toml declares it."""
-    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
-    module, _, function = project["project"]["scripts"]["tlsroll-agent"].partition(":")
     (tmp_path / "agent.toml").write_text("[leader]\nbogus = 1\n")
     args, code, said = AGENT_REFUSED[case]
-    argv = ["tlsroll-agent", *(a.replace("{tmp}", str(tmp_path)) for a in args)]
-    script = (
-        "import atexit, sys\n"
-        f"NEVER = {NOT_IN_A_REFUSED_AGENT!r}\n"
-        "def held():\n"
-        "    print('held: ' + ' '.join(n for n in NEVER if sys.modules.get(n)))\n"
-        "atexit.register(held)\n"
-        f"sys.argv = {argv!r}\n"
-        f"import {module}\n"
-        f"sys.exit({module}.{function}())\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-P", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        check=False,
-    )
-    assert done.returncode == code, done.stderr
-    said_on = done.stdout if code == 0 else done.stderr
-    assert said_on.startswith(said), done.stderr
-    assert code == 0 or len(done.stderr.splitlines()) == 1, done.stderr  # one line, as before
-    assert done.stdout.splitlines()[-1] == "held: ", f"a refused agent loaded {done.stdout}"
+    _refused_start(tmp_path, "tlsroll-agent", args, NOT_IN_A_REFUSED_AGENT, code, said)
 
 
 LEADER_REFUSED = {
@@ -456,8 +465,6 @@ def test_a_leader_refusing_its_config_or_data_dir_or_showing_its_help_imports_no
     key missing) and a data dir refused (missing: exit 2; holding none of the leader's files,
     a disk not mounted yet: exit 1) cost about two thirds of the CPU less, with the same line
     and exit code as before. The installed command, as pyproject.toml declares it."""
-    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
-    module, _, function = project["project"]["scripts"]["tlsroll-leader"].partition(":")
     (tmp_path / "leader.toml").write_text("[leader]\nbogus = 1\n")
     (tmp_path / "empty").mkdir()
     for name, data in (("nodir", tmp_path / "none"), ("empty", tmp_path / "empty")):
@@ -465,30 +472,7 @@ def test_a_leader_refusing_its_config_or_data_dir_or_showing_its_help_imports_no
             f'[leader]\ndata_dir = "{data}"\naddress = "127.0.0.2"\n'
         )
     args, code, said = LEADER_REFUSED[case]
-    argv = ["tlsroll-leader", *(a.replace("{tmp}", str(tmp_path)) for a in args)]
-    script = (
-        "import atexit, sys\n"
-        f"NEVER = {NOT_IN_A_REFUSED_LEADER!r}\n"
-        "def held():\n"
-        "    print('held: ' + ' '.join(n for n in NEVER if sys.modules.get(n)))\n"
-        "atexit.register(held)\n"
-        f"sys.argv = {argv!r}\n"
-        f"import {module}\n"
-        f"sys.exit({module}.{function}())\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-P", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-        check=False,
-    )
-    assert done.returncode == code, done.stderr
-    said_on = done.stdout if code == 0 else done.stderr
-    assert said_on.startswith(said), done.stderr
-    assert code == 0 or len(done.stderr.splitlines()) == 1, done.stderr  # one line, as before
-    assert done.stdout.splitlines()[-1] == "held: ", f"a refused leader loaded {done.stdout}"
+    _refused_start(tmp_path, "tlsroll-leader", args, NOT_IN_A_REFUSED_LEADER, code, said)
 
 
 @pytest.mark.parametrize("make_csr", [True, False])
