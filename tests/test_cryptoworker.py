@@ -629,6 +629,7 @@ CHILD_MODULES = frozenset(
         "tlsroll.fsutil",
         "tlsroll.lean",
         "tlsroll.leanlog",
+        "tlsroll.lifetimes",  # (datetime and secrets only: a leaf's lifetimes; pki re-exports them)
         "tlsroll.names",
         "tlsroll.password",
         "tlsroll.peertext",

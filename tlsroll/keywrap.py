@@ -51,7 +51,7 @@ than 32 MiB) nor ``SCRYPT_N`` itself. Set wrong it is an error (``KdfHookError``
 unset: the leader refuses to start (exit 2), ``tlsroll init`` to run. Empty is as unset."""
 
 
-class KdfHookError(ValueError):
+class KdfHookError(TerminalError):
     """``TEST_KDF_N_ENV`` holds something other than a power of 2 below ``SCRYPT_N`` (the
     message says so in one line, never the passphrase: there is none in it)."""
 
