@@ -242,6 +242,16 @@ def test_init_prints_the_pin_and_refuses_to_overwrite(tmp_path: Path) -> None:
         assert "already initialised" in line
         after = {p: p.read_bytes() for p in fresh.data_dir.rglob("*") if p.is_file()}
         assert after == before
+        # Without the hook (unset: empty), init writes the key at full strength and says
+        # nothing of it (review of s74 revfront, L1: the suite's inits all run with it).
+        full = tmp_path / "full"
+        result = fresh.cli(
+            "init", "--data-dir", str(full), "--address", fresh.address,
+            env={keywrap.TEST_KDF_N_ENV: ""},
+        )  # fmt: skip
+        assert result.returncode == 0 and "TLSROLL_TEST_KDF_N" not in result.stderr, result
+        kdf = keywrap.kdf_of((full / "ca" / "ca.key").read_bytes())
+        assert (kdf.name, kdf.n) == ("scrypt", keywrap.SCRYPT_N) and kdf.strong, kdf
 
 
 def test_two_inits_at_once_on_one_data_directory_leave_one_cluster(tmp_path: Path) -> None:

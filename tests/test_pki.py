@@ -435,6 +435,9 @@ def test_the_kdf_hook_is_refused_for_the_installed_leader_s_data_dir(
 
     assert keywrap.hook_refused_for(DEFAULT_DATA_DIR, None) is None  # unset: nothing to refuse
     assert keywrap.hook_refused_for(tmp_path, 256) is None
+    (tmp_path / "a").symlink_to(tmp_path / "b")  # a loop: 3.11's resolve raises RuntimeError
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert keywrap.hook_refused_for(tmp_path / "a", 256) is None  # (review of s74 revfront L4)
     refused = keywrap.hook_refused_for(DEFAULT_DATA_DIR, 256)
     assert refused is not None and str(DEFAULT_DATA_DIR) in refused and "\n" not in refused
     monkeypatch.setenv(keywrap.TEST_KDF_N_ENV, "256")

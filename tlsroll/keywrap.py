@@ -68,7 +68,7 @@ def hook_refused_for(data_dir: Path, n: int | None) -> str | None:
 
     try:
         production = data_dir.resolve() == DEFAULT_DATA_DIR.resolve()
-    except OSError:
+    except (OSError, RuntimeError):  # (3.11's resolve raises RuntimeError on a symlink loop)
         production = data_dir.absolute() == DEFAULT_DATA_DIR
     if not production:
         return None
