@@ -605,21 +605,8 @@ async def test_get_transaction_waits_for_a_request_of_its_key_still_waiting_for_
     (NOT_FOUND), and the handler then journalled and began the transaction: the leader's
     "nothing changed" was untrue but for its sending again. GetTransaction now waits for the
     request of its key being received (``Receipts``), and answers with what it journalled."""
-    from nodeagent import plans
 
-    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
-    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "")
-    monkeypatch.setattr(plans, "rollback_plan", lambda *_a, **_kw: plans.Built(b"h", plan, ""))
-
-    async def no_pin(_driver: object) -> None:
-        return None
-
-    monkeypatch.setattr(plans, "take_served_pin", no_pin)
-    journal = Journal(tmp_path / "journal.sqlite3")
-    agent = make_service(tmp_path, journal, announced=5)
-    agent.driver = cast(Any, _StubDriver())
-    agent.runner = cast(Any, _StubRunner())
-    agent.cfg = cast(Any, SimpleNamespace(data_dir=tmp_path))
+    journal, agent = _rollback_ready(tmp_path, monkeypatch)
     rollback = agent_pb2.RollbackRequest(command=agent_pb2.Command(rollout_id="r1", epoch=5))
     question = agent_pb2.GetTransactionRequest(
         rollout_id="r1", kind=TXN_KIND.wire(TxnKind.ROLLBACK)
@@ -741,22 +728,9 @@ async def test_a_journal_write_that_failed_is_asked_again_and_a_failed_commit_is
     kept again (a probe, which takes the failed frames' place) every read first writes, so
     GetTransaction answers UNAVAILABLE, never "none held", while the journal cannot be written.
     A write that wrote no commit frame (a lock, a full disk) leaves no doubt."""
-    from nodeagent import plans
     from nodeagent.journal import JOURNAL_IN_DOUBT
 
-    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
-    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "")
-    monkeypatch.setattr(plans, "rollback_plan", lambda *_a, **_kw: plans.Built(b"h", plan, ""))
-
-    async def no_pin(_driver: object) -> None:
-        return None
-
-    monkeypatch.setattr(plans, "take_served_pin", no_pin)
-    journal = Journal(tmp_path / "journal.sqlite3")
-    agent = make_service(tmp_path, journal, announced=5)
-    agent.driver = cast(Any, _StubDriver())
-    agent.runner = cast(Any, _StubRunner())
-    agent.cfg = cast(Any, SimpleNamespace(data_dir=tmp_path))
+    journal, agent = _rollback_ready(tmp_path, monkeypatch)
     assert await command(agent, 5) == "r1"  # (the epoch journalled: its write is not tested)
     conn = _FailingConnection(journal._db._db)
     monkeypatch.setattr(journal._db, "_db", conn)
@@ -855,3 +829,24 @@ async def test_get_transaction_asked_while_a_request_of_its_key_is_received_too_
         await agent.GetTransaction(question, cast(Any, Ctx()))
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
     journal.close()
+
+
+def _rollback_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Journal, Any]:
+    """An agent service on a real journal whose Rollback plans a way back to http without a
+    server (a stub driver and runner, no served pin to take)."""
+    from nodeagent import plans
+
+    facts = ServerFacts("127.0.0.1", "/", 8080, 8443, ("https",))
+    plan = Plan(facts, ("https",), ("http",), Path("/n"), Path("/b"), Path("/ca"), "")
+    monkeypatch.setattr(plans, "rollback_plan", lambda *_a, **_kw: plans.Built(b"h", plan, ""))
+
+    async def no_pin(_driver: object) -> None:
+        return None
+
+    monkeypatch.setattr(plans, "take_served_pin", no_pin)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    agent.driver = cast(Any, _StubDriver())
+    agent.runner = cast(Any, _StubRunner())
+    agent.cfg = cast(Any, SimpleNamespace(data_dir=tmp_path))
+    return journal, agent

@@ -75,11 +75,7 @@ def test_a_node_s_problems_are_listed_what_holds_a_rollout_first(tmp_path: Path)
 
     store = Store(tmp_path / "leader.sqlite3")
     try:
-        reader = Reader(
-            store, SchemaStore(store.db), lambda: T, lambda _: True, [], fresh=none_fresh
-        )
-        reader.node_problems = state.node_problems
-        snap = reader.read()
+        snap = _snapshot(store, state)
         shown = snap.data["node_problems"]
         assert [(p["kind"], p["node"]) for p in shown] == listed
         page = pages.PageContext("127.0.0.1", "test", T, "/events")
@@ -107,11 +103,7 @@ def test_the_viewer_quotes_only_the_agent_s_own_words(tmp_path: Path) -> None:
     (problem,) = state.node_problems()
     store = Store(tmp_path / "leader.sqlite3")
     try:
-        reader = Reader(
-            store, SchemaStore(store.db), lambda: T, lambda _: True, [], fresh=none_fresh
-        )
-        reader.node_problems = state.node_problems
-        snap = reader.read()
+        snap = _snapshot(store, state)
         (shown,) = snap.data["node_problems"]
         assert shown["agent_said"] == [LOW.format("1 MiB"), CHECKPOINT], shown
         page = pages.PageContext("127.0.0.1", "test", T, "/events")
@@ -227,3 +219,11 @@ def test_schema_show_lists_a_node_s_problems_in_the_leader_s_order() -> None:
 
     assert tuple(kind.value for kind in NODE_PROBLEM_ORDER) == draw.PROBLEM_ORDER
     assert draw.problem_rank("a-newer-leader-s-kind") == len(NODE_PROBLEM_ORDER)
+
+
+def _snapshot(store: Store, state: LeaderState) -> Any:
+    """What `schema show` and the viewer read of ``state``'s node problems (a real store's
+    reader, the clock at ``T``)."""
+    reader = Reader(store, SchemaStore(store.db), lambda: T, lambda _: True, [], fresh=none_fresh)
+    reader.node_problems = state.node_problems
+    return reader.read()
