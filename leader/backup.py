@@ -32,7 +32,7 @@ from pathlib import Path
 from leader.layout import Layout
 from tlsroll import __version__
 from tlsroll.errors import TerminalError
-from tlsroll.fsutil import PRIVATE, fsync_dir, make_private_dir, write_atomic
+from tlsroll.fsutil import PRIVATE, fsync_dir, make_private_dir, real_path, write_atomic
 
 MANIFEST = "MANIFEST.json"
 # What is copied as it is, beside the store (relative to the data directory).
@@ -102,7 +102,7 @@ def make_backup(config: Path, layout: Layout, dest: Path) -> dict[str, object]:
             "made_at": made_at.isoformat(timespec="seconds"),
             "data_dir": str(layout.data_dir),
             "config": config.name,
-            "config_path": str(config.resolve()),
+            "config_path": str(real_path(config)),
             "store_schema": _schema_version(dest / layout.store.name),
             "ca_pin": _ca_pin(dest / "ca" / "ca.pem"),
             "files": files,

@@ -18,6 +18,7 @@ from leader.zones import load_zone
 from tlsroll import lifetimes, logs, names
 from tlsroll.config import ConfigFile, Section
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, MAX_FREEZE_LEASE, VIEWER_PORT
+from tlsroll.fsutil import real_path
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo  # loaded by load_zone only (leader.zones)
@@ -206,7 +207,7 @@ def _check_restored_elsewhere(s: Section, config: LeaderConfig) -> None:
     """A ``leader.toml`` beside a store of its own (``leader.sqlite3``) whose ``data_dir`` names
     another directory: a backup's files put into a new data directory keep the ``data_dir``
     they were made with, and the leader ran on the old store without a word (rev57b M1)."""
-    here = config.path.resolve().parent
+    here = real_path(config.path).parent
     there = config.layout.data_dir
     # (One that does not exist, or may not be looked into, is said so where the data dir is
     # opened.)

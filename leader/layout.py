@@ -37,6 +37,7 @@ from tlsroll.fsutil import (
     check_private_file,
     make_private_dir,
     read_regular,
+    real_path,
     user_label,
     write_atomic,
 )
@@ -501,7 +502,7 @@ def init(
     from tlsroll import pki  # noqa: PLC0415 - see the imports
     from tlsroll.config import control_character, utf8  # noqa: PLC0415 - likewise
 
-    layout = Layout(Path(data_dir).resolve())
+    layout = Layout(real_path(Path(data_dir)))
     if not utf8(str(layout.data_dir)):
         # leader.toml (UTF-8) names it: init would make the CA and fail writing the config,
         # and a re-run call it interrupted (review s49sec2 L4). Before anything is made.
@@ -689,7 +690,7 @@ def _make(
         "join_port": JOIN_PORT,
         "viewer_port": VIEWER_PORT,  # the read-only web viewer; 0 turns it off
         "data_dir": layout.data_dir,
-        "ca_passphrase_file": Path(passphrase_file).resolve(),
+        "ca_passphrase_file": real_path(Path(passphrase_file)),
         "heartbeat_interval": 5,
         "node_name": node_name,  # None: left out (scope local then needs it set)
     }

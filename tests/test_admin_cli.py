@@ -412,6 +412,24 @@ def test_init_checks_its_passphrase_file_before_it_makes_anything(tmp_path: Path
         assert config["leader"]["dns_names"] == ["leader.example"]
 
 
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_init_on_a_symbolic_link_loop_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], below: str
+) -> None:
+    """Session 74's closing read (L4): ``init --data-dir`` on a symbolic link loop (or below
+    one) was "internal error: RuntimeError" (Python 3.11's ``Path.resolve`` raises that on a
+    loop): one line naming the path now, exit 1, nothing made (``tlsroll.fsutil.real_path``)."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    given = loop / below if below else loop
+    args = ["init", "--data-dir", str(given), "--address", next_loopback()]
+    assert main([*args, "--node-name", "n1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err == f"tlsroll: error: Too many levels of symbolic links: {given}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
+
+
 # --- nodes ------------------------------------------------------------------------------------
 
 

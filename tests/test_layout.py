@@ -93,6 +93,28 @@ def test_every_module_says_what_it_is_for() -> None:
     assert missing == []
 
 
+def test_product_code_resolves_paths_through_real_path_alone() -> None:
+    """``Path.resolve`` raises RuntimeError on a symbolic link loop in Python 3.11 (OSError
+    from 3.13): every command and daemon took it for an internal error. Product code resolves
+    through ``tlsroll.fsutil.real_path``, which raises OSError (ELOOP), and nowhere else."""
+    calls = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "_pb2" in path.name:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "resolve"
+                    and not node.args
+                ):
+                    calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    fsutil = (ROOT / "tlsroll" / "fsutil.py").read_text().splitlines()
+    (own,) = [n for n, line in enumerate(fsutil, 1) if line.strip() == "return path.resolve()"]
+    assert calls == [f"tlsroll/fsutil.py:{own}"]
+
+
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
 EVENT_NAME = re.compile(r"[a-z]+(_[a-z]+)*\.[a-z]+(_[a-z]+)*")
 

@@ -32,7 +32,7 @@ import tomli_w
 
 from tlsroll.echo import shown
 from tlsroll.errors import ConfigError, raise_if_local
-from tlsroll.fsutil import file_kind, owner_fix
+from tlsroll.fsutil import file_kind, owner_fix, real_path
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -221,7 +221,12 @@ class Section:
         if key not in self.data:
             return value
         p = Path(value).expanduser()
-        return p if p.is_absolute() else (self.file.parent / p).resolve()
+        if p.is_absolute():
+            return p
+        try:
+            return real_path(self.file.parent / p)
+        except OSError as exc:  # a symbolic link loop on the way
+            raise self.error(key, f"{shown(value)}: {exc.strerror}") from None
 
 
 def _utf8_text(path: Path, raw: bytes) -> str:

@@ -42,6 +42,18 @@ def file_kind(mode: int) -> str:
     return f"file type {stat.S_IFMT(mode):o}"
 
 
+def real_path(path: Path) -> Path:
+    """``path.resolve()``; a symbolic link loop on the way is an ``OSError`` (ELOOP, naming
+    ``path``), as Python 3.13 raises it, not 3.11's ``RuntimeError``, which every command and
+    daemon took for an internal error (``tlsroll init --data-dir`` on a loop said "internal
+    error: RuntimeError"): their one-line ``OSError`` answer says what is wrong. Product code
+    resolves paths through here alone (``tests/test_layout.py`` checks it)."""
+    try:
+        return path.resolve()
+    except RuntimeError as exc:  # (3.11, 3.12: "Symlink loop from ...")
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from exc
+
+
 def write_atomic(
     path: Path,
     data: bytes,
@@ -844,7 +856,7 @@ def check_private_file(
             f"run: chmod 600 {path}"
         )
     _check_holder(
-        path.resolve().parent,
+        real_path(path).parent,
         f"the secret {path.name}",
         "keep secrets in a directory of yours or root's",
     )
@@ -963,7 +975,7 @@ def _resolved(given: Path, walked: Walked | None) -> tuple[Path, os.stat_result,
     above it (``_walk``'s, where it found no link), else None (``_above_problem`` asks)."""
     if walked is not None:
         return given, walked[0][1], walked[1:]
-    real = given.resolve()
+    real = real_path(given)
     return real, os.stat(real), None
 
 

@@ -65,10 +65,11 @@ def hook_refused_for(data_dir: Path, n: int | None) -> str | None:
     if n is None:
         return None
     from tlsroll.defaults import DEFAULT_DATA_DIR  # noqa: PLC0415 - only with the hook set
+    from tlsroll.fsutil import real_path  # noqa: PLC0415 - likewise
 
     try:
-        production = data_dir.resolve() == DEFAULT_DATA_DIR.resolve()
-    except (OSError, RuntimeError):  # (3.11's resolve raises RuntimeError on a symlink loop)
+        production = real_path(data_dir) == real_path(DEFAULT_DATA_DIR)
+    except OSError:  # (a symbolic link loop on the way)
         production = data_dir.absolute() == DEFAULT_DATA_DIR
     if not production:
         return None

@@ -214,8 +214,10 @@ def _resolved(path: Path, fd: int) -> str:
         real = ""
     if not real.startswith("/") or real.endswith(" (deleted)"):
         try:
-            real = str(Path(path).resolve())
-        except (OSError, RuntimeError):
+            from tlsroll.fsutil import real_path  # noqa: PLC0415 - this fallback alone needs it
+
+            real = str(real_path(Path(path)))
+        except OSError:
             real = str(path)
     return real
 

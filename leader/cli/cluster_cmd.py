@@ -31,6 +31,7 @@ from leader.cli.base import (
 from tlsroll.cli import PathParam, refuse_empty_path
 from tlsroll.config import control_character, dump_toml, utf8
 from tlsroll.defaults import CONTROL_PORT, DEFAULT_DATA_DIR, JOIN_PORT
+from tlsroll.fsutil import real_path
 from tlsroll.v1 import admin_pb2
 
 # What one command of these needs is imported by it: rich's tables (some 25 ms) by `token list`,
@@ -186,7 +187,7 @@ def start_lines(data_dir: Path, config: Path) -> list[str]:
     a systemd credential, in /run/tlsroll only while the unit starts: review s45rev2 M2).
     Elsewhere: the daemon beside this interpreter (``/opt/tlsroll/bin`` when installed), else
     the one on PATH, else its bare name (review s45rev2 L6)."""
-    if data_dir.resolve() == DEFAULT_DATA_DIR:
+    if real_path(data_dir) == DEFAULT_DATA_DIR:
         return [
             "start the leader:  systemctl enable --now tlsroll-leader"
             "   (its log: journalctl -u tlsroll-leader -f)",
