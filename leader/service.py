@@ -268,6 +268,10 @@ def bootstrap_problem(node: str, why: str) -> str:
 # What the leader keeps of an agent's ``HeartbeatRequest.store_trouble``: texts, characters each.
 STORE_TROUBLE_MAX = 4
 STORE_TROUBLE_CHARS = 600
+# The same kind of store trouble of one node comes again after its end (free space hovering at
+# the floor, an agent of the release before, which keeps no margin: ``room.said_until``): its
+# ``node.store_trouble`` warning is logged at most once in this many seconds; a new kind always.
+STORE_LOG_SECONDS = 300.0
 # The figures in an agent's store trouble (the free space it names): which trouble it is does
 # not change with them (``store_trouble_kinds``).
 _TROUBLE_FIGURES = re.compile(r"\d+(?:\.\d+)?(?: [KMGT]iB)?")
@@ -285,8 +289,42 @@ def agent_store_problem(node: str, trouble: Sequence[str]) -> str:
     ``HeartbeatRequest.store_trouble``)."""
     return (
         f"{node}'s agent cannot write its store safely: {'; '.join(trouble)}; its checks refuse"
-        " a switch there until there is room (it says so at its next heartbeat)"
+        " a switch there while it lacks room (it says so at its next heartbeat)"
     )
+
+
+def log_store_trouble(state: LeaderState, name: str, said: tuple[str, ...]) -> None:
+    """Log what node ``name``'s agent says of its store now (``said``) if it differs from
+    what was last logged of it: its end (info, after a logged start), a change of kind
+    (info, always), a start (a warning) unless the same kind's was logged within
+    ``STORE_LOG_SECONDS``: then at the first message after them that still says it. Free
+    space hovering at the floor made a warning and an info line per flip from an agent of
+    the release before, which keeps no margin (s74 note). Its free space moving is no
+    change (``store_trouble_kinds``)."""
+    kinds = store_trouble_kinds(said)
+    shown, last, at = state.store_logged.get(name, ((), (), None))
+    if kinds == shown:
+        return
+    now = state.monotonic()
+    detail = "; ".join(said)
+    if not kinds:
+        log.info("node.store_trouble_over", node=name)
+        state.store_logged[name] = ((), last, at if at is not None else now)
+        return
+    if shown:
+        # (its free space moving is no change: its kind is, e.g. a checkpoint that fails)
+        log.info("node.store_trouble_changed", node=name, detail=detail)
+    elif kinds != last or at is None or now - at >= STORE_LOG_SECONDS:
+        log.warning(
+            "node.store_trouble",
+            node=name,
+            detail=detail,
+            hint="free space on that node's disk (df -h): its checks refuse a switch there"
+            " until then",
+        )
+    else:
+        return  # (the same again soon after its end: said at a message after the bound)
+    state.store_logged[name] = (kinds, kinds, now)
 
 
 @dataclass
@@ -323,6 +361,12 @@ class LeaderState:
     # cleaned): a node problem (``node_problems``) until a heartbeat says none. Not stored: a
     # leader that starts again hears it with each agent's first message.
     agent_store: dict[str, tuple[dt.datetime, tuple[str, ...]]] = field(default_factory=dict)
+    # node -> what the leader last logged of its agent's store (``LeaderService._agent_store``):
+    # the kinds said then (``store_trouble_kinds``; () for over), the kinds of the last trouble
+    # logged, and when (``monotonic``) that was logged. Its repeats are rate-limited by it.
+    store_logged: dict[str, tuple[tuple[str, ...], tuple[str, ...], float]] = field(
+        default_factory=dict
+    )
     # node -> the wrong passwords at its server's own login (the server keeps the count across
     # its restarts), by its heartbeats (``LiveServer.login_failures``): only nodes with some
     # (``login_failures``).
@@ -448,6 +492,7 @@ class LeaderState:
             self.needs_admin_since,
             self.bootstrap_down,
             self.agent_store,
+            self.store_logged,
             self.server_login_failures,
             self.login_failures_logged,
         ):
@@ -2331,22 +2376,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         texts = request.store_trouble[:STORE_TROUBLE_MAX]
         said = tuple(t for t in (peertext.clean(t, STORE_TROUBLE_CHARS) for t in texts) if t)
         before = self.state.agent_store.get(name)
+        log_store_trouble(self.state, name, said)
         if not said:
             if before is not None:
                 del self.state.agent_store[name]
-                log.info("node.store_trouble_over", node=name)
             return
-        if before is None:
-            log.warning(
-                "node.store_trouble",
-                node=name,
-                detail="; ".join(said),
-                hint="free space on that node's disk (df -h): its checks refuse a switch there"
-                " until then",
-            )
-        elif store_trouble_kinds(before[1]) != store_trouble_kinds(said):
-            # (its free space moving is no change: its kind is, e.g. a checkpoint that fails)
-            log.info("node.store_trouble_changed", node=name, detail="; ".join(said))
         self.state.agent_store[name] = (before[0] if before else now, said)
 
     def _login_failures(

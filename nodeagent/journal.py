@@ -68,7 +68,7 @@ import datetime as dt
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -655,6 +655,11 @@ class Journal:
         """Why the journal's last checkpoint failed (its disk full: ``Database``), until one
         succeeds; None while they work."""
         return self._db.checkpoint_trouble
+
+    def on_checkpoint(self, listener: Callable[[BaseException | None], None]) -> None:
+        """Tell ``listener`` (on the store's thread) of each checkpoint that ran: None, or
+        the failure the disk caused (``Database.on_checkpoint``; the agent's ``StoreWatch``)."""
+        self._db.on_checkpoint.append(listener)
 
     @property
     def checkpoints_held(self) -> int:

@@ -841,10 +841,12 @@ class LeaderLink:
         # need not, None before the agent knows (``BootstrapHost.problem``), sent with the
         # server's view.
         self.bootstrap_problem: Callable[[], str | None] | None = None
-        # (Blocking: read on a thread, with the journal's facts.) Why the agent cannot write
-        # its own store safely now (its journal's checkpoint fails, too little free space for
-        # a switch: ``NodeAgentService.store_trouble``), [] if it can: sent with every message
+        # (Read on a thread, with the journal's facts.) Why the agent cannot write its own
+        # store safely now (its journal's checkpoint fails, free space low for a switch:
+        # ``NodeAgentService.store_trouble``), [] if it can: sent with every message
         # (``HeartbeatRequest.store_trouble``), news when it comes or goes (``report_key``).
+        # The agent's is ``StoreWatch.current``, which never blocks: the free space is read
+        # off the beat's path (a hung mount stalled every beat: session 75).
         self.store_trouble: Callable[[], list[str]] | None = None
         # Answers the leader's planning question asked on the heartbeat stream (``Check``'s
         # work: ``NodeAgentService.answer_check``); None: the agent does not say it can, and

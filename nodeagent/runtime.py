@@ -53,6 +53,7 @@ from nodeagent.leader_link import LeaderLink
 from nodeagent.nodefiles import pin_unseen_path, read_pin_unseen, write_pin_unseen
 from nodeagent.renewal import Renewer, ServerCredentials
 from nodeagent.service import NodeAgentService
+from nodeagent.store_watch import StoreWatch
 from nodeagent.transaction import Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, daemon, dbthread, fsutil, logs
@@ -704,7 +705,11 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
         runner.on_held = link.beat_soon  # "needs the admin" said at once, and its end
     service.on_freeze_change = link.beat_soon  # "frozen" shown as it is now, not an interval on
     link.bootstrap_problem = lambda: bootstrap.problem
-    link.store_trouble = service.store_trouble  # its journal's checkpoint, its disks' room
+    # Its journal's checkpoint, its disks' room: read off the beat's path (a hung mount there
+    # stalls no heartbeat), news sent at once (``nodeagent.store_watch``).
+    store_watch = StoreWatch(service.store_trouble, cfg.heartbeat_interval, link.beat_soon)
+    journal.on_checkpoint(store_watch.checkpoint)
+    link.store_trouble = store_watch.current
     link.on_removed = bootstrap.set_removed  # a removed node takes no workstation password
     link.removed_at_start(bootstrap.removed)  # as an earlier run was last told (its journal)
     # A signing refused as removed (``BootstrapHost.sign``): the link's next answered
@@ -729,6 +734,7 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     for address in cfg.addresses:
         bind(server, hostport(address, cfg.port), creds.for_listener())
     await server.start()
+    watching = asyncio.create_task(store_watch.run(), name="store-watch")
     beats = asyncio.create_task(link.run(), name="heartbeats")
     renewals = asyncio.create_task(renewer.run(), name="renewal")
     lease_watch = asyncio.create_task(service.watch_freeze_lease(), name="freeze-lease")
@@ -755,7 +761,7 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     sd_notify("STOPPING=1")
     pinger.cancel()
     log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
-    for task in (beats, lease_watch, stale_watch, renewals, starting):
+    for task in (beats, watching, lease_watch, stale_watch, renewals, starting):
         await stop_task(task)
     await server.stop(GRACE_SECONDS)
     if runner is not None:

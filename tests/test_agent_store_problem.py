@@ -7,8 +7,13 @@ space as ``tlsroll.room`` reads it, given) and its link's heartbeat facts.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import MutableMapping
+import functools
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, MutableMapping
 from html import unescape
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,7 +162,7 @@ def test_free_space_hovering_at_the_floor_is_said_until_it_is_back_above_a_margi
         assert until > need
         free[0] = need - 1
         (short,) = agent.store_trouble()
-        assert short.startswith("too little free space for a switch: "), short
+        assert short.startswith("free space is low for a switch: "), short
         assert f"(said until {room.size_text(until)} are free)" in short, short
 
         def key(trouble: list[str]) -> bytes:
@@ -227,3 +232,220 @@ def _snapshot(store: Store, state: LeaderState) -> Any:
     reader = Reader(store, SchemaStore(store.db), lambda: T, lambda _: True, [], fresh=none_fresh)
     reader.node_problems = state.node_problems
     return reader.read()
+
+
+# --- session 75: the s74 note's leftovers of the agent's store trouble ----------------------
+
+
+def test_the_leader_logs_an_old_agent_s_flapping_store_trouble_at_most_once_in_a_while() -> None:
+    """L4: an agent of the release before keeps no margin at the floor, and its free space
+    hovering there made a ``node.store_trouble`` warning and an over line per flip. Now the
+    same kind again within ``STORE_LOG_SECONDS`` of its last warning is not logged (its over
+    neither), a new kind always, and the same kind once the bound has passed, at the first
+    message after it that still says it."""
+    from leader.service import STORE_LOG_SECONDS
+
+    state = bare_state()
+    clock = [100.0]
+    state.monotonic = lambda: clock[0]
+    lines = [e["event"] for e in heard(state, "old", LOW.format("1 MiB"))]
+    lines += [e["event"] for e in heard(state, "old")]
+    for flip in range(10):
+        clock[0] += 1
+        lines += [e["event"] for e in heard(state, "old", LOW.format(f"{flip} MiB"))]
+        lines += [e["event"] for e in heard(state, "old")]
+    assert lines == ["node.store_trouble", "node.store_trouble_over"], lines
+    # (shown all the same, while it is said: the node problem is not rate-limited)
+    assert heard(state, "old", LOW.format("1 MiB")) == []
+    assert [p.node for p in state.node_problems()] == ["old"]
+    # A new kind is logged at once (the log last said it over: a warning), its change and its
+    # end too.
+    logs = heard(state, "old", LOW.format("1 MiB"), CHECKPOINT)
+    assert [(e["event"], e["log_level"]) for e in logs] == [("node.store_trouble", "warning")]
+    logs = heard(state, "old", CHECKPOINT)
+    assert [(e["event"], e["log_level"]) for e in logs] == [("node.store_trouble_changed", "info")]
+    assert [e["event"] for e in heard(state, "old")] == ["node.store_trouble_over"]
+    # The same kind again: not within the bound; after it, at the first message that says it.
+    assert heard(state, "old", CHECKPOINT) == []
+    assert heard(state, "old") == []
+    assert heard(state, "old", CHECKPOINT) == []
+    clock[0] += STORE_LOG_SECONDS
+    logs = heard(state, "old", CHECKPOINT)
+    assert [(e["event"], e["log_level"]) for e in logs] == [("node.store_trouble", "warning")]
+    assert heard(state, "old", CHECKPOINT) == []
+    assert [e["event"] for e in heard(state, "old")] == ["node.store_trouble_over"]
+    # Another node is its own; a removed node is forgotten.
+    assert [e["event"] for e in heard(state, "other", LOW.format("1 MiB"))] == [
+        "node.store_trouble"
+    ]
+    state.forget_node("other")
+    assert "other" not in state.store_logged and "old" in state.store_logged
+
+
+def test_free_space_between_the_floor_and_the_margin_is_not_said_too_little(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """L5 of the s74 note: between the floor and the margin the heartbeat's text said "too
+    little free space" while the checks passed. Now its words are true on both sides of the
+    floor (and the same on both: a crossing is no news); the checks' own text is unchanged."""
+    agent, journal = agent_on(tmp_path)
+    try:
+        free = [0]
+        monkeypatch.setattr(room, "free_bytes", lambda _directory: free[0])
+        need = room.JOURNAL_ROOM + room.CONFIG_ROOM
+        for hover in (need - 1, need + 1):
+            free[0] = hover
+            (said,) = agent.store_trouble()
+            assert "too little" not in said, said
+            assert said.startswith("free space is low for a switch: the agent's data dir"), said
+            assert f"a switch is refused below {room.size_text(need)} (said until" in said, said
+            assert (agent._room_problems(agent.driver) == []) == (hover >= need)
+        free[0] = need - 1
+        (checks,) = agent._room_problems(agent.driver)
+        assert checks.startswith("too little free space for a switch: "), checks
+        assert f"a switch needs {room.size_text(need)}; free space" in checks, checks
+    finally:
+        journal.close()
+
+
+async def test_a_change_of_the_agent_s_store_trouble_is_sent_at_once_but_never_as_a_storm(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """L1 of the s74 note: a change of the agent's store trouble was told at the next beat,
+    an interval later. Now the store's thread (a checkpoint that starts or stops failing)
+    wakes the watch, whose news wakes the heartbeat sender: the leader hears it with no
+    regular beat due (the agent's interval here an hour). A store flapping twenty times
+    within ``WAKE_SECONDS`` makes no extra message (its last word goes with the next wake
+    after the bound); and the leader's metrics say it (L3: ``tlsroll_node_agent_store_trouble``).
+    Counted: the watch's wakes, the leader's messages."""
+    from leader.viewer import metrics
+    from nodeagent import store_watch
+    from tests.leader_rig import leader_with_a_node
+    from tests.test_heartbeat_stream import agent_link, until
+    from tests.test_node_clocks import gauge, reader_of
+
+    messages = [0]
+    handle = LeaderService._agent_store
+
+    def counted(self: LeaderService, name: str, request: Any, now: dt.datetime) -> None:
+        # A beat's message (not the goodbye on the stream it leaves, once the leader's
+        # interval is known: ``LeaderLink._redial``).
+        messages[0] += not request.closing
+        handle(self, name, request, now)
+
+    monkeypatch.setattr(LeaderService, "_agent_store", counted)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    link, _, journal = agent_link(
+        tmp_path, rig.node_files, rig.target.rsplit(":", 1)[0], loopback(), 3600
+    )
+    link.clock = lambda: rig.clock[0]  # (its clock the leader's: no clock problem)
+    trouble: list[list[str]] = [[]]
+    clock = [0.0]
+    watch = store_watch.StoreWatch(
+        lambda: list(trouble[0]), 3600, link.beat_soon, monotonic=lambda: clock[0]
+    )
+    link.store_trouble = watch.current
+    tasks = [asyncio.create_task(watch.run()), asyncio.create_task(link.run())]
+    try:
+        await until(lambda: messages[0] >= 1 and watch.reads >= 1, "the first beat and read")
+
+        def store_thread(failed: BaseException | None) -> None:
+            """What the journal's store thread does after a checkpoint (``on_checkpoint``)."""
+            told = threading.Thread(target=watch.checkpoint, args=(failed,))
+            told.start()
+            told.join()
+
+        sent = messages[0]
+        trouble[0] = [CHECKPOINT]
+        store_thread(sqlite3.OperationalError("database or disk is full"))
+        await until(lambda: "hb1" in rig.state.agent_store, "the leader to hear the trouble")
+        assert (watch.wakes, messages[0]) == (1, sent + 1)
+        assert rig.state.agent_store["hb1"][1] == (CHECKPOINT,)
+        reader = reader_of(rig)
+        render = functools.partial(metrics.render, reader.read(times=True))
+        assert gauge(render(), "tlsroll_node_agent_store_trouble") == {"hb1": 1.0}
+
+        reads = watch.reads
+        for flip in range(21):  # (ends with the trouble gone)
+            trouble[0] = [CHECKPOINT] if flip % 2 else []
+            store_thread(sqlite3.OperationalError("disk full") if flip % 2 else None)
+            await until(lambda r=reads: watch.reads > r, "the watch to read again")  # type: ignore[misc]
+            reads = watch.reads
+        assert watch.current() == []
+        assert (watch.wakes, messages[0]) == (1, sent + 1)
+        assert "hb1" in rig.state.agent_store  # (not told yet: within the bound)
+
+        clock[0] += store_watch.WAKE_SECONDS
+        watch.poke()
+        await until(lambda: "hb1" not in rig.state.agent_store, "the leader to hear its end")
+        assert (watch.wakes, messages[0]) == (2, sent + 2)
+        render = functools.partial(metrics.render, reader.read(times=True))
+        assert gauge(render(), "tlsroll_node_agent_store_trouble") == {"hb1": 0.0}
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_a_hung_file_system_stalls_no_heartbeat_and_is_said_as_trouble(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """L2 of the s74 note: the heartbeat read the free space (statvfs) on its own thread call,
+    so a hung network mount under the data or config dir stalled every beat. Now the watch
+    reads it on a thread of its own, one read at a time: a statvfs that hangs (a fake: a hung
+    NFS mount cannot be made here) leaves the beat's facts to be read at once, is said as
+    trouble after ``STALL_SECONDS`` (a wake), and starts no second read however often poked;
+    once it answers, the real statvfs of the real directory says no trouble."""
+    from nodeagent import store_watch
+    from tests.test_heartbeat_stream import until as until_true
+
+    monkeypatch.setattr(store_watch, "STALL_SECONDS", 0.2)
+    monkeypatch.setattr(store_watch, "WAKE_SECONDS", 0.0)
+    agent, journal = agent_on(tmp_path)
+    real = os.statvfs
+    gate = threading.Event()
+    hung = [0]
+
+    def statvfs(path: Any) -> os.statvfs_result:
+        if str(path).startswith(str(tmp_path)) and not gate.is_set():
+            hung[0] += 1
+            gate.wait(60)  # (bounded: a failing test ends)
+        return real(path)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    woken = [0]
+
+    def wake() -> None:
+        woken[0] += 1
+
+    watch = store_watch.StoreWatch(agent.store_trouble, 3600, wake)
+    link = SimpleNamespace(
+        journal=SimpleNamespace(heartbeat_facts=lambda _most: (7, [])),
+        store_trouble=watch.current,
+    )
+    task = asyncio.create_task(watch.run())
+    try:
+        await until_true(lambda: woken[0] == 1, "the stall to be said")
+        stalled = store_watch.stalled_text(store_watch.STALL_SECONDS)
+        # The beat's facts as its thread call reads them: at once, with the stall.
+        assert LeaderLink._facts(cast(Any, link)) == (7, [], [stalled])
+        for _ in range(3):
+            watch.poke()
+            await asyncio.sleep(0)
+        assert (hung[0], watch.reads) == (1, 0)  # (one read, hung; no second one)
+        gate.set()
+        await until_true(lambda: watch.reads >= 1 and woken[0] == 2, "its end to be said")
+        assert watch.current() == [] and LeaderLink._facts(cast(Any, link))[2] == []
+        reads = watch.reads
+        watch.poke()  # (the real statvfs of the real directory)
+        await until_true(lambda: watch.reads > reads, "a read of the real directory")
+        assert watch.current() == [] and woken[0] == 2 and hung[0] == 1
+    finally:
+        gate.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        journal.close()

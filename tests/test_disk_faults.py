@@ -359,7 +359,7 @@ def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_nee
             assert shown().startswith(f"{said} space in {data}; the switch of rollout jfull")
             # Session 74: its agent's own store trouble too (its heartbeats say it), the disk
             # under its journal below a switch's floor.
-            low = f"too little free space for a switch: the agent's data dir {data} has "
+            low = f"free space is low for a switch: the agent's data dir {data} has "
             wait_until(
                 lambda: f"its store safely: {low}" in problem("agent-store"),
                 30,

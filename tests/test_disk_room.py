@@ -207,17 +207,17 @@ async def test_a_node_whose_agent_has_no_room_is_shown_in_the_leaders_view_until
                     assert (problem.node, problem.kind) == ("hb1", NodeProblemKind.AGENT_STORE)
                     assert problem.since == T
                     start = (
-                        "hb1's agent cannot write its store safely: too little free space for a"
+                        "hb1's agent cannot write its store safely: free space is low for a"
                         f" switch: the agent's data dir {fs / 'data'} and the server's config"
                         f" directory {fs / 'cfg'} have "
                     )
                     assert problem.problem.startswith(start), problem.problem
                     assert problem.problem.endswith(
-                        "(df -h); its checks refuse a switch there until there is room (it says"
+                        "(df -h); its checks refuse a switch there while it lacks room (it says"
                         " so at its next heartbeat)"
                     ), problem.problem
                     (said,) = await listed()
-                    assert said.startswith("too little free space for a switch: "), said
+                    assert said.startswith("free space is low for a switch: "), said
                     assert rig.state.node_problem("hb1") is None  # the agent's checks refuse
                     view = SchemaViewService(
                         SchemaStore(rig.store.db),

@@ -68,8 +68,10 @@ def room_problems(
     ``held`` (what the agent's heartbeat says: ``NodeAgentService.store_trouble``): the file
     systems (devices) said short at the last call, kept up to date; one of them stays said
     until its free space is back to ``said_until`` the need, and every line says that bound
-    (its words change only with their figures). The checks and the Stage refuse by the floor
-    alone (no ``held``)."""
+    (its words change only with their figures) in words true on both sides of the floor ("free
+    space is low": between the floor and the margin the checks pass; before, it said "too
+    little free space" there). The checks and the Stage refuse by the floor alone (no
+    ``held``)."""
     by_fs: dict[int, list[tuple[str, Path, int]]] = {}
     for what, directory, need in needs:
         try:
@@ -90,13 +92,19 @@ def room_problems(
             continue
         where = " and ".join(f"{what} {directory}" for what, directory, _ in group)
         one = "its file system" if len(group) == 1 else "their file system"
-        until = ""
-        if held is not None:
-            held.add(device)
-            until = f" (said until {size_text(said_until(need))} are free)"
+        has = "has" if len(group) == 1 else "have"
+        if held is None:
+            problems.append(
+                f"too little free space for {work}: {where} {has} {size_text(free)} free,"
+                f" {work} needs {size_text(need)}; free space on {one} (df -h)"
+            )
+            continue
+        held.add(device)
+        # (One wording below the floor and between it and the margin, where the checks pass:
+        # true of both, and the same words on either side are no news: ``said_until``.)
         problems.append(
-            f"too little free space for {work}: {where} {'has' if len(group) == 1 else 'have'}"
-            f" {size_text(free)} free, {work} needs {size_text(need)}{until}; free space on {one}"
-            " (df -h)"
+            f"free space is low for {work}: {where} {has} {size_text(free)} free, {work} is"
+            f" refused below {size_text(need)} (said until {size_text(said_until(need))} are"
+            f" free); free space on {one} (df -h)"
         )
     return problems

@@ -11,6 +11,10 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
     tlsroll_node_heartbeat_age_seconds{node}         since its last heartbeat
     tlsroll_node_clock_offset_seconds{node}          its clock less the leader's (+: ahead), from
                                                      its heartbeats; absent: not known
+    tlsroll_node_agent_store_trouble{node}           1 if its agent says it cannot write its
+                                                     store safely (node problem `agent-store`:
+                                                     its journal's checkpoint fails, or free
+                                                     space is low for a switch), 0 otherwise
     tlsroll_still_on_http{node}                      workstations still on http there, by its
                                                      client report (every enrolled node; 0:
                                                      none), as `schema show` counts them
@@ -55,6 +59,7 @@ from leader.rollout_core import NodeState, RolloutState
 from leader.viewer.snapshot import Snapshot
 from leader.wire import NODE_STATE, ROLLOUT_STATE
 from tlsroll.enums import CAP_SOURCE
+from tlsroll.v1 import schema_pb2
 
 SECONDS_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -108,6 +113,18 @@ def render(snap: Snapshot) -> bytes:
         ["node"],
         registry=registry,
     )
+    store_trouble = Gauge(
+        "tlsroll_node_agent_store_trouble",
+        "1 if the node's agent says it cannot write its store safely (node problem agent-store:"
+        " its journal's checkpoint fails, or free space is low for a switch), else 0.",
+        ["node"],
+        registry=registry,
+    )
+    troubled = {
+        p.node
+        for p in snap.schema.node_problems
+        if p.kind == schema_pb2.NODE_PROBLEM_KIND_AGENT_STORE
+    }
     on_http = Gauge(
         "tlsroll_still_on_http",
         "Workstations still on http at the node, by its client report (as `schema show`).",
@@ -117,6 +134,7 @@ def render(snap: Snapshot) -> bytes:
     for node in snap.nodes:
         on_http.labels(node.name).set(snap.on_http_count(node.name))
         online.labels(node.name).set(int(node.online))
+        store_trouble.labels(node.name).set(int(node.name in troubled))
         if node.heartbeat_age is not None:
             age.labels(node.name).set(node.heartbeat_age)
         if node.clock_offset is not None:
