@@ -202,5 +202,5 @@ def summary(dest: Path, manifest: dict[str, object], token: Path | None = None) 
         "Not in it: the CA passphrase (keep it offline; a restored leader needs it), the "
         f"viewer's certificate (issued again at the next start){also}.\n"
         "Keep the directory as safe as the leader itself: it holds the CA's (encrypted) key and "
-        "the leader's key. To restore: README, 'Backups'."
+        'the leader\'s key. To restore: README, "Operations", "Backups of the leader".'
     )

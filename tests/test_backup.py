@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -549,6 +550,20 @@ def test_a_backup_names_the_metrics_token_file_it_leaves_out_and_is_no_reinitial
         assert both.returncode == 2, both.stdout + both.stderr
         assert "--backup and --reinitialise are two things to do" in both.stderr
         assert not (tmp_path / "again").exists()
+
+
+def test_the_summary_names_the_readme_s_restore_section_as_it_is_headed(tmp_path: Path) -> None:
+    """Session 75 adminwalk: the summary sent the admin to README 'Backups', a heading the
+    README does not have (the steps are under "Operations", "Backups of the leader")."""
+    from leader.backup import summary
+
+    manifest: dict[str, object] = {"files": {"leader.toml": {"bytes": 1}}, "ca_pin": "sha256:00"}
+    said = summary(tmp_path, manifest).split("To restore: README, ")[1]
+    names = re.findall(r'"([^"]+)"', said)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert names, said
+    for name in names:
+        assert f"\n## {name}\n" in readme or f"\n- **{name}:**" in readme, name
 
 
 def superseded_by(c: Cluster) -> dict[str, str]:

@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import hmac
 import html.parser
+import re
 import zoneinfo
 from collections.abc import Iterator
 from typing import Any, cast
@@ -272,6 +273,17 @@ def test_when_is_read_in_the_practice_zone() -> None:
 def test_bad_when(text: str, message: str) -> None:
     with pytest.raises(click.BadParameter, match=message):
         notify_cmd.parse_when(text, BERLIN, NOW)
+
+
+def test_the_example_of_a_bad_when_is_a_time_it_takes() -> None:
+    """Session 75 adminwalk: the example was a fixed 2026-12-05 18:00, refused as past from
+    the next day on: an admin who typed it as shown got a second error."""
+    later = dt.datetime(2027, 6, 1, 12, 0, tzinfo=dt.UTC)
+    with pytest.raises(click.BadParameter) as bad:
+        notify_cmd.parse_when("tomorrow", BERLIN, later)
+    example = re.search(r"e\.g\. (\S+ \S+)", bad.value.message)
+    assert example is not None, bad.value.message
+    assert notify_cmd.parse_when(example[1], BERLIN, later) > later
 
 
 def test_duration() -> None:

@@ -1164,6 +1164,37 @@ async def test_wrong_password(
     assert not (tmp_path / "settings").exists()
 
 
+async def test_a_run_that_fails_leaves_the_pc_unseen_on_https_and_one_that_works_seen_once(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+) -> None:
+    """Session 75 adminwalk: the checks before the password (the app path, the chain) sent
+    the PC's name, so a run refused for a wrong password had the server record the PC on
+    https: "moved" by the rule of who is still on http (its last http request before it), and
+    a plain `rollout finalize` cut off a PC that had not been set up. tlsroll's checks are
+    probes now (as the agent's verify); only the request with the new settings counts."""
+    node = nodes["tls"]
+
+    def seen() -> list[tuple[str, int]]:
+        clients = node.server.admin("GET", "/admin/clients").json()["clients"]
+        return [(c["scheme"], c["requests"]) for c in clients if c["workstation"] == WS]
+
+    WS = "ws-walk-75"
+    async with bootstrap_on(node, test_ca):
+        wrong = await run_cli(
+            node.url, "--password-file", password_file(OTHER_PASSWORD), "--yes", "--name", WS
+        )
+        assert wrong.code == int(Exit.WRONG_PASSWORD), wrong.err
+        assert seen() == []
+        right = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", WS
+        )
+    assert right.code == 0, right.err
+    assert seen() == [("https", 1)]  # (its check with the new settings, by its certificate)
+
+
 async def test_bootstrap_answer_altered_in_transit(
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,

@@ -158,6 +158,7 @@ from tlsroll.fsutil import (
     private_dir_problem,
     user_label,
 )
+from tlsroll.httpcheck import PROBE_HEADERS  # (as the agent's verify, the leader's confirm)
 from tlsroll.password import folded, password_problem
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
@@ -569,12 +570,16 @@ def request(
     body: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     workstation: str | None = None,
+    probe: bool = False,
     connect_timeout: float | None = None,
     sending: Callable[[], None] | None = None,
 ) -> Reply:
     """One https request; every failure becomes a NetError with its kind. ``workstation``:
     the ws-… name sent in the X-Tlsroll-Workstation header, so that the application server
-    can tell which workstation is on which scheme (``tlsroll.clients``). ``timeout``: the
+    can tell which workstation is on which scheme (``tlsroll.clients``). ``probe``: a check
+    of this tool's before the PC's new settings work (``PROBE_HEADERS``, no name): the server
+    records no client for it, so that a run that fails (a wrong password) does not make the PC
+    look moved to https, which would let a finalize cut it off. ``timeout``: the
     wait for the whole answer, from the end of the handshake (one deadline, not one per read:
     review s63 M3), NetError "timeout" past it; ``connect_timeout`` (default ``timeout``): for
     the connection and the TLS handshake (a host that does not answer fails within it,
@@ -601,7 +606,9 @@ def request(
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
         conn.sock = _Bounded(tls, time.monotonic() + timeout)
         headers = {"Accept": "application/json", "Connection": "close"}
-        if workstation:
+        if probe:
+            headers |= PROBE_HEADERS
+        elif workstation:
             headers[WORKSTATION_HEADER] = workstation
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -644,7 +651,7 @@ def answers_plain_http(host: str, port: int, path: str, timeout: float) -> bool:
     conn = http.client.HTTPConnection(host, port, timeout=wait)
     conn.sock = _Bounded(sock, time.monotonic() + wait)
     try:
-        conn.request("GET", path, headers={"Connection": "close"})
+        conn.request("GET", path, headers={"Connection": "close", **PROBE_HEADERS})
         conn.getresponse().read(1024)
     except (OSError, http.client.HTTPException):
         return False
@@ -1334,7 +1341,7 @@ class TestConnection:
                 server.app_path,
                 context,
                 timeout=self.o.timeout,
-                workstation=self.workstation,
+                probe=True,
             )
         except NetError as exc:
             return exc.detail
@@ -1424,7 +1431,7 @@ class TestConnection:
                 server.app_path,
                 self.context,
                 timeout=o.timeout,
-                workstation=self.workstation,
+                probe=True,
             )
         except NetError as exc:
             if exc.kind == "refused":
@@ -1571,7 +1578,7 @@ class TestConnection:
                     server.app_path,
                     context,
                     timeout=self.o.timeout,
-                    workstation=self.workstation,
+                    probe=True,
                 )
             except NetError:
                 return None
@@ -1920,7 +1927,7 @@ class TestConnection:
                 server.app_path,
                 context,
                 timeout=self.o.timeout,
-                workstation=self.workstation,
+                probe=True,
             )
         except NetError as exc:
             if exc.kind == "verify":

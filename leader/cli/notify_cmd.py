@@ -160,19 +160,22 @@ def parse_when(
     text: str, zone: zoneinfo.ZoneInfo, now: dt.datetime, hint: str = "--when"
 ) -> dt.datetime:
     """``--when`` (or ``hint``) in ``zone``: a time that exists once there and lies ahead."""
-    return when_in_zone(when_syntax(text, hint), text, zone, now, hint)
+    return when_in_zone(when_syntax(text, hint, now), text, zone, now, hint)
 
 
-def when_syntax(text: str, hint: str = "--when") -> dt.datetime:
+def when_syntax(text: str, hint: str = "--when", now: dt.datetime | None = None) -> dt.datetime:
     """The wall-clock time ``--when`` (or ``hint``) writes, without a zone: checked before
-    anything asks the leader (which may be down) for its zone."""
+    anything asks the leader (which may be down) for its zone. Its error's example is
+    tomorrow at 18:00 (``now``: this machine's clock), a time the command takes (a fixed date
+    became one in the past that it refuses: session 75, adminwalk)."""
     for pattern in _WHEN_FORMATS:
         try:
             return dt.datetime.strptime(text.strip(), pattern)
         except ValueError:
             continue
+    tomorrow = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(days=1)
     raise click.BadParameter(
-        f"{shown(text)}: give date and time as YYYY-MM-DD HH:MM, e.g. 2026-12-05 18:00",
+        f"{shown(text)}: give date and time as YYYY-MM-DD HH:MM, e.g. {tomorrow:%Y-%m-%d} 18:00",
         param_hint=hint,
     )
 
@@ -659,7 +662,7 @@ def check_password(
 @click.option(
     "--when",
     help="Announce a switch that has not started: its start in the practice's time zone, e.g. "
-    '"2026-12-05 18:00". Without it the notice is about the newest (or --rollout) rollout.',
+    '"2027-03-05 18:00". Without it the notice is about the newest (or --rollout) rollout.',
 )
 @click.option("--duration", help="With --when: how long it is planned to take, e.g. 30m, 1h30m.")
 @click.option(
