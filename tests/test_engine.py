@@ -52,6 +52,7 @@ from leader import byo, changes, planner
 from leader import engine as engine_module
 from leader.agent_client import (
     NODE_STORE_UNAVAILABLE,
+    BeingReceived,
     NotHeardYet,
     NotSent,
     StepFailed,
@@ -4293,6 +4294,71 @@ async def test_a_restarted_leader_s_confirm_asks_whether_a_rollback_is_under_way
         c for c in world.agents.calls_to(ORDER[0], "get_transaction") if c.answer == "not_found"
     ]
     assert len(asked) == 1  # the restarted leader's confirm of the first node
+    await second.stop()
+
+
+GROWN = [2.0, 2.0, 2.0, 4.0, 8.0, 16.0, MAX_RETRY_SECONDS, MAX_RETRY_SECONDS]
+"""The pauses after a step's attempts that got no answer, one after another (``_trouble``)."""
+
+
+@pytest.mark.parametrize(
+    ("script", "pauses"),
+    [
+        # An outage: the pause grows, as it did.
+        (["gone"] * 8, GROWN),
+        # "Being received" each time: the agent answered, having waited in the call; a
+        # constant pause (it grew to 30 s: a request journalled meanwhile learned that late).
+        (["received"] * 8, [STEP_RETRY_SECONDS] * 8),
+        # Mixed: the outage's pauses are what they were at that attempt (no faster).
+        (
+            ["gone", "received", "gone", "gone", "received", "received", "gone", "gone"],
+            [GROWN[0], 2.0, GROWN[2], GROWN[3], 2.0, 2.0, GROWN[6], GROWN[7]],
+        ),
+    ],
+    ids=["outage", "being-received", "mixed"],
+)
+async def test_a_being_received_answer_does_not_grow_the_step_s_pause(
+    world: World, monkeypatch: pytest.MonkeyPatch, script: list[str], pauses: list[float]
+) -> None:
+    """Session 74's note, Open (L): the engine's pause between a step's attempts grew (2, 2,
+    2, 4, 8, 16, 30 s) after the agent's "being received" (``BeingReceived``) too. A restarted
+    leader's confirm asks the first node whether a rollback is under way; its agent answers
+    as ``script`` says (its "being received", or nothing), then as it should: the pauses
+    ``_trouble`` set, counted, are ``pauses``, and the rollout completes."""
+    first = world.boot()
+    await first.start(max_parallel=1)
+    await first.run(until=lambda r: node(r.records, ORDER[0]).state is N.CONFIRMING)
+    await first.crash()
+    agent = world.agents[ORDER[0]]
+    real = agent.get_transaction
+    left = list(script)
+
+    async def scripted(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        if request.kind == TXN_KIND.wire(TxnKind.ROLLBACK) and left:
+            if left.pop(0) == "gone":
+                raise TransientError(f"agent {agent.name}: unreachable")
+            raise BeingReceived(
+                f"agent {agent.name}: a request of the rollback transaction of rollout"
+                f" {request.rollout_id!r} is being received; ask again"
+            )
+        return await real(request)
+
+    agent.get_transaction = scripted  # type: ignore[method-assign]
+    second = world.boot()
+    engine = second.engine
+    trouble = engine._trouble
+    seen: list[float] = []
+
+    async def counted(row: RolloutRow, step: planner.StepAction, *args: Any, **kw: Any) -> None:
+        now = world.clock.monotonic()
+        await trouble(row, step, *args, **kw)
+        seen.append(engine.not_before[(row.rollout.id, step.node, step.step)] - now)
+
+    monkeypatch.setattr(engine, "_trouble", counted)
+    row = await second.run(passes=400)
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert not left
+    assert seen == pytest.approx(pauses)
     await second.stop()
 
 
