@@ -493,6 +493,13 @@ COMMIT that wrote no commit frame: a lock (SQLITE_BUSY, SQLITE_LOCKED: its trans
 open and is rolled back) or a full disk (SQLITE_FULL: the commit frame, the last one written,
 did not fit; a torn frame fails its checksum)."""
 
+PROBE_BUSY_SECONDS = 0.1
+"""The longest a read's probe in doubt (``Journal._read``) waits for another process's lock on
+the journal (SQLite's busy timeout; every other write waits the connection's 10 s), then
+answers as the lock does (SQLITE_BUSY: UNAVAILABLE, asked again): while in doubt every read
+probes, and each waited the 10 s on the store's thread, ahead of a switch's records (session
+74's note, Open)."""
+
 # A COMMIT that failed with these wrote no commit frame (``JOURNAL_IN_DOUBT``).
 COMMIT_NOT_WRITTEN = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL")
 
@@ -756,11 +763,13 @@ class Journal:
         no read of the file)."""
         return self._needs_admin
 
-    def probe(self) -> None:
+    def probe(self, *, busy: float | None = None) -> None:
         """A write that takes only where the journal can be written now (a full disk under it
         refuses it): the runner's look before a transaction resumed or restarted acts, and
-        while one is held (``Runner._probe``). It records when, in ``meta``."""
-        with self._tx() as db:
+        while one is held (``Runner._probe``); a read's while in doubt (``_read``). It records
+        when, in ``meta``. ``busy``: the longest it waits for another process's lock on the
+        file (``Database.tx``)."""
+        with self._tx(busy=busy) as db:
             self._set_meta(db, "probed_at", dt.datetime.now(dt.UTC).isoformat())
 
     def clear_needs_admin(self) -> str | None:
@@ -792,23 +801,33 @@ class Journal:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        if self._in_doubt and self._writing != threading.get_ident():
-            self.probe()  # (``JOURNAL_IN_DOUBT``: its error is the read's, asked again)
+        """A read (``Database.read``); in doubt (``JOURNAL_IN_DOUBT``), a write first
+        (``probe``), whose error is the read's (asked again). The doubt is looked at again
+        under the store's lock, where a failed COMMIT sets it (``_commit_failed``): one that
+        failed while this read waited for the lock is probed for too, not read past (it was
+        looked at only before the lock, and set after the writer released it: session 75)."""
+        mine = threading.get_ident()
         try:
-            with self._db.read() as db:
-                yield db
+            while True:
+                if self._in_doubt and self._writing != mine:
+                    self.probe(busy=PROBE_BUSY_SECONDS)
+                with self._db.read() as db:
+                    if not self._in_doubt or self._writing == mine:
+                        yield db
+                        return
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write (``Database.tx``). The events it records (``_event``) are inserted at
-        its end, in the order they were made, in one statement (``executemany``), before its
-        commit: a switch's record inside the freeze window made one INSERT per event, two to
-        four a record (session 73, journalcpu)."""
+    def _tx(self, *, busy: float | None = None) -> Iterator[sqlite3.Connection]:
+        """One write (``Database.tx``; ``busy``: its wait for another process's lock). The
+        events it records (``_event``) are inserted at its end, in the order they were made,
+        in one statement (``executemany``), before its commit: a switch's record inside the
+        freeze window made one INSERT per event, two to four a record (session 73,
+        journalcpu). A COMMIT that fails puts the journal in doubt (``_commit_failed``)."""
         committing = False
         try:
-            with self._db.tx() as db:
+            with self._db.tx(busy=busy) as db:
                 self._queued = []  # (under the store's lock: one write at a time)
                 self._writing = threading.get_ident()
                 changes = db.total_changes
@@ -818,15 +837,22 @@ class Journal:
                         db.executemany(_INSERT_EVENT, self._queued)
                     if self._in_doubt and db.total_changes != changes:
                         self._db.after_commit(self._settled)
+                    self._db.if_failed(self._commit_failed)  # (last: only the COMMIT is left)
                 finally:
                     self._writing = None
                 committing = True  # (what fails from here on is the COMMIT)
         except sqlite3.Error as exc:
             code = getattr(exc, "sqlite_errorname", None) or ""
             doubt = committing and not code.startswith(COMMIT_NOT_WRITTEN)
-            if doubt:
-                self._in_doubt = True  # (``JOURNAL_IN_DOUBT``)
             raise self._error(exc, doubt=doubt) from exc
+
+    def _commit_failed(self, exc: BaseException) -> None:
+        """(A COMMIT failed, under the store's lock.) In doubt (``JOURNAL_IN_DOUBT``) unless
+        it wrote no commit frame (``COMMIT_NOT_WRITTEN``); set before the lock is released, so
+        that no read (``_read``) answers from before the failed write in between."""
+        code = getattr(exc, "sqlite_errorname", None) or ""
+        if isinstance(exc, sqlite3.Error) and not code.startswith(COMMIT_NOT_WRITTEN):
+            self._in_doubt = True
 
     def _settled(self) -> None:
         """(After a COMMIT, under the store's lock.) A write that changed a row was kept: its
