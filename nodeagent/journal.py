@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -461,18 +462,18 @@ class JournalError(TerminalError):
 
 
 class JournalUnavailable(JournalError):
-    """A read or write of the journal that failed for a moment (its file locked or busy, an
-    I/O error of a lock, of the WAL's shared memory, of a write or its fsync, a file it could
-    not open, a WAL to recover: ``READ_TRANSIENT``; not a disk that could not read the file
-    back): the agent answers its caller UNAVAILABLE, which asks again, not as a refusal
-    (session 73's L: GetTransaction answered FAILED_PRECONDITION, which the leader takes for
-    "refused the question", needing the admin at once; session 74's L3: a write so failed was
-    a refusal, which the leader records as "nothing changed", though a failed COMMIT may be
-    kept: ``JOURNAL_IN_DOUBT``). Still a ``JournalError`` within the agent (what catches one
-    catches it), as one over a full disk is, answered RESOURCE_EXHAUSTED. A damaged journal
-    (SQLITE_CORRUPT, SQLITE_NOTADB), or one the disk could not read back
-    (``tlsroll.sqlite.unreadable``), stays a plain ``JournalError``: asking again does not
-    mend it."""
+    """A read or write of the journal that failed for a moment (its file locked or busy, an I/O
+    error of a lock, of the WAL's shared memory, of a write or its fsync, a file it could not
+    open, a WAL to recover: ``READ_TRANSIENT``; not a disk that could not read the file back,
+    nor a journal no longer at its path: ``JOURNAL_GONE``): the agent answers its caller
+    UNAVAILABLE, which asks again, not as a refusal (session 73's L: GetTransaction answered
+    FAILED_PRECONDITION, which the leader takes for "refused the question", needing the admin at
+    once; session 74's L3: a write so failed was a refusal, which the leader records as "nothing
+    changed", though a failed COMMIT may be kept: ``JOURNAL_IN_DOUBT``). Still a
+    ``JournalError`` within the agent (what catches one catches it), as one over a full disk is,
+    answered RESOURCE_EXHAUSTED. A damaged journal (SQLITE_CORRUPT, SQLITE_NOTADB), or one the
+    disk could not read back (``tlsroll.sqlite.unreadable``), stays a plain ``JournalError``:
+    asking again does not mend it."""
 
 
 JOURNAL_IN_DOUBT = "whether that write was kept is not known until the journal is written again"
@@ -515,6 +516,18 @@ READ_TRANSIENT = (
     "SQLITE_CANTOPEN",
     "SQLITE_READONLY",
 )
+
+
+JOURNAL_GONE = (
+    "the journal is not where the agent opened it (its file or directory moved or deleted): put"
+    " it back, then restart the agent (its start says how to recover a journal that is gone)"
+)
+"""What the error of a journal read or write says when the journal's file is no longer at its
+path (``Journal._gone``): SQLite's SQLITE_READONLY_DBMOVED (the file moved or deleted under a
+connection), or any other ``READ_TRANSIENT`` code (SQLITE_CANTOPEN of a directory that
+vanished) while the path names no file, or another file. Lasting: a plain ``JournalError`` (a
+refusal: FAILED_PRECONDITION), never ``JournalUnavailable``, which the leader asked again
+without end (session 74's note, Open)."""
 
 
 class JournalLost(StoreDamaged):
@@ -625,6 +638,9 @@ class Journal:
             reads_floor_from=READS_FLOOR_FROM,
             cached=False,  # (the journal keeps nothing in the store's cache)
         )
+        # The file the connection opened (device, inode): ``_gone`` tells a path that no
+        # longer names it.
+        self._opened = _file_id(self.path)
         self._frozen: set[tuple[str, str]] = set()  # (``in_freeze_window``; filled below)
         self._put_back()
         # ``needs_admin``, kept in memory (the agent's view of its server asks at every
@@ -794,10 +810,27 @@ class Journal:
         (``JOURNAL_IN_DOUBT``)."""
         code = getattr(exc, "sqlite_errorname", None)
         error = JournalError
-        if (code or "").startswith(READ_TRANSIENT) and unreadable(exc) is None:
-            error = JournalUnavailable
         told = f"journal {self.path}: {exc}" + (f" ({code})" if code else "")
+        if (code or "").startswith(READ_TRANSIENT) and unreadable(exc) is None:
+            if self._gone(code or ""):
+                told = f"{told}; {JOURNAL_GONE}"
+            else:
+                error = JournalUnavailable
         return error(f"{told}; {JOURNAL_IN_DOUBT}" if doubt else told)
+
+    def _gone(self, code: str) -> bool:
+        """Whether the journal is no longer at its path (``JOURNAL_GONE``): SQLite said so
+        (SQLITE_READONLY_DBMOVED), or the path names no file, or not the one opened. A look
+        that fails otherwise (EACCES, EIO) says nothing: False."""
+        if code.startswith("SQLITE_READONLY_DBMOVED"):
+            return True
+        try:
+            now = _file_id(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False
+        return now != self._opened
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -1461,6 +1494,12 @@ class Journal:
                 "SELECT * FROM events WHERE rollout_id = ? ORDER BY seq", (rollout_id,)
             ).fetchall()
         return [dict(r) for r in rows]
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """The file at ``path``: its device and inode (OSError if none is there)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _txn(row: sqlite3.Row, path: Path) -> Txn:

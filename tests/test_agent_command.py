@@ -951,6 +951,75 @@ def test_a_read_waiting_for_the_lock_while_a_commit_fails_does_not_read_past_the
     journal.close()
 
 
+def _gone(journal: Journal, how: str) -> None:
+    """The journal's file or its directory moved or deleted under the open connection."""
+    import shutil
+
+    where = journal.path.parent
+    if how == "file moved":
+        journal.path.rename(where / "elsewhere.sqlite3")
+    elif how == "file deleted":
+        journal.path.unlink()
+    elif how == "directory moved":
+        where.rename(where.with_name("elsewhere"))
+    else:
+        shutil.rmtree(where)
+
+
+@pytest.mark.parametrize(
+    "how", ["file moved", "file deleted", "directory moved", "directory deleted"]
+)
+def test_a_journal_moved_or_deleted_under_the_agent_is_a_refusal_not_ask_again(
+    tmp_path: Path, how: str
+) -> None:
+    """Session 74's note, Open (L): a journal write that SQLite refuses because its file is
+    no longer at its path (SQLITE_READONLY_DBMOVED, real SQLite: it looks where it opens a
+    rollback journal, so the connection is put in that mode here; in WAL, the journal's
+    own, it writes on into the file it holds) was ``JournalUnavailable`` (the READONLY
+    prefix): UNAVAILABLE, which the leader asks again without end. It lasts until the admin
+    puts the journal back: a plain ``JournalError`` (a refusal), saying so."""
+    from nodeagent.journal import JOURNAL_GONE, JournalUnavailable
+
+    (tmp_path / "data").mkdir()
+    journal = Journal(tmp_path / "data" / "journal.sqlite3")
+    journal.set_removed_from_cluster("kept")
+    journal._db._db.execute("PRAGMA journal_mode=DELETE")
+    _gone(journal, how)
+    with pytest.raises(JournalError) as caught:
+        journal.set_removed_from_cluster("lost")
+    assert "SQLITE_READONLY_DBMOVED" in str(caught.value), caught.value
+    assert not isinstance(caught.value, JournalUnavailable), caught.value  # before: it was
+    assert JOURNAL_GONE in str(caught.value)
+    journal.close()
+
+
+@pytest.mark.parametrize("how", ["directory deleted", "file replaced", "nothing"])
+def test_a_journal_that_cannot_be_opened_is_lasting_only_once_it_is_gone(
+    tmp_path: Path, how: str
+) -> None:
+    """Session 74's note, Open (L): SQLITE_CANTOPEN (here SQLite's own, of opening a file in
+    the journal's directory) was always ``JournalUnavailable``; with the journal's directory
+    gone, or another file at its path, it lasts (a refusal, ``JOURNAL_GONE``). With the
+    journal where it was, it may pass (a file it could not open now): asked again, as
+    before."""
+    from nodeagent.journal import JOURNAL_GONE, JournalUnavailable
+
+    (tmp_path / "data").mkdir()
+    journal = Journal(tmp_path / "data" / "journal.sqlite3")
+    if how == "directory deleted":
+        _gone(journal, how)
+    elif how == "file replaced":
+        journal.path.rename(tmp_path / "data" / "old.sqlite3")
+        journal.path.write_bytes(b"")
+    with pytest.raises(sqlite3.OperationalError) as opening:
+        sqlite3.connect(f"file:{tmp_path}/none/x.sqlite3?mode=rw", uri=True)
+    assert opening.value.sqlite_errorname == "SQLITE_CANTOPEN"
+    error = journal._error(opening.value)
+    assert isinstance(error, JournalUnavailable) is (how == "nothing"), error
+    assert (JOURNAL_GONE in str(error)) is (how != "nothing"), error
+    journal.close()
+
+
 async def test_get_transaction_asked_while_a_request_of_its_key_is_received_too_long(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
