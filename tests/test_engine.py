@@ -98,10 +98,11 @@ from tests.fake_agent import (
     FakeAgent,
     FakeAgents,
     FakeClock,
+    FakeTxn,
 )
 from tlsroll import dbthread, features, pki
 from tlsroll.clients import ClientSeen, ClientsView
-from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.enums import TxnKind, TxnOutcome, another_switch
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.rpc import status_for
 from tlsroll.v1 import agent_pb2
@@ -2328,6 +2329,47 @@ async def test_a_way_back_refused_when_run_again_is_followed_if_it_began(world: 
     assert states(row) == ALL_DONE, node(row.records, "charlie")
     assert charlie.scheme == "http" and charlie.applied["rollback"] == 1
     assert [c.answer for c in world.agents.calls_to("charlie", "rollback")][-1] == "refused"
+    await leader.stop()
+
+
+async def test_the_fake_agent_refuses_a_switch_of_another_change_under_its_id(
+    world: World,
+) -> None:
+    """Session 74's note, Open (L): ``tests/fake_agent.py`` answered a Switch whose rollout id
+    names its switch of another change with that switch (a replay), where the real agent
+    refuses it FAILED_PRECONDITION ``another_switch`` (``NodeAgentService._switch``;
+    ``test_dual_node``'s finalize under the phase-1 id): the engine tests followed a switch
+    no real agent gives them. Here a change-password rollout's id already names a finalize
+    on charlie (a rollout id used again after the store was restored): the fake refuses, as
+    the real agent does, and the node needs attention, that switch never followed (its
+    outcome was recorded as the password's: done)."""
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    await leader.commands.stage_password(VERIFIER_2, ADMIN)
+    row = await leader.start(Change.CHANGE_PASSWORD)
+    charlie = world.agents["charlie"]
+    rid = row.rollout.id
+    charlie.txns[(rid, TxnKind.SWITCH)] = FakeTxn(
+        rid,
+        TxnKind.SWITCH,
+        row.rollout.epoch,
+        0.0,
+        TxnOutcome.COMPLETED,
+        "",
+        (charlie.scheme, charlie.fingerprint, charlie.verifier),
+        change="finalize",
+    )
+
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is N.NEEDS_ATTENTION, charlie_row  # DONE before
+    said = another_switch(rid, "finalize", Change.CHANGE_PASSWORD.value)
+    assert charlie_row.reason.startswith(f"switch refused: {said} (FAILED_PRECONDITION)")
+    assert "the agent holds another switch under this rollout id" in charlie_row.reason
+    assert [c.answer for c in world.agents.calls_to("charlie", "switch")] == ["ok", "refused"]
+    assert charlie.verifier != VERIFIER_2
     await leader.stop()
 
 
