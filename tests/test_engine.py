@@ -4397,10 +4397,21 @@ async def test_a_being_received_answer_does_not_grow_the_step_s_pause(
         seen.append(engine.not_before[(row.rollout.id, step.node, step.step)] - now)
 
     monkeypatch.setattr(engine, "_trouble", counted)
+    note = engine._note
+    notes: list[str] = []
+
+    async def noted(rollout_id: str, step: planner.StepAction, reason: str) -> None:
+        notes.append(reason)
+        await note(rollout_id, step, reason)
+
+    monkeypatch.setattr(engine, "_note", noted)
     row = await second.run(passes=400)
     assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
     assert not left
     assert seen == pytest.approx(pauses)
+    # The node's "unknown" note, once 10 s passed: the last answer's (it answered, or not).
+    said = UNKNOWN if script[-1] == "gone" else UNKNOWN_ANSWERED
+    assert notes and notes[-1].startswith(said), notes
     await second.stop()
 
 
