@@ -24,6 +24,9 @@ only when, and what happens with the result:
   ``UNKNOWN_AFTER`` seconds its node's reason says "unknown — agent unreachable since …" while
   the leader keeps asking, and the next answer replaces it. A scope freeze or unfreeze the
   agent keeps refusing is retried with a growing pause, and its reason shown on the node.
+  The pause grows with the attempts (``_trouble``), but not after the agent's "being
+  received" (``BeingReceived``: it answered, having waited in the call already): that one
+  is ``STEP_RETRY_SECONDS``.
 * A step whose agent falls silent while the step waits for it (a stopped or hung agent, whose
   port stays open: no error until the calls' own deadlines, 30 to 46 s, or attempts whose TLS
   handshakes time out until the step's deadline) has its node's empty reason say so ("the
@@ -65,6 +68,7 @@ from leader.agent_client import (
     NODE_DISK_FULL,
     NODE_STORE_UNAVAILABLE,
     Agents,
+    BeingReceived,
     NodeDiskFull,
     NodeStoreUnavailable,
     StepFailed,
@@ -171,7 +175,8 @@ UNKNOWN = "unknown — agent unreachable since"
 UNKNOWN_ANSWERED = "unknown — its agent answers but cannot go on since"
 """``UNKNOWN``'s words for an agent that answers, but that its node's disk is full
 (``NodeDiskFull``) or its journal or disk failed for a moment (``NodeStoreUnavailable``: a
-locked journal, an I/O error): not unreachable (review s74 L1); the answer's cause follows."""
+locked journal, an I/O error), or that a request of the step is still being received
+(``BeingReceived``, session 75): not unreachable (review s74 L1); the answer's cause follows."""
 SILENT_AFTER = 10.0
 """Seconds a step may wait for its agent before the engine looks whether the agent is still
 heard (``_Silence``), then again every half heartbeat interval (at least a second) while it
@@ -1047,7 +1052,10 @@ class Engine:
                 self.wake.set()
             return
         except (TransientError, StepFailed, TimeoutError) as exc:  # unknown: it may have begun
-            await self._trouble(row, step, str(exc) or "no answer", None, started)
+            received = isinstance(exc, BeingReceived)
+            await self._trouble(
+                row, step, str(exc) or "no answer", None, started, received=received
+            )
             return
         if begun:
             await self._run_step(row, step)
@@ -1247,7 +1255,10 @@ class Engine:
             limit = deadline if bounded else None
             full = isinstance(exc, NodeDiskFull)
             store = isinstance(exc, NodeStoreUnavailable)
-            await self._trouble(row, step, why, limit, started, disk_full=full, store=store)
+            received = isinstance(exc, BeingReceived)
+            await self._trouble(
+                row, step, why, limit, started, disk_full=full, store=store, received=received
+            )
             return
         except asyncio.CancelledError:
             raise
@@ -1289,20 +1300,30 @@ class Engine:
         *,
         disk_full: bool = False,
         store: bool = False,
+        received: bool = False,
     ) -> None:
         """A step got no good answer: when to try again, and what the records say about it.
         ``deadline``: the step fails once it has had no answer that long since the attempt
         that began the trouble started (``started``; None: never). ``disk_full``: the last
         answer was the node's full disk (``NodeDiskFull``), ``store``: its journal or disk
         failing for a moment (``NodeStoreUnavailable``), which the failure and a switch's
-        note say instead of "agent unreachable" (the agent answered)."""
+        note say instead of "agent unreachable" (the agent answered). ``received``: the
+        agent's "being received" (``BeingReceived``): the pause after it is
+        ``STEP_RETRY_SECONDS``, not the growing one (up to ``MAX_RETRY_SECONDS``): the agent
+        answered, having waited in the call for the request to be journalled, and one
+        journalled meanwhile was learned up to 30 s late (session 75). It still counts as an
+        attempt: an outage's pauses after it are what they were (no faster)."""
         rollout = row.rollout
         key = (rollout.id, step.node, step.step)
         now = self.monotonic()
         first, since, attempts = self.trouble.get(key, (*started, 0))
         attempts += 1
         self.trouble[key] = (first, since, attempts)
-        pause = min(STEP_RETRY_SECONDS * 2 ** max(attempts - 3, 0), MAX_RETRY_SECONDS)
+        pause = (
+            STEP_RETRY_SECONDS
+            if received
+            else min(STEP_RETRY_SECONDS * 2 ** max(attempts - 3, 0), MAX_RETRY_SECONDS)
+        )
         self.not_before[key] = now + pause
         stamp = f"{since:%H:%M:%S} UTC"
         if deadline is not None and now - first >= deadline:
@@ -1327,7 +1348,7 @@ class Engine:
             self.wake.set()
             return
         if step.step in (Step.SWITCH, Step.CONFIRM) and now - first >= UNKNOWN_AFTER:
-            headline = UNKNOWN_ANSWERED if disk_full or store else UNKNOWN
+            headline = UNKNOWN_ANSWERED if disk_full or store or received else UNKNOWN
             reason = self._needs_admin_note(step) or (
                 f"{headline} {stamp}: {why}; it may be mid-switch (writes refused); the leader "
                 "keeps asking and records the outcome when it answers"

@@ -28,7 +28,7 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -416,6 +416,21 @@ def group_alive(pgid: int) -> tuple[int, ...]:
         if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
             alive.append(int(entry))
     return tuple(sorted(alive))
+
+
+def uninterruptible(pids: Iterable[int]) -> tuple[int, ...]:
+    """Those of ``pids`` in uninterruptible sleep now (state ``D`` in ``/proc/PID/stat``: in
+    the kernel, waiting for a disk or a mount, deaf to SIGKILL meanwhile); one gone or
+    unreadable is not one."""
+    found: list[int] = []
+    for pid in pids:
+        try:
+            fields = _stat_fields(Path(f"/proc/{pid}/stat").read_bytes())
+        except OSError:
+            continue
+        if fields and fields[0] == "D":
+            found.append(pid)
+    return tuple(found)
 
 
 def end_stale(track: Path, wait: float = KILL_WAIT) -> list[Stale]:

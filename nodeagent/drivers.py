@@ -1600,13 +1600,23 @@ class ExecDriver(TemplateDriver):
                 " process group",
             )
             if stale.left:
+                # The cause is named only where seen (state D): a slow end under load reads
+                # the same otherwise (session 74's note, Open).
+                stuck = client_sources.uninterruptible(stale.left)
+                why = (
+                    f"; {len(stuck)} of them in uninterruptible sleep (state D: waiting in the"
+                    " kernel, on a hung disk or NFS mount, say)"
+                    if stuck
+                    else ""
+                )
                 log.warning(
                     "exec.stale_command_lingers",
                     pid=stale.pid,
                     left=list(stale.left),
+                    uninterruptible=list(stuck),
                     detail=f"{len(stale.left)} process(es) of its group still ran"
-                    f" {client_sources.KILL_WAIT:g} s after its SIGKILL (in uninterruptible"
-                    " sleep: a hung disk or NFS mount); the resumed step runs all the same",
+                    f" {client_sources.KILL_WAIT:g} s after its SIGKILL{why}; the resumed step"
+                    " runs all the same",
                     hint=f"see what holds them: ps -o pid,stat,wchan,args -g {stale.pid}",
                 )
 

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -461,18 +462,18 @@ class JournalError(TerminalError):
 
 
 class JournalUnavailable(JournalError):
-    """A read or write of the journal that failed for a moment (its file locked or busy, an
-    I/O error of a lock, of the WAL's shared memory, of a write or its fsync, a file it could
-    not open, a WAL to recover: ``READ_TRANSIENT``; not a disk that could not read the file
-    back): the agent answers its caller UNAVAILABLE, which asks again, not as a refusal
-    (session 73's L: GetTransaction answered FAILED_PRECONDITION, which the leader takes for
-    "refused the question", needing the admin at once; session 74's L3: a write so failed was
-    a refusal, which the leader records as "nothing changed", though a failed COMMIT may be
-    kept: ``JOURNAL_IN_DOUBT``). Still a ``JournalError`` within the agent (what catches one
-    catches it), as one over a full disk is, answered RESOURCE_EXHAUSTED. A damaged journal
-    (SQLITE_CORRUPT, SQLITE_NOTADB), or one the disk could not read back
-    (``tlsroll.sqlite.unreadable``), stays a plain ``JournalError``: asking again does not
-    mend it."""
+    """A read or write of the journal that failed for a moment (its file locked or busy, an I/O
+    error of a lock, of the WAL's shared memory, of a write or its fsync, a file it could not
+    open, a WAL to recover: ``READ_TRANSIENT``; not a disk that could not read the file back,
+    nor a journal no longer at its path: ``JOURNAL_GONE``): the agent answers its caller
+    UNAVAILABLE, which asks again, not as a refusal (session 73's L: GetTransaction answered
+    FAILED_PRECONDITION, which the leader takes for "refused the question", needing the admin at
+    once; session 74's L3: a write so failed was a refusal, which the leader records as "nothing
+    changed", though a failed COMMIT may be kept: ``JOURNAL_IN_DOUBT``). Still a
+    ``JournalError`` within the agent (what catches one catches it), as one over a full disk is,
+    answered RESOURCE_EXHAUSTED. A damaged journal (SQLITE_CORRUPT, SQLITE_NOTADB), or one the
+    disk could not read back (``tlsroll.sqlite.unreadable``), stays a plain ``JournalError``:
+    asking again does not mend it."""
 
 
 JOURNAL_IN_DOUBT = "whether that write was kept is not known until the journal is written again"
@@ -493,6 +494,13 @@ COMMIT that wrote no commit frame: a lock (SQLITE_BUSY, SQLITE_LOCKED: its trans
 open and is rolled back) or a full disk (SQLITE_FULL: the commit frame, the last one written,
 did not fit; a torn frame fails its checksum)."""
 
+PROBE_BUSY_SECONDS = 0.1
+"""The longest a read's probe in doubt (``Journal._read``) waits for another process's lock on
+the journal (SQLite's busy timeout; every other write waits the connection's 10 s), then
+answers as the lock does (SQLITE_BUSY: UNAVAILABLE, asked again): while in doubt every read
+probes, and each waited the 10 s on the store's thread, ahead of a switch's records (session
+74's note, Open)."""
+
 # A COMMIT that failed with these wrote no commit frame (``JOURNAL_IN_DOUBT``).
 COMMIT_NOT_WRITTEN = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL")
 
@@ -508,6 +516,18 @@ READ_TRANSIENT = (
     "SQLITE_CANTOPEN",
     "SQLITE_READONLY",
 )
+
+
+JOURNAL_GONE = (
+    "the journal is not where the agent opened it (its file or directory moved or deleted): put"
+    " it back, then restart the agent (its start says how to recover a journal that is gone)"
+)
+"""What the error of a journal read or write says when the journal's file is no longer at its
+path (``Journal._gone``): SQLite's SQLITE_READONLY_DBMOVED (the file moved or deleted under a
+connection), or any other ``READ_TRANSIENT`` code (SQLITE_CANTOPEN of a directory that
+vanished) while the path names no file, or another file. Lasting: a plain ``JournalError`` (a
+refusal: FAILED_PRECONDITION), never ``JournalUnavailable``, which the leader asked again
+without end (session 74's note, Open)."""
 
 
 class JournalLost(StoreDamaged):
@@ -618,6 +638,9 @@ class Journal:
             reads_floor_from=READS_FLOOR_FROM,
             cached=False,  # (the journal keeps nothing in the store's cache)
         )
+        # The file the connection opened (device, inode): ``_gone`` tells a path that no
+        # longer names it.
+        self._opened = _file_id(self.path)
         self._frozen: set[tuple[str, str]] = set()  # (``in_freeze_window``; filled below)
         self._put_back()
         # ``needs_admin``, kept in memory (the agent's view of its server asks at every
@@ -761,11 +784,13 @@ class Journal:
         no read of the file)."""
         return self._needs_admin
 
-    def probe(self) -> None:
+    def probe(self, *, busy: float | None = None) -> None:
         """A write that takes only where the journal can be written now (a full disk under it
         refuses it): the runner's look before a transaction resumed or restarted acts, and
-        while one is held (``Runner._probe``). It records when, in ``meta``."""
-        with self._tx() as db:
+        while one is held (``Runner._probe``); a read's while in doubt (``_read``). It records
+        when, in ``meta``. ``busy``: the longest it waits for another process's lock on the
+        file (``Database.tx``)."""
+        with self._tx(busy=busy) as db:
             self._set_meta(db, "probed_at", dt.datetime.now(dt.UTC).isoformat())
 
     def clear_needs_admin(self) -> str | None:
@@ -790,30 +815,57 @@ class Journal:
         (``JOURNAL_IN_DOUBT``)."""
         code = getattr(exc, "sqlite_errorname", None)
         error = JournalError
-        if (code or "").startswith(READ_TRANSIENT) and unreadable(exc) is None:
-            error = JournalUnavailable
         told = f"journal {self.path}: {exc}" + (f" ({code})" if code else "")
+        if (code or "").startswith(READ_TRANSIENT) and unreadable(exc) is None:
+            if self._gone(code or ""):
+                told = f"{told}; {JOURNAL_GONE}"
+            else:
+                error = JournalUnavailable
         return error(f"{told}; {JOURNAL_IN_DOUBT}" if doubt else told)
+
+    def _gone(self, code: str) -> bool:
+        """Whether the journal is no longer at its path (``JOURNAL_GONE``): SQLite said so
+        (SQLITE_READONLY_DBMOVED), or the path names no file, or not the one opened. A look
+        that fails otherwise (EACCES, EIO) says nothing: False."""
+        if code.startswith("SQLITE_READONLY_DBMOVED"):
+            return True
+        try:
+            now = _file_id(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False
+        return now != self._opened
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        if self._in_doubt and self._writing != threading.get_ident():
-            self.probe()  # (``JOURNAL_IN_DOUBT``: its error is the read's, asked again)
+        """A read (``Database.read``); in doubt (``JOURNAL_IN_DOUBT``), a write first
+        (``probe``), whose error is the read's (asked again). The doubt is looked at again
+        under the store's lock, where a failed COMMIT sets it (``_commit_failed``): one that
+        failed while this read waited for the lock is probed for too, not read past (it was
+        looked at only before the lock, and set after the writer released it: session 75)."""
+        mine = threading.get_ident()
         try:
-            with self._db.read() as db:
-                yield db
+            while True:
+                if self._in_doubt and self._writing != mine:
+                    self.probe(busy=PROBE_BUSY_SECONDS)
+                with self._db.read() as db:
+                    if not self._in_doubt or self._writing == mine:
+                        yield db
+                        return
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write (``Database.tx``). The events it records (``_event``) are inserted at
-        its end, in the order they were made, in one statement (``executemany``), before its
-        commit: a switch's record inside the freeze window made one INSERT per event, two to
-        four a record (session 73, journalcpu)."""
+    def _tx(self, *, busy: float | None = None) -> Iterator[sqlite3.Connection]:
+        """One write (``Database.tx``; ``busy``: its wait for another process's lock). The
+        events it records (``_event``) are inserted at its end, in the order they were made,
+        in one statement (``executemany``), before its commit: a switch's record inside the
+        freeze window made one INSERT per event, two to four a record (session 73,
+        journalcpu). A COMMIT that fails puts the journal in doubt (``_commit_failed``)."""
         committing = False
         try:
-            with self._db.tx() as db:
+            with self._db.tx(busy=busy) as db:
                 self._queued = []  # (under the store's lock: one write at a time)
                 self._writing = threading.get_ident()
                 changes = db.total_changes
@@ -823,15 +875,22 @@ class Journal:
                         db.executemany(_INSERT_EVENT, self._queued)
                     if self._in_doubt and db.total_changes != changes:
                         self._db.after_commit(self._settled)
+                    self._db.if_failed(self._commit_failed)  # (last: only the COMMIT is left)
                 finally:
                     self._writing = None
                 committing = True  # (what fails from here on is the COMMIT)
         except sqlite3.Error as exc:
             code = getattr(exc, "sqlite_errorname", None) or ""
             doubt = committing and not code.startswith(COMMIT_NOT_WRITTEN)
-            if doubt:
-                self._in_doubt = True  # (``JOURNAL_IN_DOUBT``)
             raise self._error(exc, doubt=doubt) from exc
+
+    def _commit_failed(self, exc: BaseException) -> None:
+        """(A COMMIT failed, under the store's lock.) In doubt (``JOURNAL_IN_DOUBT``) unless
+        it wrote no commit frame (``COMMIT_NOT_WRITTEN``); set before the lock is released, so
+        that no read (``_read``) answers from before the failed write in between."""
+        code = getattr(exc, "sqlite_errorname", None) or ""
+        if isinstance(exc, sqlite3.Error) and not code.startswith(COMMIT_NOT_WRITTEN):
+            self._in_doubt = True
 
     def _settled(self) -> None:
         """(After a COMMIT, under the store's lock.) A write that changed a row was kept: its
@@ -1440,6 +1499,12 @@ class Journal:
                 "SELECT * FROM events WHERE rollout_id = ? ORDER BY seq", (rollout_id,)
             ).fetchall()
         return [dict(r) for r in rows]
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """The file at ``path``: its device and inode (OSError if none is there)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _txn(row: sqlite3.Row, path: Path) -> Txn:

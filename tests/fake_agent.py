@@ -45,7 +45,7 @@ from cryptography import x509
 from leader.agent_client import AgentApi, StepFailed, SwitchRefused, call_failed
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import pki
-from tlsroll.enums import ENABLE_DUAL, Change, TxnKind, TxnOutcome
+from tlsroll.enums import ENABLE_DUAL, Change, TxnKind, TxnOutcome, another_switch
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.rpc import timestamp
 from tlsroll.v1 import agent_pb2
@@ -315,11 +315,21 @@ class FakeAgent:
     async def switch(self, request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
         await self._arrive("switch", request.command)
         rollout_id = request.command.rollout_id
+        change = CHANGE.read(request.change, "change")
         existing = self.txns.get((rollout_id, TxnKind.SWITCH))
         if existing is not None:
+            # As the real agent (``NodeAgentService._switch``): a switch of another change
+            # under this id is refused (``another_switch``), never answered as this one's.
+            wanted = ENABLE_DUAL if request.keep_http else change.value
+            if existing.change and existing.change != wanted:
+                self._answered("refused")
+                raise call_failed(
+                    self.name,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    another_switch(rollout_id, existing.change, wanted),
+                )
             self._answered("replay")
             return self._message(existing)
-        change = CHANGE.read(request.change, "change")
         target = (self.scheme, self.fingerprint, request.auth_verifier_json)
         if change is Change.ENABLE_TLS:
             if rollout_id not in self.staged:
@@ -416,7 +426,7 @@ class FakeAgent:
         except SwitchRefused:
             raise
         except StepFailed as exc:
-            raise SwitchRefused(str(exc)) from None
+            raise SwitchRefused(str(exc), exc.code) from None
         watch = agent_pb2.GetTransactionRequest(
             rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
         )

@@ -809,6 +809,217 @@ def test_a_journal_in_doubt_is_settled_only_by_a_write_that_wrote(
         journal.close()
 
 
+class _BusyAtBegin:
+    """The journal's connection, recording SQLite's busy timeout (ms) in effect at each
+    ``BEGIN IMMEDIATE`` (the longest that BEGIN waits for another connection's lock)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.waits: list[int] = []
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "BEGIN IMMEDIATE":
+            self.waits.append(int(self._conn.execute("PRAGMA busy_timeout").fetchone()[0]))
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def test_a_read_in_doubt_probes_without_waiting_out_another_process_s_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 74's note, Open (L): while the journal is in doubt every read writes first
+    (``probe``), and with another process holding the file's write lock each such write
+    waited SQLite's busy timeout (10 s) on the store's thread, ahead of a switch's records.
+    The probe of a read waits ``PROBE_BUSY_SECONDS`` at most (counted: the busy timeout in
+    effect at its BEGIN), and the read answers UNAVAILABLE (``JournalUnavailable``, asked
+    again), never from the journal; the doubt holds, and the connection's other writes
+    wait as long as before. Once the lock is gone the read probes, and answers."""
+    from nodeagent.journal import PROBE_BUSY_SECONDS, JournalUnavailable
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.set_removed_from_cluster("kept")
+    conn = _BusyAtBegin(journal._db._db)
+    monkeypatch.setattr(journal._db, "_db", conn)
+    journal._in_doubt = True  # (as a failed COMMIT leaves it: ``Journal._commit_failed``)
+    other = sqlite3.connect(journal.path, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's write, under way
+        with pytest.raises(JournalUnavailable, match="SQLITE_BUSY"):
+            journal.removed_from_cluster()
+        assert conn.waits == [round(PROBE_BUSY_SECONDS * 1000)]  # [10000] before
+        assert journal._in_doubt
+        other.execute("ROLLBACK")
+        assert journal.removed_from_cluster() == "kept"  # probed first, then read
+        assert not journal._in_doubt
+        journal.set_removed_from_cluster("later")  # any other write: the 10 s as before
+        assert conn.waits[1:] == [round(PROBE_BUSY_SECONDS * 1000), 10_000]
+    finally:
+        other.close()
+        monkeypatch.undo()
+        journal.close()
+
+
+class _SeenWaiting:
+    """The store's lock (``Database._lock``): ``waiting`` is set when a thread other than
+    ``owner`` comes to take it (before it blocks: the owner holds it)."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self.owner: int | None = None
+        self.waiting = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if threading.get_ident() != self.owner:
+            self.waiting.set()
+        return bool(self._lock.acquire(blocking, timeout))
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def test_a_read_waiting_for_the_lock_while_a_commit_fails_does_not_read_past_the_doubt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 74's note, Open (L): the doubt of a failed COMMIT was set after the store's
+    lock was released, and a read looked at it before taking the lock: a read that came
+    while the COMMIT failed (waiting for the lock) answered from before the failed write,
+    which the next open may replay. Interleaved by events: the writer's COMMIT fails only
+    once the reader waits for the lock. The reader then answers UNAVAILABLE (its probe fails
+    as the write did), not the journal's value; once the disk works, the read probes and
+    answers."""
+    from nodeagent.journal import JOURNAL_IN_DOUBT, JournalUnavailable
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.set_removed_from_cluster("kept")
+    conn = _FailingConnection(journal._db._db)
+    monkeypatch.setattr(journal._db, "_db", conn)
+    lock = _SeenWaiting(journal._db._lock)
+    monkeypatch.setattr(journal._db, "_lock", lock)
+    committing = threading.Event()
+    conn.arm("COMMIT", "SQLITE_IOERR_FSYNC", "disk I/O error")
+
+    def execute(sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and conn._writing and conn.error is not None:
+            committing.set()
+            assert lock.waiting.wait(60), "the reader never came to the lock"
+        return _FailingConnection.execute(conn, sql, *args)
+
+    monkeypatch.setattr(conn, "execute", execute)
+    wrote: list[BaseException] = []
+
+    def write() -> None:
+        lock.owner = threading.get_ident()
+        try:
+            journal.set_removed_from_cluster("in doubt")
+        except JournalError as exc:
+            wrote.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert committing.wait(60), "the write never came to its COMMIT"
+    read: list[object] = []
+
+    def reader() -> None:
+        try:
+            read.append(journal.removed_from_cluster())
+        except JournalError as exc:
+            read.append(exc)
+
+    reading = threading.Thread(target=reader, daemon=True)
+    reading.start()
+    writer.join(60)
+    reading.join(60)
+    assert not writer.is_alive() and not reading.is_alive()
+    assert len(wrote) == 1 and JOURNAL_IN_DOUBT in str(wrote[0]), wrote
+    # Before: ["kept"], read past the doubt (the next open may replay "in doubt").
+    assert len(read) == 1 and isinstance(read[0], JournalUnavailable), read
+    assert JOURNAL_IN_DOUBT in str(read[0])  # (its probe failed as the write did)
+    assert journal._in_doubt
+    conn.error = None  # the disk works again
+    lock.owner = threading.get_ident()
+    assert journal.removed_from_cluster() == "kept"  # probed, then read
+    assert not journal._in_doubt
+    monkeypatch.undo()
+    journal.close()
+
+
+def _gone(journal: Journal, how: str) -> None:
+    """The journal's file or its directory moved or deleted under the open connection."""
+    import shutil
+
+    where = journal.path.parent
+    if how == "file moved":
+        journal.path.rename(where / "elsewhere.sqlite3")
+    elif how == "file deleted":
+        journal.path.unlink()
+    elif how == "directory moved":
+        where.rename(where.with_name("elsewhere"))
+    else:
+        shutil.rmtree(where)
+
+
+@pytest.mark.parametrize(
+    "how", ["file moved", "file deleted", "directory moved", "directory deleted"]
+)
+def test_a_journal_moved_or_deleted_under_the_agent_is_a_refusal_not_ask_again(
+    tmp_path: Path, how: str
+) -> None:
+    """Session 74's note, Open (L): a journal write that SQLite refuses because its file is
+    no longer at its path (SQLITE_READONLY_DBMOVED, real SQLite: it looks where it opens a
+    rollback journal, so the connection is put in that mode here; in WAL, the journal's
+    own, it writes on into the file it holds) was ``JournalUnavailable`` (the READONLY
+    prefix): UNAVAILABLE, which the leader asks again without end. It lasts until the admin
+    puts the journal back: a plain ``JournalError`` (a refusal), saying so."""
+    from nodeagent.journal import JOURNAL_GONE, JournalUnavailable
+
+    (tmp_path / "data").mkdir()
+    journal = Journal(tmp_path / "data" / "journal.sqlite3")
+    journal.set_removed_from_cluster("kept")
+    journal._db._db.execute("PRAGMA journal_mode=DELETE")
+    _gone(journal, how)
+    with pytest.raises(JournalError) as caught:
+        journal.set_removed_from_cluster("lost")
+    assert "SQLITE_READONLY_DBMOVED" in str(caught.value), caught.value
+    assert not isinstance(caught.value, JournalUnavailable), caught.value  # before: it was
+    assert JOURNAL_GONE in str(caught.value)
+    journal.close()
+
+
+@pytest.mark.parametrize("how", ["directory deleted", "file replaced", "nothing"])
+def test_a_journal_that_cannot_be_opened_is_lasting_only_once_it_is_gone(
+    tmp_path: Path, how: str
+) -> None:
+    """Session 74's note, Open (L): SQLITE_CANTOPEN (here SQLite's own, of opening a file in
+    the journal's directory) was always ``JournalUnavailable``; with the journal's directory
+    gone, or another file at its path, it lasts (a refusal, ``JOURNAL_GONE``). With the
+    journal where it was, it may pass (a file it could not open now): asked again, as
+    before."""
+    from nodeagent.journal import JOURNAL_GONE, JournalUnavailable
+
+    (tmp_path / "data").mkdir()
+    journal = Journal(tmp_path / "data" / "journal.sqlite3")
+    if how == "directory deleted":
+        _gone(journal, how)
+    elif how == "file replaced":
+        journal.path.rename(tmp_path / "data" / "old.sqlite3")
+        journal.path.write_bytes(b"")
+    with pytest.raises(sqlite3.OperationalError) as opening:
+        sqlite3.connect(f"file:{tmp_path}/none/x.sqlite3?mode=rw", uri=True)
+    assert opening.value.sqlite_errorname == "SQLITE_CANTOPEN"
+    error = journal._error(opening.value)
+    assert isinstance(error, JournalUnavailable) is (how == "nothing"), error
+    assert (JOURNAL_GONE in str(error)) is (how != "nothing"), error
+    journal.close()
+
+
 async def test_get_transaction_asked_while_a_request_of_its_key_is_received_too_long(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

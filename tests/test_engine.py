@@ -52,6 +52,7 @@ from leader import byo, changes, planner
 from leader import engine as engine_module
 from leader.agent_client import (
     NODE_STORE_UNAVAILABLE,
+    BeingReceived,
     NotHeardYet,
     NotSent,
     StepFailed,
@@ -97,10 +98,11 @@ from tests.fake_agent import (
     FakeAgent,
     FakeAgents,
     FakeClock,
+    FakeTxn,
 )
 from tlsroll import dbthread, features, pki
 from tlsroll.clients import ClientSeen, ClientsView
-from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.enums import TxnKind, TxnOutcome, another_switch
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.rpc import status_for
 from tlsroll.v1 import agent_pb2
@@ -2330,6 +2332,47 @@ async def test_a_way_back_refused_when_run_again_is_followed_if_it_began(world: 
     await leader.stop()
 
 
+async def test_the_fake_agent_refuses_a_switch_of_another_change_under_its_id(
+    world: World,
+) -> None:
+    """Session 74's note, Open (L): ``tests/fake_agent.py`` answered a Switch whose rollout id
+    names its switch of another change with that switch (a replay), where the real agent
+    refuses it FAILED_PRECONDITION ``another_switch`` (``NodeAgentService._switch``;
+    ``test_dual_node``'s finalize under the phase-1 id): the engine tests followed a switch
+    no real agent gives them. Here a change-password rollout's id already names a finalize
+    on charlie (a rollout id used again after the store was restored): the fake refuses, as
+    the real agent does, and the node needs attention, that switch never followed (its
+    outcome was recorded as the password's: done)."""
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    await leader.commands.stage_password(VERIFIER_2, ADMIN)
+    row = await leader.start(Change.CHANGE_PASSWORD)
+    charlie = world.agents["charlie"]
+    rid = row.rollout.id
+    charlie.txns[(rid, TxnKind.SWITCH)] = FakeTxn(
+        rid,
+        TxnKind.SWITCH,
+        row.rollout.epoch,
+        0.0,
+        TxnOutcome.COMPLETED,
+        "",
+        (charlie.scheme, charlie.fingerprint, charlie.verifier),
+        change="finalize",
+    )
+
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert charlie_row.state is N.NEEDS_ATTENTION, charlie_row  # DONE before
+    said = another_switch(rid, "finalize", Change.CHANGE_PASSWORD.value)
+    assert charlie_row.reason.startswith(f"switch refused: {said} (FAILED_PRECONDITION)")
+    assert "the agent holds another switch under this rollout id" in charlie_row.reason
+    assert [c.answer for c in world.agents.calls_to("charlie", "switch")] == ["ok", "refused"]
+    assert charlie.verifier != VERIFIER_2
+    await leader.stop()
+
+
 async def test_a_switch_refused_as_another_under_its_id_is_not_followed(world: World) -> None:
     """The agent's refusal "rollout id ... already names another switch" (a finalize sent
     under the phase-1 id): the switch it holds under the id is not this step's, so it is not
@@ -4293,6 +4336,82 @@ async def test_a_restarted_leader_s_confirm_asks_whether_a_rollback_is_under_way
         c for c in world.agents.calls_to(ORDER[0], "get_transaction") if c.answer == "not_found"
     ]
     assert len(asked) == 1  # the restarted leader's confirm of the first node
+    await second.stop()
+
+
+GROWN = [2.0, 2.0, 2.0, 4.0, 8.0, 16.0, MAX_RETRY_SECONDS, MAX_RETRY_SECONDS]
+"""The pauses after a step's attempts that got no answer, one after another (``_trouble``)."""
+
+
+@pytest.mark.parametrize(
+    ("script", "pauses"),
+    [
+        # An outage: the pause grows, as it did.
+        (["gone"] * 8, GROWN),
+        # "Being received" each time: the agent answered, having waited in the call; a
+        # constant pause (it grew to 30 s: a request journalled meanwhile learned that late).
+        (["received"] * 8, [STEP_RETRY_SECONDS] * 8),
+        # Mixed: the outage's pauses are what they were at that attempt (no faster).
+        (
+            ["gone", "received", "gone", "gone", "received", "received", "gone", "gone"],
+            [GROWN[0], 2.0, GROWN[2], GROWN[3], 2.0, 2.0, GROWN[6], GROWN[7]],
+        ),
+    ],
+    ids=["outage", "being-received", "mixed"],
+)
+async def test_a_being_received_answer_does_not_grow_the_step_s_pause(
+    world: World, monkeypatch: pytest.MonkeyPatch, script: list[str], pauses: list[float]
+) -> None:
+    """Session 74's note, Open (L): the engine's pause between a step's attempts grew (2, 2,
+    2, 4, 8, 16, 30 s) after the agent's "being received" (``BeingReceived``) too. A restarted
+    leader's confirm asks the first node whether a rollback is under way; its agent answers
+    as ``script`` says (its "being received", or nothing), then as it should: the pauses
+    ``_trouble`` set, counted, are ``pauses``, and the rollout completes."""
+    first = world.boot()
+    await first.start(max_parallel=1)
+    await first.run(until=lambda r: node(r.records, ORDER[0]).state is N.CONFIRMING)
+    await first.crash()
+    agent = world.agents[ORDER[0]]
+    real = agent.get_transaction
+    left = list(script)
+
+    async def scripted(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        if request.kind == TXN_KIND.wire(TxnKind.ROLLBACK) and left:
+            if left.pop(0) == "gone":
+                raise TransientError(f"agent {agent.name}: unreachable")
+            raise BeingReceived(
+                f"agent {agent.name}: a request of the rollback transaction of rollout"
+                f" {request.rollout_id!r} is being received; ask again"
+            )
+        return await real(request)
+
+    agent.get_transaction = scripted  # type: ignore[method-assign]
+    second = world.boot()
+    engine = second.engine
+    trouble = engine._trouble
+    seen: list[float] = []
+
+    async def counted(row: RolloutRow, step: planner.StepAction, *args: Any, **kw: Any) -> None:
+        now = world.clock.monotonic()
+        await trouble(row, step, *args, **kw)
+        seen.append(engine.not_before[(row.rollout.id, step.node, step.step)] - now)
+
+    monkeypatch.setattr(engine, "_trouble", counted)
+    note = engine._note
+    notes: list[str] = []
+
+    async def noted(rollout_id: str, step: planner.StepAction, reason: str) -> None:
+        notes.append(reason)
+        await note(rollout_id, step, reason)
+
+    monkeypatch.setattr(engine, "_note", noted)
+    row = await second.run(passes=400)
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert not left
+    assert seen == pytest.approx(pauses)
+    # The node's "unknown" note, once 10 s passed: the last answer's (it answered, or not).
+    said = UNKNOWN if script[-1] == "gone" else UNKNOWN_ANSWERED
+    assert notes and notes[-1].startswith(said), notes
     await second.stop()
 
 

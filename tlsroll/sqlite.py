@@ -1115,6 +1115,8 @@ class Database:
         self.cache: dict[Hashable, Any] = {}
         # What the transaction under way runs once it has committed (``after_commit``).
         self._committed: list[Callable[[], None]] = []
+        # What it runs if it fails from then on (``if_failed``).
+        self._failing: list[Callable[[BaseException], None]] = []
         # The thread inside ``tx`` (None outside): ``after_commit`` is refused elsewhere.
         self._writer: int | None = None
         # ``cache`` as it was when the lock was last released (replaced whole, never changed
@@ -1256,6 +1258,15 @@ class Database:
             raise RuntimeError("Database.after_commit is only for inside a transaction (tx)")
         self._committed.append(then)
 
+    def if_failed(self, then: Callable[[BaseException], None]) -> None:
+        """Inside ``tx``: run ``then(exc)`` in the writer's thread if this transaction fails
+        from here on (its COMMIT, if called last in the body), still under the lock: before
+        any reader can look at the store after the failure. ``then`` must not raise.
+        Outside a transaction: RuntimeError."""
+        if self._writer != threading.get_ident():
+            raise RuntimeError("Database.if_failed is only for inside a transaction (tx)")
+        self._failing.append(then)
+
     def _run_committed(self) -> None:
         """Under the lock, after COMMIT: each callback of ``after_commit``, in order, each on
         its own (one that raises is logged, never raised: review s28 L4)."""
@@ -1274,15 +1285,29 @@ class Database:
                 )
 
     @contextmanager
-    def tx(self, *, routine: bool = False) -> Iterator[sqlite3.Connection]:
+    def tx(
+        self, *, routine: bool = False, busy: float | None = None
+    ) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: all or nothing, serialised with every other writer.
         ``routine``: a write that changes nothing the heartbeat path keeps in memory (a
         heartbeat's own record, a rollout step's progress); any other moves ``generation`` on
-        (see ``__init__``)."""
+        (see ``__init__``). ``busy``: the longest its BEGIN waits for another connection's
+        write lock (SQLite's busy timeout, the connection's 10 s otherwise), then fails
+        SQLITE_BUSY: a write that had better fail at once than hold the caller (the agent's
+        journal's probe in doubt, session 75)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if busy is None:
+                self._db.execute("BEGIN IMMEDIATE")
+            else:
+                held = self._db.execute("PRAGMA busy_timeout").fetchone()[0]
+                self._db.execute(f"PRAGMA busy_timeout = {max(0, round(busy * 1000))}")
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout = {int(held)}")
             changes = self._db.total_changes  # before anything that can fail (see except)
             self._committed = []
+            self._failing = []
             self._writer = threading.get_ident()
             try:
                 self._others_wrote()  # under the write lock: nobody else commits meanwhile
@@ -1292,9 +1317,12 @@ class Database:
                 if not routine:
                     self.generation += 1
                 self._run_committed()
-            except BaseException:
+            except BaseException as exc:
                 self._writer = None
                 self._committed = []
+                failing, self._failing = self._failing, []
+                for then in failing:
+                    then(exc)
                 # What a store put in the cache after its writes is not what the file holds
                 # now. A transaction that wrote nothing (a store's refusal, such as a write on
                 # stale records) leaves the file, and so the cache, as they were.
