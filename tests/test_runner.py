@@ -762,8 +762,8 @@ class FullJournal(CrashingJournal):
     def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise disk_full(f"journal: database or disk is full ({label})")
 
-    def probe(self) -> None:  # (not in the transcript of a journal that takes writes)
-        self._write("probe", super().probe)
+    def probe(self, *, busy: float | None = None) -> None:  # (not in a journal's transcript)
+        self._write("probe", super().probe, busy=busy)
 
 
 def said(runner: Runner) -> str:
@@ -827,11 +827,11 @@ class FullFrom(CrashingJournal):
             raise disk_full(f"journal: database or disk is full ({label})")
         return super()._write(label, write, *args, **kwargs)
 
-    def probe(self) -> None:  # fails once full; not in the transcript before
+    def probe(self, *, busy: float | None = None) -> None:  # fails once full; not before
         if self.full:
-            self._write("probe", super().probe)
+            self._write("probe", super().probe, busy=busy)
         else:
-            super().probe()
+            super().probe(busy=busy)
 
 
 async def died_on_full(w: World, full_from: str) -> None:
@@ -1018,8 +1018,8 @@ class Filling(CrashingJournal):
             raise disk_full(f"journal {self.path}: database or disk is full (SQLITE_FULL)")
         return super()._write(label, write, *args, **kwargs)
 
-    def probe(self) -> None:
-        self._write("probe", super().probe)
+    def probe(self, *, busy: float | None = None) -> None:
+        self._write("probe", super().probe, busy=busy)
 
     def admit_epoch(self, epoch: int) -> int | None:  # a new epoch's write (``_command``)
         if epoch > self.highest_epoch():
@@ -1405,8 +1405,8 @@ class BrokenJournal(CrashingJournal):
     def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise disk_full(f"journal {self.path}: it failed ({self.code})", self.code)
 
-    def probe(self) -> None:
-        self._write("probe", super().probe)
+    def probe(self, *, busy: float | None = None) -> None:
+        self._write("probe", super().probe, busy=busy)
 
 
 @pytest.mark.parametrize(
