@@ -14,11 +14,13 @@ from structlog.testing import capture_logs
 from leader import engine
 from leader import front as leader_front
 from leader import runtime as leader_runtime
+from leader.tokens import JoinToken
 from nodeagent import front as agent_front
 from nodeagent import runtime as agent_runtime
 from nodeagent import transaction
 from tests.refserver_helper import write_toml
-from tlsroll import features, fsutil, keywrap, testhooks
+from tlsroll import daemon, features, fsutil, keywrap, testhooks
+from tlsroll.password import generate_password
 
 PIN = "sha256:" + "ab" * 32
 
@@ -153,3 +155,27 @@ def test_the_feature_knob_names_no_feature_this_agent_lacks() -> None:
     assert named == (features.KEEP_HTTP,)
     assert features.agent_features({features.TEST_ENV: ""}) == ()
     assert features.agent_features({}) == features.AGENT_FEATURES
+
+
+def test_a_daemon_s_debug_traceback_holds_no_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: ``TLSROLL_DEBUG=1`` (or ``--log-level debug``) printed an unforeseen error's
+    traceback as it was, its message and those of the errors it came from: a join token read
+    among it went into the journal. Now the traceback is shown with such parts hidden."""
+    token = str(JoinToken.generate())
+    password = generate_password()
+    try:
+        try:
+            raise ValueError(f"cannot read {password!r}")
+        except ValueError as first:
+            raise RuntimeError(f"join_token = {token}") from first
+    except RuntimeError as exc:
+        caught = exc
+    monkeypatch.setenv("TLSROLL_DEBUG", "1")
+    assert daemon.internal_error("tlsroll-agent", caught) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError" in err and "ValueError" in err  # still shown
+    assert token.split(".")[-1] not in err and token not in err, err
+    assert password not in err, err
+    assert "not shown" in err
