@@ -23,7 +23,7 @@ from pathlib import Path
 
 from leader.config import LeaderConfig
 from leader.layout import FIRST_START, Layout, interrupted_init
-from tlsroll import __version__, daemon, fsutil, logs
+from tlsroll import __version__, daemon, fsutil, logs, testhooks
 from tlsroll.errors import ConfigError, NotRegularFile, TerminalError, os_error_text
 
 EXIT_CONFIG = 2
@@ -91,6 +91,10 @@ def start(argv: list[str] | None = None) -> tuple[argparse.Namespace, LeaderConf
         if (empty := config_not_yet_there(ns.config)) is not None:
             raise empty
         cfg = LeaderConfig.load(ns.config)
+        # A test's knob (a weaker CA key, a shorter lease margin, ...) never in an installed
+        # leader's start (``keywrap.hook_refused_for`` was the scrypt hook's alone).
+        if (refusal := testhooks.refused((cfg.layout.data_dir, ns.config))) is not None:
+            raise ConfigError("environment", None, refusal)
         check_data_dir(cfg)
     except (ConfigError, NotRegularFile) as exc:
         # NotRegularFile: a file to read (a key) is a directory or a FIFO, for a person to fix

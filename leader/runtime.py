@@ -92,7 +92,7 @@ from leader.service import (
 from leader.states import NodeProblemKind
 from leader.store import Restored, Store, ca_pinned, relearning
 from leader.store_health import StoreHealth, start_refused
-from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, pki
+from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, pki, testhooks
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import (
@@ -538,6 +538,8 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     # the certificate rechained) before serve's check refused it (review s49 L4).
     refuse_if_running(cfg)
     _kdf_hook(layout.data_dir)  # (set wrong: refused before anything is read)
+    if mount_root := os.environ.get(fsutil.TEST_MOUNT_ROOT_ENV):  # (read with the start's checks)
+        _test_hook(fsutil.TEST_MOUNT_ROOT_ENV, mount_root[:40])
     check_secret_dirs(layout)
     source = _passphrase_source(cfg)
     credential = source != cfg.ca_passphrase_file
@@ -655,15 +657,17 @@ def _kdf_hook(data_dir: Path) -> None:
         )
 
 
-def _test_hook(env: str, value: float) -> None:
+def _test_hook(env: str, value: float | str) -> None:
     """A test-only hook in effect, said at the start: one left in a production unit's
     environment (agent certificates of seconds renew into the hourly cap and end) is seen in
-    the log, not guessed at (closing review s65, L3)."""
+    the log, not guessed at (closing review s65, L3); an installed leader refuses to start
+    with one (``testhooks.refused``, in ``front``)."""
     log.warning(
         "leader.test_hook",
         hook=env,
         value=value,
         detail=f"{env} is for tests only: remove it from the leader's environment",
+        hint=testhooks.HINT,
     )
 
 

@@ -16,7 +16,7 @@ import argparse
 import os
 
 from nodeagent.config import AgentConfig
-from tlsroll import __version__, daemon, fsutil, logs
+from tlsroll import __version__, daemon, fsutil, logs, testhooks
 from tlsroll.errors import ConfigError, NotRegularFile
 
 EXIT_CONFIG = 2
@@ -68,6 +68,9 @@ def start(argv: list[str] | None = None) -> tuple[argparse.Namespace, AgentConfi
         ):
             raise unmounted
         cfg = AgentConfig.load(ns.config)
+        # A test's knob (kill the agent mid-switch, ...) never in an installed agent's start.
+        if (refusal := testhooks.refused((cfg.data_dir, ns.config))) is not None:
+            raise ConfigError("environment", None, refusal)
     except (ConfigError, NotRegularFile) as exc:
         # NotRegularFile: a file to read (join_token_file, a key) is a directory or a FIFO,
         # for a person to fix (review s47rtin L4)

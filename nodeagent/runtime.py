@@ -24,7 +24,7 @@ import random
 import sqlite3
 import stat
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,9 @@ from nodeagent.nodefiles import pin_unseen_path, read_pin_unseen, write_pin_unse
 from nodeagent.renewal import Renewer, ServerCredentials
 from nodeagent.service import NodeAgentService
 from nodeagent.store_watch import StoreWatch
-from nodeagent.transaction import Runner, TransactionDied
+from nodeagent.transaction import CRASH_ENV, TERM_ENV, TERM_HOLD_ENV, Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, daemon, dbthread, fsutil, logs
+from tlsroll import __version__, daemon, dbthread, features, fsutil, logs, testhooks
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import (
     ConfigError,
@@ -850,10 +850,40 @@ def run(ns: argparse.Namespace, cfg: AgentConfig) -> int:
             )
             print(f"tlsroll-agent: {said}")
             return 0
+        say_test_hooks()
         asyncio.run(serve(cfg, ns.config))
     except Exception as exc:
         return refused(exc, ns, cfg)
     return 0
+
+
+AGENT_HOOKS = (
+    CRASH_ENV,
+    TERM_ENV,
+    TERM_HOLD_ENV,
+    TXN_GRACE_ENV,
+    PIN_PATIENCE_ENV,
+    features.TEST_ENV,
+    fsutil.TEST_MOUNT_ROOT_ENV,
+)
+"""The agent's test-only knobs said at its start (``say_test_hooks``); ``TEST_HANDSHAKE_ENV``
+is said where the agent's servers take it, with the deadline in effect."""
+
+
+def say_test_hooks(environ: Mapping[str, str] = os.environ) -> None:
+    """Each of the agent's test-only knobs set (``AGENT_HOOKS``) said at its start, as the
+    leader says its own (``leader.test_hook``): one that kills the agent mid-switch, cancels a
+    switch at a stop at once, or hides an unmounted disk, left in a developer's or a test
+    machine's environment, is seen in the log (audit s75 knobaudit; an installed agent
+    refuses to start with one: ``testhooks.refused``)."""
+    for hook, value in testhooks.set_hooks(environ, AGENT_HOOKS).items():
+        log.warning(
+            "agent.test_hook",
+            hook=hook,
+            value=value,
+            detail=f"{hook} is for tests only: it changes what the agent does (README Development)",
+            hint=testhooks.HINT,
+        )
 
 
 def refused(failure: Exception, ns: argparse.Namespace, cfg: AgentConfig | None) -> int:

@@ -530,7 +530,9 @@ def test_daemons_exit_2_with_one_line_on_an_unknown_key(
     if prog == "tlsroll-agent":
         if "server" in tables:
             tables = exec_server(tmp_path, **tables["server"])
-        path = write_agent(tmp_path, tables)
+        # (not the unit's data dir: there the suite's own knobs are refused first, testhooks)
+        agent = {"data_dir": str(tmp_path / "agent-data"), **tables.get("agent", {})}
+        path = write_agent(tmp_path, {**tables, "agent": agent})
     else:
         path = write_toml(tmp_path / "x.toml", tables)
     result = subprocess.run(

@@ -34,9 +34,12 @@ def say(prog: str, message: object) -> None:
 def internal_error(prog: str, exc: BaseException, *, debug: bool = False) -> int:
     """A daemon's catch-all (review s48rev3 M1): one line naming the error's type only (its
     message may hold anything, a secret read among it), exit 1; its traceback first with
-    ``debug`` or ``TLSROLL_DEBUG=1``."""
+    ``debug`` or ``TLSROLL_DEBUG=1``, with every part shaped like one of tlsroll's secrets (a
+    join token, a password, a viewer link) hidden (``echo.scrub``): the messages of the error
+    and of those it came from are shown, and a switch left in a unit's environment must not
+    put a secret into the journal (audit s75 knobaudit)."""
     if debug or os.environ.get(DEBUG_ENV) == "1":
-        traceback.print_exception(exc, file=sys.stderr)
+        print(echo.scrub("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
     say(
         prog,
         f"internal error: {type(exc).__name__}; run it again with {DEBUG_ENV}=1 (or at log "

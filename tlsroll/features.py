@@ -98,7 +98,8 @@ TEST_ENV = "TLSROLL_AGENT_TEST_FEATURES"
 """TESTS ONLY: the features a test's agent reports instead of ``AGENT_FEATURES`` (comma
 separated; empty: none, as an agent of an earlier release), so that a real leader meets an
 agent too old for a change (``tests/test_agent_features.py``). An installed agent never has
-it set; what it reports changes nothing of what it does."""
+it set (an installed one refuses to start with it: ``testhooks.refused``); what it reports
+changes nothing of what it does, and it names no feature this build lacks."""
 
 
 def reported(names: Iterable[str]) -> tuple[str, ...]:
@@ -116,11 +117,14 @@ def reported(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def agent_features(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    """What this agent reports: ``AGENT_FEATURES``, unless a test set ``TEST_ENV``."""
+    """What this agent reports: ``AGENT_FEATURES``, unless a test set ``TEST_ENV``: then
+    those of its names that this build implements, never one it does not (a later leader
+    would send such an agent a request whose meaning it drops unread: audit s75 knobaudit)."""
     env = os.environ if environ is None else environ
     if TEST_ENV not in env:
         return AGENT_FEATURES
-    return reported(n.strip() for n in env[TEST_ENV].split(",") if n.strip())
+    named = reported(n.strip() for n in env[TEST_ENV].split(",") if n.strip())
+    return tuple(n for n in named if n in AGENT_FEATURES)
 
 
 @functools.cache
