@@ -115,13 +115,39 @@ def hostport(address: str, port: int) -> str:
 
 
 def wait_until(
-    condition: Callable[[], bool], timeout: float, what: str, interval: float = POLL
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = POLL,
+    *,
+    not_yet: tuple[type[Exception], ...] = (),
 ) -> None:
-    """Poll ``condition`` until it holds; TimeoutError naming ``what`` after ``timeout`` s."""
+    """Poll ``condition`` until it holds; TimeoutError naming ``what`` after ``timeout`` s.
+
+    An exception of a type in ``not_yet`` (opt-in, per wait) counts as "not yet", as False
+    does: for a state a loaded machine may not have reached when the condition first looks (a
+    row or view filled by a first report, a daemon still starting). The timeout then names the
+    last one. Any other exception fails the wait at once: a real failure is no "not yet". A
+    StopIteration the condition lets out (a ``next()`` without a default that found nothing,
+    the project CI's failure on 2f4605d0) fails it at once too, but says so, naming ``what``
+    (bare, it says nothing of where, and inside a generator it would end that silently)."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    last: Exception | None = None
+    while True:
+        try:
+            if condition():
+                return
+            last = None
+        except not_yet as exc:
+            last = exc
+        except StopIteration as exc:
+            raise AssertionError(
+                f"{what}: the condition's next() found nothing (StopIteration): if that is a"
+                " state not there yet, give next() a default or the wait not_yet="
+            ) from exc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
+            said = f" (the last look: {type(last).__name__}: {last})" if last else ""
+            raise TimeoutError(f"{what}: not within {timeout} s{said}") from last
         time.sleep(interval)
 
 

@@ -41,7 +41,7 @@ from leader.viewer import metrics
 from leader.viewer.server import Viewer
 from leader.viewer.snapshot import Reader
 from tests import leader_rig
-from tests.cluster import Cluster, child_env, csr_pem
+from tests.cluster import Cluster, child_env, csr_pem, wait_until
 from tests.conftest import IssuedCert, none_fresh
 from tests.leader_rig import leader_with_a_node
 from tests.test_engine import ADMIN, ended, make_world
@@ -480,9 +480,11 @@ def test_the_viewer_loads_on_its_first_connection_and_serves_it(
         cluster.init()
         cluster.start_leader()
         pid = cluster.leader.pid
+        # The viewer's listener starts after the admin socket answers the ready check: waited
+        # for, not taken as said (a loaded machine's start can say it later).
+        wait_until(lambda: "viewer.started" in cluster.leader.event_names(), 30, "the viewer")
         time.sleep(1.0)  # the engine's and the expiry watch's first passes
         assert not _maps_aiohttp(pid), "aiohttp loaded before anyone opened the viewer"
-        assert "viewer.started" in cluster.leader.event_names()
         # Two connections at once, before the app is loaded: both wait, both are served.
         with ThreadPoolExecutor(2) as pool:
             first, second = pool.map(

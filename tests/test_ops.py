@@ -38,6 +38,7 @@ from tests.cluster import (
     health_check,
     one_line_error,
     secure_channel,
+    wait_until,
 )
 from tests.conftest import next_loopback
 from tlsroll import bootstrap_protocol, keywrap, pki, spiffe
@@ -306,7 +307,8 @@ def test_log_level_in_the_config_and_on_the_command_line(cluster: Cluster) -> No
     cluster.start_leader()
     agent.start()
     assert "leader.config_loaded" in cluster.leader.event_names()
-    assert "leader.started" in cluster.leader.event_names()
+    # (said once the viewer listens: after the admin socket answers the ready check)
+    wait_until(lambda: "leader.started" in cluster.leader.event_names(), 30, "leader.started")
     assert "agent.config_loaded" in agent.event_names()
 
 
