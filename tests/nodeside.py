@@ -526,8 +526,12 @@ def start_nodes(
     ]
     for agent, e in zip(agents, envs, strict=True):
         agent.spawn(e)
+    # Agents started together share the cores while they import and enrol: the first waited
+    # for gets the bound of one more for each other (flakesweep M1: three at once, load 18,
+    # "agent node1 not ready in 20.0 s"). It only costs time when a start fails.
+    bound = READY_TIMEOUT + 10.0 * (len(agents) - 1)
     for agent in agents:
-        agent.wait_ready()
+        agent.wait_ready(bound)
 
 
 @contextlib.contextmanager
