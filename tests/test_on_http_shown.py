@@ -6,8 +6,11 @@ meant nothing there; a password change or a new certificate keeps the address, t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import json
+import sys
 
 import pytest
 
@@ -70,3 +73,49 @@ def test_a_change_that_takes_http_away_counts_who_is_still_on_http(change: Chang
 @pytest.mark.parametrize("change", [Change.DISABLE_TLS, Change.CHANGE_PASSWORD, Change.ROTATE_CERT])
 def test_a_change_that_keeps_or_gives_back_http_counts_no_one(change: Change) -> None:
     assert shown(change) == (0, "-")
+
+
+@pytest.mark.parametrize("how", ["schema show", "rollout status"])
+@pytest.mark.parametrize("change", [Change.ENABLE_TLS, Change.FINALIZE])
+def test_a_node_known_to_have_no_one_on_http_shows_0_and_one_that_cannot_tell_a_dash(
+    monkeypatch: pytest.MonkeyPatch, change: Change, how: str
+) -> None:
+    """Session 75: the column showed "-" for every 0, in the very rollouts that count, where
+    the lines under `schema show`'s table said "node2: 0 still on http". A node whose driver
+    reports who connects (a source) and has no one left on http shows 0; one whose driver
+    does not say who connects ("cannot tell", as those lines say it) shows "-", as does one
+    whose report is awaited; the count where there is one."""
+    import click
+
+    from leader.cli import rollout, schema_cmd
+
+    def cells(source: str, awaited: str = "") -> dict[str, str]:
+        infos = {**INFOS, "node2": ClientsInfo("node2", 60, source, "", NOW, NOW, None)}
+        message = schema_message(
+            [row(change)], set(), NOW, clients=SEEN, infos=infos, fresh={"node1", "node2"},
+            reported=lambda n: n != awaited,
+        )  # fmt: skip
+        stdout = io.StringIO()
+        monkeypatch.setattr(sys, "stdout", stdout)
+        if how == "schema show":
+            data = json.loads(schema_json(message))
+            monkeypatch.setattr(schema_cmd, "fetch_schema_json", lambda *_a, **_k: data)
+            schema_cmd.schema.main(["show"], standalone_mode=False)
+        else:
+            monkeypatch.setattr(rollout, "fetch_schema", lambda *_a, **_k: message)
+            with contextlib.suppress(click.exceptions.Exit):
+                rollout.rollout_status.main(["r1"], standalone_mode=False)
+        monkeypatch.undo()
+        lines = stdout.getvalue().splitlines()
+        at = next(k for k, line in enumerate(lines) if "still on http" in line and line[0] == "┃")
+        table = lines[at : next(k for k in range(at, len(lines)) if lines[k][0] == "└")]
+        return {
+            name: line[lines[at].index("still on http") :].split("│")[0].strip()
+            for name in ("node1", "node2")
+            for line in table
+            if f"│ {name} " in line
+        }
+
+    assert cells("access-log") == {"node1": "1", "node2": "0"}
+    assert cells("") == {"node1": "1", "node2": "-"}  # its driver cannot tell
+    assert cells("access-log", awaited="node2") == {"node1": "1", "node2": "-"}

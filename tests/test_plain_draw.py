@@ -4,6 +4,7 @@ asked, and never pass a peer's control characters to the terminal."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
@@ -14,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from rich.console import Console
 from rich.table import Table as RichTable
@@ -69,6 +71,24 @@ def test_a_table_looks_as_rich_draws_it_into_a_pipe() -> None:
     for row in ROWS:
         theirs.add_row(*row)
     assert "\n".join(ours().lines(200, color=False)) + "\n" == rich_text(theirs, 200)
+
+
+def test_a_table_wider_than_200_columns_goes_into_a_pipe_whole_as_rich_draws_it() -> None:
+    """Session 75: into a pipe a table is drawn at its natural width (``lines(None)``), as
+    the CLI's rich console draws its own tables there (``base.PIPE_COLUMNS``): no cell folds,
+    however wide the table (a URL folded at 200 columns was not found by a grep)."""
+    from leader.cli.base import PIPE_COLUMNS
+
+    rows = [[*row[:5], f"{row[5]}; {'then run tlsroll rollout retry r1 ' * 5}"] for row in ROWS]
+    table = Table(*HEADERS)
+    theirs = RichTable(*HEADERS)
+    for row in rows:
+        table.add_row(*row)
+        theirs.add_row(*row)
+    lines = table.lines(None, color=False)
+    assert len(lines) == 4 + len(rows) and cell_len(lines[0]) > 200, lines  # a line a row
+    assert "\n".join(lines) + "\n" == rich_text(theirs, PIPE_COLUMNS)
+    assert rich_text(theirs, 200) != rich_text(theirs, PIPE_COLUMNS)  # (200 folds it)
 
 
 def test_a_narrow_terminal_folds_the_widest_columns() -> None:
@@ -267,6 +287,48 @@ def test_a_finalize_that_left_nodes_out_says_so_beside_completed() -> None:
     none = render_rollout(to_dict(rollout_view(left_out_finalize(())))).lines(400, color=False)
     assert none[0].startswith("rollout f9  completed  change"), none[0]
     assert "left out" not in "\n".join(none)
+
+
+def status_exit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], how: str, row: RolloutRow
+) -> tuple[int, str]:
+    """What `rollout status` (``how``: "status") or the end of a `--wait` ("wait") exits with
+    for the rollout ``row``, in process, and what it said on stderr."""
+    view = rollout_view(row)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    try:
+        code = run_status(monkeypatch, how, view)
+    except click.exceptions.Exit as ended:
+        code = ended.exit_code
+    finally:
+        monkeypatch.undo()
+    return code, " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("how", ["status", "wait"])
+def test_a_rollout_completed_without_every_node_exits_7(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    """Session 75: a way back that left a node as is (its agent stopped) ended "completed",
+    said so on stderr (review s45rt1 H1) and exited 0: a script's `rollout rollback --wait &&
+    …` took it for "every node back on http". It exits 7, as a rollout completed with nodes
+    failed within its budget does: completed without every node. A finalize that left a node
+    out (still on http and https) likewise; one that left none, or a way back that put every
+    node back, exits 0."""
+    code, said = status_exit(monkeypatch, capsys, how, left_way_back())
+    assert code == 7, said
+    assert "rollout r9 left node3, node4 as is (not known to be on http" in said, said
+    code, said = status_exit(monkeypatch, capsys, how, left_out_finalize())
+    assert code == 7, said
+    assert "rollout f9 completed without node2: left out" in said, said
+    for whole in (
+        left_out_finalize(()),
+        replace(
+            left_way_back(),
+            nodes=tuple(n for n in left_way_back().nodes if n[0].name in ("node1", "node5")),
+        ),
+    ):
+        assert status_exit(monkeypatch, capsys, how, whole) == (0, ""), whole.rollout.id
 
 
 def test_a_node_a_when_quiet_finalize_holds_says_why() -> None:
@@ -500,20 +562,24 @@ def narrow_screen(monkeypatch: pytest.MonkeyPatch, columns: int) -> Tty:
     return stdout
 
 
-def run_status(monkeypatch: pytest.MonkeyPatch, how: str, view: schema_pb2.RolloutView) -> None:
+def run_status(
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+    view: schema_pb2.RolloutView,
+    clients: tuple[schema_pb2.NodeClientsView, ...] = (),
+) -> int:
     """``tlsroll rollout status`` (``how``: "status"), or what ``rollout start --wait`` prints
-    once the rollout has ended ("wait"), in process, the leader's answer given."""
-    import click
-
+    once the rollout has ended ("wait"), in process, the leader's answer given (``clients``:
+    its ``node_clients``); the exit code of a status (a --wait's raises ``click`` Exit)."""
     from leader.cli import rollout
 
-    schema = schema_pb2.Schema(rollouts=[view])
+    schema = schema_pb2.Schema(rollouts=[view], node_clients=clients)
     monkeypatch.setattr(rollout, "fetch_schema", lambda *_a, **_k: schema)
     if how == "status":
-        rollout.rollout_status.main([view.id], standalone_mode=False)
-    else:
-        with click.Context(rollout.rollout_status):
-            rollout.wait_for_end(Leader(Path("/nonexistent")), view.id, interval=0)
+        return int(rollout.rollout_status.main([view.id], standalone_mode=False) or 0)
+    with click.Context(rollout.rollout_status):
+        rollout.wait_for_end(Leader(Path("/nonexistent")), view.id, interval=0)
+    return 0
 
 
 def run_schema_show(monkeypatch: pytest.MonkeyPatch, data: dict[str, object]) -> None:
@@ -579,21 +645,43 @@ def test_the_whole_table_fits_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch,
     ], text
 
 
-@pytest.mark.parametrize("how", ["status", "schema show"])
-def test_a_pipe_keeps_every_column(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
-    """Into a pipe or a log the table keeps every column, as before (scripts read it), even
-    with COLUMNS=80 set."""
+@pytest.mark.parametrize("how", ["status", "wait", "schema show"])
+@pytest.mark.parametrize("columns", ["80", ""])
+def test_a_pipe_keeps_every_column_and_every_row_on_one_line(
+    monkeypatch: pytest.MonkeyPatch, how: str, columns: str
+) -> None:
+    """Into a pipe or a log the table keeps every column (scripts read it), and, session 75,
+    each row on one line, at its natural width, whatever COLUMNS says: drawn 200 columns wide
+    (or at COLUMNS), a ten-column table of three nodes folded its addresses
+    ("https://127.135.200.1:8443/praxis_liv" over "e/"; with a long reason ".../pra" over
+    "xis_live/"), and a grep of a --wait log for a node's new address found nothing."""
     view = watched_view(types_pb2.ROLLOUT_STATE_COMPLETED)
+    for k, node in enumerate(view.nodes, 1):
+        node.old_url = f"http://127.135.200.{k}:8080/praxis_live/"
+        node.new_url = f"https://127.135.200.{k}:8443/praxis_live/"
+    view.nodes[2].state = types_pb2.NODE_STATE_SKIPPED
+    view.nodes[2].reason = (
+        "offline: left as is: its agent is not connected (run tlsroll rollout rollback again"
+        " once it is back; on the node: systemctl status tlsroll-agent)"
+    )
     stdout = io.StringIO()
     monkeypatch.setattr(sys, "stdout", stdout)
-    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("COLUMNS", columns)
     if how == "schema show":
         run_schema_show(monkeypatch, {"rollouts": [to_dict(view)], "total_rollouts": 1})
     else:
-        run_status(monkeypatch, how, view)
+        with contextlib.suppress(click.exceptions.Exit):  # (exit 7: node nc left as is)
+            run_status(monkeypatch, how, view)
     monkeypatch.undo()
-    whole = "\n".join(render_rollout(to_dict(view)).lines(80, color=False))
-    assert stdout.getvalue() == whole + "\n"
+    text = stdout.getvalue()
+    rows = narrow_rows(text)
+    assert len(rows) == 3 and all(len(row) == 1 for row in rows), text
+    for row, node in zip(rows, view.nodes, strict=True):
+        assert f"│ {node.old_url} " in row[0] and f"│ {node.new_url} " in row[0], row
+        assert node.reason in row[0], row
+    assert max(cell_len(line) for line in text.splitlines()) > 200, text  # (not cut either)
+    whole = "\n".join(render_rollout(to_dict(view)).lines(None, color=False))
+    assert text == whole + "\n"
     assert "not shown" not in whole and whole.splitlines()[2].count("┳") == 9
 
 
@@ -679,6 +767,7 @@ def test_nodes_on_a_narrow_terminal_keeps_names_and_addresses_whole(
     assert " ".join(lines[-2:]).startswith(
         "not shown on 80 columns: last heartbeat, cert expires"
     ), text
+    assert not [line for line in lines if line.endswith(" ")], text  # (rich's fold left one: s75)
     # A renewal failing is in red: that column stays, folded.
     failing = two_nodes()
     failing.nodes[1].renewal_failing_since.FromDatetime(dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
@@ -690,6 +779,35 @@ def test_nodes_on_a_narrow_terminal_keeps_names_and_addresses_whole(
     monkeypatch.setattr(identity, "Leader", ListingLeader(reply))
     piped = listed_on(monkeypatch, 200, False, "nodes")
     assert "not shown" not in piped and piped.splitlines()[1].count("┃") == 10, piped
+
+
+def test_nodes_into_a_pipe_draws_a_row_a_node_whatever_its_width(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 75: into a pipe the CLI's rich console drew 200 columns wide (or COLUMNS): a
+    wider `tlsroll nodes` folded its cells ("down: its config cannot be read" over lines). It
+    draws its tables at their natural width there (``base.PIPE_COLUMNS``), a row a node."""
+    from leader.cli import base, identity
+    from tlsroll.cli import cli
+
+    reply = two_nodes()
+    reply.nodes[1].server = (
+        "down: its config cannot be read, fix the file /etc/praxis/praxis_live/server.toml: "
+        "line 12: expected '=' after a key"
+    )
+    monkeypatch.setattr(identity, "Leader", ListingLeader(reply))
+    monkeypatch.setenv("COLUMNS", "80")
+    stdout = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    base.console.cache_clear()
+    try:
+        cli.main(["nodes"], standalone_mode=False)
+    finally:
+        base.console.cache_clear()
+    monkeypatch.undo()
+    rows = [line for line in stdout.getvalue().splitlines() if line.startswith("│")]
+    assert len(rows) == 2 and reply.nodes[1].server in rows[1], stdout.getvalue()
+    assert cell_len(rows[1]) > 200, rows
 
 
 def test_nodes_says_a_node_whose_agent_cannot_write_its_store_under_its_table(
@@ -1064,6 +1182,52 @@ def test_who_is_on_which_scheme_without_a_client_is_no_empty_table() -> None:
     ]
     lines = render_clients(views).lines(80, color=False)
     assert lines[0] == "who is on which scheme (per node)" and lines[1].startswith("┏"), lines
+
+
+def test_who_is_on_which_scheme_has_no_blank_column() -> None:
+    """Session 75: the table's last column had no header, and was blank when nobody was
+    still on http. It is "still on http" ("yes" on an http client not seen on https since),
+    and only there when a row has one."""
+    from leader.cli.draw import render_clients
+
+    heard = "2026-12-07T09:00:00Z"
+    http = {"scheme": "http", "address": "192.168.1.7", "workstation": "Empfang", "requests": 3}
+    https = {**http, "scheme": "https", "address": "192.168.1.8", "workstation": "Labor"}
+    view = {
+        "node": "srv3",
+        "clients": {"source": "access-log", "window_seconds": 600, "clients": [http, https]},
+        "reported_at": heard,
+    }
+
+    def table(views: list[dict[str, Any]]) -> list[list[str]]:
+        lines = render_clients(views).lines(None, color=False)
+        return [
+            [cell.strip() for cell in line[1:-1].split(line[0])]
+            for line in lines
+            if line[0] in "┃│"
+        ]
+
+    nobody = table([view])
+    assert nobody[0] == ["node", "scheme", "address", "workstation", "requests", "first", "last"]
+    still = table(
+        [{**view, "still_on_http": [{"address": "192.168.1.7", "workstation": "Empfang"}]}]
+    )
+    assert still[0][-1] == "still on http", still
+    assert [row[-1] for row in still[1:]] == ["yes", ""], still
+
+
+@pytest.mark.parametrize("width", [60, 70, 75, 80, 120])
+def test_the_watch_s_more_line_never_cuts_its_command(width: int) -> None:
+    """Session 75: under about 75 columns the watch's "… N more (all: tlsroll schema show
+    --rollout ID)" was cut inside the rollout's id ("…--rollout r20261206-10…"): a copy ran
+    with another id. The command is whole, or the line goes without it."""
+    data = watched_rollout(types_pb2.ROLLOUT_STATE_RUNNING, 60)
+    last = render_live(data, width, 24).lines(width, color=False)[-1]
+    assert cell_len(last) <= width, last
+    assert re.fullmatch(
+        r"… \d+ more( \(all: tlsroll schema show --rollout r20261206-105354-bf7a\))?", last
+    ), last
+    assert ("tlsroll" in last) is (width >= 70), last
 
 
 @pytest.mark.parametrize(

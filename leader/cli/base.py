@@ -49,13 +49,16 @@ T = TypeVar("T")
 M = TypeVar("M", bound="Message")
 
 
+PIPE_COLUMNS = 100_000
+"""The width rich draws at into a pipe or a log: wider than any table, which is then drawn at
+its natural width (rich draws no wider than a table needs)."""
+
+
 def _pipe_width() -> int | None:
-    """On a terminal rich fits its width; into a pipe or a log, tables keep whole lines (200
-    columns unless COLUMNS says otherwise) rather than folding addresses at 80."""
-    if sys.stdout.isatty():
-        return None
-    columns = os.environ.get("COLUMNS", "")
-    return int(columns) if columns.isdigit() and int(columns) >= 40 else 200
+    """On a terminal rich fits its width; into a pipe or a log, tables keep whole lines at
+    their natural width, ``COLUMNS`` or not (``PIPE_COLUMNS``), rather than folding addresses:
+    at 200 columns a wide table folded "…/praxis_liv" over "e/" (session 75), at 80 worse."""
+    return None if sys.stdout.isatty() else PIPE_COLUMNS
 
 
 @functools.cache
@@ -710,11 +713,9 @@ def print_fitted(
     for r in rows:
         table.add_row(*r)
     out.print(table)
-    if left:
-        out.print(
-            f"not shown on {out.width} columns: {', '.join(left)} (all: the same command"
-            " | less -S)",
-            soft_wrap=False,  # (folded at its spaces by rich, not in a word by the terminal)
+    if left:  # (folded at its spaces, none left at a line's end: rich's fold left one; s75)
+        say(
+            f"not shown on {out.width} columns: {', '.join(left)} (all: the same command | less -S)"
         )
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from leader.cli.plain import Block, Part, Styled, Table, cell_len, clean, fit, fold, wrap
+from leader.cli.plain import Block, Cell, Part, Styled, Table, cell_len, clean, fit, fold, wrap
 from tlsroll.enums import CAP_SOURCE
 
 if TYPE_CHECKING:
@@ -215,13 +215,50 @@ def _head(r: View) -> list[Styled]:
     return head
 
 
-def render_rollout(r: View, screen: int | None = None) -> Block:
+COUNTS_ON_HTTP = ("enable-tls", "finalize")
+"""The changes whose nodes' views count the workstations still on http there
+(``leader.schema_view.COUNTS_ON_HTTP``, as the schema's JSON words them)."""
+
+
+def counted_nodes(node_clients: Sequence[View]) -> frozenset[str]:
+    """The nodes whose count of workstations still on http is known (the schema's
+    ``node_clients``): their driver reports who connects (a source), and their report speaks
+    for now (not ``awaiting_report``). Of the others a 0 is "cannot tell", as the lines under
+    "who is on which scheme" say it (``render_clients``)."""
+    return frozenset(
+        v.get("node", "")
+        for v in node_clients
+        if (v.get("clients") or {}).get("source") and not v.get("awaiting_report")
+    )
+
+
+def on_http(r: View, n: View, counted: Collection[str] | None) -> Styled:
+    """A node's "still on http" cell: the count; 0 only where it is known (``counted``: of
+    ``counted_nodes``; None: not known of any, as of a leader that sends no client report),
+    else "-": a change that counts none, a driver that cannot tell, a report still awaited
+    (session 75: "-" for every 0, where the lines under the table said "0 still on http")."""
+    count = n.get("still_on_http")
+    if count:
+        return Styled(str(count))
+    known = (
+        r.get("change") in COUNTS_ON_HTTP
+        and counted is not None
+        and n.get("name") in counted
+        and not n.get("awaiting_report")
+    )
+    return Styled("0" if known else "-")
+
+
+def render_rollout(
+    r: View, screen: int | None = None, counted: Collection[str] | None = None
+) -> Block:
     """A rollout's heading and its nodes' table, every column (into a pipe or a log: scripts
     read it). On a terminal of ``screen`` columns too narrow for the table (rich's fold made an
     80-column row of eight lines, a cell a few letters wide; review s71 walkthrough L7), the
     table goes without the columns of ``LIVE_DROPS`` it has no room for, the first first, as
     the watch's live view does, and a line under it names them; its cells fold, never cut:
-    what it shows stays whole (a reason says what to do)."""
+    what it shows stays whole (a reason says what to do). ``counted``: the nodes whose count
+    of workstations still on http is known (``counted_nodes``; ``on_http``)."""
     head = _head(r)
     times = Styled(
         f"created {fmt_time(r, 'created_at')} by {r.get('started_by') or '-'}"
@@ -244,9 +281,7 @@ def render_rollout(r: View, screen: int | None = None) -> Block:
             for n in nodes
         ],
         "cert expires": [Styled(fmt_time(n, "cert_not_after")) for n in nodes],
-        "still on http": [
-            Styled(str(n["still_on_http"]) if n.get("still_on_http") else "-") for n in nodes
-        ],
+        "still on http": [on_http(r, n, counted) for n in nodes],
         "reason": [Styled("; ".join(s for s in _reasons(r, n) if s not in shared)) for n in nodes],
     }
     _no_empty_reason(columns, shared)
@@ -550,8 +585,10 @@ def render_live(r: View, width: int, height: int) -> Block:
     if shown:
         parts.append(_live_table(r, shown, width, shared))
     if len(shown) < len(nodes):
-        more = f"… {len(nodes) - len(shown)} more (all: tlsroll schema show --rollout {r['id']})"
-        parts.append(Styled(_cut(more, width)))
+        more = f"… {len(nodes) - len(shown)} more"
+        hint = f"{more} (all: tlsroll schema show --rollout {r['id']})"
+        # (a command is never cut: one cut in the rollout's id ran with another id; s75)
+        parts.append(Styled(hint if cell_len(hint) <= width else _cut(more, width)))
     return Block(*parts)
 
 
@@ -573,8 +610,12 @@ class LiveRollout:
 
 def render_clients(views: Sequence[View]) -> Block:
     """Per node, who its managed server saw on which scheme lately (from the agents'
-    heartbeats); peer-supplied strings are printed as plain text (``plain.clean``)."""
-    table = Table("node", "scheme", "address", "workstation", "requests", "first", "last", "")
+    heartbeats); peer-supplied strings are printed as plain text (``plain.clean``). The last
+    column, "still on http" ("yes": an http client not seen on https since), only if a row
+    has one (session 75: it had no header, and was blank when nobody was still on http)."""
+    headers = ("node", "scheme", "address", "workstation", "requests", "first", "last")
+    rows: list[list[Cell]] = []
+    marked = False
     notes: list[Styled] = []
     for v in views:
         still = v.get("still_on_http", [])
@@ -582,16 +623,19 @@ def render_clients(views: Sequence[View]) -> Block:
         clients = v.get("clients", {})
         for c in clients.get("clients", []):
             seen_at = (c.get("address", ""), c.get("workstation", ""))
-            mark = "still on http" if c.get("scheme") == "http" and seen_at in left else ""
-            table.add_row(
-                v["node"],
-                c.get("scheme", ""),
-                c.get("address", ""),
-                c.get("workstation") or "-",
-                str(c.get("requests", 0)),
-                fmt_time(c, "first_seen"),
-                fmt_time(c, "last_seen"),
-                Styled(mark, "bold yellow"),
+            mark = "yes" if c.get("scheme") == "http" and seen_at in left else ""
+            marked = marked or bool(mark)
+            rows.append(
+                [
+                    v["node"],
+                    c.get("scheme", ""),
+                    c.get("address", ""),
+                    c.get("workstation") or "-",
+                    str(c.get("requests", 0)),
+                    fmt_time(c, "first_seen"),
+                    fmt_time(c, "last_seen"),
+                    Styled(mark, "bold yellow"),
+                ]
             )
         source = clients.get("source") or "unknown"
         problem = f"; problem: {clients['problem']}" if clients.get("problem") else ""
@@ -615,10 +659,13 @@ def render_clients(views: Sequence[View]) -> Block:
                 f"{fmt_time(v, 'reported_at')}{problem}"
             )
         )
-    if not table.rows:  # (an empty table of eight headers said nothing: review s71)
+    if not rows:  # (an empty table of eight headers said nothing: review s71)
         return Block(
             Styled("who is on which scheme (per node): no client reported", "bold"), *notes
         )
+    table = Table(*headers, *(["still on http"] if marked else []))
+    for row in rows:
+        table.add_row(*(row if marked else row[:-1]))
     head = Styled("who is on which scheme (per node)", "bold")
     return Block(head, table, *notes)
 

@@ -4,9 +4,10 @@ Why not rich here: importing rich and drawing one rollout's table with it took a
 command whose goal is 150 ms (issue 15), for tables that need little of it. The look is rich's
 default table (heavy head, a space either side of each cell), styles on a terminal only (none
 with ``NO_COLOR`` set and not empty, or ``TERM=dumb``), and a table wider than the terminal
-folds its widest columns' cells onto more lines, as rich does. Into a pipe or a log lines stay
-whole (200 columns unless ``COLUMNS`` says otherwise); on a terminal a line of text folds at its
-spaces (``fold``).
+folds its widest columns' cells onto more lines, as rich does. Into a pipe or a log a table is
+drawn at its natural width, whatever ``COLUMNS`` says, and lines of text stay whole: no cell
+folds (an address folded at 200 columns, ``…/praxis_liv`` over ``e/``, was not found by a grep
+of a ``--wait`` log; session 75); on a terminal a line of text folds at its spaces (``fold``).
 
 Text from peers (a node's reason, a workstation's name) is printed as it came except for control
 and format characters, which are replaced: a reason must not move the cursor, recolour the
@@ -90,7 +91,9 @@ class Table:
     def add_row(self, *cells: Cell) -> None:
         self.rows.append([c if isinstance(c, Styled) else Styled(c) for c in cells])
 
-    def lines(self, width: int, color: bool) -> list[str]:
+    def lines(self, width: int | None, color: bool) -> list[str]:
+        """The table's lines, ``width`` columns at most (its widest cells folded), or at its
+        natural width (None: into a pipe or a log, where nothing folds)."""
         head = [Styled(h, "bold") for h in self.headers]
         natural = [
             max(cell_len(clean(r[i].text)) for r in [head, *self.rows]) for i in range(len(head))
@@ -99,7 +102,9 @@ class Table:
         if self.floors is not None:
             floors = self.floors
             least = [min(w, floors.get(h, w)) for h, w in zip(self.headers, natural, strict=True)]
-        widths = fit(natural, least, width - 1 - 3 * len(head))  # borders, a space each side
+        widths = (  # (borders, a space each side)
+            natural if width is None else fit(natural, least, width - 1 - 3 * len(head))
+        )
 
         def rule(left: str, fill: str, cross: str, right: str) -> str:
             return left + cross.join(fill * (w + 2) for w in widths) + right
@@ -243,9 +248,10 @@ class Block:
     def __init__(self, *parts: Part) -> None:
         self.parts = list(parts)
 
-    def lines(self, width: int, color: bool, folds: bool = False) -> list[str]:
+    def lines(self, width: int | None, color: bool, folds: bool = False) -> list[str]:
         """``folds``: a line of text folds at its spaces to ``width`` (``fold``: on a
-        terminal; into a pipe or a log it stays one line)."""
+        terminal; into a pipe or a log it stays one line). ``width`` None: into a pipe or a
+        log, tables at their natural width (``Table.lines``)."""
         out: list[str] = []
         for part in self.parts:
             if isinstance(part, Table):
@@ -254,7 +260,7 @@ class Block:
                 out.append("".join(piece.paint(color) for piece in part))
             else:
                 line = part if isinstance(part, Styled) else Styled(part)
-                texts = fold(line.text, width) if folds else [line.text]
+                texts = fold(line.text, width) if folds and width is not None else [line.text]
                 out += [line.paint(color, text) for text in texts]
         return out
 
@@ -265,13 +271,14 @@ class Block:
             yield Text.from_ansi(line)  # a line longer than the screen folds, as rich folds
 
 
-def terminal() -> tuple[int, bool]:
-    """The width to draw at (``COLUMNS`` if set, else the terminal's, else 200 columns) and
-    whether to colour (on a terminal only)."""
+def terminal() -> tuple[int | None, bool]:
+    """The width to draw at (on a terminal ``COLUMNS`` if set, else the terminal's; into a
+    pipe or a log None: tables at their natural width, ``COLUMNS`` or not) and whether to
+    colour (on a terminal only)."""
+    if not sys.stdout.isatty():
+        return None, False
     columns = os.environ.get("COLUMNS", "")
     given = int(columns) if columns.isdigit() and int(columns) >= 40 else None
-    if not sys.stdout.isatty():
-        return given or 200, False
     color = not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"  # (set, not "")
     if given is None:
         try:
@@ -284,7 +291,7 @@ def terminal() -> tuple[int, bool]:
 def screen() -> int | None:
     """The width of the terminal stdout is (``terminal``'s), None into a pipe or a log: what a
     drawing that goes without columns on a narrow screen is given (scripts read the pipe)."""
-    return terminal()[0] if sys.stdout.isatty() else None
+    return terminal()[0]
 
 
 def emit(*parts: Block | Part) -> None:

@@ -85,7 +85,7 @@ SKIPPED = NodeState.SKIPPED.value
 PENDING = NodeState.PENDING.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
-EXIT_COMPLETED_FAILED = 7  # rollout status: completed with nodes failed within its budget
+EXIT_COMPLETED_FAILED = 7  # rollout status: completed without every node (see rollout_status)
 # A weak --password-file's way out (``obtain_password``): `rollout start` makes one itself.
 GENERATED_INSTEAD = (
     "or leave --password-file out on a terminal: a password is then generated and shown once"
@@ -1030,8 +1030,9 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
 
     Exit codes: 0 running, paused or completed; 3 halted or aborted (every node that did not
     finish is back where it was); 4 a node needs attention (neither switched nor back: see its
-    reason); 7 completed with nodes failed within its failure budget (back where they were:
-    see their reasons); 1 and 2 as for every command.
+    reason); 7 completed without every node: nodes failed within its failure budget (back
+    where they were), left as is by a way back (not known to be on http) or left out by a
+    finalize (still on http and https): see their reasons; 1 and 2 as for every command.
     """
     schema = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
     if not schema.rollouts:
@@ -1043,7 +1044,10 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
     if as_json:
         emit_json(to_dict(r))
     else:
-        emit(render_rollout(to_dict(r), screen()))  # (on a narrow terminal, fewer columns)
+        counted = {  # (``draw.counted_nodes`` of the messages: no JSON made of them)
+            v.node for v in schema.node_clients if v.clients.source and not v.awaiting_report
+        }
+        emit(render_rollout(to_dict(r), screen(), counted))  # (a narrow terminal: fewer columns)
     _say_store_trouble(schema)
     attention = [n for n in r.nodes if NODE_STATE.text(n.state) == NEEDS_ATTENTION]
     if attention:
@@ -1088,7 +1092,11 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
     # The nodes the view names (``RolloutView.left_as_is``: skipped ones, the heading's rule);
     # a leader of the release before sends none: then by their reasons (review s46rev3 L3).
     left = list(r.left_as_is) or [n.name for n in r.nodes if left_as_is(n.reason)]
-    if left and ROLLOUT_STATE.text(r.state) == RolloutState.COMPLETED.value:
+    completed = ROLLOUT_STATE.text(r.state) == RolloutState.COMPLETED.value
+    # Completed without every node (left as is, left out, failed within the budget): exit 7,
+    # for a script's `rollback --wait && …` to tell it from "all back" (session 75: exit 0).
+    short = False
+    if left and completed:
         # Not every node is on http: say so beside "completed" (review s45rt1 H1).
         reasons = {n.name: n.reason for n in r.nodes if n.name in left}
         if all(w.startswith("offline: ") for w in reasons.values()):
@@ -1103,10 +1111,9 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             f"see the reason above); {then}",
             err=True,
         )
+        short = True
     cut = [n.name for n in r.nodes if left_out(n.reason)]
-    if ROLLOUT_STATE.text(r.state) == RolloutState.COMPLETED.value and (
-        cut or f" {LEFT_DUAL}: " in r.reason
-    ):
+    if completed and (cut or f" {LEFT_DUAL}: " in r.reason):
         # A finalize that left out nodes whose agents are cut off, or the phase 1 it ended:
         # not every node is https-only (they stay dual until removed).
         dual = [p.split(f" {LEFT_DUAL}: ")[0] for p in r.reason.split("; ") if LEFT_DUAL in p]
@@ -1118,6 +1125,7 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             " server's certificate",
             err=True,
         )
+        short = True
     if ROLLOUT_STATE.text(r.state) == AWAITING:
         # A finalize of it that runs, waits for quiet (--when-quiet: days, by design) or ended
         # part way has closed http on the nodes it is done with (session 64's review M2': this
@@ -1145,7 +1153,7 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             f"schema show; then: tlsroll rollout finalize {r.id}",
             err=True,
         )
-    if ROLLOUT_STATE.text(r.state) == RolloutState.COMPLETED.value:
+    if completed:
         # Completed, but with nodes failed within its failure budget (back where they were):
         # said, exit 7; before, every node failed read "completed", exit 0 (brief s67 budget).
         # From the nodes, not the note: a leader of an earlier release wrote none.
@@ -1153,4 +1161,6 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
         failed = completed_failed_note(Change(CHANGE.text(r.change)), r.failure_budget, outcomes)
         if failed:
             click.echo(f"tlsroll: rollout {r.id} {failed}", err=True)
-            click.get_current_context().exit(EXIT_COMPLETED_FAILED)
+            short = True
+    if short:
+        click.get_current_context().exit(EXIT_COMPLETED_FAILED)

@@ -72,6 +72,7 @@ def schema_show(
         emit_json(data)
         return
     from leader.cli.draw import (  # noqa: PLC0415 - text only
+        counted_nodes,
         render_certificate_health,
         render_clients,
         render_failures,
@@ -89,7 +90,8 @@ def schema_show(
         parts.append(render_node_problems(data["node_problems"]))
     if not rollouts:
         parts.append("no rollouts yet")
-    parts += [render_rollout(r, screen()) for r in rollouts]
+    counted = counted_nodes(data.get("node_clients", []))  # (who has a 0 still on http)
+    parts += [render_rollout(r, screen(), counted) for r in rollouts]
     if mixed := data.get("mixed_cluster"):  # (the nodes the rollouts above leave out too)
         from leader.mixed_cluster import Mixed, dual_left_by, mixed_line  # noqa: PLC0415
 
