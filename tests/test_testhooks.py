@@ -51,6 +51,20 @@ def test_a_test_knob_is_refused_for_an_installed_daemon_only(tmp_path: Path) -> 
     assert Path("/var/lib/tlsroll/leader.toml") in testhooks.INSTALLED
 
 
+def test_the_refusal_says_how_to_unset_it_in_a_shell_too(tmp_path: Path) -> None:
+    """Review s75 revknob: an admin runs ``tlsroll-agent --journal-checked`` or
+    ``--reinitialise`` (``runuser -u tlsroll -- tlsroll-leader --reinitialise``, which keeps
+    the shell's environment) from a shell that exports a test knob (a developer's
+    ``TLSROLL_TEST_SLOT``): the refusal sent them to the unit's drop-ins, which hold nothing.
+    It names the shell's way too, with the knobs to unset."""
+    unit = tmp_path / "unit"
+    env = {"TLSROLL_TEST_SLOT": "3", transaction.CRASH_ENV: "started"}
+    refused = testhooks.refused((unit,), env, (unit,)) or ""
+    assert "\n" not in refused
+    assert f"unset {transaction.CRASH_ENV} TLSROLL_TEST_SLOT" in refused, refused
+    assert "Environment=" in refused  # (the unit's way still said)
+
+
 def _keep_root_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent's front sets fsutil's process-wide "runs as root" switch: put back after."""
     monkeypatch.setattr(fsutil, "_AS_ROOT_ONLY", fsutil._AS_ROOT_ONLY)

@@ -1195,6 +1195,29 @@ async def test_a_run_that_fails_leaves_the_pc_unseen_on_https_and_one_that_works
     assert seen() == [("https", 1)]  # (its check with the new settings, by its certificate)
 
 
+async def test_the_old_address_s_https_look_is_a_probe_too(
+    nodes: dict[str, ServerNode], run_cli: Any
+) -> None:
+    """Review s75 revknob: given the old http address, the tool asks whether https answers
+    there (``_answers_https``) with a plain GET of the app: the server recorded it as an https
+    client of the PC's address (no name), so a run that set up nothing made a PC whose
+    practice program is idle look moved to https (its first https after its last http), and a
+    plain finalize could cut it off. It is a probe, as the other checks before the new
+    settings."""
+    node = nodes["tls"]
+
+    def https_requests() -> int:
+        clients = node.server.admin("GET", "/admin/clients").json()["clients"]
+        return sum(c["requests"] for c in clients if c["scheme"] == "https")
+
+    before = https_requests()
+    old = f"http://{node.address}:8080{APP}"
+    run = await run_cli(old, "--yes")
+    assert run.code == int(Exit.OLD_HTTP), run.err
+    assert "is the old unencrypted address" in run.error
+    assert https_requests() == before
+
+
 async def test_bootstrap_answer_altered_in_transit(
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,

@@ -86,9 +86,12 @@ def refused(
     if not hooks or (where := installed(paths, units)) is None:
         return None
     more = f" and {len(hooks) - 3} more" if len(hooks) > 3 else ""
+    # (an admin's own run, ``--reinitialise``, ``--journal-checked``, has the shell's: review
+    # s75 revknob, the unit's drop-ins alone were named)
     return (
         f"{', '.join(hooks[:3])}{more} (tests only) set in the environment of the installed"
-        f" daemon of {where}, which never runs with a test's knob: remove it from the unit's"
-        " environment (a drop-in's Environment= or EnvironmentFile=; systemctl"
+        f" daemon of {where}, which never runs with a test's knob: remove it from its"
+        f" environment (run by hand: `unset {' '.join(hooks[:3])}`{more} in that shell; by"
+        " its unit: a drop-in's Environment= or EnvironmentFile=, systemctl"
         " show-environment), then start it again"
     )
