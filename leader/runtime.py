@@ -92,7 +92,7 @@ from leader.service import (
 from leader.states import NodeProblemKind
 from leader.store import Restored, Store, ca_pinned, relearning
 from leader.store_health import StoreHealth, start_refused
-from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, pki, testhooks
+from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, password, pki, testhooks
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import (
@@ -651,9 +651,11 @@ def _kdf_hook(data_dir: Path) -> None:
             hook=keywrap.TEST_KDF_N_ENV,
             value=n,
             detail=f"the CA key is written (and kept) under scrypt N={n}, not"
-            f" N={keywrap.SCRYPT_N}: a passphrase guess costs {keywrap.SCRYPT_N // n} times less",
+            f" N={keywrap.SCRYPT_N}: a passphrase guess costs {keywrap.SCRYPT_N // n} times less;"
+            f" password verifiers down to N={n} are staged, not only from N={password.MIN_N}",
             hint=f"{keywrap.TEST_KDF_N_ENV} is for tests only: remove it from the leader's"
-            " environment; the next start encrypts the key again at full strength",
+            " environment; the next start encrypts the key again at full strength, and a"
+            " password verifier made under it is refused without it: set the password again",
         )
 
 

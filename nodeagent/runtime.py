@@ -56,7 +56,18 @@ from nodeagent.service import NodeAgentService
 from nodeagent.store_watch import StoreWatch
 from nodeagent.transaction import CRASH_ENV, TERM_ENV, TERM_HOLD_ENV, Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, daemon, dbthread, features, fsutil, logs, testhooks
+from tlsroll import (
+    __version__,
+    daemon,
+    dbthread,
+    defaults,
+    features,
+    fsutil,
+    kdfhook,
+    logs,
+    password,
+    testhooks,
+)
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import (
     ConfigError,
@@ -623,12 +634,37 @@ async def recover(
     )
 
 
+def _kdf_hook(cfg: AgentConfig) -> None:
+    """The tests' scrypt hook (``kdfhook.TEST_KDF_N_ENV``), said at every start while it is set:
+    the agent takes password verifiers down to its N, not ``password.MIN_N``. Set wrong, or for
+    the installed agent's data dir, the start is refused (exit 2), never as unset."""
+    try:
+        n = kdfhook.hook_kdf_n()
+    except kdfhook.KdfHookError as exc:
+        raise ConfigError("environment", None, str(exc)) from None
+    installed, whose = defaults.AGENT_DATA_DIR, "agent's"
+    if (refused := kdfhook.hook_refused_for(cfg.data_dir, n, installed, whose)) is not None:
+        raise ConfigError("environment", None, refused)
+    if n is not None:
+        log.warning(
+            "agent.test_hook",
+            hook=kdfhook.TEST_KDF_N_ENV,
+            value=n,
+            detail=f"password verifiers down to scrypt N={n} are taken, not only from"
+            f" N={password.MIN_N}: a guess at such a password costs {password.MIN_N // n}"
+            " times less",
+            hint=f"{kdfhook.TEST_KDF_N_ENV} is for tests only: remove it from the agent's"
+            " environment; without it a verifier made under it is refused",
+        )
+
+
 async def serve(cfg: AgentConfig, config: Path | None = None) -> None:
     with contextlib.ExitStack() as held:
         await _serve(cfg, config, held)
 
 
 async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitStack) -> None:
+    _kdf_hook(cfg)
     stop = stop_event()
     journal, driver = _open_journal(cfg, config, held)
     # One freeze lock for the servicer's Freeze, Unfreeze and lease watch and the runner's

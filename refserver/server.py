@@ -107,7 +107,7 @@ from refserver import config as refserver_config
 from refserver import gate
 from refserver.gate import PublicListeners
 from refserver.store import FreezeState, LoginFailures, Store, now_iso
-from tlsroll import __version__, clients, daemon, httplog, logs, password
+from tlsroll import __version__, clients, daemon, httplog, kdfhook, logs, password
 from tlsroll.backoff import (
     FUTURE_SLACK,
     Backoff,
@@ -1150,6 +1150,15 @@ async def serve(loaded: refserver_config.Loaded) -> int:
                 seconds=clients_window,
                 env=CLIENTS_WINDOW_ENV,
                 detail="a test-only setting: unset it outside tests",
+            )
+        if server.verifier is not None and server.verifier["n"] < password.MIN_N:
+            log.warning(  # (taken only while the tests' scrypt hook is set: ``password.least_n``)
+                "test_hook.kdf_n",
+                n=server.verifier["n"],
+                env=kdfhook.TEST_KDF_N_ENV,
+                detail=f"the auth verifier's scrypt N is below {password.MIN_N}, taken only"
+                " under a test-only setting",
+                hint=f"unset {kdfhook.TEST_KDF_N_ENV} outside tests and make the verifier again",
             )
         log.info(
             "server.started",

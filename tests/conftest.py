@@ -25,8 +25,10 @@ from tlsroll import keywrap, pki
 
 # Every CA key a test writes (``tlsroll init``, a leader's start that encrypts one again) is
 # under scrypt N=2^8, not 2^14 (``keywrap.TEST_KDF_N_ENV``: 0.2 s of CPU less at each init and
-# each leader start, this process's and its children's). Set empty, the whole suite runs at full
-# strength; the tests of the key's strength (tests/test_ops.py) clear it themselves.
+# each leader start, this process's and its children's); so is every password verifier made
+# without an N of its own (``password.default_n``: 2^15 otherwise), and every process takes
+# such a verifier. Set empty, the whole suite runs at full strength; the tests of the key's
+# strength (tests/test_ops.py) and of the verifier's (tests/test_password.py) clear it.
 os.environ.setdefault(keywrap.TEST_KDF_N_ENV, "256")
 
 # Each test node gets its own 127.0.0.0/8 address so that it can use the seed's fixed ports

@@ -228,8 +228,8 @@ def test_a_verifier_no_workstation_accepts_is_not_staged(tmp_path: Path) -> None
     to 2**20, r 32, p 16, a hash of 64 bytes), while a workstation computes no more than
     tlsroll's own parameters (``tlsroll.password.kdf_problem``): one with p=2 was staged, a
     change-password rollout applied it and completed, and every workstation then refused
-    every node's hello. Refused (INVALID_ARGUMENT), nothing staged; the tests' cheaper n=2**14
-    is one workstations accept."""
+    every node's hello. Refused (INVALID_ARGUMENT), nothing staged; the tests' cheaper n (the
+    scrypt hook's, ``password.TEST_PARAMS``) is one workstations accept."""
     base = dict(password.make_verifier("correct horse battery staple", **password.TEST_PARAMS))
     long_hash = base64.b64encode(bytes(64)).decode()
     with Cluster(tmp_path, next_loopback()) as c:

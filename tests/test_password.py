@@ -11,11 +11,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
-from tlsroll import cli, password
+from tlsroll import bootstrap_protocol as proto
+from tlsroll import cli, kdfhook, keywrap, password
 from tlsroll.errors import TlsrollError
 from tlsroll.password import (
     PasswordFileError,
@@ -26,6 +28,9 @@ from tlsroll.password import (
     verifier_from_json,
     verifier_to_json,
 )
+
+if TYPE_CHECKING:
+    from nodeagent.config import AgentConfig
 
 FAST = password.TEST_PARAMS
 
@@ -38,7 +43,7 @@ def verifier() -> password.Verifier:
 def test_verifier_shape(verifier: password.Verifier) -> None:
     assert set(verifier) == {"alg", "n", "r", "p", "salt", "hash"}
     assert verifier["alg"] == "scrypt"
-    assert (verifier["n"], verifier["r"], verifier["p"]) == (2**14, 8, 1)
+    assert (verifier["n"], verifier["r"], verifier["p"]) == (password.default_n(), 8, 1)
     assert len(base64.b64decode(verifier["salt"])) == 16
     assert len(base64.b64decode(verifier["hash"])) == 32
     json.dumps(verifier)  # JSON-able as it is
@@ -51,10 +56,44 @@ def test_check_password(verifier: password.Verifier) -> None:
     assert not check_password(verifier, "KD7Q-X2MF-9VHC-3PTW-A8KE-RN5D")
 
 
-def test_default_parameters() -> None:
+def test_default_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the tests' scrypt hook (conftest sets it for the suite) a verifier is made at
+    full strength, N=2^15, and one below N=2^14 is refused wherever it is read."""
+    monkeypatch.delenv(kdfhook.TEST_KDF_N_ENV, raising=False)
     v = make_verifier("s3cret")
     assert (v["n"], v["r"], v["p"]) == (2**15, 8, 1)
     assert check_password(v, "s3cret") and not check_password(v, "s3cret ")
+    assert make_verifier("s3cret", **FAST)["n"] == 2**15
+    assert password.least_n() == 2**14
+
+
+def test_the_tests_scrypt_hook_makes_and_takes_weaker_verifiers_only_while_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 75 (CI time): under ``TLSROLL_TEST_KDF_N`` (the CA key's hook) a verifier is
+    made with its N and taken down to it, by every reader (``validate_verifier``: the leader,
+    the agent, the reference server) and by a workstation's hello (``KDF.from_json``). Unset,
+    such a verifier and such a hello are refused, as any below 2^14 always were: a verifier a
+    test made is never kept as a production one, and no node talks a workstation down."""
+    monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, "256")
+    weak = make_verifier("s3cret")
+    assert weak["n"] == 256 and make_verifier("s3cret", **FAST)["n"] == 256
+    assert password.least_n() == 256 and check_password(weak, "s3cret")
+    text = verifier_to_json(weak)
+    hello_kdf = {"alg": "scrypt", "n": 256, "r": 8, "p": 1, "salt": weak["salt"], "dklen": 32}
+    assert proto.KDF.from_json(hello_kdf).n == 256
+    with pytest.raises(ValueError, match=re.escape("from 2**8 to 2**20, got 128")):
+        make_verifier("s3cret", n=128)  # (not below the hook's own N either)
+    monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, "")  # empty: as unset
+    with pytest.raises(ValueError, match=re.escape("from 2**14 to 2**20, got 256")):
+        verifier_from_json(text)
+    with pytest.raises(proto.BootstrapError, match="n=256"):
+        proto.KDF.from_json(hello_kdf)
+    # Set wrong: as unset here (full strength, never weaker); the leader, the agent, ``init``
+    # and ``password set`` refuse to run with it.
+    monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, "16384")
+    assert password.default_n() == 2**15 and password.least_n() == 2**14
+    assert (kdfhook.BELOW, kdfhook.BELOW) == (password.MIN_N, keywrap.SCRYPT_N)
 
 
 def test_salt_is_random() -> None:
@@ -88,7 +127,7 @@ BAD_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("unknown", {"pepper": "x"}, "unknown field(s): pepper"),
     ("alg", {"alg": "md5"}, "alg must be 'scrypt'"),
     ("n-not-power", {"n": 30000}, "power of two"),
-    ("n-too-small", {"n": 2**10}, "power of two"),
+    ("n-too-small", {"n": 1}, "power of two"),  # (2**10 passes the tests' scrypt hook)
     ("n-too-big", {"n": 2**24}, "power of two"),
     ("n-bool", {"n": True}, "n must be an integer"),
     ("n-string", {"n": "16384"}, "n must be an integer"),
@@ -464,3 +503,61 @@ def test_a_chosen_password_of_the_generated_shape_must_be_in_its_form() -> None:
         why = password.unfolded_problem(written)
         assert why is not None and "shape of a generated password" in why
         assert written not in why and written.lower() not in why
+
+
+def test_the_agent_says_the_scrypt_hook_and_refuses_it_wrong_or_for_its_installed_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 75: an agent under ``TLSROLL_TEST_KDF_N`` takes password verifiers that weak:
+    it says so at every start (warning, hint), and refuses to start (a config error, exit 2)
+    with it set wrong or for the installed agent's data dir, where a production verifier
+    lives; unset, nothing is said."""
+    import structlog.testing
+
+    from nodeagent import runtime
+    from tlsroll.defaults import AGENT_DATA_DIR
+    from tlsroll.errors import ConfigError
+
+    def hook(data_dir: Path) -> list[Any]:
+        with structlog.testing.capture_logs() as logs:
+            runtime._kdf_hook(cast("AgentConfig", SimpleNamespace(data_dir=data_dir)))
+        return [e for e in logs if e["event"] == "agent.test_hook"]
+
+    monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, "256")
+    (said,) = hook(tmp_path)
+    assert (said["hook"], said["value"], said["log_level"]) == (
+        kdfhook.TEST_KDF_N_ENV,
+        256,
+        "warning",
+    )
+    assert "N=256" in said["detail"] and kdfhook.TEST_KDF_N_ENV in said["hint"]
+    with pytest.raises(ConfigError, match="installed agent's data directory"):
+        hook(AGENT_DATA_DIR)
+    for wrong in ("16384", "1000", "x"):
+        monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, wrong)
+        with pytest.raises(ConfigError, match=re.escape("must be a power of 2 from 2 to 8192")):
+            hook(tmp_path)
+    monkeypatch.delenv(kdfhook.TEST_KDF_N_ENV)
+    assert hook(AGENT_DATA_DIR) == []  # unset: the installed dir is fine, nothing said
+
+
+def test_password_set_says_the_scrypt_hook_and_refuses_it_set_wrong(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 75: ``tlsroll password set`` under ``TLSROLL_TEST_KDF_N`` makes the verifier
+    with its N and says so (stderr, once staged); set wrong, a usage error before anything is
+    read or asked. (A leader without the hook refuses such a verifier: ``least_n``.)"""
+    import click
+
+    from leader.cli import password as password_cmd
+
+    monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, "256")
+    said = password_cmd.kdf_hook()
+    assert said is not None and "scrypt N=256, not N=32768" in said and "\n" not in said
+    assert json.loads(password_cmd.verifier_json("s3cret"))["n"] == 256
+    monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, "3")
+    with pytest.raises(click.UsageError, match="must be a power of 2"):
+        password_cmd.kdf_hook()
+    monkeypatch.delenv(kdfhook.TEST_KDF_N_ENV)
+    assert password_cmd.kdf_hook() is None
+    assert json.loads(password_cmd.verifier_json("s3cret"))["n"] == 2**15

@@ -302,7 +302,7 @@ class KDF:
         n, r, p, dklen = (data[k] for k in ("n", "r", "p", "dklen"))
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, r, p, dklen)):
             raise BootstrapError(BootstrapReason.BAD_KDF, "n, r, p and dklen must be integers")
-        if n < password.MIN_N or n & (n - 1) or r < 1 or p < 1 or dklen < MIN_DKLEN:
+        if n < password.least_n() or n & (n - 1) or r < 1 or p < 1 or dklen < MIN_DKLEN:
             raise BootstrapError(BootstrapReason.BAD_KDF, f"n={n} r={r} p={p} dklen={dklen}")
         if why := password.kdf_problem(n, r, p, dklen):
             raise BootstrapError(BootstrapReason.BAD_KDF, f"{why}: not a tlsroll node")

@@ -16,3 +16,4 @@ HEARTBEAT_INTERVAL = 5
 MAX_FREEZE_LEASE = 86400
 DEBUG_ENV = "TLSROLL_DEBUG"  # =1: an error nobody foresaw shows its traceback (CLI, daemons)
 DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")  # the leader's data directory
+AGENT_DATA_DIR = Path("/var/lib/tlsroll-agent")  # the installed agent's (its config's default)

@@ -29,13 +29,13 @@ import base64
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.hazmat.primitives import padding, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from tlsroll import kdfhook
 from tlsroll.errors import PKIError, PKIReason, TerminalError
 
 SCRYPT_N = 2**14
@@ -44,57 +44,11 @@ SCRYPT_P = 5
 # What a PBKDF2 key needs to count as strong (OWASP, PBKDF2-HMAC-SHA256).
 PBKDF2_MIN_ITERATIONS = 600_000
 
-TEST_KDF_N_ENV = "TLSROLL_TEST_KDF_N"
-"""Tests only: the scrypt N of the keys written while it is set (``hook_kdf_n``), in place of
-``SCRYPT_N``: a power of 2 from 2 to ``SCRYPT_N`` / 2, never higher (OpenSSL reads no more
-than 32 MiB) nor ``SCRYPT_N`` itself. Set wrong it is an error (``KdfHookError``), never as
-unset: the leader refuses to start (exit 2), ``tlsroll init`` to run. Empty is as unset."""
-
-
-class KdfHookError(TerminalError):
-    """``TEST_KDF_N_ENV`` holds something other than a power of 2 below ``SCRYPT_N`` (the
-    message says so in one line, never the passphrase: there is none in it)."""
-
-
-def hook_refused_for(data_dir: Path, n: int | None) -> str | None:
-    """Why the tests' scrypt hook (set to ``n``; None: unset) is refused for a leader's
-    ``data_dir``: the installed unit's own (``tlsroll.defaults.DEFAULT_DATA_DIR``), where a
-    production CA key lives, is never written weaker, whatever the environment says (review of
-    s74 scryptknob: a hook left in a production unit would keep the key up to 8192 times cheaper
-    to guess, and every backup made meanwhile). None: not refused."""
-    if n is None:
-        return None
-    from tlsroll.defaults import DEFAULT_DATA_DIR  # noqa: PLC0415 - only with the hook set
-    from tlsroll.fsutil import real_path  # noqa: PLC0415 - likewise
-
-    try:
-        production = real_path(data_dir) == real_path(DEFAULT_DATA_DIR)
-    except OSError:  # (a symbolic link loop on the way)
-        production = data_dir.absolute() == DEFAULT_DATA_DIR
-    if not production:
-        return None
-    return (
-        f"{TEST_KDF_N_ENV} (tests only) is set for {DEFAULT_DATA_DIR}, the installed leader's "
-        "data directory, whose CA key is never written weaker; unset it"
-    )
-
-
-def hook_kdf_n(environ: Mapping[str, str] = os.environ) -> int | None:
-    """The scrypt N the test hook (``TEST_KDF_N_ENV``) sets, or None when it is unset (or
-    empty); ``KdfHookError`` if it holds anything but a power of 2 from 2 to ``SCRYPT_N`` / 2."""
-    raw = environ.get(TEST_KDF_N_ENV, "")
-    if not raw:
-        return None
-    try:
-        n = int(raw, 10)
-    except ValueError:
-        n = 0
-    if not 2 <= n < SCRYPT_N or n & (n - 1):
-        raise KdfHookError(
-            f"{TEST_KDF_N_ENV} (tests only) must be a power of 2 from 2 to {SCRYPT_N // 2}, "
-            f"got {raw[:20]!r}; unset it"
-        )
-    return n
+# The tests' hook (one for the CA key and the password's verifier): ``tlsroll.kdfhook``.
+TEST_KDF_N_ENV = kdfhook.TEST_KDF_N_ENV
+KdfHookError = kdfhook.KdfHookError
+hook_kdf_n = kdfhook.hook_kdf_n
+hook_refused_for = kdfhook.hook_refused_for
 
 
 _PBES2 = "1.2.840.113549.1.5.13"

@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
+from tlsroll import kdfhook
 from tlsroll.bootstrap_base import loads_strict
 from tlsroll.echo import shown_path
 from tlsroll.errors import TerminalError
@@ -63,9 +64,10 @@ DEFAULT_P = 1
 SALT_BYTES = 16
 HASH_BYTES = 32
 
-# Parameters fast enough for unit tests (about 4x faster than the default), still accepted by
-# ``verifier_from_json`` so a test can hand such a verifier to a real server.
-TEST_PARAMS: dict[str, int] = {"n": 2**14, "r": 8, "p": 1}
+# Parameters for unit tests: no N, so that ``make_verifier(secret, **TEST_PARAMS)`` takes the
+# tests' scrypt hook's (``kdfhook.TEST_KDF_N_ENV``, conftest's 256: ``default_n``), which every
+# process of the suite accepts (``least_n``); without the hook, the default (2^15).
+TEST_PARAMS: dict[str, int] = {"r": 8, "p": 1}
 
 # What a verifier read from disk may ask for: cheaper than MIN_N is too weak to store; dearer
 # than the maxima would let a crafted file make every login cost gigabytes of memory.
@@ -73,6 +75,29 @@ MIN_N = 2**14
 MAX_N = 2**20
 MAX_R = 32
 MAX_P = 16
+
+
+def hook_n() -> int | None:
+    """The tests' scrypt hook (``kdfhook.TEST_KDF_N_ENV``) for verifiers: its N, or None when it
+    is unset, or set wrong (then as unset: full strength, never weaker; the leader, the agent,
+    ``init`` and ``password set`` refuse such a value)."""
+    try:
+        return kdfhook.hook_kdf_n()
+    except kdfhook.KdfHookError:
+        return None
+
+
+def default_n() -> int:
+    """The N ``make_verifier`` uses unless told: ``DEFAULT_N``, or the tests' hook's."""
+    return hook_n() or DEFAULT_N
+
+
+def least_n() -> int:
+    """The least N a verifier may have, wherever one is made or read (a workstation's hello
+    too): ``MIN_N``, or the tests' hook's while it is set. Read at each use: a process without
+    the hook refuses a verifier made under it, as any below ``MIN_N``."""
+    return min(hook_n() or MIN_N, MIN_N)
+
 
 # What a workstation computes at most for the hello of a node it cannot verify yet (the
 # parameters tlsroll makes verifiers with: ``tlsroll.bootstrap_protocol.KDF.from_json`` refuses
@@ -339,11 +364,14 @@ def _scrypt(password: str, salt: bytes, *, n: int, r: int, p: int, dklen: int) -
 
 
 def make_verifier(
-    password: str, *, n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = DEFAULT_P
+    password: str, *, n: int | None = None, r: int = DEFAULT_R, p: int = DEFAULT_P
 ) -> Verifier:
-    """A fresh salted scrypt verifier for ``password`` (pass ``**TEST_PARAMS`` in tests)."""
+    """A fresh salted scrypt verifier for ``password``, with N ``n`` (``default_n`` if None:
+    the tests' hook's while it is set, else ``DEFAULT_N``)."""
     if not isinstance(password, str) or not password:
         raise ValueError("the password must be a non-empty string")
+    if n is None:
+        n = default_n()
     _check_params(n, r, p)
     salt = secrets.token_bytes(SALT_BYTES)
     digest = _scrypt(password, salt, n=n, r=r, p=p, dklen=HASH_BYTES)
@@ -463,8 +491,11 @@ def workstation_problem(verifier: Verifier) -> str | None:
 
 
 def _check_params(n: int, r: int, p: int) -> None:
-    if n < MIN_N or n > MAX_N or n & (n - 1):
-        raise ValueError(f"scrypt n must be a power of two from 2**14 to 2**20, got {n}")
+    least = least_n()
+    if n < least or n > MAX_N or n & (n - 1):
+        raise ValueError(
+            f"scrypt n must be a power of two from 2**{least.bit_length() - 1} to 2**20, got {n}"
+        )
     if not 1 <= r <= MAX_R:
         raise ValueError(f"scrypt r must be between 1 and {MAX_R}, got {r}")
     if not 1 <= p <= MAX_P:

@@ -202,6 +202,26 @@ def verifier_json(secret: str) -> str:
     return password.verifier_to_json(password.make_verifier(secret)).strip()
 
 
+def kdf_hook() -> str | None:
+    """The tests' scrypt hook (``kdfhook.TEST_KDF_N_ENV``): set wrong, a usage error (exit 2);
+    set, what ``password set`` warns of once it staged a verifier made under it (scrypt N=n,
+    not ``password.DEFAULT_N``; a leader without the hook refuses such a verifier); None when
+    unset."""
+    from tlsroll import kdfhook, password  # noqa: PLC0415 - see read_password_file
+
+    try:
+        n = kdfhook.hook_kdf_n()
+    except kdfhook.KdfHookError as exc:
+        raise click.UsageError(str(exc)) from None
+    if n is None:
+        return None
+    return (
+        f"{kdfhook.TEST_KDF_N_ENV}={n} is set (tests only): the password's verifier is made"
+        f" under scrypt N={n}, not N={password.DEFAULT_N}; unset it for a real cluster (set the"
+        " password again without it)"
+    )
+
+
 @click.group("password")
 def password_group() -> None:
     """The authentication password workstations need.
@@ -225,6 +245,7 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
     the live one)."""
     if password_file is not None and generate:
         raise click.UsageError("--password-file and --generate exclude each other")
+    weaker = kdf_hook()  # (set wrong: refused before anything is read or asked)
     # A password file that is unusable or too weak, or no terminal to show a generated one
     # on, fails before the leader is asked.
     secret = None if generate else obtain_password(password_file, generate)
@@ -245,6 +266,8 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
                 admin_pb2.SetPasswordRequest(auth_verifier_json=verifier_json(secret)),
             )
     say(f"password version {reply.version} staged.")
+    if weaker is not None:  # (once staged: a refused one says its one line only)
+        click.echo(f"tlsroll: warning: {weaker}", err=True)
     if reply.HasField("replaces"):
         say(f"It {replaces_text(reply.replaces)}.")
     if reply.pending_nodes:
