@@ -61,9 +61,11 @@ def set_hooks(
 
 def _same(path: Path, unit: Path) -> bool:
     """``path`` is ``unit``'s file or dir (through a link too)."""
+    from tlsroll.fsutil import real_path  # noqa: PLC0415 - the fronts hold it already
+
     try:
-        return path.resolve() == unit.resolve()
-    except (OSError, RuntimeError):  # (3.11's resolve raises RuntimeError on a symlink loop)
+        return real_path(path) == real_path(unit)
+    except OSError:  # (a symbolic link loop on the way)
         return path.absolute() == unit
 
 
