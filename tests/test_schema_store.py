@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -656,14 +657,14 @@ class _FailingCommit:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
         if sql == "COMMIT":
             error = sqlite3.OperationalError("disk I/O error")
             error.sqlite_errorname = "SQLITE_IOERR_FSYNC"
             raise error
         return self._conn.execute(sql, *args)
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
 
 
@@ -686,11 +687,14 @@ def test_a_callback_that_raises_after_a_failed_commit_leaves_the_store_usable(
     def broken(exc: BaseException) -> None:
         raise ValueError("the callback's own bug")
 
-    with capture_logs() as events, pytest.raises(sqlite3.OperationalError, match="disk I/O"):
-        with db.tx() as conn:
-            conn.execute("INSERT INTO t VALUES (1)")
-            db.if_failed(broken)
-            db.if_failed(lambda exc: ran.append(type(exc).__name__))
+    with (
+        capture_logs() as events,
+        pytest.raises(sqlite3.OperationalError, match="disk I/O"),
+        db.tx() as conn,
+    ):
+        conn.execute("INSERT INTO t VALUES (1)")
+        db.if_failed(broken)
+        db.if_failed(lambda exc: ran.append(type(exc).__name__))
     assert ran == ["OperationalError"]
     monkeypatch.setattr(db, "_db", real)
     assert not real.in_transaction
