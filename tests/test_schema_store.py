@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -646,6 +647,64 @@ def test_a_callback_that_raises_after_a_commit_leaves_the_write_committed(
     assert "the callback's own bug" in failed["error"]
     with pytest.raises(RuntimeError, match="inside a transaction"):
         db.after_commit(lambda: ran.append("never"))
+    db.close()
+
+
+class _FailingCommit:
+    """A connection whose COMMIT fails (an I/O error, as SQLite's module raises it); anything
+    else is the real connection's."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            error = sqlite3.OperationalError("disk I/O error")
+            error.sqlite_errorname = "SQLITE_IOERR_FSYNC"
+            raise error
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def test_a_callback_that_raises_after_a_failed_commit_leaves_the_store_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s75 revjournal (L): a callback of ``if_failed`` (session 75; the agent's journal
+    sets its doubt in one) that raised skipped the callbacks after it and the ROLLBACK: the
+    connection stayed inside the failed transaction, and every later write of the store failed
+    ("cannot start a transaction within a transaction"). As for ``after_commit`` (review s28
+    L4): logged with its name, the others run, the write's own error reaches the writer, and
+    the store goes on."""
+    from tlsroll.sqlite import Database
+
+    db = Database(tmp_path / "t.sqlite3", ["CREATE TABLE t (x)"])
+    real = db._db
+    monkeypatch.setattr(db, "_db", _FailingCommit(real))
+    ran: list[str] = []
+
+    def broken(exc: BaseException) -> None:
+        raise ValueError("the callback's own bug")
+
+    with (
+        capture_logs() as events,
+        pytest.raises(sqlite3.OperationalError, match="disk I/O"),
+        db.tx() as conn,
+    ):
+        conn.execute("INSERT INTO t VALUES (1)")
+        db.if_failed(broken)
+        db.if_failed(lambda exc: ran.append(type(exc).__name__))
+    assert ran == ["OperationalError"]
+    monkeypatch.setattr(db, "_db", real)
+    assert not real.in_transaction
+    with db.tx() as conn:  # the store takes writes again
+        conn.execute("INSERT INTO t VALUES (2)")
+    with db.read() as conn:
+        assert [r[0] for r in conn.execute("SELECT x FROM t")] == [2]
+    [failed] = [e for e in events if e["event"] == "db.if_failed_failed"]
+    assert failed["log_level"] == "error" and "broken" in failed["callback"]
+    assert "the callback's own bug" in failed["error"]
     db.close()
 
 

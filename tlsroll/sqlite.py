@@ -1261,7 +1261,8 @@ class Database:
     def if_failed(self, then: Callable[[BaseException], None]) -> None:
         """Inside ``tx``: run ``then(exc)`` in the writer's thread if this transaction fails
         from here on (its COMMIT, if called last in the body), still under the lock: before
-        any reader can look at the store after the failure. ``then`` must not raise.
+        any reader can look at the store after the failure. One that raises is logged
+        (``_run_failed``), never raised.
         Outside a transaction: RuntimeError."""
         if self._writer != threading.get_ident():
             raise RuntimeError("Database.if_failed is only for inside a transaction (tx)")
@@ -1282,6 +1283,25 @@ class Database:
                     error=f"{type(exc).__name__}: {exc}",
                     hint="the write itself stands; a bug in tlsroll: report it with the lines "
                     "before this one",
+                )
+
+    def _run_failed(self, exc: BaseException) -> None:
+        """Under the lock, after a failure: each callback of ``if_failed``, in order, each on
+        its own; one that raises is logged, never raised (as ``_run_committed``): it skipped
+        the others and the ROLLBACK, and the store's writes all failed after it (review s75
+        revjournal)."""
+        failing, self._failing = self._failing, []
+        for then in failing:
+            try:
+                then(exc)
+            except Exception as failed:
+                log.error(
+                    "db.if_failed_failed",
+                    path=str(self.path),
+                    callback=getattr(then, "__qualname__", repr(then)),
+                    error=f"{type(failed).__name__}: {failed}",
+                    hint="the write failed and was rolled back as it would be; a bug in"
+                    " tlsroll: report it with the lines before this one",
                 )
 
     @contextmanager
@@ -1320,9 +1340,7 @@ class Database:
             except BaseException as exc:
                 self._writer = None
                 self._committed = []
-                failing, self._failing = self._failing, []
-                for then in failing:
-                    then(exc)
+                self._run_failed(exc)
                 # What a store put in the cache after its writes is not what the file holds
                 # now. A transaction that wrote nothing (a store's refusal, such as a write on
                 # stale records) leaves the file, and so the cache, as they were.
