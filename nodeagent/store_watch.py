@@ -25,7 +25,7 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from tlsroll import logs
 
@@ -35,6 +35,8 @@ log = logs.get_logger(__name__)
 STALL_SECONDS = 30.0
 # At most one extra heartbeat for store news within this many seconds.
 WAKE_SECONDS = 10.0
+# The agent's first heartbeat waits at most this long for the first read (``beats_once_read``).
+FIRST_READ_SECONDS = 5.0
 # The figures of a trouble's text (free space): their moving is no news (as ``report_key``).
 _FIGURES = re.compile(r"\d+(?:\.\d+)?(?: [KMGT]iB)?")
 
@@ -69,6 +71,7 @@ class StoreWatch:
         self._woke_at: float | None = None
         self._owed = False  # news not told to ``wake`` yet (the bound)
         self._poke = asyncio.Event()
+        self._read_once = asyncio.Event()  # the first read came back (or stalled)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checkpoint_failing = False  # (the store's thread's)
         self._error = ""  # the last read's unforeseen error, said once
@@ -98,6 +101,16 @@ class StoreWatch:
         if failing != self._checkpoint_failing:
             self._checkpoint_failing = failing
             self.poke()
+
+    async def beats_once_read(self, beats: Callable[[], Awaitable[None]]) -> None:
+        """Run ``beats`` (the heartbeat sender's ``LeaderLink.run``) once the first read is
+        back (or said stalled), at most ``FIRST_READ_SECONDS`` on. Before it, ``current`` says
+        nothing: an agent's first message said no store trouble, and a leader that showed the
+        node's took the agent's restart for its end (review of s75 storels, M1)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_READ_SECONDS):
+                await self._read_once.wait()
+        await beats()
 
     async def run(self) -> None:
         """Read every ``every`` seconds, or at once when poked, until cancelled."""
@@ -135,6 +148,7 @@ class StoreWatch:
                 " network mount?); the heartbeat says so and goes on",
             )
             self._news()
+            self._read_once.set()  # (the beats go on with the stall said)
         try:
             said = await waiting
         except Exception as exc:
@@ -154,6 +168,7 @@ class StoreWatch:
                 self._stalled = False
                 log.info("store_watch.answers", detail="the stalled read came back")
             self.reads += 1
+        self._read_once.set()
         self._news()
 
     def _news(self) -> None:
