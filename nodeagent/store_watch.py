@@ -14,7 +14,8 @@ thread: ``loop.call_soon_threadsafe``). The beat takes the last result as it is
 (``current``); a read not back within ``STALL_SECONDS`` is itself said as trouble until it
 is. A change (its figures aside: ``leader_link.report_key``'s masking) wakes the heartbeat
 sender (``LeaderLink.beat_soon``) at most once in ``WAKE_SECONDS``: a store that flaps makes
-no beat storm; news within that bound goes with the next regular beat, or a wake after it.
+no beat storm; news within that bound goes with the next regular beat, or a wake once the
+bound has passed (not at the next read, an interval on: review of s75 storels, L1).
 """
 
 from __future__ import annotations
@@ -118,9 +119,27 @@ class StoreWatch:
         while True:
             self._poke.clear()  # (this read sees what changed before it)
             await self._read()
+            await self._until_next(self._loop.time() + self.every)
+
+    async def _until_next(self, due: float) -> None:
+        """Wait for a poke or ``due`` (the loop's time); news owed (``_news``: within
+        ``WAKE_SECONDS`` of the last wake) is told once its bound has passed, not at the next
+        read, an interval on (review of s75 storels, L1)."""
+        loop = asyncio.get_running_loop()
+        while (left := due - loop.time()) > 0:
+            owed = self._owed_in()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.every):
+                async with asyncio.timeout(left if owed is None else min(left, owed)):
                     await self._poke.wait()
+                    return
+            self._news()
+
+    def _owed_in(self) -> float | None:
+        """Seconds until owed news may wake the heartbeat sender; None if none is owed."""
+        if not self._owed or self._woke_at is None:
+            return None
+        # (as ``_news`` compares: 0 exactly when it wakes)
+        return max(0.0, WAKE_SECONDS - (self.monotonic() - self._woke_at))
 
     async def _read(self) -> None:
         """One read on its own daemon thread; said stalled after ``STALL_SECONDS`` and waited

@@ -503,3 +503,39 @@ async def test_an_agent_s_first_heartbeat_says_its_store_trouble_not_none(
         await link.close()
         journal.close()
         await rig.close()
+
+
+async def test_news_held_back_by_the_wake_bound_wakes_the_beat_once_the_bound_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s75 storels, L1: a change within ``WAKE_SECONDS`` of the last wake was owed,
+    and told only at the watch's next read, an interval on (the agent's interval may be an
+    hour): a checkpoint that failed and was over a second later showed the trouble that long.
+    Now it wakes the beat once the bound has passed, with no read more. Counted: the wakes,
+    the reads."""
+    from nodeagent import store_watch
+    from tests.test_heartbeat_stream import until
+
+    monkeypatch.setattr(store_watch, "WAKE_SECONDS", 1.0)
+    trouble: list[list[str]] = [[]]
+    woken = [0]
+
+    def wake() -> None:
+        woken[0] += 1
+
+    watch = store_watch.StoreWatch(lambda: list(trouble[0]), 3600, wake)
+    task = asyncio.create_task(watch.run())
+    try:
+        await until(lambda: watch.reads == 1, "the first read")
+        trouble[0] = [CHECKPOINT]
+        watch.poke()
+        await until(lambda: woken[0] == 1, "the trouble's wake")
+        trouble[0] = []
+        watch.poke()
+        await until(lambda: watch.reads == 3, "the read of its end")
+        assert watch.current() == []
+        await until(lambda: woken[0] == 2, "its end's wake, after the bound")
+        assert watch.reads == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
