@@ -182,11 +182,11 @@ class StoreWatch:
                 )
         else:
             self._last, self._error = said, ""
-        finally:
-            if self._stalled:
-                self._stalled = False
-                log.info("store_watch.answers", detail="the stalled read came back")
-            self.reads += 1
+        # (not when cancelled, the agent stopping: a read still hung never came back)
+        if self._stalled:
+            self._stalled = False
+            log.info("store_watch.answers", detail="the stalled read came back")
+        self.reads += 1
         self._read_once.set()
         self._news()
 

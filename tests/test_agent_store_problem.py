@@ -539,3 +539,39 @@ async def test_news_held_back_by_the_wake_bound_wakes_the_beat_once_the_bound_pa
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_agent_stopping_during_a_stalled_read_says_not_that_it_came_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s75 storels, L2: the watch cancelled (the agent stops) while its read hung
+    logged ``store_watch.answers`` ("the stalled read came back") and counted a read: at the
+    stop of an agent on a hung mount its log said the mount answered."""
+    from nodeagent import store_watch
+    from tests.test_heartbeat_stream import until
+
+    monkeypatch.setattr(store_watch, "STALL_SECONDS", 0.2)
+    gate = threading.Event()
+
+    def measure() -> list[str]:
+        gate.wait(60)  # (bounded: a failing test ends)
+        return []
+
+    woken = [0]
+
+    def wake() -> None:
+        woken[0] += 1
+
+    watch = store_watch.StoreWatch(measure, 3600, wake)
+    task = asyncio.create_task(watch.run())
+    try:
+        await until(lambda: woken[0] == 1, "the stall to be said")
+        with capture_logs() as logs:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert [e["event"] for e in logs] == [], logs
+        assert watch.reads == 0
+    finally:
+        gate.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
