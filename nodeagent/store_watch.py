@@ -14,7 +14,8 @@ thread: ``loop.call_soon_threadsafe``). The beat takes the last result as it is
 (``current``); a read not back within ``STALL_SECONDS`` is itself said as trouble until it
 is. A change (its figures aside: ``leader_link.report_key``'s masking) wakes the heartbeat
 sender (``LeaderLink.beat_soon``) at most once in ``WAKE_SECONDS``: a store that flaps makes
-no beat storm; news within that bound goes with the next regular beat, or a wake after it.
+no beat storm; news within that bound goes with the next regular beat, or a wake once the
+bound has passed (not at the next read, an interval on: review of s75 storels, L1).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from tlsroll import logs
 
@@ -35,6 +36,8 @@ log = logs.get_logger(__name__)
 STALL_SECONDS = 30.0
 # At most one extra heartbeat for store news within this many seconds.
 WAKE_SECONDS = 10.0
+# The agent's first heartbeat waits at most this long for the first read (``beats_once_read``).
+FIRST_READ_SECONDS = 5.0
 # The figures of a trouble's text (free space): their moving is no news (as ``report_key``).
 _FIGURES = re.compile(r"\d+(?:\.\d+)?(?: [KMGT]iB)?")
 
@@ -69,6 +72,7 @@ class StoreWatch:
         self._woke_at: float | None = None
         self._owed = False  # news not told to ``wake`` yet (the bound)
         self._poke = asyncio.Event()
+        self._read_once = asyncio.Event()  # the first read came back (or stalled)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checkpoint_failing = False  # (the store's thread's)
         self._error = ""  # the last read's unforeseen error, said once
@@ -99,15 +103,43 @@ class StoreWatch:
             self._checkpoint_failing = failing
             self.poke()
 
+    async def beats_once_read(self, beats: Callable[[], Awaitable[None]]) -> None:
+        """Run ``beats`` (the heartbeat sender's ``LeaderLink.run``) once the first read is
+        back (or said stalled), at most ``FIRST_READ_SECONDS`` on. Before it, ``current`` says
+        nothing: an agent's first message said no store trouble, and a leader that showed the
+        node's took the agent's restart for its end (review of s75 storels, M1)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_READ_SECONDS):
+                await self._read_once.wait()
+        await beats()
+
     async def run(self) -> None:
         """Read every ``every`` seconds, or at once when poked, until cancelled."""
         self._loop = asyncio.get_running_loop()
         while True:
             self._poke.clear()  # (this read sees what changed before it)
             await self._read()
+            await self._until_next(self._loop.time() + self.every)
+
+    async def _until_next(self, due: float) -> None:
+        """Wait for a poke or ``due`` (the loop's time); news owed (``_news``: within
+        ``WAKE_SECONDS`` of the last wake) is told once its bound has passed, not at the next
+        read, an interval on (review of s75 storels, L1)."""
+        loop = asyncio.get_running_loop()
+        while (left := due - loop.time()) > 0:
+            owed = self._owed_in()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.every):
+                async with asyncio.timeout(left if owed is None else min(left, owed)):
                     await self._poke.wait()
+                    return
+            self._news()
+
+    def _owed_in(self) -> float | None:
+        """Seconds until owed news may wake the heartbeat sender; None if none is owed."""
+        if not self._owed or self._woke_at is None:
+            return None
+        # (as ``_news`` compares: 0 exactly when it wakes)
+        return max(0.0, WAKE_SECONDS - (self.monotonic() - self._woke_at))
 
     async def _read(self) -> None:
         """One read on its own daemon thread; said stalled after ``STALL_SECONDS`` and waited
@@ -135,6 +167,7 @@ class StoreWatch:
                 " network mount?); the heartbeat says so and goes on",
             )
             self._news()
+            self._read_once.set()  # (the beats go on with the stall said)
         try:
             said = await waiting
         except Exception as exc:
@@ -149,11 +182,12 @@ class StoreWatch:
                 )
         else:
             self._last, self._error = said, ""
-        finally:
-            if self._stalled:
-                self._stalled = False
-                log.info("store_watch.answers", detail="the stalled read came back")
-            self.reads += 1
+        # (not when cancelled, the agent stopping: a read still hung never came back)
+        if self._stalled:
+            self._stalled = False
+            log.info("store_watch.answers", detail="the stalled read came back")
+        self.reads += 1
+        self._read_once.set()
         self._news()
 
     def _news(self) -> None:

@@ -13,6 +13,7 @@ import functools
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, MutableMapping
 from html import unescape
 from pathlib import Path
@@ -449,3 +450,128 @@ async def test_a_hung_file_system_stalls_no_heartbeat_and_is_said_as_trouble(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         journal.close()
+
+
+async def test_an_agent_s_first_heartbeat_says_its_store_trouble_not_none(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s75 storels, M1: the heartbeat took the watch's last reading, and at the
+    agent's start there was none yet (its first read on its thread, the first beat at once):
+    the first message said no store trouble. A leader that showed a node's trouble then took
+    an agent's restart for its end (``node.store_trouble_over``, the node problem's since
+    anew) while it lasted, and its new warning was held back by the rate limit. Now the beats
+    begin once the first read is back (``StoreWatch.beats_once_read``: as the agent's runtime
+    starts them). A read that takes a moment (a slow network mount) here; counted: what each
+    message the leader handled said."""
+    from nodeagent import store_watch
+    from tests.leader_rig import leader_with_a_node
+    from tests.test_heartbeat_stream import agent_link, until
+
+    said: list[tuple[str, ...]] = []
+    handle = LeaderService._agent_store
+
+    def counted(self: LeaderService, name: str, request: Any, now: dt.datetime) -> None:
+        said.append(tuple(request.store_trouble))
+        handle(self, name, request, now)
+
+    monkeypatch.setattr(LeaderService, "_agent_store", counted)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    link, _, journal = agent_link(
+        tmp_path, rig.node_files, rig.target.rsplit(":", 1)[0], loopback(), 3600
+    )
+    link.clock = lambda: rig.clock[0]  # (its clock the leader's: no clock problem)
+
+    def measure() -> list[str]:
+        time.sleep(0.3)  # (a slow file system's statvfs: what is measured, not a wait on state)
+        return [CHECKPOINT]
+
+    watch = store_watch.StoreWatch(measure, 3600, link.beat_soon)
+    link.store_trouble = watch.current
+    tasks = [
+        asyncio.create_task(watch.run()),
+        asyncio.create_task(watch.beats_once_read(link.run)),
+    ]
+    try:
+        await until(lambda: "hb1" in rig.state.agent_store, "the leader to hear the trouble")
+        assert said[0] == (CHECKPOINT,), said
+        assert () not in said, said
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_news_held_back_by_the_wake_bound_wakes_the_beat_once_the_bound_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s75 storels, L1: a change within ``WAKE_SECONDS`` of the last wake was owed,
+    and told only at the watch's next read, an interval on (the agent's interval may be an
+    hour): a checkpoint that failed and was over a second later showed the trouble that long.
+    Now it wakes the beat once the bound has passed, with no read more. Counted: the wakes,
+    the reads."""
+    from nodeagent import store_watch
+    from tests.test_heartbeat_stream import until
+
+    monkeypatch.setattr(store_watch, "WAKE_SECONDS", 1.0)
+    trouble: list[list[str]] = [[]]
+    woken = [0]
+
+    def wake() -> None:
+        woken[0] += 1
+
+    watch = store_watch.StoreWatch(lambda: list(trouble[0]), 3600, wake)
+    task = asyncio.create_task(watch.run())
+    try:
+        await until(lambda: watch.reads == 1, "the first read")
+        trouble[0] = [CHECKPOINT]
+        watch.poke()
+        await until(lambda: woken[0] == 1, "the trouble's wake")
+        trouble[0] = []
+        watch.poke()
+        await until(lambda: watch.reads == 3, "the read of its end")
+        assert watch.current() == []
+        await until(lambda: woken[0] == 2, "its end's wake, after the bound")
+        assert watch.reads == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_agent_stopping_during_a_stalled_read_says_not_that_it_came_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s75 storels, L2: the watch cancelled (the agent stops) while its read hung
+    logged ``store_watch.answers`` ("the stalled read came back") and counted a read: at the
+    stop of an agent on a hung mount its log said the mount answered."""
+    from nodeagent import store_watch
+    from tests.test_heartbeat_stream import until
+
+    monkeypatch.setattr(store_watch, "STALL_SECONDS", 0.2)
+    gate = threading.Event()
+
+    def measure() -> list[str]:
+        gate.wait(60)  # (bounded: a failing test ends)
+        return []
+
+    woken = [0]
+
+    def wake() -> None:
+        woken[0] += 1
+
+    watch = store_watch.StoreWatch(measure, 3600, wake)
+    task = asyncio.create_task(watch.run())
+    try:
+        await until(lambda: woken[0] == 1, "the stall to be said")
+        with capture_logs() as logs:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert [e["event"] for e in logs] == [], logs
+        assert watch.reads == 0
+    finally:
+        gate.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
