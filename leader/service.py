@@ -289,7 +289,7 @@ def agent_store_problem(node: str, trouble: Sequence[str]) -> str:
     ``HeartbeatRequest.store_trouble``)."""
     return (
         f"{node}'s agent cannot write its store safely: {'; '.join(trouble)}; its checks refuse"
-        " a switch there while it lacks room (it says so at its next heartbeat)"
+        " a switch there while it lacks room (it says so once that changes)"
     )
 
 

@@ -214,7 +214,7 @@ async def test_a_node_whose_agent_has_no_room_is_shown_in_the_leaders_view_until
                     assert problem.problem.startswith(start), problem.problem
                     assert problem.problem.endswith(
                         "(df -h); its checks refuse a switch there while it lacks room (it says"
-                        " so at its next heartbeat)"
+                        " so once that changes)"
                     ), problem.problem
                     (said,) = await listed()
                     assert said.startswith("free space is low for a switch: "), said
