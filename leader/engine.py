@@ -1557,6 +1557,7 @@ class Engine:
             checks=self.checks,
             confirmed=confirmed,
             restarting=began.set if began is not None else (lambda: None),
+            prepared_ahead=step.step is Step.PREFLIGHT and _ahead(row),
         )
         return await runners[step.step](ctx)
 
@@ -2252,6 +2253,15 @@ def _may_take_back_after(row: RolloutRow, moved: Iterable[NodeRecord]) -> bool:
     }
     states.update((r.name, r.state) for r in moved)
     return may_take_back(states.values())
+
+
+def _ahead(row: RolloutRow) -> bool:
+    """Whether a node of ``row``'s rollout that is prepared now is prepared ahead: every switch
+    slot is taken (another node switches), so no switch waits for this preparation yet, and it
+    runs beside another node's restart (``PreflightRequest.prepared_ahead``). Never at the
+    rollout's start (nothing switches yet) nor without pipelining (a node starts only into a
+    free slot)."""
+    return len(_positions(row, planner.SWITCH_SLOT)) >= max(row.rollout.max_parallel, 1)
 
 
 def _positions(row: RolloutRow, states: Iterable[NodeState]) -> list[int]:
