@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import errno
+import functools
 import json
 import os
 import signal
@@ -374,6 +375,10 @@ def _nice(pid: int, tid: int | None = None) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[16])
 
 
+def _started(worker: CryptoWorker) -> bool:
+    return worker.pid is not None
+
+
 def _threads_nice(pid: int) -> set[int]:
     """The nice values of ``pid``'s threads now."""
     found = set()
@@ -404,7 +409,7 @@ async def test_a_child_warmed_low_runs_niced_from_its_start_and_serves_at_once(
                 )
             else:
                 worker.warm(low=how == "low")
-            await _until(lambda w=worker: w.pid is not None)
+            await _until(functools.partial(_started, worker))
             pid = worker.pid
             assert pid is not None
             expected = low if how == "low" else own

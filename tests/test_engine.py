@@ -765,7 +765,8 @@ def _ahead_hints(world: World, monkeypatch: pytest.MonkeyPatch) -> list[tuple[st
             request: agent_pb2.PreflightRequest, agent: FakeAgent = agent, take: Any = None
         ) -> agent_pb2.PreflightResponse:
             seen.append((agent.name, request.prepared_ahead))
-            return await take(request)
+            answer: agent_pb2.PreflightResponse = await take(request)
+            return answer
 
         monkeypatch.setattr(
             agent, "preflight", functools.partial(preflight, agent=agent, take=agent.preflight)
