@@ -287,7 +287,8 @@ class StepContext:
     # (an agent of an earlier release), or the transaction ended. The engine holds the
     # preparation of nodes prepared ahead until then (``Engine._prepare_later``).
     restarting: Callable[[], None] = lambda: None
-    # A preflight of a node prepared ahead (``engine._ahead``: every switch slot taken): its
+    # A preflight of a node prepared ahead (``engine._ahead``: the others in flight take every
+    # switch slot): its
     # agent starts its crypto worker at a low priority (``PreflightRequest.prepared_ahead``).
     prepared_ahead: bool = False
 

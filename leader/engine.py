@@ -2256,12 +2256,14 @@ def _may_take_back_after(row: RolloutRow, moved: Iterable[NodeRecord]) -> bool:
 
 
 def _ahead(row: RolloutRow) -> bool:
-    """Whether a node of ``row``'s rollout that is prepared now is prepared ahead: every switch
-    slot is taken (another node switches), so no switch waits for this preparation yet, and it
-    runs beside another node's restart (``PreflightRequest.prepared_ahead``). Never at the
-    rollout's start (nothing switches yet) nor without pipelining (a node starts only into a
-    free slot)."""
-    return len(_positions(row, planner.SWITCH_SLOT)) >= max(row.rollout.max_parallel, 1)
+    """Whether a node of ``row``'s rollout whose preflight is sent now is prepared ahead: the
+    other nodes in flight take every switch slot (each switching, or prepared or being
+    prepared for its switch before this one), so no switch waits for this preparation yet, and
+    it runs beside another node's switch and restart (``PreflightRequest.prepared_ahead``).
+    Never for the nodes a rollout's start begins into free slots, nor without pipelining (a
+    node starts only into a free slot)."""
+    others = len(_positions(row, IN_FLIGHT_NODE_STATES)) - 1  # (the node itself: preflight)
+    return others >= max(row.rollout.max_parallel, 1)
 
 
 def _positions(row: RolloutRow, states: Iterable[NodeState]) -> list[int]:

@@ -408,9 +408,9 @@ class PreflightRequest(_message.Message):
     change: _types_pb2.Change.ValueType
     """The rollout's change: as `CheckRequest.change`."""
     prepared_ahead: _builtins.bool
-    """The node is prepared ahead: every switch slot of the rollout is taken (another node
-    switches), so its preparation runs beside another server's restart and no switch waits
-    for it yet. An agent that starts its crypto worker for `make_csr` starts it at a low
+    """The node is prepared ahead: the rollout's other nodes in flight take every switch slot
+    (one switches, or is prepared for its switch first), so no switch waits for this
+    preparation yet, and it runs beside another node's switch and its server's restart. An agent that starts its crypto worker for `make_csr` starts it at a low
     priority from its first instruction (`nodeagent.cryptoworker`). Never set for the nodes a
     rollout's start waits for. An agent of an earlier release ignores it; a leader of an
     earlier release never sets it.
