@@ -287,10 +287,6 @@ class StepContext:
     # (an agent of an earlier release), or the transaction ended. The engine holds the
     # preparation of nodes prepared ahead until then (``Engine._prepare_later``).
     restarting: Callable[[], None] = lambda: None
-    # A preflight of a node prepared ahead (``engine._ahead``: the others in flight take every
-    # switch slot): its
-    # agent starts its crypto worker at a low priority (``PreflightRequest.prepared_ahead``).
-    prepared_ahead: bool = False
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
         return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
@@ -364,8 +360,6 @@ class ChangeSteps:
             way_back=self.switch_kind is TxnKind.ROLLBACK,
             # The agent says why its plan of it would be refused (``CheckRequest.change``).
             change=CHANGE.wire(self.change),
-            # Another node switches: its worker starts low (``StepContext.prepared_ahead``).
-            prepared_ahead=make_csr and ctx.prepared_ahead,
         )
         request.leader_time.FromDatetime(ctx.clock())
         try:

@@ -1557,7 +1557,6 @@ class Engine:
             checks=self.checks,
             confirmed=confirmed,
             restarting=began.set if began is not None else (lambda: None),
-            prepared_ahead=step.step is Step.PREFLIGHT and _ahead(row),
         )
         return await runners[step.step](ctx)
 
@@ -2253,17 +2252,6 @@ def _may_take_back_after(row: RolloutRow, moved: Iterable[NodeRecord]) -> bool:
     }
     states.update((r.name, r.state) for r in moved)
     return may_take_back(states.values())
-
-
-def _ahead(row: RolloutRow) -> bool:
-    """Whether a node of ``row``'s rollout whose preflight is sent now is prepared ahead: the
-    other nodes in flight take every switch slot (each switching, or prepared or being
-    prepared for its switch before this one), so no switch waits for this preparation yet, and
-    it runs beside another node's switch and restart (``PreflightRequest.prepared_ahead``).
-    Never for the nodes a rollout's start begins into free slots, nor without pipelining (a
-    node starts only into a free slot)."""
-    others = len(_positions(row, IN_FLIGHT_NODE_STATES)) - 1  # (the node itself: preflight)
-    return others >= max(row.rollout.max_parallel, 1)
 
 
 def _positions(row: RolloutRow, states: Iterable[NodeState]) -> list[int]:

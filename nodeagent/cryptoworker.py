@@ -51,9 +51,7 @@ same machine); a request waits for that import (given its priority back where th
 allows it) and is served at the normal priority. Under the agent's systemd unit it never is:
 raising a priority needs CAP_SYS_NICE, which the unit's CapabilityBoundingSet leaves out, so a
 request that comes before the import has ended waits for it at nice +10 (a cold start on a busy
-machine; review s41, Low 4). A child started for a node prepared ahead (``warm(low=True)``:
-the leader's ``PreflightRequest.prepared_ahead``, another node switching) runs at that low
-priority from its first instruction, its own imports and its requests too (session 75).
+machine; review s41, Low 4).
 """
 
 from __future__ import annotations
@@ -66,7 +64,6 @@ import sys
 from typing import Any
 
 from nodeagent import certwork, cryptoworker_child
-from nodeagent.priority import WARM_NICE
 from tlsroll import logs
 from tlsroll.errors import (
     ShuttingDown,
@@ -99,19 +96,7 @@ LINE_LIMIT = 64 * 1024 * 1024  # the longest answer line read (a large revocatio
 # is. What a daemon never needs is kept out first (``tlsroll.lean``), then the child's own
 # module (``nodeagent.cryptoworker_child``: none of this one's imports) with the garbage
 # collector off (its preload's imports, and the collector's freeze, follow in ``main``).
-# A child started for a node prepared ahead (its fifth argument ``cryptoworker_child.LOW``)
-# runs at the agent's priority less ``WARM_NICE`` first, before any import (``os`` and ``sys``
-# are the interpreter's already; the agent sets it too as the spawn returns, ``_lower``,
-# whichever comes first): its interpreter's start and its own imports, some 30 ms of CPU on a
-# small machine, ran at the normal priority on the core of another node's restarting server
-# (issue 15, session 75).
 CHILD = (
-    "import os, sys\n"
-    f"if sys.argv[5:6] == [{cryptoworker_child.LOW!r}]:\n"
-    "    try:\n"
-    f"        low = os.getpriority(os.PRIO_PROCESS, os.getppid()) + {WARM_NICE}\n"
-    "        if os.getpriority(os.PRIO_PROCESS, 0) < low: os.setpriority(os.PRIO_PROCESS, 0, low)\n"
-    "    except OSError: pass\n"
     "from tlsroll import lean; lean.keep_out(); import gc; gc.disable(); "
     "from nodeagent import cryptoworker_child; gc.enable(); cryptoworker_child.main()"
 )
@@ -235,9 +220,7 @@ class CryptoWorker:
             await self._kill(proc)
             raise
 
-    async def _running(self, op: str, *, low: bool = False) -> asyncio.subprocess.Process:
-        """The running child, or a new one (``low``: at a low priority from its start,
-        ``warm``)."""
+    async def _running(self, op: str) -> asyncio.subprocess.Process:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             return proc
@@ -253,7 +236,6 @@ class CryptoWorker:
                 self.log_level,
                 str(os.getpid()),  # its parent: an orphan serves nothing (``_orphaned``)
                 cryptoworker_child.TAKES,  # it says ``TAKEN`` once it has a whole request
-                *([cryptoworker_child.LOW] if low else []),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=None,  # its log lines go where the agent's go
@@ -264,35 +246,31 @@ class CryptoWorker:
             what = f"starting the crypto worker ({op})"
             raise_if_local(exc, what)
             raise TransientError(f"{what}: {' '.join(str(exc).split())}") from None
-        if low:
-            _lower(proc.pid)
         self._proc = proc
         self.started += 1
-        log.info("cryptoworker.started", pid=proc.pid, low=low)
+        log.info("cryptoworker.started", pid=proc.pid)
         return proc
 
     # --- start ahead, stop when idle ---------------------------------------------------------
 
-    def warm(self, *, low: bool = False) -> None:
+    def warm(self) -> None:
         """Start the child now, ahead of need (its start and its import of the certificate
-        code then overlap other work); nothing if one runs or is starting. ``low``: for a
-        node prepared ahead (``PreflightRequest.prepared_ahead``), the child runs at a low
-        priority (``priority.WARM_NICE``) from its first instruction to its end, its requests
-        too (``cryptoworker_child.LOW``). Needs the running event loop."""
+        code then overlap other work); nothing if one runs or is starting. Needs the running
+        event loop."""
         if self._closed or self.pid is not None:
             return
         self._loop = asyncio.get_running_loop()
         if self._lock.locked():
             return  # a call (or a start) is under way: it starts one
-        self._spawn(self._warm(low))
+        self._spawn(self._warm())
 
-    async def _warm(self, low: bool = False) -> None:
+    async def _warm(self) -> None:
         async with self._lock:
             if self._closed or self.pid is not None:
                 return
             self._disarm()
             try:
-                await self._running("warm", low=low)
+                await self._running("warm")
             except TlsrollError as exc:  # the call that needs it says so again
                 log.warning(
                     "cryptoworker.not_started",
@@ -396,16 +374,6 @@ class CryptoWorker:
             transport.close()
 
 
-def _lower(pid: int) -> None:
-    """A child started low (``CHILD``) at the agent's priority less ``WARM_NICE`` now, not
-    only once its first instruction runs: most of its interpreter's start too. Not raised if
-    it is lower already; failing to is no error (the child does it itself)."""
-    with contextlib.suppress(OSError):
-        low = os.getpriority(os.PRIO_PROCESS, os.getpid()) + WARM_NICE
-        if os.getpriority(os.PRIO_PROCESS, pid) < low:
-            os.setpriority(os.PRIO_PROCESS, pid, low)
-
-
 NoAnswer = certwork.NoAnswer
 TAKEN = cryptoworker_child.TAKEN
 
@@ -449,7 +417,7 @@ class InProcess:
         # either way.
         return _result(cryptoworker_child.serve({"op": op, "request": request}))
 
-    def warm(self, *, low: bool = False) -> None:
+    def warm(self) -> None:
         pass
 
     async def close(self) -> None:

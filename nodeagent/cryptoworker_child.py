@@ -52,12 +52,6 @@ TAKES = "takes"
 """The child's fourth argument where the agent reads ``TAKEN`` (one that started it before
 the byte was said gives three, and reads none)."""
 
-LOW = "low"
-"""The child's fifth argument when the agent starts it for a node prepared ahead
-(``PreflightRequest.prepared_ahead``): it runs at a low priority (``priority.WARM_NICE``) from
-its first instruction, its own imports and its requests included (``cryptoworker.CHILD``), and
-its preload lowers nothing more (one that is not given it ignores it)."""
-
 TAKEN = b"."
 """Written back before a request's answer, once the child has the request's whole line and
 before it acts on it: a child that ended without saying it never acted on the request, which
@@ -180,8 +174,7 @@ class _Preload:
     set off some 35 collections that freed nothing, about 15 ms of the child's 90-100 ms of
     CPU from its start to its first key (issue 15, session 71)."""
 
-    def __init__(self, lower: bool = True) -> None:
-        self.lower = lower  # False: the child runs low already (``LOW``)
+    def __init__(self) -> None:
         self.done = threading.Event()
         self.tid: int | None = None
         self.before: int | None = None
@@ -194,8 +187,7 @@ class _Preload:
                 self.tid = threading.get_native_id()
                 with contextlib.suppress(OSError):
                     self.before = os.getpriority(os.PRIO_PROCESS, self.tid)
-            if self.lower:
-                lower_priority()
+            lower_priority()
             with lean.importing():
                 for name in PRELOAD:
                     importlib.import_module(name)
@@ -221,7 +213,7 @@ class _Preload:
 def main() -> int:
     """The child: serve requests from stdin until EOF (SIGTERM and SIGINT ignored: the
     agent's stop ends it, by EOF). Its arguments: ``json`` or ``console`` (how it logs), the
-    log level, the agent's pid, ``TAKES``, and ``LOW`` for a child started low."""
+    log level, the agent's pid."""
     global _fresh_imports  # noqa: PLW0603 - the child's, set at its start
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -240,11 +232,7 @@ def main() -> int:
     warnings.showwarning = _show_warning
     parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
     takes = len(args) > 3 and args[3] == TAKES
-    # Started low (``LOW``: ``cryptoworker.CHILD`` lowered it before any import): its preload
-    # thread has that priority from its start, and its requests are served at it too (raising
-    # it again needs CAP_SYS_NICE, which the agent's unit leaves out: the same under the unit
-    # and elsewhere).
-    preload = _Preload(lower=not (len(args) > 4 and args[4] == LOW))
+    preload = _Preload()
     stdin = sys.stdin.buffer
     while True:
         line = stdin.readline()

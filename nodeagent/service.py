@@ -958,7 +958,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         rollout_id = await self._command(context, request.command, begins=PREPARES)
         leader_time = _leader_time(request)
         if request.make_csr:
-            self._warm_certificates(low=request.prepared_ahead)
+            self._warm_certificates()
         reply = await self._checks(request, received, leader_time)
         if request.make_csr and reply.ok:  # the stage then needs no CreateCSR call
             driver = self._driver()
@@ -972,7 +972,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             reply.csr_pem = await self._csr(driver, rollout_id)
         return reply
 
-    def _warm_certificates(self, *, low: bool = False) -> None:
+    def _warm_certificates(self) -> None:
         """A preflight that asks for the CSR (``make_csr``: a rollout that stages a
         certificate): the new key and its CSR, made once the checks pass, are the crypto
         worker's, which an idle agent does not run. It starts now (``CryptoWorker.warm``:
@@ -982,14 +982,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         (change-password, disable-tls) and ``Check`` (``tlsroll plan``) start nothing. A
         rollout's start asks its first nodes' agents to start it with their planning
         ``Check`` (``warm_certificates``), so that it runs when their preflight comes; it
-        stops by itself when idle (``cryptoworker.IDLE_SECONDS``). ``low``: the node is
-        prepared ahead (``PreflightRequest.prepared_ahead``: another node switches, its server
-        restarting on the same machine), and a child started now runs at a low priority from
-        its start (``CryptoWorker.warm``); the first node's, which the rollout's start waits
-        for, never does."""
+        stops by itself when idle (``cryptoworker.IDLE_SECONDS``)."""
         if self.driver is None:
             return
-        self.crypto.warm(low=low)
+        self.crypto.warm()
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Check(

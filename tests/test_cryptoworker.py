@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import datetime as dt
 import errno
-import functools
 import json
 import os
 import signal
@@ -35,12 +33,10 @@ from nodeagent import (
     cryptoworker,
     cryptoworker_child,
     plans,
-    service,
 )
 from nodeagent.cryptoworker import CryptoWorker, InProcess, WorkerBug, WorkerEnded
 from nodeagent.journal import Journal
 from nodeagent.plans import Sharing
-from nodeagent.priority import WARM_NICE
 from nodeagent.service import ERRORS, NodeAgentService
 from nodeagent.trust import LeaderTrust
 from tests.cluster import child_env
@@ -48,7 +44,6 @@ from tlsroll import pki
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.names import Names
 from tlsroll.rpc import error_status
-from tlsroll.v1 import agent_pb2
 
 NAMES = Names.of("n1", ["127.0.0.1"])
 
@@ -366,118 +361,6 @@ async def test_warm_starts_the_child_ahead_once_and_idles_it_out(
         await _until(lambda: worker.pid is None)
     finally:
         await worker.close()
-
-
-def _nice(pid: int, tid: int | None = None) -> int:
-    """A process's (its main thread's) nice value, or one thread's, from /proc."""
-    where = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    with open(where) as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])
-
-
-def _started(worker: CryptoWorker) -> bool:
-    return worker.pid is not None
-
-
-def _threads_nice(pid: int) -> set[int]:
-    """The nice values of ``pid``'s threads now."""
-    found = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # (a thread ended)
-            found.add(_nice(pid, int(tid)))
-    return found
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities: Linux")
-async def test_a_child_warmed_low_runs_niced_from_its_start_and_serves_at_once(
-    tmp_path: Path, test_ca: pki.CertificateAuthority
-) -> None:
-    """Issue 15, session 75: the child started for a node prepared ahead (``warm(low=True)``)
-    is at the agent's priority less ``WARM_NICE`` from its spawn (its interpreter's start and
-    its own imports, not only its preload), and so are all its threads (the preload lowers
-    nothing more); a request that comes while it imports is served (at that priority: under
-    the agent's unit nothing can raise it again). One warmed as the first node's, or started
-    by a call, runs at the agent's priority."""
-    own = os.getpriority(os.PRIO_PROCESS, os.getpid())
-    low = min(own + WARM_NICE, 19)
-    for how in ("low", "warm", "call"):
-        worker = CryptoWorker()
-        try:
-            if how == "call":
-                answer = asyncio.ensure_future(
-                    worker.call("cert.crl", _crl_request(tmp_path, test_ca))
-                )
-            else:
-                worker.warm(low=how == "low")
-            await _until(functools.partial(_started, worker))
-            pid = worker.pid
-            assert pid is not None
-            expected = low if how == "low" else own
-            assert _nice(pid) == expected, how  # as it starts
-            if how != "call":
-                answer = asyncio.ensure_future(
-                    worker.call("cert.crl", _crl_request(tmp_path, test_ca))
-                )
-            assert (await answer)["number"] == 7
-            assert worker.pid == pid and worker.started == 1
-            assert _threads_nice(pid) == {expected}, how
-        finally:
-            await worker.close()
-
-
-class WarmRecorder:
-    """The crypto worker as ``NodeAgentService.Preflight`` starts it: each ``warm``'s ``low``."""
-
-    def __init__(self) -> None:
-        self.warmed: list[bool] = []
-
-    def warm(self, *, low: bool = False) -> None:
-        self.warmed.append(low)
-
-
-async def test_only_a_preflight_prepared_ahead_starts_the_worker_low(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Issue 15, session 75: a Preflight that makes the CSR starts the crypto worker ahead,
-    low only when the leader says the node is prepared ahead (``prepared_ahead``; an earlier
-    leader never says it: the first node's start as before); one that makes no CSR starts
-    none."""
-
-    class Context:
-        async def abort(self, code: object, details: str) -> None:
-            raise AssertionError((code, details))
-
-    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
-    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
-    trust.announce(1)
-    journal = Journal(tmp_path / "journal.sqlite3")
-    crypto = WarmRecorder()
-    agent = NodeAgentService(
-        cast(Any, SimpleNamespace(names=NAMES)),
-        cast(Any, None),
-        journal,
-        cast(Any, object()),  # a driver: the node serves what tlsroll manages
-        None,
-        lambda: dt.datetime.now(dt.UTC),
-        trust=trust,
-        crypto=cast(Any, crypto),
-    )
-
-    async def failed_checks(*_args: object) -> agent_pb2.PreflightResponse:
-        return agent_pb2.PreflightResponse(ok=False, problems=["(the checks are not this test's)"])
-
-    monkeypatch.setattr(agent, "_checks", failed_checks)
-    try:
-        for make_csr, ahead in ((True, False), (True, True), (False, True), (False, False)):
-            request = agent_pb2.PreflightRequest(
-                command=agent_pb2.Command(rollout_id="r1", epoch=1),
-                make_csr=make_csr,
-                prepared_ahead=ahead,
-            )
-            assert not (await agent.Preflight(request, cast(Any, Context()))).ok
-        assert crypto.warmed == [False, True]
-    finally:
-        journal.close()
 
 
 def test_eof_on_its_stdin_ends_the_child() -> None:

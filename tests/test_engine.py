@@ -756,54 +756,6 @@ def _slow_stream(agent: FakeAgent, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent, "get_transaction", get_transaction)
 
 
-def _ahead_hints(world: World, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """Each preflight the agents get, in order: its node and its ``prepared_ahead``."""
-    seen: list[tuple[str, bool]] = []
-    for agent in world.agents:
-
-        async def preflight(
-            request: agent_pb2.PreflightRequest, agent: FakeAgent = agent, take: Any = None
-        ) -> agent_pb2.PreflightResponse:
-            seen.append((agent.name, request.prepared_ahead))
-            answer: agent_pb2.PreflightResponse = await take(request)
-            return answer
-
-        monkeypatch.setattr(
-            agent, "preflight", functools.partial(preflight, agent=agent, take=agent.preflight)
-        )
-    return seen
-
-
-@pytest.mark.parametrize("prepare_ahead", [0, 1])
-async def test_only_a_node_prepared_while_another_switches_is_told_it_is_ahead(
-    world: World, monkeypatch: pytest.MonkeyPatch, prepare_ahead: int
-) -> None:
-    """Issue 15, session 75: the preflight of a node prepared while the other nodes in flight
-    take every switch slot (another node switching, or prepared for its switch first) says so
-    (``PreflightRequest.prepared_ahead``: its agent starts its crypto worker at a low
-    priority); the first node's, which the rollout's start waits for, never does, nor any
-    without pipelining (a node starts only into a free slot)."""
-    for agent in world.agents:
-        agent.txn_seconds = 1.5
-        agent.config_written_after = 0.6
-        _slow_stream(agent, monkeypatch)  # a switch outlasts the next node's preparation
-    hints = _ahead_hints(world, monkeypatch)
-    leader = world.boot(prepare_ahead=prepare_ahead)
-    await leader.start(max_parallel=1)
-    row = await leader.run()
-    assert states(row) == ALL_DONE
-    first, second = ORDER[0], ORDER[1]
-    assert hints[0] == (first, False)
-    assert sorted(n for n, _a in hints) == sorted(ORDER)  # one preflight each
-    told = {n for n, ahead in hints if ahead}
-    if prepare_ahead:
-        assert told == set(ORDER[1:]), hints  # each started with another in flight
-        assert second in told  # started with the first node's switch (below)
-    else:
-        assert told == set()
-    await leader.stop()
-
-
 async def test_a_node_prepared_ahead_waits_for_the_switch_before_it_to_restart(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -186,7 +186,7 @@ async def test_a_warming_check_starts_the_crypto_worker_before_its_checks(
         return agent_pb2.PreflightResponse(ok=True)
 
     monkeypatch.setattr(agent, "_checks", checks)
-    monkeypatch.setattr(agent, "_warm_certificates", lambda low=False: order.append("warm"))
+    monkeypatch.setattr(agent, "_warm_certificates", lambda: order.append("warm"))
     request = agent_pb2.CheckRequest(warm_certificates=warm)
     reply = await agent.Check(request, cast(Any, None))
     assert reply.ok
@@ -227,7 +227,7 @@ async def test_a_preflight_that_makes_the_csr_readies_the_switch_while_the_csr_w
     monkeypatch.setattr(agent, "_checks", checks)
     monkeypatch.setattr(agent, "_csr", csr)
     monkeypatch.setattr(agent, "_driver", lambda: None)
-    monkeypatch.setattr(agent, "_warm_certificates", lambda low=False: order.append("warm"))
+    monkeypatch.setattr(agent, "_warm_certificates", lambda: order.append("warm"))
     agent.on_prepare = lambda: order.append("prepare")
     request = agent_pb2.PreflightRequest(
         command=agent_pb2.Command(rollout_id="r1", epoch=1), make_csr=make_csr

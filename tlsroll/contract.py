@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "5e950ccbe622"
+REVISION = "b820c581d2e7"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 

@@ -395,7 +395,6 @@ class PreflightRequest(_message.Message):
     MAKE_CSR_FIELD_NUMBER: _builtins.int
     WAY_BACK_FIELD_NUMBER: _builtins.int
     CHANGE_FIELD_NUMBER: _builtins.int
-    PREPARED_AHEAD_FIELD_NUMBER: _builtins.int
     max_clock_offset_seconds: _builtins.int
     make_csr: _builtins.bool
     """If the checks pass, also make the server key and CSR that CreateCSR would (the same
@@ -407,14 +406,6 @@ class PreflightRequest(_message.Message):
     """The preflight of the way back to http (disable-tls): as `CheckRequest.way_back`."""
     change: _types_pb2.Change.ValueType
     """The rollout's change: as `CheckRequest.change`."""
-    prepared_ahead: _builtins.bool
-    """The node is prepared ahead: the rollout's other nodes in flight take every switch slot
-    (one switches, or is prepared for its switch first), so no switch waits for this
-    preparation yet, and it runs beside another node's switch and its server's restart. An agent that starts its crypto worker for `make_csr` starts it at a low
-    priority from its first instruction (`nodeagent.cryptoworker`). Never set for the nodes a
-    rollout's start waits for. An agent of an earlier release ignores it; a leader of an
-    earlier release never sets it.
-    """
     @_builtins.property
     def command(self) -> Global___Command: ...
     @_builtins.property
@@ -430,11 +421,10 @@ class PreflightRequest(_message.Message):
         make_csr: _builtins.bool = ...,
         way_back: _builtins.bool = ...,
         change: _types_pb2.Change.ValueType = ...,
-        prepared_ahead: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "command", b"command", "leader_time", b"leader_time", "make_csr", b"make_csr", "max_clock_offset_seconds", b"max_clock_offset_seconds", "prepared_ahead", b"prepared_ahead", "way_back", b"way_back"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "command", b"command", "leader_time", b"leader_time", "make_csr", b"make_csr", "max_clock_offset_seconds", b"max_clock_offset_seconds", "way_back", b"way_back"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
