@@ -222,13 +222,17 @@ COUNTS_ON_HTTP = ("enable-tls", "finalize")
 
 def counted_nodes(node_clients: Sequence[View]) -> frozenset[str]:
     """The nodes whose count of workstations still on http is known (the schema's
-    ``node_clients``): their driver reports who connects (a source), and their report speaks
-    for now (not ``awaiting_report``). Of the others a 0 is "cannot tell", as the lines under
-    "who is on which scheme" say it (``render_clients``)."""
+    ``node_clients``): their driver reports who connects (a source) and their report names no
+    problem (the leader's own rule: a finalize refuses such a node, ``--when-quiet`` waits for
+    it; review s75 revpipes M1), and it speaks for now (not ``awaiting_report``). Of the
+    others a 0 is "cannot tell", as the lines under "who is on which scheme" say it
+    (``render_clients``)."""
     return frozenset(
         v.get("node", "")
         for v in node_clients
-        if (v.get("clients") or {}).get("source") and not v.get("awaiting_report")
+        if (clients := v.get("clients") or {}).get("source")
+        and not clients.get("problem")
+        and not v.get("awaiting_report")
     )
 
 
