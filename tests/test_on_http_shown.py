@@ -89,8 +89,8 @@ def test_a_node_known_to_have_no_one_on_http_shows_0_and_one_that_cannot_tell_a_
 
     from leader.cli import rollout, schema_cmd
 
-    def cells(source: str, awaited: str = "") -> dict[str, str]:
-        infos = {**INFOS, "node2": ClientsInfo("node2", 60, source, "", NOW, NOW, None)}
+    def cells(source: str, awaited: str = "", problem: str = "") -> dict[str, str]:
+        infos = {**INFOS, "node2": ClientsInfo("node2", 60, source, problem, NOW, NOW, None)}
         message = schema_message(
             [row(change)], set(), NOW, clients=SEEN, infos=infos, fresh={"node1", "node2"},
             reported=lambda n: n != awaited,
@@ -119,3 +119,7 @@ def test_a_node_known_to_have_no_one_on_http_shows_0_and_one_that_cannot_tell_a_
     assert cells("access-log") == {"node1": "1", "node2": "0"}
     assert cells("") == {"node1": "1", "node2": "-"}  # its driver cannot tell
     assert cells("access-log", awaited="node2") == {"node1": "1", "node2": "-"}
+    # Review s75 revpipes M1: a report naming a problem (its driver's client command failed)
+    # cannot tell either: the leader counts it as not known (a finalize refuses, naming the
+    # problem; ``--when-quiet`` waits), so its 0 is "-" too.
+    assert cells("exec", problem="clients: exit status 1") == {"node1": "1", "node2": "-"}

@@ -550,6 +550,66 @@ def test_a_terminal_that_cannot_move_its_cursor_gets_a_line_per_change(
     ), stdout.getvalue()
 
 
+def on_http_cells(lines: list[str], header: str) -> dict[str, str]:
+    """Each node's cell under ``header`` in the table of ``lines`` (a row a line)."""
+    head = next(line for line in lines if line.startswith("┃") and header in line)
+    at = head.index(header)
+    return {
+        line.split("│")[2].strip(): line[at:].split("│")[0].strip()
+        for line in lines
+        if re.match(r"│ \d+ ", line)
+    }
+
+
+@pytest.mark.parametrize("where", ["terminal", "pipe", "dumb"])
+def test_the_watch_shows_0_still_on_http_as_schema_show_does(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Review s75 revpipes (pipes' follow-up): `schema show` shows 0 still on http for a node
+    whose driver reports who connects and has no one left on http, "-" where it cannot tell;
+    the watch kept only the rollout of each answer, not the schema's ``node_clients``: its live
+    view and the table it leaves at its end showed "-" for every 0. They show the same."""
+    from leader.cli import schema_cmd
+
+    def answer(state: types_pb2.RolloutState.ValueType) -> dict[str, object]:
+        view = watched_view(state)
+        view.change = types_pb2.CHANGE_ENABLE_TLS
+        view.nodes[2].still_on_http = 2  # nc: two workstations still on http
+        reported = {"source": "access-log", "window_seconds": 600, "clients": []}
+        return {  # na reports who connects: none on http; nb's driver cannot tell
+            "rollouts": [to_dict(view)],
+            "node_clients": [{"node": "na", "clients": reported}, {"node": "nb", "clients": {}}],
+        }
+
+    answers = iter(
+        [answer(types_pb2.ROLLOUT_STATE_RUNNING)] * 2 + [answer(types_pb2.ROLLOUT_STATE_COMPLETED)]
+    )
+    frames: list[str] = []
+    out = io.StringIO()
+    stdout: io.StringIO = io.StringIO() if where == "pipe" else Tty()
+
+    def fetch(*_args: object, **_kwargs: object) -> dict[str, object]:
+        if out.getvalue() and not frames:  # Live has drawn its first frame
+            frames.append(out.getvalue())
+        return next(answers)
+
+    monkeypatch.setenv("TERM", "dumb" if where == "dumb" else "xterm-256color")
+    monkeypatch.setattr(schema_cmd, "fetch_schema_json", fetch)
+    screen = cli_console(out, force_terminal=True, width=200, height=40)
+    monkeypatch.setattr(schema_cmd, "console", lambda: screen)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("NO_COLOR", "1")
+    schema_cmd.watch_schema(None, "", False, interval=0)  # type: ignore[arg-type]
+    monkeypatch.undo()
+    shown = {"na": "0", "nb": "-", "nc": "2"}
+    if where == "terminal":
+        frame = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frames[0].split("\r")[0]).splitlines()
+        assert on_http_cells(frame, "on http") == shown, "\n".join(frame)
+    end = stdout.getvalue().splitlines()
+    assert on_http_cells(end, "still on http") == shown, stdout.getvalue()
+
+
 # --- the whole table on a narrow terminal: `rollout status`, `--wait`, `schema show` --------------
 
 

@@ -222,13 +222,17 @@ COUNTS_ON_HTTP = ("enable-tls", "finalize")
 
 def counted_nodes(node_clients: Sequence[View]) -> frozenset[str]:
     """The nodes whose count of workstations still on http is known (the schema's
-    ``node_clients``): their driver reports who connects (a source), and their report speaks
-    for now (not ``awaiting_report``). Of the others a 0 is "cannot tell", as the lines under
-    "who is on which scheme" say it (``render_clients``)."""
+    ``node_clients``): their driver reports who connects (a source) and their report names no
+    problem (the leader's own rule: a finalize refuses such a node, ``--when-quiet`` waits for
+    it; review s75 revpipes M1), and it speaks for now (not ``awaiting_report``). Of the
+    others a 0 is "cannot tell", as the lines under "who is on which scheme" say it
+    (``render_clients``)."""
     return frozenset(
         v.get("node", "")
         for v in node_clients
-        if (v.get("clients") or {}).get("source") and not v.get("awaiting_report")
+        if (clients := v.get("clients") or {}).get("source")
+        and not clients.get("problem")
+        and not v.get("awaiting_report")
     )
 
 
@@ -470,11 +474,16 @@ def _counts(nodes: Sequence[View]) -> list[Styled]:
 
 
 def _live_table(
-    r: View, rows: Sequence[tuple[int, View]], width: int, shared: Sequence[str] = ()
+    r: View,
+    rows: Sequence[tuple[int, View]],
+    width: int,
+    shared: Sequence[str] = (),
+    counted: Collection[str] | None = None,
 ) -> Table:
     """The nodes' table of the live view, one line per node, no wider than ``width``: without
     the columns of ``LIVE_DROPS`` it has no room for, the widest cells cut ("…"); the reasons
-    every node shares (``shared``: said above it, ``render_live``) left out of each row."""
+    every node shares (``shared``: said above it, ``render_live``) left out of each row.
+    ``counted``: as ``render_rollout``'s (``on_http``)."""
     freeze = f"freeze ({freeze_clock(r)})"
     columns: dict[str, list[Styled]] = {
         "#": [Styled(str(i)) for i, _ in rows],
@@ -490,9 +499,7 @@ def _live_table(
             for _, n in rows
         ],
         "cert expires": [Styled(fmt_time(n, "cert_not_after")) for _, n in rows],
-        "on http": [
-            Styled(str(n["still_on_http"]) if n.get("still_on_http") else "-") for _, n in rows
-        ],
+        "on http": [on_http(r, n, counted) for _, n in rows],
         "reason": [
             Styled("; ".join(s for s in _reasons(r, n) if s not in shared)) for _, n in rows
         ],
@@ -555,7 +562,7 @@ def _whole_commands(line: list[Styled]) -> list[Styled]:
     return [*out, Styled("…")]
 
 
-def render_live(r: View, width: int, height: int) -> Block:
+def render_live(r: View, width: int, height: int, counted: Collection[str] | None = None) -> Block:
     """A rollout as ``schema show --watch`` shows it on a terminal of ``width`` columns and
     ``height`` lines (rich's ``Live`` cut ``render_rollout``'s table at the screen's foot:
     in 80x24 two nodes of three fitted, the node switching was not among them; review s63
@@ -564,7 +571,8 @@ def render_live(r: View, width: int, height: int) -> Block:
     and how many more there are (``schema show`` shows them all). A reason every node shares
     (``shared_reasons``: a password change pending) is said once, after the counts, folded
     onto the lines the node rows leave free, cut ("…") where none are: it was on every row,
-    cut to 30 columns (session 73); never in a node row's place."""
+    cut to 30 columns (session 73); never in a node row's place. ``counted``: as
+    ``render_rollout``'s (its "still on http" 0: review s75 revpipes)."""
     nodes = list(enumerate(r.get("nodes", []), 1))
     shared = shared_reasons(r, [n for _, n in nodes])
     counts = _counts([n for _, n in nodes])
@@ -583,7 +591,7 @@ def render_live(r: View, width: int, height: int) -> Block:
     shown = (first + rest)[: max(room, 0)]
     parts = list(top)
     if shown:
-        parts.append(_live_table(r, shown, width, shared))
+        parts.append(_live_table(r, shown, width, shared, counted))
     if len(shown) < len(nodes):
         more = f"… {len(nodes) - len(shown)} more"
         hint = f"{more} (all: tlsroll schema show --rollout {r['id']})"
@@ -597,14 +605,16 @@ class LiveRollout:
     is drawn: what ``schema show --watch`` gives rich's ``Live`` (a resized terminal gets the
     next frame at its new size)."""
 
-    def __init__(self, r: View) -> None:
+    def __init__(self, r: View, counted: Collection[str] | None = None) -> None:
         self.r = r
+        self.counted = counted
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Any]:
         from rich.text import Text  # noqa: PLC0415 - only a terminal watching live
 
         width, height = options.max_width, options.size.height
-        for line in render_live(self.r, width, height).lines(width, color=True)[:height]:
+        live = render_live(self.r, width, height, self.counted)
+        for line in live.lines(width, color=True)[:height]:
             yield Text.from_ansi(line, no_wrap=True, overflow="ellipsis")
 
 

@@ -1045,7 +1045,9 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
         emit_json(to_dict(r))
     else:
         counted = {  # (``draw.counted_nodes`` of the messages: no JSON made of them)
-            v.node for v in schema.node_clients if v.clients.source and not v.awaiting_report
+            v.node
+            for v in schema.node_clients
+            if v.clients.source and not v.clients.problem and not v.awaiting_report
         }
         emit(render_rollout(to_dict(r), screen(), counted))  # (a narrow terminal: fewer columns)
     _say_store_trouble(schema)

@@ -124,12 +124,20 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
         raise CLIError("no rollout to watch")
     r: dict[str, Any] = first["rollouts"][0]
     watched = r["id"]
+    # Who has a 0 still on http (``draw.counted_nodes``), from the answer ``r`` came with: the
+    # watch showed "-" for every 0, where `schema show` shows 0 (review s75 revpipes).
+    clients: list[Any] = first.get("node_clients", [])
 
     def newest() -> dict[str, Any] | None:
+        nonlocal clients
         data = while_away(
             lambda: fetch_schema_json(leader, watched, rollouts_only=True), interval=interval
         )
-        return data["rollouts"][0] if data.get("rollouts") else None
+        if not data.get("rollouts"):
+            return None
+        clients = data.get("node_clients", [])
+        answer: dict[str, Any] = data["rollouts"][0]
+        return answer
 
     if as_json:
         last = None
@@ -141,7 +149,7 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
                 return
             time.sleep(interval)
             r = newest() or r
-    from leader.cli.draw import render_rollout  # noqa: PLC0415 - text only
+    from leader.cli.draw import counted_nodes, render_rollout  # noqa: PLC0415 - text only
     from leader.cli.plain import emit, screen  # noqa: PLC0415
 
     # A log, not a screen: one line per change, the table at the end. A terminal that cannot
@@ -162,7 +170,7 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
                 note("node", n["name"], n["state"], n.get("reason", ""))
             note("rollout", r["id"], r["state"], r.get("reason", ""))
             if r["state"] in ENDS:
-                emit(render_rollout(r, screen()))
+                emit(render_rollout(r, screen(), counted_nodes(clients)))
                 return
             time.sleep(interval)
             r = newest() or r
@@ -174,10 +182,11 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
     # at the screen's foot, review s63 M2); once the watch ends, by itself or by Ctrl-C, that
     # view goes and the whole table of the rollout as last seen stays, its cells uncut.
     try:
-        with Live(LiveRollout(r), console=console(), refresh_per_second=4, transient=True) as live:
+        live_view = LiveRollout(r, counted_nodes(clients))
+        with Live(live_view, console=console(), refresh_per_second=4, transient=True) as live:
             while r["state"] not in ENDS:
                 time.sleep(interval)
                 r = newest() or r
-                live.update(LiveRollout(r))
+                live.update(LiveRollout(r, counted_nodes(clients)))
     finally:
-        emit(render_rollout(r, screen()))
+        emit(render_rollout(r, screen(), counted_nodes(clients)))
