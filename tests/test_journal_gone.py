@@ -26,9 +26,11 @@ import structlog.testing
 from nodeagent import service
 from nodeagent.journal import JOURNAL_GONE, Journal, JournalError, JournalUnavailable
 from nodeagent.transaction import Phase
+from nodeagent.trust import LeaderTrust
+from nodeagent.wire import CHANGE, TXN_PHASE
 from tests.test_agent_command import Ctx, StillDriver, still_service
-from tests.test_runner import SCENARIOS, CrashingJournal, World
-from tlsroll.enums import NEEDS_ADMIN, TxnKind, TxnOutcome
+from tests.test_runner import SCENARIOS, Aborted, CrashingJournal, FakeContext, World
+from tlsroll.enums import NEEDS_ADMIN, Change, TxnKind, TxnOutcome
 from tlsroll.rpc import RpcStatusError
 from tlsroll.v1 import agent_pb2
 
@@ -178,9 +180,13 @@ async def test_a_switch_running_when_its_journal_goes_finishes_and_no_new_one_be
     """Found gone mid-switch (here right after its first write: the server about to be
     frozen), the switch runs to its end: its records still go into the file the connection
     holds, and stopping there would leave the server frozen or half-switched. The server ends
-    unfrozen on the target; the next switch is refused at its create, nothing written."""
+    unfrozen on the target; the servicer answers a repeat of its Switch with it (never "nothing
+    began" for a switch that ran) and refuses another rollout's, which the journal's create
+    refuses too, nothing written."""
     sc = SCENARIOS["completes"]
     w = World(tmp_path / "w", sc)
+    with contextlib.closing(Journal(w.journal_path)) as first:
+        first.admit_epoch(1)  # the rollout's epoch, journalled by its first command
     journal = CrashingJournal(w.journal_path)
     found: list[str | None] = []
 
@@ -197,6 +203,31 @@ async def test_a_switch_running_when_its_journal_goes_finishes_and_no_new_one_be
         s = w.server
         assert (s.running, s.config, s.frozen) == (sc.target, sc.target, False), s.ops
         assert journal.writes == list(w.writes), journal.writes
+        trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+        trust.announce(2)
+        agent = service.NodeAgentService(
+            cast(Any, None),
+            cast(Any, None),
+            journal,
+            w.driver,
+            w.runner(journal),
+            w.time.clock,
+            trust=trust,
+        )
+        tls = CHANGE.wire(Change.ENABLE_TLS)
+
+        def switch(rollout_id: str, epoch: int) -> agent_pb2.SwitchRequest:
+            command = agent_pb2.Command(rollout_id=rollout_id, epoch=epoch)
+            return agent_pb2.SwitchRequest(command=command, change=tls)
+
+        answer = await agent.Switch(switch("r1", 1), cast(Any, FakeContext()))
+        assert (answer.rollout_id, answer.phase) == ("r1", TXN_PHASE.wire(Phase.COMPLETED))
+        with pytest.raises(Aborted) as refused:
+            await agent.Switch(switch("r2", 2), cast(Any, FakeContext()))
+        code, details = refused.value.args
+        assert code is grpc.StatusCode.FAILED_PRECONDITION, (code, details)
+        assert details == f"{NEEDS_ADMIN}{journal.gone()}", details
+        assert journal.get("r2", TxnKind.SWITCH) is None
         with pytest.raises(JournalError, match="is no longer there"):
             journal.create(txn_of(w, "r2"))
         assert journal.get("r2", TxnKind.SWITCH) is None
