@@ -873,14 +873,15 @@ class Journal:
         for path, opened, what in looks:
             if opened is None:
                 continue
+            named = what if path == self.path else f"{what} {path}"
             try:
                 now = _file_id(path)
             except (FileNotFoundError, NotADirectoryError):
-                return self._went(f"{what} {path} is no longer there")
+                return self._went(f"{named} is no longer there")
             except OSError:
                 continue
             if now != opened:
-                return self._went(f"{what} {path} is another file than the one opened")
+                return self._went(f"{named} is another file than the one opened")
         return None
 
     def _went(self, how: str) -> str:
@@ -895,7 +896,8 @@ class Journal:
             found=how,
             hint="put the journal back where the agent opened it (the same file, moved back),"
             " then restart the agent; until then it begins no new switch, stage or rollback (one"
-            " already running finishes), and what it journals is lost at its next start",
+            " already running finishes); what it journals meanwhile may be lost at its restart"
+            " (not once the same file is back: a -wal deleted is written into it by a clean stop)",
         )
         return self._gone_why
 
