@@ -663,8 +663,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         """A node whose journal is no longer where the agent opened it (``Journal.gone``: found
         by the store's watch, the checks, or a transaction's create) begins nothing new: no
         CSR, stage, switch or rollback (its records would be lost at the next start) until the
-        admin put it back and restarted the agent. Asked after a replay is told apart: a
-        transaction running is reported, and finishes (session 75, journalgone)."""
+        admin put it back and restarted the agent. Called once a replay is told apart (a
+        Switch's ``created``): a transaction running is reported, and finishes (session 75,
+        journalgone)."""
         if (why := self.journal.gone()) is not None:
             raise failed_precondition(f"{NEEDS_ADMIN}{why}")
 
