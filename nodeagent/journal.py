@@ -64,6 +64,7 @@ back (NTP at boot, a VM restored, an admin's ``date``) a newer transaction has t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -519,15 +520,17 @@ READ_TRANSIENT = (
 
 
 JOURNAL_GONE = (
-    "the journal is not where the agent opened it (its file or directory moved or deleted): put"
-    " it back, then restart the agent (its start says how to recover a journal that is gone)"
+    "the journal is not where the agent opened it (its file, its -wal or its directory moved or"
+    " deleted): put it back, then restart the agent (its start says how to recover a journal"
+    " that is gone)"
 )
 """What the error of a journal read or write says when the journal's file is no longer at its
 path (``Journal._gone``): SQLite's SQLITE_READONLY_DBMOVED (the file moved or deleted under a
 connection), or any other ``READ_TRANSIENT`` code (SQLITE_CANTOPEN of a directory that
 vanished) while the path names no file, or another file. Lasting: a plain ``JournalError`` (a
 refusal: FAILED_PRECONDITION), never ``JournalUnavailable``, which the leader asked again
-without end (session 74's note, Open)."""
+without end (session 74's note, Open). And what the agent says once it found so itself
+(``Journal.look_gone``): in WAL mode no error ever comes (session 75, journalgone)."""
 
 
 class JournalLost(StoreDamaged):
@@ -641,6 +644,13 @@ class Journal:
         # The file the connection opened (device, inode): ``_gone`` tells a path that no
         # longer names it.
         self._opened = _file_id(self.path)
+        # Why the journal is no longer where it was opened, once found (``look_gone``).
+        self._gone_why: str | None = None
+        self._gone_lock = threading.Lock()
+        # The connection's -wal, as the file (WAL: made by its first read, kept open, never
+        # made again until the last connection closes): recorded once the reads below made it.
+        self._wal = Path(f"{self.path}-wal")
+        self._wal_opened: tuple[int, int] | None = None
         self._frozen: set[tuple[str, str]] = set()  # (``in_freeze_window``; filled below)
         self._put_back()
         # ``needs_admin``, kept in memory (the agent's view of its server asks at every
@@ -663,6 +673,9 @@ class Journal:
             ).fetchall()
         self._frozen = {(str(r["rollout_id"]), str(r["kind"])) for r in rows}
         self._db.hold_checkpoint = self.in_freeze_window
+        # (None if there is no -wal, not expected: only the file is looked at then.)
+        with contextlib.suppress(OSError):
+            self._wal_opened = _file_id(self._wal)
 
     def in_freeze_window(self) -> bool:
         """True while a transaction is between its freeze (its ``freeze`` step begun) and the
@@ -826,16 +839,67 @@ class Journal:
     def _gone(self, code: str) -> bool:
         """Whether the journal is no longer at its path (``JOURNAL_GONE``): SQLite said so
         (SQLITE_READONLY_DBMOVED), or the path names no file, or not the one opened. A look
-        that fails otherwise (EACCES, EIO) says nothing: False."""
+        that fails otherwise (EACCES, EIO) says nothing: False. Found so, it is kept
+        (``gone``)."""
         if code.startswith("SQLITE_READONLY_DBMOVED"):
+            self._went("SQLite says its file moved or was deleted (SQLITE_READONLY_DBMOVED)")
             return True
-        try:
-            now = _file_id(self.path)
-        except (FileNotFoundError, NotADirectoryError):
-            return True
-        except OSError:
-            return False
-        return now != self._opened
+        return self.look_gone() is not None
+
+    def gone(self) -> str | None:
+        """Why the journal is no longer where the agent opened it (``look_gone``, or an error
+        that said so: ``_gone``), or None. From memory (any thread: no look at the file)."""
+        return self._gone_why
+
+    def look_gone(self) -> str | None:
+        """(Blocking: up to two ``stat`` calls.) Why the journal is no longer where the agent
+        opened it, or None: its path names no file, or another file than the one its
+        connection holds; or so does the path of its ``-wal``. In WAL mode (the journal's)
+        SQLite notices neither: reads, writes, their fsyncs and checkpoints go on into the
+        files it holds, unlinked or moved, and what they wrote is lost at the next start
+        (``JournalLost``), or, for a ``-wal`` deleted, at a crash (a clean stop still writes
+        it into the file). Found once, it is kept (``gone``): lasting until the agent is
+        restarted (the admin puts the journal back first; one moved back is the file held,
+        but a restart is what the agent's words ask for, and no look is needed to trust it).
+        The agent then begins nothing new (``create``, and the service's refusals and checks),
+        says so (``journal.gone``, and its store trouble on the heartbeat), and lets a
+        transaction already running finish: its records still go into the file held, which is
+        what the server's safety needs now (never left frozen or half-switched). A look that
+        fails otherwise (EACCES, EIO) says nothing. Looked at by the store's watch every
+        heartbeat interval, by the checks, and by ``create`` before a new transaction."""
+        if self._gone_why is not None:
+            return self._gone_why
+        looks = ((self.path, self._opened, "its file"), (self._wal, self._wal_opened, "its -wal"))
+        for path, opened, what in looks:
+            if opened is None:
+                continue
+            named = what if path == self.path else f"{what} {path}"
+            try:
+                now = _file_id(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return self._went(f"{named} is no longer there")
+            except OSError:
+                continue
+            if now != opened:
+                return self._went(f"{named} is another file than the one opened")
+        return None
+
+    def _went(self, how: str) -> str:
+        """Keep (once) and say why the journal is gone (``look_gone``); return it."""
+        with self._gone_lock:
+            if self._gone_why is not None:
+                return self._gone_why
+            self._gone_why = f"journal {self.path}: {how}; {JOURNAL_GONE}"
+        log.warning(
+            "journal.gone",
+            path=str(self.path),
+            found=how,
+            hint="put the journal back where the agent opened it (the same file, moved back),"
+            " then restart the agent; until then it begins no new switch, stage or rollback (one"
+            " already running finishes); what it journals meanwhile may be lost at its restart"
+            " (not once the same file is back: a -wal deleted is written into it by a clean stop)",
+        )
+        return self._gone_why
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -1301,7 +1365,10 @@ class Journal:
 
     def create(self, txn: Txn, *, begin: str | None = None) -> Txn:
         """Insert a new transaction, or return the existing one with the same key (a replay).
-        ``begin``: the first step, whose ``begin`` event goes in the same write."""
+        ``begin``: the first step, whose ``begin`` event goes in the same write. A new one is
+        refused (``JournalError``, nothing written) while the journal is not where the agent
+        opened it (``look_gone``, looked at first); a replay is answered all the same."""
+        gone = self.look_gone()
         with self._tx() as db:
             # The row is inserted unless one has its key, then read only if it had (a
             # replay): no read of the row before every insert (session 73, journalcpu).
@@ -1312,6 +1379,8 @@ class Journal:
                     (txn.rollout_id, txn.kind.value),
                 ).fetchone()
                 return _txn(row, self.path)
+            if gone is not None:  # (rolled back: nothing begun)
+                raise JournalError(gone)
             self._event(db, txn, "create", "end", {})
             self._begin(db, txn, begin)
         return txn

@@ -657,6 +657,17 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         until the admin checked it (review s41rev1 M1: a rollout already running did both)."""
         if (why := self.journal.needs_admin()) is not None:
             raise failed_precondition(f"{NEEDS_ADMIN}{why}")
+        self._refuse_if_gone()
+
+    def _refuse_if_gone(self) -> None:
+        """A node whose journal is no longer where the agent opened it (``Journal.gone``: found
+        by the store's watch, the checks, or a transaction's create) begins nothing new: no
+        CSR, stage, switch or rollback (its records would be lost at the next start) until the
+        admin put it back and restarted the agent. Called once a replay is told apart (a
+        Switch's ``created``): a transaction running is reported, and finishes (session 75,
+        journalgone)."""
+        if (why := self.journal.gone()) is not None:
+            raise failed_precondition(f"{NEEDS_ADMIN}{why}")
 
     def _refuse_if_held(self, rollout_id: str, begins: str) -> None:
         """A node that holds a transaction on a journal it cannot write (``Runner.held``: a
@@ -1078,6 +1089,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise
         facts, unread, local, edited = await local_checks
         problems = [unread] if unread else []  # in the order they were always found
+        if (gone := self.journal.gone()) is not None:  # (looked at by ``_local_checks``)
+            problems.insert(0, f"{NEEDS_ADMIN}{gone}")
         if (why := self._needs_admin()) is not None:  # first: what to do first
             problems.insert(0, f"{NEEDS_ADMIN}{why}")
         if health is not None:
@@ -1124,6 +1137,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         what to do by hand."""
         facts: ServerFacts | None = None
         unread, edited = "", ""
+        self.journal.look_gone()  # (said by ``_checks``: ``Journal.gone``)
         try:
             facts = driver.facts()
         except (DriverError, OSError) as exc:
@@ -1156,8 +1170,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         [server]. The leader shows it as the node's problem (session 74: between rollouts it
         showed such a node healthy, and a start's preflight was the first to say it). A file
         system said short stays said until its free space is back above the floor and a
-        margin (``room.said_until``: free space hovering at the floor made every beat news)."""
-        return self._room_problems(self.driver, self._room_held)
+        margin (``room.said_until``: free space hovering at the floor made every beat news).
+        First, a journal no longer where the agent opened it (``Journal.look_gone``: looked at
+        here, every heartbeat interval; session 75)."""
+        problems = self._room_problems(self.driver, self._room_held)
+        if (gone := self.journal.look_gone()) is not None:
+            problems.insert(0, gone)
+        return problems
 
     def _room_problems(self, driver: Driver | None, held: set[int] | None = None) -> list[str]:
         """Why no switch should begin for want of room (blocking; ``tlsroll.room``): too
@@ -1249,6 +1268,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         async with self._lock:
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
+                self._refuse_if_gone()  # (a CSR made before is given again)
                 csr_pem, over = await self._new_key(driver, rollout_id)
                 self._retry_removals()
                 log.info("stage.csr_created", rollout_id=rollout_id)
