@@ -82,6 +82,7 @@ from tlsroll.enums import (
     SERVER_NOT_HEALTHY,
     TxnKind,
     TxnOutcome,
+    another_switch,
     names_another_switch,
     problem_of_server,
 )
@@ -560,7 +561,12 @@ class ChangeSteps:
             for again in range(SEND_AGAIN, -1, -1):
                 try:
                     outcome, reason = await wait_transaction(
-                        ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request, verified=verified
+                        ctx,
+                        ctx.rollout.id,
+                        TxnKind.SWITCH,
+                        begin=request,
+                        change=self.journalled_change(),
+                        verified=verified,
                     )
                 except SwitchRefused as exc:  # refused: began now, or by an earlier run?
                     if request.quiet_seconds and NOT_QUIET in str(exc):
@@ -1111,6 +1117,7 @@ async def wait_transaction(
     kind: TxnKind,
     *,
     begin: agent_pb2.SwitchRequest | None = None,
+    change: str = "",
     verified: Callable[[], None] | None = None,
 ) -> tuple[TxnOutcome, str]:
     """Follow the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
@@ -1121,7 +1128,15 @@ async def wait_transaction(
     error while reading it says nothing about how it ends, so it is a ``TransientError`` (the
     step runs again; the agent replays the transaction), never an outcome. ``begin``: the
     switch is begun by the same call (``AgentApi.switch_and_watch``); its refusal is
-    ``SwitchRefused``. ``verified``: called when a state says the agent verified the new
+    ``SwitchRefused``. ``change``: the switch's change as its agent journals it
+    (``Transaction.change``, ``ChangeSteps.journalled_change``): a state that says another
+    (an agent that answered the Switch with its switch of another change under the rollout
+    id, a replay, where an agent of this release refuses it: one of an earlier release, or a
+    bug) is taken as that refusal (``SwitchRefused``, ``another_switch``'s words) before
+    anything of it is recorded: it is not this step's switch, never followed, nor recorded
+    done (session 75: the direct path followed it; only the path after a refusal compared
+    it). A state that says no change (an agent of the release before session 73) is matched
+    by its key alone, as before. ``verified``: called when a state says the agent verified the new
     server (``TRANSACTION_PHASE_VERIFIED``, the last before it unfreezes the server and
     completes the switch; a stream may skip it) and that the unfreeze changes no answer
     (``unfreeze_keeps_answers``). The reason is the agent's text, cleaned here once for all
@@ -1183,6 +1198,12 @@ async def wait_transaction(
 
     try:
         async for txn in states:
+            if change and txn.change and txn.change != change:
+                said = another_switch(txn_rollout_id, peertext.clean(txn.change, 40), change)
+                raise SwitchRefused(
+                    f"{said} (the agent answered with that switch's state: not followed)",
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                )
             details: dict[str, Any] = {
                 "restart_seconds": measure("restart_seconds", txn.restart_seconds) or 0.0
             }

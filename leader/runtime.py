@@ -137,7 +137,7 @@ from tlsroll.v1 import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from cryptography import x509
 
@@ -850,6 +850,29 @@ class LoopDied(TerminalError):
     daemon exits 1 with this line, and the service manager starts it again."""
 
 
+async def start_listeners(
+    servers: Sequence[grpc.aio.Server], viewer: Viewer | None, relay: AdminRelay
+) -> None:
+    """Start the gRPC ``servers`` (join, control, the admin one behind the relay), the
+    ``viewer`` if it is on, then the admin socket (``relay``) last: a caller that waits for
+    the admin socket to answer (a script, `systemctl start`'s followers, a test) finds every
+    listener up (session 75, flakesweep L6: the viewer started after the relay, and a script
+    that opened it once the admin socket answered could find it not listening). A start that
+    fails stops what was started (the viewer's taken port: the leader exits with one line)."""
+    for server in servers:
+        await server.start()
+    try:
+        if viewer is not None:
+            await viewer.start()
+        await relay.start(0o660)
+    except BaseException:
+        if viewer is not None:
+            await viewer.stop()
+        await asyncio.gather(*(s.stop(None) for s in servers))
+        await relay.stop()  # (a socket file it bound before it failed)
+        raise
+
+
 async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     stop = stop_event()
     layout = cfg.layout
@@ -1089,16 +1112,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     servers = (join, control, admin)
     # Before any caller comes: what a caller makes must not be frozen with the start's own.
     settle_heap()
-    for server in servers:
-        await server.start()
-    await relay.start(0o660)
-    if viewer is not None:
-        try:
-            await viewer.start()
-        except BaseException:
-            await asyncio.gather(*(s.stop(None) for s in servers))
-            await relay.stop()
-            raise
+    await start_listeners(servers, viewer, relay)
     log.info(
         "leader.started",
         version=__version__,

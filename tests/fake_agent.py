@@ -162,6 +162,9 @@ class FakeAgent:
     # An agent of the release before session 73: its transactions say no change
     # (``Transaction.change`` empty), and the leader matches them by their key alone.
     says_no_change: bool = False
+    # An agent of an earlier release, or a bug: a Switch whose rollout id names its switch of
+    # another change is answered with that switch (a replay), not refused ``another_switch``.
+    replays_another_change: bool = False
 
     @property
     def names(self) -> pki.Names:
@@ -321,7 +324,7 @@ class FakeAgent:
             # As the real agent (``NodeAgentService._switch``): a switch of another change
             # under this id is refused (``another_switch``), never answered as this one's.
             wanted = ENABLE_DUAL if request.keep_http else change.value
-            if existing.change and existing.change != wanted:
+            if existing.change and existing.change != wanted and not self.replays_another_change:
                 self._answered("refused")
                 raise call_failed(
                     self.name,

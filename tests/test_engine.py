@@ -2373,6 +2373,60 @@ async def test_the_fake_agent_refuses_a_switch_of_another_change_under_its_id(
     await leader.stop()
 
 
+@pytest.mark.parametrize("says_change", [True, False], ids=["change-said", "no-change-said"])
+async def test_a_switch_answered_with_another_change_under_its_id_is_not_followed(
+    world: World, says_change: bool
+) -> None:
+    """Session 75 (smallls2, 7): an agent that answers a Switch whose rollout id names its
+    switch of another change with that switch (a replay: an agent of an earlier release, or a
+    bug; one of this release refuses it, as above) was followed on the leader's direct path,
+    which did not compare ``Transaction.change`` with the change it asked for (only the path
+    after a refusal did): a finalize under a change-password rollout's id was recorded as the
+    password's switch, done. Now its state is taken as the agent's refusal: the node needs
+    attention, that switch never followed. An agent that says no change (the release before
+    session 73) is matched by the key alone, as before: followed (the leader cannot tell)."""
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    await leader.commands.stage_password(VERIFIER_2, ADMIN)
+    row = await leader.start(Change.CHANGE_PASSWORD)
+    charlie = world.agents["charlie"]
+    charlie.replays_another_change = True
+    charlie.says_no_change = not says_change
+    rid = row.rollout.id
+    charlie.txns[(rid, TxnKind.SWITCH)] = FakeTxn(
+        rid,
+        TxnKind.SWITCH,
+        row.rollout.epoch,
+        0.0,
+        TxnOutcome.COMPLETED,
+        "",
+        (charlie.scheme, charlie.fingerprint, charlie.verifier),
+        change="finalize",
+    )
+    sent = len(world.agents.calls_to("charlie", "switch"))  # the enable-tls rollout's
+
+    row = await leader.run(passes=400)
+
+    charlie_row = node(row.records, "charlie")
+    assert [c.answer for c in world.agents.calls_to("charlie", "switch")[sent:]] == ["replay"]
+    assert charlie.verifier != VERIFIER_2  # that switch changed nothing of the password
+    if not says_change:
+        assert charlie_row.state is N.DONE, charlie_row  # the key alone: as before
+        await leader.stop()
+        return
+    assert charlie_row.state is N.NEEDS_ATTENTION, charlie_row  # DONE before
+    said = another_switch(rid, "finalize", Change.CHANGE_PASSWORD.value)
+    assert charlie_row.reason == (
+        f"switch refused: {said} (the agent answered with that switch's state: not followed);"
+        " this switch did not begin: the agent holds another switch under this rollout id,"
+        " which may have changed the node; look at the node"
+    ), charlie_row.reason
+    assert row.node("charlie")[1].freeze_started_at is None  # nothing of it recorded
+    assert row.rollout.state is not R.COMPLETED
+    await leader.stop()
+
+
 async def test_a_switch_refused_as_another_under_its_id_is_not_followed(world: World) -> None:
     """The agent's refusal "rollout id ... already names another switch" (a finalize sent
     under the phase-1 id): the switch it holds under the id is not this step's, so it is not

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import datetime as dt
 import hashlib
 import http.client
 import http.server
 import json
+import os
 import re
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ from playwright.sync_api import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from leader.runtime import start_listeners
 from refserver.server import START_DELAY_ENV
 from tests import test_rollout
 from tests.cluster import (
@@ -58,6 +62,7 @@ from tests.cluster import (
 from tests.conftest import next_loopback
 from tests.test_rollout import Setup, Setups, newest, start_cmd, wait_ended, wait_rollout
 from tlsroll import pki
+from tlsroll.errors import TerminalError
 from tlsroll.tls import client_context
 from tlsroll.v1 import admin_pb2
 
@@ -534,16 +539,77 @@ def test_admin_calls_for_grants_answer_with_their_status(lone: Cluster) -> None:
     assert "at most 7 days" in result.stderr
 
 
+@contextlib.contextmanager
+def created_in(directory: Path) -> Iterator[list[str]]:
+    """The names created in ``directory`` while the block runs (inotify's IN_CREATE, read at
+    its end: one created and removed again is there too)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    names: list[str] = []
+    try:
+        assert libc.inotify_add_watch(fd, os.fsencode(directory), 0x100) >= 0  # IN_CREATE
+        yield names
+        with contextlib.suppress(BlockingIOError):
+            data = os.read(fd, 1 << 16)
+            at = 0
+            while at < len(data):
+                _, _, _, length = struct.unpack_from("iIII", data, at)
+                names.append(os.fsdecode(data[at + 16 : at + 16 + length].rstrip(b"\0")))
+                at += 16 + length
+    finally:
+        os.close(fd)
+
+
 def test_a_taken_viewer_port_stops_the_leader_with_one_line(tmp_path: Path) -> None:
+    """Session 75 (flakesweep L6): the admin socket is the last listener a start opens (the
+    relay after the viewer), so that one that answers says every listener is up: a leader whose
+    viewer cannot listen never creates it (before: made, then removed as the leader stopped)."""
     with Cluster(tmp_path / "taken", next_loopback()) as cluster, socket.socket() as squatter:
         cluster.init()
         squatter.bind((cluster.address, VIEWER_PORT))
         squatter.listen()
-        code, output = cluster.leader.run_to_exit()
+        with created_in(cluster.admin_socket.parent) as created:
+            code, output = cluster.leader.run_to_exit()
         assert code == 1, output
         line = one_line_error(output, "tlsroll-leader", allow_grpc_core=True)
         assert f"cannot listen on {cluster.address}:9444 (the viewer)" in line, line
         assert "viewer_port" in line
+        assert cluster.admin_socket.name not in created, created
+        assert not cluster.admin_socket.exists()
+
+
+class Listener:
+    """A listener of ``start_listeners``'s, in memory: what was done to it, in ``done``."""
+
+    def __init__(self, name: str, done: list[str], fails: bool = False) -> None:
+        self.name, self.done, self.fails = name, done, fails
+
+    async def start(self, *_args: object) -> None:
+        self.done.append(f"start {self.name}")
+        if self.fails:
+            raise TerminalError(f"{self.name} cannot listen")
+
+    async def stop(self, *_args: object) -> None:
+        self.done.append(f"stop {self.name}")
+
+
+@pytest.mark.parametrize("fails", [None, "viewer", "relay"])
+async def test_the_admin_socket_is_the_last_listener_a_start_opens(fails: str | None) -> None:
+    """Session 75 (flakesweep L6): the gRPC servers, the viewer, then the admin socket's relay;
+    a start that fails stops every listener (the relay too: a socket file it bound)."""
+    done: list[str] = []
+    servers = [Listener(n, done) for n in ("join", "control", "admin")]
+    viewer, relay = (Listener(n, done, fails == n) for n in ("viewer", "relay"))
+    started = ["start join", "start control", "start admin", "start viewer", "start relay"]
+    if fails is None:
+        await start_listeners(servers, viewer, relay)  # type: ignore[arg-type]
+        assert done == started
+        return
+    with pytest.raises(TerminalError, match=f"{fails} cannot listen"):
+        await start_listeners(servers, viewer, relay)  # type: ignore[arg-type]
+    stopped = ["stop viewer", "stop join", "stop control", "stop admin", "stop relay"]
+    assert done == started[: started.index(f"start {fails}") + 1] + stopped
 
 
 def test_viewer_port_zero_turns_the_viewer_off(tmp_path: Path) -> None:
