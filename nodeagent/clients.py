@@ -50,8 +50,10 @@ _CLF = (
     r"(?P<address>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] \"(?P<request>[^\"]*)\" (?P<status>\d{3}) \S+"
     r"(?: \"[^\"]*\" \"(?P<agent>[^\"]*)\")?"
 )
-# The built-in formats. "common" also reads "combined" lines (nginx's and Apache's default),
-# whose User-Agent lets tlsroll's own probes be left out.
+# The built-in formats. "common" also reads "combined" lines (nginx's and Apache's default).
+# tlsroll's own probes are left out by their User-Agent where it is logged, and by their
+# request line's ``?tlsroll-check=…`` in every format with a ``request`` group (the common
+# log format has no User-Agent).
 FORMATS = {
     "common": _CLF,
     "combined": _CLF,
@@ -627,8 +629,12 @@ class AccessLogClients:
         if m is None:
             raise ValueError("no match")
         groups = m.groupdict()
-        if clients.is_probe(groups.get("agent")):
-            return  # tlsroll's own check
+        request = groups.get("request")
+        if clients.is_probe(groups.get("agent")) or clients.is_probe_request(request):
+            return  # tlsroll's own check (by its User-Agent, or its request line where no
+            # User-Agent is logged: the common log format, session 75 probemark)
+        if clients.no_request(request):
+            return  # a connection that sent no request ("-": Apache's 408), no client's
         try:
             address = str(ipaddress.ip_address(groups.get("address") or ""))
         except ValueError:

@@ -39,6 +39,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+import tlsroll
 from leader.cli.password import verifier_json
 from leader.cli.rollout import rollout_request
 from nodeagent import clients as client_sources
@@ -61,7 +62,7 @@ from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
 from tests.refserver_helper import RefServer
-from tlsroll import daemon
+from tlsroll import daemon, httpcheck
 from tlsroll.clients import ClientSeen, ClientsView, quiet_refusal
 from tlsroll.config import ConfigFile, Section
 from tlsroll.enums import Change
@@ -2388,11 +2389,20 @@ async def test_a_socket_dir_that_is_not_there_is_a_server_not_running(tmp_path: 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def clf(address: str, at: dt.datetime, agent: str | None = None, port: int | None = None) -> str:
-    """One access log line: common log format, combined with ``agent``, vhost with ``port``."""
-    line = (
-        f'{address} - - [{at.strftime("%d/%b/%Y:%H:%M:%S %z")}] "GET /praxis_live/ HTTP/1.1" 200 57'
-    )
+def clf(
+    address: str,
+    at: dt.datetime,
+    agent: str | None = None,
+    port: int | None = None,
+    *,
+    target: str = "/praxis_live/",
+    request: str | None = None,
+    status: int = 200,
+) -> str:
+    """One access log line: common log format, combined with ``agent``, vhost with ``port``;
+    ``target`` asked for, or ``request`` the whole request as logged."""
+    request = f"GET {target} HTTP/1.1" if request is None else request
+    line = f'{address} - - [{at.strftime("%d/%b/%Y:%H:%M:%S %z")}] "{request}" {status} 57'
     if agent is not None:
         line += f' "-" "{agent}"'
     if port is not None:
@@ -2474,6 +2484,31 @@ async def test_access_logs_one_per_scheme_in_the_common_log_format(tmp_path: Pat
     view = await driver.read_clients()
     assert ("http", "192.168.1.25", 1) in rows(view)
     assert ("http", "192.168.1.20", 2) in rows(view)
+
+
+async def test_tlsroll_s_checks_are_no_clients_in_a_log_without_the_user_agent(
+    tmp_path: Path,
+) -> None:
+    """Session 75 probemark (review revknob M2): the common log format records no User-Agent,
+    so the workstation's checks before its new settings (from the PC's own address) counted
+    as its sightings, on https too: a run refused for a wrong password made the PC look moved.
+    Every format has the request line: theirs is marked (``httpcheck.probe_target``). A line
+    without a request (``"-"``, Apache's 408 for a connection that sent none: a TLS handshake
+    alone) is no client's request either."""
+    probe = httpcheck.probe_target("/praxis_live/")
+    assert probe == f"/praxis_live/?tlsroll-check={tlsroll.__version__}"
+    log = tmp_path / "https.log"
+    log.write_text(
+        clf("192.168.1.20", NOW, target=probe)
+        + clf("192.168.1.21", NOW, target=httpcheck.probe_target("/praxis_live/?a=1"))
+        + clf("192.168.1.22", NOW, request="-", status=408)
+        + clf("192.168.1.23", NOW, target="/praxis_live/?tlsroll-checked=1")  # not the mark
+        + clf("192.168.1.24", NOW, target="/praxis_live/tlsroll-check=1")  # (a path, no query)
+    )
+    driver = systemd_with_logs(tmp_path, access_log_https=str(log))
+    view = await driver.read_clients()
+    assert sorted(rows(view)) == [("https", "192.168.1.23", 1), ("https", "192.168.1.24", 1)]
+    assert view.problem == ""
 
 
 async def test_a_missing_log_is_a_problem_not_a_crash(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nodeagent.bootstrap_server import BootstrapService
+from nodeagent.clients import access_log_clients
 from tests.cluster import child_env, command
 from tests.conftest import IssuedCert, next_loopback
 from tests.private_files import write_private
@@ -63,6 +64,7 @@ from tests.test_bootstrap import (
 from tests.test_workstation_settings import Crash, fault_at
 from tlsroll import bootstrap_base, bootstrap_csr, cli, fsutil, password, pki
 from tlsroll import bootstrap_protocol as proto
+from tlsroll.config import Section
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
@@ -1216,6 +1218,97 @@ async def test_the_old_address_s_https_look_is_a_probe_too(
     assert run.code == int(Exit.OLD_HTTP), run.err
     assert "is the old unencrypted address" in run.error
     assert https_requests() == before
+
+
+@asynccontextmanager
+async def common_log_server(node: ServerNode, logs: Path) -> AsyncIterator[tuple[int, int]]:
+    """A server standing in for Apache or nginx in front of a practice application, on the
+    node's address: https (the node's certificate) and http, each on a port of its own (they
+    are yielded) and with its access log in ``logs`` (``https.log``, ``http.log``) in the
+    common log format (``%h %l %u %t "%r" %>s %b``: no User-Agent), the systemd driver's
+    default. The app path answers 200, any other 404."""
+
+    @web.middleware
+    async def logged(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        at = dt.datetime.now(dt.UTC).strftime("%d/%b/%Y:%H:%M:%S %z")
+        v = request.version
+        line = f'{request.remote} - - [{at}] "{request.method} {request.raw_path} HTTP/{v.major}.'
+        line += f'{v.minor}" {response.status} -\n'
+        scheme = "https" if request.secure else "http"
+        with (logs / f"{scheme}.log").open("a") as f:
+            f.write(line)
+        return response
+
+    async def app(request: web.Request) -> web.Response:
+        return web.Response(status=200 if request.path == APP else 404, text="praxis")
+
+    application = web.Application(middlewares=[logged])
+    application.router.add_get("/{any:.*}", app)
+    runner = web.AppRunner(application, access_log=None)
+    await runner.setup()
+    ports = []
+    try:
+        for ctx in (server_context(node.cert.cert_file, node.cert.key_file), None):
+            sock = socket.socket()
+            sock.bind((node.address, 0))
+            ports.append(sock.getsockname()[1])
+            await web.SockSite(runner, sock, ssl_context=ctx).start()
+        yield ports[0], ports[1]
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_checks_before_the_new_settings_are_no_clients_in_a_common_format_log(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Session 75 probemark (review revknob M2): with the ``systemd`` driver reading an access
+    log in the common log format (its default; no User-Agent in it), the checks before the
+    new settings (the app path, the chain, the plain http look) were the PC's client sightings:
+    a run refused for a wrong password made it look moved to https, and a plain finalize could
+    cut it off. Those that need an answer mark their request line now, those about TLS alone
+    make a handshake and no request; the request with the new settings alone counts."""
+    node = nodes["tls"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "http.log").touch()
+    WS = "ws-probemark"
+    async with common_log_server(node, logs) as (https_port, http_port):
+        section = Section(
+            tmp_path / "agent.toml",
+            "server",
+            {
+                "access_log_https": str(logs / "https.log"),
+                "access_log_http": str(logs / "http.log"),
+            },
+        )
+        seen = access_log_clients(section, "10.0.0.5", http_port, https_port, 86400)
+        assert seen is not None
+        url = f"https://{node.address}:{https_port}{APP}"
+        async with bootstrap_on(node, test_ca):
+            wrong = await run_cli(
+                url, "--password-file", password_file(OTHER_PASSWORD), "--yes", "--name", WS
+            )
+            assert wrong.code == int(Exit.WRONG_PASSWORD), wrong.err
+            assert (logs / "https.log").read_text().count(f" {APP}") == 1  # (b): the app path
+            view = await asyncio.to_thread(seen.read)
+            assert view.clients == () and view.problem == ""
+            right = await run_cli(
+                url, "--password-file", password_file(PASSWORD), "--yes", "--name", WS
+            )
+        assert right.code == 0, right.err
+        # The app path (b) and the new settings' request; the chain's check is a handshake.
+        assert (logs / "https.log").read_text().count("\n") == 3
+        assert await asyncio.to_thread(
+            workstation.answers_plain_http, node.address, http_port, APP, 5.0
+        )
+        view = await asyncio.to_thread(seen.read)
+    assert [(c.scheme, c.requests) for c in view.clients] == [("https", 1)], view
+    assert view.problem == ""
 
 
 async def test_bootstrap_answer_altered_in_transit(

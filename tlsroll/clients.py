@@ -17,7 +17,10 @@ times are ISO 8601 with a zone (or Unix seconds). An entry that breaks these rul
 and named in the view's ``problem``; a document that is not such an object is a ``ValueError``.
 
 tlsroll's own probes (the agent's verify, the leader's confirm: ``tlsroll.httpcheck``) send
-``User-Agent: tlsroll-check/…`` and are not clients: they are never recorded.
+``User-Agent: tlsroll-check/…`` and are not clients: they are never recorded. The workstation's
+checks before its new settings also mark their request line (``?tlsroll-check=VERSION`` after
+the path, ``is_probe_request``): the common log format (an access log's default) records no
+User-Agent, but every access log records the request line (session 75 probemark).
 """
 
 from __future__ import annotations
@@ -73,6 +76,24 @@ class ClientsView:
 def is_probe(user_agent: str | None) -> bool:
     """True for tlsroll's own checks (never a workstation)."""
     return bool(user_agent) and str(user_agent).startswith(PROBE_AGENT + "/")
+
+
+def is_probe_request(request_line: str | None) -> bool:
+    """True for an access log's request line (``GET /app/?tlsroll-check=0.9 HTTP/1.1``) whose
+    target carries the query parameter ``tlsroll-check`` (``httpcheck.probe_target``): one of
+    tlsroll's own checks, told apart in a log without the User-Agent."""
+    parts = (request_line or "").split()
+    if len(parts) < 2:
+        return False
+    query = parts[1].partition("?")[2]
+    return any(item.partition("=")[0] == PROBE_AGENT for item in query.split("&"))
+
+
+def no_request(request_line: str | None) -> bool:
+    """True for an access log line's request ``-`` (or none): a connection that sent no
+    request (Apache's 408 for a connection opened and left idle, a TLS handshake and nothing
+    after it), no client's request."""
+    return request_line is not None and request_line.strip() in ("", "-")
 
 
 def workstation_name(text: str | None) -> str:

@@ -29,6 +29,17 @@ if TYPE_CHECKING:
     from cryptography import x509
 
 PROBE_HEADERS = {"User-Agent": f"{PROBE_AGENT}/{__version__}"}
+# The query that marks a probe's request line, for access logs without the User-Agent (the
+# common log format): ``tlsroll.clients.is_probe_request``.
+PROBE_QUERY = f"{PROBE_AGENT}={__version__}"
+
+
+def probe_target(path: str) -> str:
+    """``path`` with ``PROBE_QUERY`` added: what a probe asks for where an access log in the
+    common log format, which has no User-Agent, must tell it from a client's request. The
+    path routes the request as before (a server routes on the path, not the query)."""
+    return f"{path}{'&' if '?' in path else '?'}{PROBE_QUERY}"
+
 
 # Everything a probe can meet on the way: the network and TLS (OSError, which ssl.SSLError and
 # timeouts are), a broken or missing HTTP reply, an address or port that cannot be used

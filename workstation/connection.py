@@ -158,7 +158,10 @@ from tlsroll.fsutil import (
     private_dir_problem,
     user_label,
 )
-from tlsroll.httpcheck import PROBE_HEADERS  # (as the agent's verify, the leader's confirm)
+from tlsroll.httpcheck import (  # (as the agent's verify, the leader's confirm)
+    PROBE_HEADERS,
+    probe_target,
+)
 from tlsroll.password import folded, password_problem
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
@@ -577,9 +580,11 @@ def request(
     """One https request; every failure becomes a NetError with its kind. ``workstation``:
     the ws-… name sent in the X-Tlsroll-Workstation header, so that the application server
     can tell which workstation is on which scheme (``tlsroll.clients``). ``probe``: a check
-    of this tool's before the PC's new settings work (``PROBE_HEADERS``, no name): the server
-    records no client for it, so that a run that fails (a wrong password) does not make the PC
-    look moved to https, which would let a finalize cut it off. ``timeout``: the
+    of this tool's before the PC's new settings work (``PROBE_HEADERS``, no name, and the
+    request line marked, ``probe_target``: an access log in the common log format has no
+    User-Agent, session 75 probemark): the server records no client for it, so that a run
+    that fails (a wrong password) does not make the PC look moved to https, which would let a
+    finalize cut it off. ``timeout``: the
     wait for the whole answer, from the end of the handshake (one deadline, not one per read:
     review s63 M3), NetError "timeout" past it; ``connect_timeout`` (default ``timeout``): for
     the connection and the TLS handshake (a host that does not answer fails within it,
@@ -587,27 +592,14 @@ def request(
     made, as the request is about to go (before that, a failure or a Ctrl-C left the server
     nothing to act on; from then on it may have: ``TestConnection.exchange``)."""
     connecting = timeout if connect_timeout is None else connect_timeout
-    try:  # wrapped before its connect: see tlsroll.tls.connect
-        tls = tls_connect(
-            context, host, port, timeout=connecting, server_hostname=host, handshake=False
-        )
-    except OSError as exc:
-        raise _connect_error(exc, host, connecting) from None
-    with tls:
-        try:
-            tls.do_handshake()
-        except ssl.SSLError as exc:
-            raise _tls_error(exc) from None
-        except TimeoutError:
-            raise NetError("tls", f"no TLS handshake within {connecting:g} s") from None
-        except OSError as exc:
-            raise NetError("tls", f"connection closed during the handshake ({exc})") from None
+    with _handshaken(host, port, context, connecting) as tls:
         peer = tls.getpeercert(binary_form=True)
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
         conn.sock = _Bounded(tls, time.monotonic() + timeout)
         headers = {"Accept": "application/json", "Connection": "close"}
         if probe:
             headers |= PROBE_HEADERS
+            path = probe_target(path)
         elif workstation:
             headers[WORKSTATION_HEADER] = workstation
         if body is not None:
@@ -636,6 +628,39 @@ def request(
 _TOO_LARGE = "answer too large"
 
 
+def _handshaken(host: str, port: int, context: ssl.SSLContext, connecting: float) -> ssl.SSLSocket:
+    """A TLS connection to ``host:port``, its handshake made within ``connecting`` seconds;
+    every failure a NetError with its kind (the caller owns the socket once returned)."""
+    try:  # wrapped before its connect: see tlsroll.tls.connect
+        tls = tls_connect(
+            context, host, port, timeout=connecting, server_hostname=host, handshake=False
+        )
+    except OSError as exc:
+        raise _connect_error(exc, host, connecting) from None
+    with contextlib.ExitStack() as closing:
+        closing.callback(tls.close)
+        try:
+            tls.do_handshake()
+        except ssl.SSLError as exc:
+            raise _tls_error(exc) from None
+        except TimeoutError:
+            raise NetError("tls", f"no TLS handshake within {connecting:g} s") from None
+        except OSError as exc:
+            raise NetError("tls", f"connection closed during the handshake ({exc})") from None
+        closing.pop_all()
+    return tls
+
+
+def handshake(host: str, port: int, context: ssl.SSLContext, *, timeout: float) -> None:
+    """A TLS handshake with ``host:port`` and nothing after it (NetError as ``request``'s):
+    for a check about TLS alone (does https answer, does the certificate verify). No HTTP
+    request goes, so no access log counts this PC as a client by it, whatever the log's
+    format (session 75 probemark: the common log format has no User-Agent to tell a probe
+    by)."""
+    with _handshaken(host, port, context, timeout):
+        pass
+
+
 def _no_answer(timeout: float) -> str:
     return f"no complete answer within {timeout:g} s"
 
@@ -651,7 +676,8 @@ def answers_plain_http(host: str, port: int, path: str, timeout: float) -> bool:
     conn = http.client.HTTPConnection(host, port, timeout=wait)
     conn.sock = _Bounded(sock, time.monotonic() + wait)
     try:
-        conn.request("GET", path, headers={"Connection": "close", **PROBE_HEADERS})
+        # (a probe: ``request``'s rule; its request line marked for logs without User-Agent)
+        conn.request("GET", probe_target(path), headers={"Connection": "close", **PROBE_HEADERS})
         conn.getresponse().read(1024)
     except (OSError, http.client.HTTPException):
         return False
@@ -1406,19 +1432,12 @@ class TestConnection:
         )
 
     def _answers_https(self, server: ServerURL) -> bool:
-        """True if ``server`` answers https (a TLS handshake, whatever comes after it)."""
+        """True if ``server`` answers https: a TLS handshake, and no request after it (never
+        counted as a client, in any access log: a run that set up nothing moves no PC)."""
         try:
-            request(
-                server.host,
-                server.port,
-                "GET",
-                server.app_path,
-                self.context,
-                timeout=self.o.timeout,
-                probe=True,  # (never counted: a run that set up nothing moves no PC)
-            )
-        except NetError as exc:
-            return exc.kind in ("dropped", "timeout")
+            handshake(server.host, server.port, self.context, timeout=self.o.timeout)
+        except NetError:
+            return False
         return True
 
     # (b)
@@ -1920,27 +1939,14 @@ class TestConnection:
         except PKIError as exc:
             raise ClientError(Exit.UNTRUSTED, f"{server.netloc}'s certificate: {exc}") from None
         context = client_context(b"".join(pki.cert_to_pem(c) for c in trusted))
-        try:
-            request(
-                server.host,
-                server.port,
-                "GET",
-                server.app_path,
-                context,
-                timeout=self.o.timeout,
-                probe=True,
-            )
+        try:  # (a handshake alone: what comes after it is the new settings' check to ask)
+            handshake(server.host, server.port, context, timeout=self.o.timeout)
         except NetError as exc:
             if exc.kind == "verify":
                 raise ClientError(
                     Exit.UNTRUSTED, f"{server.netloc}'s certificate does not verify: {exc.detail}"
                 ) from None
-            # dropped: verified, but wants a client certificate; timeout: verified, and the
-            # answer is not what this checks (the new settings' check asks for it)
-            if exc.kind not in ("dropped", "timeout"):
-                raise ClientError(
-                    Exit.TLS, f"TLS with {server.netloc} failed: {exc.detail}"
-                ) from None
+            raise ClientError(Exit.TLS, f"TLS with {server.netloc} failed: {exc.detail}") from None
         self.ui.say(
             f"server    certificate from the CA {pki.spki_pin(issuer)}, "
             f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
