@@ -34,7 +34,7 @@ from leader.plan_texts import (
     outside_scope_warning,
     plan_texts,
 )
-from leader.planner import not_on_https, too_old
+from leader.planner import StagedPasswordUnusable, not_on_https, too_old
 from leader.rollout_core import (
     NOT_ON_HTTPS,
     Change,
@@ -695,7 +695,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         version = request.about or newest
         if version > newest:
             raise failed_precondition(f"no password version {version} (the newest is {newest})")
-        stored = password.verifier_from_json(await asyncio.to_thread(self.schema.verifier, version))
+        try:
+            stored = password.verifier_from_json(
+                await asyncio.to_thread(self.schema.verifier, version)
+            )
+        except ValueError as exc:  # (INTERNAL before: review s75 revpwkdf)
+            raise StagedPasswordUnusable(version, " ".join(str(exc).split())) from None
         expected = base64.b64decode(stored["hash"])
         live = await asyncio.to_thread(self.schema.node_auth)
         reply = admin_pb2.CheckPasswordResponse(

@@ -556,18 +556,20 @@ class Commands:
             return frozenset()
         return frozenset(self._in_order(request, up)[: max(request.max_parallel, 1)])
 
-    async def _digests(self) -> tuple[int, dict[str, int]]:
-        """The latest auth password version staged (0: none), and verifier digest → version
-        for every version staged up to it."""
+    async def _digests(self) -> tuple[int, dict[str, int], dict[int, str]]:
+        """The latest auth password version staged (0: none), verifier digest → version for
+        every version staged up to it, and version → why for those whose verifier is refused
+        (one staged under the tests' scrypt hook, read without it)."""
         latest = await asyncio.to_thread(self.schema.latest_auth_version)
         found: dict[str, int] = {}
+        refused: dict[int, str] = {}
         for version in range(1, latest + 1):
             try:
                 text = await asyncio.to_thread(self.schema.verifier, version)
                 found[password.verifier_digest(text)] = version
-            except (TerminalError, ValueError):
-                continue
-        return latest, found
+            except (TerminalError, ValueError) as exc:
+                refused[version] = " ".join(str(exc).split())
+        return latest, found, refused
 
     async def _plan(
         self,
@@ -583,10 +585,17 @@ class Commands:
             )
         # (Read before the agents are asked: a start picks its first nodes from their answers
         # as the planner will read them, ``steps``.)
-        latest, digests = await self._digests()
+        latest, digests, refused = await self._digests()
         staged = CHANGES[request.change].password is Password.STAGED
         if staged and not latest and not request.keep_auth_version:
             raise planner.NoPasswordStaged()  # the plan as the start (before asking agents)
+        # The version it applies, refused as the agents would refuse it: planned with an older
+        # one's digest, its nodes were "already done" (review s75 revpwkdf).
+        applies = request.keep_auth_version if request.dual_from else 0
+        if not applies and request.change is Change.CHANGE_PASSWORD:
+            applies = latest
+        if applies in refused:
+            raise planner.StagedPasswordUnusable(applies, refused[applies])
         target_digest = ""
         if request.change is Change.CHANGE_PASSWORD and digests:
             target_digest = max(digests, key=lambda d: digests[d])

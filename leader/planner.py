@@ -475,6 +475,20 @@ class NoPasswordStaged(PlanError):
         super().__init__("no password staged: run `tlsroll password set` first")
 
 
+class StagedPasswordUnusable(PlanError):
+    """The staged password version a change would apply (or ``CheckPassword`` is asked about)
+    holds a verifier this leader does not take (FAILED_PRECONDITION): one staged under the
+    tests' scrypt hook (``tlsroll.kdfhook``), read without it (review s75 revpwkdf: a
+    change-password rollout planned with the older version's digest, and CheckPassword
+    answered INTERNAL). ``why``: ``password.verifier_from_json``'s line (never the hash)."""
+
+    def __init__(self, version: int, why: str) -> None:
+        super().__init__(
+            f"password version {version}'s verifier is refused ({why}): stage the password"
+            " again with `tlsroll password set`"
+        )
+
+
 class NotAwaitingFinalize(PlanError):
     """Finalize asked of a rollout that is not a transitional one awaiting it
     (FAILED_PRECONDITION)."""

@@ -258,6 +258,38 @@ def test_a_plan_that_echoes_the_request_is_started(
     assert len(started) == 1
 
 
+def test_a_first_password_under_the_scrypt_hook_is_said_and_one_set_wrong_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
+) -> None:
+    """Review s75 revpwkdf: ``rollout start --change enable-tls`` makes the cluster's first
+    password verifier as ``password set`` does (``verifier_json``): under the tests' scrypt hook
+    (conftest's 256) with that N, and said on stderr once started, as ``password set`` says it;
+    set wrong, a usage error (exit 2) before anything is read or asked. It made a verifier
+    256 times cheaper to guess without a word (``password set`` said it)."""
+    from tlsroll import kdfhook
+
+    started = older_leader(monkeypatch)
+    monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, "256")
+    result = start(tlsroll, tmp_path)
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    (request,) = started
+    assert json.loads(request.auth_verifier_json)["n"] == 256
+    assert (
+        f"tlsroll: warning: {kdfhook.TEST_KDF_N_ENV}=256 is set (tests only): the password's"
+        " verifier is made under scrypt N=256, not N=32768"
+    ) in result.stderr
+    assert PASSWORD.strip() not in result.stdout + result.stderr
+    monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, "3")
+    result = start(tlsroll, tmp_path)
+    assert result.exit_code == 2 and len(started) == 1, (result.stdout, result.stderr)
+    assert "must be a power of 2" in result.stderr
+    monkeypatch.delenv(kdfhook.TEST_KDF_N_ENV)
+    result = start(tlsroll, tmp_path)
+    assert result.exit_code == 0 and len(started) == 2, (result.stdout, result.stderr)
+    assert json.loads(started[1].auth_verifier_json)["n"] == 2**15
+    assert kdfhook.TEST_KDF_N_ENV not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "change", "asked"),
     [

@@ -6127,3 +6127,59 @@ async def test_a_node_counts_as_unanswered_only_once_lapsed_for_a_renewal_period
     world.clock.advance(lease / 3)
     assert engine._unanswered("r1", frozenset({"a", "b"})) == frozenset({"a", "b"})
     await leader.stop()
+
+
+async def test_a_staged_password_made_under_the_scrypt_hook_is_refused_by_a_leader_without_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s75 revpwkdf: a leader run with ``TLSROLL_TEST_KDF_N`` (conftest's 256) stages a
+    verifier under that N; started again without the hook it takes no such verifier
+    (``password.least_n``). ``_digests`` skipped the unreadable newest version, so a
+    change-password rollout planned with the older version's digest: every node on it was
+    "already done: the staged password is live", which the newest one was not, and
+    ``CheckPassword`` answered INTERNAL. Both are refused (FAILED_PRECONDITION), saying why
+    and to set the password again; nothing is created."""
+    from leader.admin_service import AdminService
+    from leader.service import LeaderState
+    from tlsroll import kdfhook
+    from tlsroll.v1 import admin_pb2
+
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    weak = json.loads(VERIFIER_2) | {"n": 256}
+    monkeypatch.setenv(kdfhook.TEST_KDF_N_ENV, "256")
+    await leader.commands.stage_password(json.dumps(weak), ADMIN)  # version 2, under the hook
+    monkeypatch.delenv(kdfhook.TEST_KDF_N_ENV)  # the leader, started again without it
+    enabled = leader.schema.latest()
+    assert enabled is not None
+
+    with pytest.raises(PlanError) as refused:
+        await leader.start(Change.CHANGE_PASSWORD)
+    said = str(refused.value)
+    assert "password version 2" in said and "tlsroll password set" in said, said
+    assert kdfhook.TEST_KDF_N_ENV in said, said
+    assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
+    after = leader.schema.latest()
+    assert after is not None and after.rollout.id == enabled.rollout.id  # none created
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        code: grpc.StatusCode | None = None
+        details = ""
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+            self.code, self.details = code, details
+            raise Aborted
+
+    service = AdminService(
+        LeaderState(leader.store, world.ca, world.clock.wall, 1), leader.commands, leader.schema
+    )
+    context = Context()
+    with pytest.raises(Aborted):
+        await service.CheckPassword(admin_pb2.CheckPasswordRequest(), context)  # type: ignore[arg-type]
+    assert context.code is grpc.StatusCode.FAILED_PRECONDITION, context.details
+    assert "password version 2" in context.details and "tlsroll password set" in context.details
+    await leader.stop()

@@ -405,7 +405,14 @@ def test_a_dns_name_with_digits_elsewhere_is_signed(name: str) -> None:
 # --- the tests' scrypt hook (TLSROLL_TEST_KDF_N) ----------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["0", "1", "3", "1000", "16384", "32768", "-256", "x", "2**8"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        *("0", "1", "3", "1000", "16384", "32768", "-256", "x", "2**8"),
+        # ``int`` took these as 256 (review s75 revpwkdf): blank, sign, "_", full-width digits
+        *(" 256", "+256", "2_56", "\uff12\uff15\uff16"),
+    ],
+)
 def test_the_kdf_hook_set_wrong_is_an_error_never_as_unset(value: str) -> None:
     hooked = {keywrap.TEST_KDF_N_ENV: value}
     with pytest.raises(keywrap.KdfHookError) as info:

@@ -44,10 +44,9 @@ def hook_kdf_n(environ: Mapping[str, str] = os.environ) -> int | None:
     raw = environ.get(TEST_KDF_N_ENV, "")
     if not raw:
         return None
-    try:
-        n = int(raw, 10)
-    except ValueError:
-        n = 0
+    # Its digits alone: ``int`` takes " 256", "+256", "2_56" and other scripts' digits too
+    # (review s75 revpwkdf: set wrong, never as set).
+    n = int(raw, 10) if raw.isascii() and raw.isdigit() else 0
     if not 2 <= n < BELOW or n & (n - 1):
         raise KdfHookError(
             f"{TEST_KDF_N_ENV} (tests only) must be a power of 2 from 2 to {BELOW // 2}, "

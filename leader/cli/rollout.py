@@ -35,6 +35,7 @@ from leader.cli.base import (
 from leader.cli.draw import render_rollout
 from leader.cli.password import (
     judge_with_names,
+    kdf_hook,
     node_names,
     obtain_password,
     replaces_text,
@@ -490,6 +491,9 @@ def rollout_start(
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
     if password_version is not None and change != "change-password":
         raise click.UsageError("--password-version goes with --change change-password")
+    # The tests' scrypt hook, for the first password's verifier (``password set``'s rule):
+    # set wrong, refused before anything is read or asked; set, said once started.
+    weaker = kdf_hook() if change == "enable-tls" else None
     # A password file that is unusable or too weak fails before anything is asked or planned.
     secret = (
         obtain_password(password_file, generate=False, or_else=GENERATED_INSTEAD)
@@ -559,6 +563,8 @@ def rollout_start(
     # With --yes the plan was not shown: its warnings are, now (the seed's dialog gives them
     # first; README and the demo start with --yes).
     started(view, in_use, planned.warnings if yes else (), planned)
+    if weaker is not None and request.auth_verifier_json:  # (review s75 revpwkdf)
+        click.echo(f"tlsroll: warning: {weaker}", err=True)
     if wait:
         wait_for_end(leader, view.id)
 
