@@ -92,7 +92,18 @@ from leader.service import (
 from leader.states import NodeProblemKind
 from leader.store import Restored, Store, ca_pinned, relearning
 from leader.store_health import StoreHealth, start_refused
-from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, password, pki, testhooks
+from tlsroll import (
+    __version__,
+    daemon,
+    fsutil,
+    heap,
+    kdfhook,
+    keywrap,
+    logs,
+    password,
+    pki,
+    testhooks,
+)
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import (
@@ -639,13 +650,7 @@ def _kdf_hook(data_dir: Path) -> None:
     """The tests' scrypt hook (``keywrap.TEST_KDF_N_ENV``), said at every start while it is set:
     a CA key this start writes (``upgrade_ca_key``) is under that weaker N, and one ``init``
     wrote under it is kept. Set wrong, the start is refused (exit 2), never as unset."""
-    try:
-        n = keywrap.hook_kdf_n()
-    except keywrap.KdfHookError as exc:
-        raise ConfigError("environment", None, str(exc)) from None
-    if (refused := keywrap.hook_refused_for(data_dir, n)) is not None:
-        raise ConfigError("environment", None, refused)
-    if n is not None:
+    if (n := kdfhook.start_hook(data_dir)) is not None:
         log.warning(
             "leader.test_hook",
             hook=keywrap.TEST_KDF_N_ENV,

@@ -638,14 +638,7 @@ def _kdf_hook(cfg: AgentConfig) -> None:
     """The tests' scrypt hook (``kdfhook.TEST_KDF_N_ENV``), said at every start while it is set:
     the agent takes password verifiers down to its N, not ``password.MIN_N``. Set wrong, or for
     the installed agent's data dir, the start is refused (exit 2), never as unset."""
-    try:
-        n = kdfhook.hook_kdf_n()
-    except kdfhook.KdfHookError as exc:
-        raise ConfigError("environment", None, str(exc)) from None
-    installed, whose = defaults.AGENT_DATA_DIR, "agent's"
-    if (refused := kdfhook.hook_refused_for(cfg.data_dir, n, installed, whose)) is not None:
-        raise ConfigError("environment", None, refused)
-    if n is not None:
+    if (n := kdfhook.start_hook(cfg.data_dir, defaults.AGENT_DATA_DIR, "agent's")) is not None:
         log.warning(
             "agent.test_hook",
             hook=kdfhook.TEST_KDF_N_ENV,

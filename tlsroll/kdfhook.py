@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from tlsroll.errors import TerminalError
+from tlsroll.errors import ConfigError, TerminalError
 
 TEST_KDF_N_ENV = "TLSROLL_TEST_KDF_N"
 """Tests only: the scrypt N of the keys and verifiers written while it is set (``hook_kdf_n``):
@@ -82,3 +82,19 @@ def hook_refused_for(
         f"{TEST_KDF_N_ENV} (tests only) is set for {installed}, the installed {whose} data "
         "directory, whose keys and password verifiers are never written weaker; unset it"
     )
+
+
+def start_hook(
+    data_dir: Path, installed: Path | None = None, whose: str = "leader's"
+) -> int | None:
+    """A daemon's start (the leader's, the agent's: ``installed`` and ``whose`` as
+    ``hook_refused_for``): the hook's N, or None when it is unset; set wrong, or for the
+    installed data dir, a ``ConfigError`` ("environment": the start is refused, exit 2), never
+    as unset. The caller says it (its own ``*.test_hook`` line: what it weakens differs)."""
+    try:
+        n = hook_kdf_n()
+    except KdfHookError as exc:
+        raise ConfigError("environment", None, str(exc)) from None
+    if (refused := hook_refused_for(data_dir, n, installed, whose)) is not None:
+        raise ConfigError("environment", None, refused)
+    return n
