@@ -203,10 +203,18 @@ def mixed_line(m: Mixed, left_by: Mapping[str, str] | None = None) -> str:
 def other_certificate_line(names: Sequence[str]) -> str:
     """The line that says nodes on https serve a certificate not known as one of this
     cluster's CA while the cluster is not mixed (put in by hand after their switch: review
-    s70 drift), and what gives them one of this CA."""
+    s70 drift), and what gives them one of this CA. "Not known" is all the leader can tell:
+    one of this CA issued after the backup its store was restored from (or before the store
+    was begun again) is not on record either, and the plan, which asks the node, finds such
+    a node done: the line says so, with the rotate-cert that gives it one on record (session
+    75 opswalk: the plan it named said "nothing to do", and no more)."""
     scope = rest_scope(sorted(names), cluster=False)
+    one = len(names) == 1
     return (
         f"{_serve(sorted(names))} https with a certificate not of this cluster's CA (put in by "
-        f"hand?); to give {'it' if len(names) == 1 else 'them'} one of this CA: tlsroll plan "
-        f"{scope}, then tlsroll rollout start {scope}"
+        f"hand?); to give {'it' if one else 'them'} one of this CA: tlsroll plan "
+        f"{scope}, then tlsroll rollout start {scope} (a node the plan finds done serves one "
+        "of this CA that the leader has no record of, issued after the backup its store was "
+        f"restored from: tlsroll rollout start --change rotate-cert {scope} gives "
+        f"{'it' if one else 'them'} one on record)"
     )

@@ -390,7 +390,9 @@ class BootstrapHost:
             self._failed(why)
         return True
 
-    def _failed(self, problem: str) -> None:
+    def _failed(
+        self, problem: str, hint: str = "the error says why; the agent tries again"
+    ) -> None:
         """A try failed: ``problem`` is the node's until one succeeds. One log line at the
         outage's start, and one each time its cause changes (``bootstrap.still_not_started``:
         the port held, then a file at fault), not a line a try: a port held for a day writes
@@ -402,8 +404,7 @@ class BootstrapHost:
                 port=self.cfg.bootstrap_port,
                 error=problem,
                 retry=retry,
-                hint="the error says why; check the port is free (ss -ltnp) and the "
-                "bootstrap_port in agent.toml; the agent tries again",
+                hint=hint,
             )
         elif problem != self._said:
             log.error(
@@ -412,12 +413,30 @@ class BootstrapHost:
                 error=problem,
                 was=self._said,
                 tries=self._tries,
-                hint="the error says why; check the port is free (ss -ltnp) and the "
-                "bootstrap_port in agent.toml; the agent tries again",
+                hint=hint,
             )
         self._said = problem
         self._tries += 1
         self.problem = problem
+
+    def _hint(self, problem: str) -> str:
+        """What the line of a start that failed (``problem``, ``_start``'s) says to do: the port
+        held (the service's own "port N: …"), or else a file the journal's live https settings
+        name, which only a switch stages anew. Session 75 opswalk: an agent journal put back
+        from a copy older than the node's last rotate-cert named files that rotation had
+        removed, and the line said to check the port."""
+        if problem.startswith(f"port {self.cfg.bootstrap_port}: "):
+            return (
+                "the error says why; check the port is free (ss -ltnp) and the bootstrap_port"
+                " in agent.toml; the agent tries again"
+            )
+        node = self.cfg.node_name
+        return (
+            "the error names the file at fault: the journal's live https settings name it (a"
+            " switch staged it); put it back, or have it staged anew by a rotate-cert of this"
+            f" node (`tlsroll rollout start --change rotate-cert --nodes {node}` on the leader;"
+            " the password's verifier by a change-password); the agent tries again"
+        )
 
     def _unread(self, why: str, *, unexpected: bool = False) -> None:
         """The journal's live settings could not be read (``why``) while the service runs: it
@@ -476,7 +495,8 @@ class BootstrapHost:
         except (OSError, ValueError, TlsrollError) as exc:
             # The switch itself succeeded; workstations can still use the CA pin. The problem
             # names the cause: the port, or the file at fault (review s44rev2 L4).
-            self._failed(os_error_text(exc) if isinstance(exc, OSError) else str(exc))
+            problem = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+            self._failed(problem, self._hint(problem))
             return True
         self.service = service
         # Again, as it is now: a refusal taken back (``set_removed(None)``, the leader's first

@@ -546,7 +546,10 @@ def recovery(command: str = "") -> str:
         "restore it from a backup with the agent stopped, or begin an empty journal: run"
         f" `{begin}` (it only replaces the journal), then start the agent as before (installed:"
         " systemctl start tlsroll-agent); this node then forgets its transactions and staged"
-        " certificates: check the managed server's config by hand, and run the rollout again"
+        " certificates: check the managed server's config by hand; on a node whose server runs"
+        " https, its workstation port (9443) stays closed until a rotate-cert of the node"
+        " (`tlsroll rollout start --change rotate-cert --nodes NODE` on the leader; an"
+        " enable-tls finds it done)"
     )
 
 

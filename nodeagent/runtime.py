@@ -628,9 +628,27 @@ async def recover(
         finally:
             journal.close()
     # "start", as the lost journal's line says: the one-shot ran with no agent running.
-    return (
+    then = (
         f"{'; '.join(done)}: start the agent now as before (installed: systemctl start"
         " tlsroll-agent)"
+    )
+    if reinitialise:
+        # An empty journal holds no live https settings: a node whose server runs https then
+        # serves no workstation port (9443) until its next switch, and an enable-tls finds it
+        # done; a rotate-cert is that switch (session 75 opswalk: "run the rollout again" led
+        # to "nothing to do", the port closed with no node problem).
+        then += f"; {https_again(cfg.node_name)}"
+    return then
+
+
+def https_again(node: str) -> str:
+    """What an agent whose journal was begun again (``--reinitialise``) needs where its server
+    runs https: the node's next switch, a rotate-cert, which stages the https files and brings
+    its workstation port (9443) back."""
+    return (
+        f"if {node}'s server runs https, run `tlsroll rollout start --change rotate-cert --nodes"
+        f" {node}` on the leader then: until a switch the agent serves no workstation port"
+        " (9443) there, and an enable-tls finds the node done"
     )
 
 

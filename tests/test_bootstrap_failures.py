@@ -1049,6 +1049,20 @@ async def test_a_cause_that_changes_within_an_outage_is_logged_once_a_change(
             if e["event"] in ("bootstrap.not_started", "bootstrap.still_not_started")
         ]
         assert causes == [(held, None), (gone, held), (held, gone)], causes
+        # Session 75 opswalk: each line's hint is its cause's: the port for the port held, the
+        # file and the rotate-cert that stages it anew for a file gone (it said "check the port
+        # is free" of a file an older journal copy named).
+        hints = [
+            e["hint"]
+            for e in events
+            if e["event"] in ("bootstrap.not_started", "bootstrap.still_not_started")
+        ]
+        assert all("check the port is free" in h for h in (hints[0], hints[2])), hints
+        assert "check the port" not in hints[1], hints
+        assert (
+            "the error names the file at fault" in hints[1]
+            and "tlsroll rollout start --change rotate-cert --nodes node-a" in hints[1]
+        ), hints
     finally:
         squatter.close()
         await host.close()

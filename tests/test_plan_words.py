@@ -458,6 +458,28 @@ def test_a_dual_node_s_way_names_the_rollout_that_left_it() -> None:
     assert "tlsroll rollout finalize r2, or tlsroll rollout retry r2" in warned, warned
 
 
+def test_the_line_of_a_certificate_not_on_record_names_the_way_when_the_plan_finds_it_done() -> (
+    None
+):
+    """Session 75 opswalk: after a restore from a backup, a node that a rotate-cert gave a
+    certificate after the backup serves one of this CA the store has no record of; `tlsroll
+    nodes` said "not of this cluster's CA" and named `plan --nodes`, which found the node done
+    ("nothing to do"): a dead end. The line keeps its way for a certificate put in by hand and
+    names the rotate-cert that gives a node the plan finds done a certificate on record."""
+    from leader.mixed_cluster import other_certificate_line
+
+    assert other_certificate_line(["node3"]) == (
+        "node3 serves https with a certificate not of this cluster's CA (put in by hand?); to "
+        "give it one of this CA: tlsroll plan --nodes node3, then tlsroll rollout start "
+        "--nodes node3 (a node the plan finds done serves one of this CA that the leader has "
+        "no record of, issued after the backup its store was restored from: tlsroll rollout "
+        "start --change rotate-cert --nodes node3 gives it one on record)"
+    )
+    assert other_certificate_line(["b", "a"]).endswith(
+        "tlsroll rollout start --change rotate-cert --nodes a,b gives them one on record)"
+    )
+
+
 def test_the_plan_and_the_help_say_which_node_scope_local_is() -> None:
     """Review s69 revlocal2 L3/L6: the plan's head said "on scope local" and never which node
     that is; `rollout start --help` said "the local node" while `--scope`'s help said "local =

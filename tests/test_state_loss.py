@@ -200,9 +200,15 @@ def test_reinitialise_starts_an_empty_journal_and_keeps_the_lost_one(cluster: Cl
             agent.argv = argv
         assert code == 0, output
         said = [line for line in output.splitlines() if line.startswith("tlsroll-agent: ")]
+        # Session 75 opswalk: on a node on https an empty journal serves no workstation port
+        # until the node's next switch, and an enable-tls finds it done: the line names the
+        # rotate-cert ("run the rollout again" led to "nothing to do").
         assert said == [
             f"tlsroll-agent: journal {journal} begun again, empty: start the agent now as"
-            " before (installed: systemctl start tlsroll-agent)"
+            " before (installed: systemctl start tlsroll-agent); if lossy's server runs https,"
+            " run `tlsroll rollout start --change rotate-cert --nodes lossy` on the leader"
+            " then: until a switch the agent serves no workstation port (9443) there, and an"
+            " enable-tls finds the node done"
         ], output
         agent.start()
         cluster.wait_for_nodes_online(["lossy"])
