@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from nodeagent import plans, ports, transaction
+from nodeagent import fsbound, plans, ports, transaction
 from nodeagent.certwork import names_request
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess, Worker
@@ -597,6 +597,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # The file systems the heartbeat said short of room (``store_trouble``): said until
         # they are back above the floor and a margin (``room.room_problems``' ``held``).
         self._room_held: set[int] = set()
+        # The checks' reads of the data dir and the config directory (the preflight's, the
+        # Stage's room): on a thread of their own, bounded (a hung network mount there holds
+        # neither the default executor nor the agent's stop: ``nodeagent.fsbound``).
+        self.fs_checks = fsbound.BoundedWorker(
+            "fs-checks", "the agent's checks of its data dir and the server's config directory"
+        )
+        # The view's read of the server's config and files (the heartbeat's, the checks'):
+        # its own (the preflight reads the view beside its checks, as before).
+        self.fs_view = fsbound.BoundedWorker("fs-view", "reading the server's config and its files")
 
     # --- guards -------------------------------------------------------------------------------
 
@@ -734,10 +743,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             )
         read: list[ServerFacts] = []  # (the facts, read before the files: one hop for both)
         try:
-            cert_pem, digest, config = await asyncio.to_thread(self._facts_and_files, driver, read)
+            cert_pem, digest, config = await self.fs_view.run(self._facts_and_files, driver, read)
             facts = read[0]
             status = await driver.status()
-        except (DriverError, OSError, ConfigError) as exc:
+        except (DriverError, OSError, ConfigError, fsbound.Hung) as exc:
             # A config file that cannot be read (edited by hand: not valid TOML) is said as
             # such: it failed every heartbeat, and the node, agent and server up, looked
             # offline, the plan saying to bring its agent up (review rev58a H1).
@@ -1071,7 +1080,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # broken since the switch must not halt it (review s66 closing M1).
         change = _planned_change(request.change)
         local_checks = asyncio.ensure_future(
-            asyncio.to_thread(
+            self.fs_checks.run(
                 self._local_checks,
                 driver,
                 edits=edits,
@@ -1087,7 +1096,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             # The checks' own trouble must not hide the server's (review of session 26).
             await asyncio.gather(local_checks, return_exceptions=True)
             raise
-        facts, unread, local, edited = await local_checks
+        try:
+            facts, unread, local, edited = await local_checks
+        except fsbound.Hung as hung:  # (a refusal for now: why, as any other check's)
+            facts, unread, local, edited = None, "", [str(hung)], ""
         problems = [unread] if unread else []  # in the order they were always found
         if (gone := self.journal.gone()) is not None:  # (looked at by ``_local_checks``)
             problems.insert(0, f"{NEEDS_ADMIN}{gone}")
@@ -1308,7 +1320,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self._refuse_if_needs_admin()
         # Checked again (the preflight's may be minutes old): no key staged for a switch the
         # disk would hold mid-way (``_room_problems``).
-        if no_room := await asyncio.to_thread(self._room_problems, self._driver()):
+        try:
+            no_room = await self.fs_checks.run(self._room_problems, self._driver())
+        except fsbound.Hung as hung:  # (as the preflight says it: ``_checks``)
+            raise failed_precondition(str(hung)) from None
+        if no_room:
             raise failed_precondition("; ".join(no_room))
         if self.on_prepare is not None:  # a switch follows: get ready while nothing restarts
             self.on_prepare()

@@ -241,6 +241,17 @@ async def test_the_checks_on_the_machine_take_one_worker_thread(
 
     monkeypatch.setattr(service, "served_certificate", served_certificate)
     monkeypatch.setattr(asyncio, "to_thread", counted)
+    # (the checks' and the view's own threads, bounded: session 75, statvfsbound)
+    for worker in (agent.fs_checks, agent.fs_view):
+
+        def counting(bounded: Any) -> Any:
+            async def counted_bounded(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+                hops.append(getattr(func, "__name__", repr(func)))
+                return await bounded(func, *args, **kwargs)
+
+            return counted_bounded
+
+        monkeypatch.setattr(worker, "run", counting(worker.run))
     reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
     assert reply.ok, reply.problems
     assert reply.new_url == "https://127.0.0.1:8443/app/"

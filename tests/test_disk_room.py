@@ -12,9 +12,13 @@ free. The file systems are real small tmpfs mounts, filled (needs root, as
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import os
 import sqlite3
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +31,7 @@ from leader.rollout_core import Change, FreezeMode, RolloutState
 from leader.service import LeaderState
 from leader.store_health import StoreHealth
 from leader.wire import CHANGE, FREEZE
-from nodeagent import service
+from nodeagent import fsbound, service
 from nodeagent.journal import Journal
 from nodeagent.service import NodeAgentService
 from tests.nodeside import fill, tmpfs
@@ -110,6 +114,158 @@ async def test_a_node_with_too_little_free_space_is_refused_by_its_checks_and_it
             assert "no CSR for rollout r1" in await stage_refused(agent)
         finally:
             journal.close()
+
+
+@contextlib.contextmanager
+def hung_statvfs(
+    under: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[threading.Event, list[int]]]:
+    """``os.statvfs`` of anything under ``under`` blocks until the event is set (a fake: a hung
+    NFS mount cannot be made here); the list counts the calls that entered it."""
+    real = os.statvfs
+    gate = threading.Event()
+    entered = [0]
+
+    def statvfs(path: Any) -> os.statvfs_result:
+        if str(path).startswith(str(under)) and not gate.is_set():
+            entered[0] += 1
+            gate.wait(120)  # (bounded: a failing test ends)
+        return real(path)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    try:
+        yield gate, entered
+    finally:
+        gate.set()
+
+
+def checks_threads(before: set[threading.Thread]) -> int:
+    """The checks' threads started since ``before`` (``threading.enumerate()``) still running."""
+    return sum(t.name == "fs-checks" for t in set(threading.enumerate()) - before)
+
+
+async def test_a_hung_file_system_refuses_the_checks_and_the_stage_for_now_and_piles_up_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s75 revstore (L): the checks and the Stage read the free space (statvfs) on
+    the default executor; on a hung network mount under the data or config dir the preflight
+    hung (the leader's call timed out and asked again, each try parking one more thread). Now
+    the checks run on a thread of their own, bounded (``nodeagent.fsbound``): the preflight's
+    checks answer within the bound with why (a problem: a refusal for now), the Stage refuses
+    with the same words, and the retries start no thread and no second read while the first
+    hangs. Counted: the reads entered, the checks' threads. Once the mount answers, the
+    checks pass and the Stage goes on to its own refusal."""
+    monkeypatch.setattr(fsbound, "BOUND_SECONDS", 0.5)
+    agent, journal = agent_on(tmp_path)
+    threads = set(threading.enumerate())
+    hung = fsbound.hung_text(agent.fs_checks.what, 0.5)
+    assert "a file system there does not answer (a hung network mount?)" in hung
+    try:
+        with hung_statvfs(tmp_path, monkeypatch) as (gate, entered):
+            async with asyncio.timeout(30):  # (a failing test ends: before, it hung here)
+                reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+            assert not reply.ok and hung in reply.problems, reply.problems
+            await agent._command(cast(Any, None), COMMAND)  # (the preflight's: the epoch kept)
+            for _ in range(3):  # the leader's retries
+                async with asyncio.timeout(30):
+                    reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+                    said = await stage_refused(agent)
+                assert hung in reply.problems and said == hung, (reply.problems, said)
+            assert (entered[0], agent.fs_checks.threads, checks_threads(threads)) == (1, 1, 1)
+            gate.set()
+            async with asyncio.timeout(30):
+                while agent.fs_checks.hung():  # (the hung read comes back)
+                    await asyncio.sleep(0.01)
+                reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+            assert reply.ok, reply.problems
+            assert "no CSR for rollout r1" in await stage_refused(agent)
+            assert (entered[0], agent.fs_checks.threads) == (1, 1)
+    finally:
+        journal.close()
+
+
+async def test_a_hung_config_read_answers_the_preflight_and_the_view_within_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same review, further: on such a mount not only the free space hangs; the read of the
+    server's config does too, which the preflight's view (and every heartbeat's) made on the
+    default executor beside the checks. A driver whose config read blocks (the fake): the
+    preflight answers within the bound, its view unhealthy with why and its checks refused;
+    one thread each for the checks and the view, one read each, however often asked."""
+    monkeypatch.setattr(fsbound, "BOUND_SECONDS", 0.5)
+    agent, journal = agent_on(tmp_path)
+    driver = cast(StillDriver, agent.driver)
+    real = driver.facts
+    gate = threading.Event()
+    entered = [0]
+
+    def facts() -> Any:
+        if not gate.is_set():
+            entered[0] += 1
+            gate.wait(120)  # (bounded: a failing test ends)
+        return real()
+
+    monkeypatch.setattr(driver, "facts", facts)
+    try:
+        for _ in range(3):  # the leader's retries
+            async with asyncio.timeout(30):  # (a failing test ends: before, it hung here)
+                reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+            assert not reply.ok
+            assert fsbound.hung_text(agent.fs_checks.what, 0.5) in reply.problems
+            assert not reply.server.healthy
+            assert reply.server.detail == fsbound.hung_text(agent.fs_view.what, 0.5)
+        assert (entered[0], agent.fs_checks.threads, agent.fs_view.threads) == (2, 1, 1)
+    finally:
+        gate.set()
+        journal.close()
+
+
+async def test_the_checks_thread_ends_when_idle_and_another_takes_the_next_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's thread idle ``IDLE_SECONDS`` ends (a test's many services left one each
+    behind, for ever); the next call starts another, and a call's error is its caller's."""
+    monkeypatch.setattr(fsbound, "IDLE_SECONDS", 0.05)
+    worker = fsbound.BoundedWorker("fs-test", "a test's call")
+    assert await worker.run(lambda: 1) == 1
+    async with asyncio.timeout(30):
+        while worker._thread is not None:  # (it ends once idle)
+            await asyncio.sleep(0.01)
+    with pytest.raises(OSError, match="gone"):
+        await worker.run(os.stat, "/gone/for/this/test")
+    assert (await worker.run(lambda: 2), worker.threads) == (2, 2)
+
+
+def test_a_hung_check_holds_no_stop_of_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s75 revstore (L): Python 3.11's ``asyncio.run`` waits for the default
+    executor's threads at its end with no bound, so a check hung there (a hung network mount)
+    held the agent's stop until systemd killed it, its orderly stop skipped. Now the check's
+    daemon thread holds nothing: a loop whose check hangs and whose handler is cancelled (as
+    the agent's stop cancels its calls) ends while the read still hangs."""
+    monkeypatch.setattr(fsbound, "BOUND_SECONDS", 3600.0)  # (the check still waits at the stop)
+    agent, journal = agent_on(tmp_path)
+    try:
+        with hung_statvfs(tmp_path, monkeypatch) as (_gate, entered):
+
+            async def serve_then_stop() -> None:
+                check = asyncio.ensure_future(
+                    agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+                )
+                async with asyncio.timeout(30):
+                    while not entered[0]:
+                        await asyncio.sleep(0.01)
+                check.cancel()  # (the agent's stop: its server's calls cancelled)
+                await asyncio.gather(check, return_exceptions=True)
+
+            loop = threading.Thread(target=asyncio.run, args=(serve_then_stop(),), daemon=True)
+            loop.start()
+            loop.join(60)  # (before: until the read came back, here never)
+            assert not loop.is_alive(), "the loop's end waits for the hung check"
+            assert entered[0] == 1
+    finally:
+        journal.close()
 
 
 async def test_a_node_whose_journal_checkpoint_fails_is_refused_until_one_succeeds(
