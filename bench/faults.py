@@ -31,7 +31,8 @@ Then the invariant:
 - no acknowledged write is missing from the node's store;
 - the leader's node states agree with what each node serves (a node ``done`` in an enable-tls
   rollout serves https, ``done`` in a way back serves http; failed, rolled back or pending:
-  the scheme it had), none needs the admin;
+  the scheme it had), none needs the admin; none shows its agent's store trouble once the
+  disks are freed;
 - a way back that the admin settled leaves every node on http;
 - a change-password that completed leaves no node on an older password;
 - no daemon's or server's log holds a traceback or a secret;
@@ -597,17 +598,25 @@ def check(
         expect = "http" if wanted_back else "https"
         if scheme != expect:
             problems.append(f"{name} done in {rollout_id} but serves {scheme} ({reason})")
-    # The leader's node list (the agents' heartbeats) says the same within a few beats.
+    # The leader's node list (the agents' heartbeats) says the same within a few beats, and
+    # no agent's store trouble (``agent-store``) once every disk fault has freed its disk.
     seen: dict[str, str] = {}
+    trouble: dict[str, list[str]] = {}
 
     def heard() -> bool:
-        seen.update({n: i.server for n, i in cluster.list_nodes().items()})
-        return all(seen.get(n) == s for n, s in result.schemes.items())
+        nodes_now = cluster.list_nodes()
+        seen.update({n: i.server for n, i in nodes_now.items()})
+        trouble.clear()
+        trouble.update({n: list(i.store_trouble) for n, i in nodes_now.items() if i.store_trouble})
+        return not trouble and all(seen.get(n) == s for n, s in result.schemes.items())
 
     try:
         wait_until(heard, 15, "the leader's node list to say each node's scheme", interval=0.5)
     except Exception:
-        problems.append(f"the leader's node list says {seen}, the nodes {result.schemes}")
+        if trouble:
+            problems.append(f"store trouble said after every disk was freed: {trouble}"[:400])
+        if not trouble or any(seen.get(n) != s for n, s in result.schemes.items()):
+            problems.append(f"the leader's node list says {seen}, the nodes {result.schemes}")
     if wanted_back and result.settled and any(s != "http" for s in result.schemes.values()):
         problems.append(f"the admin's way back left {result.schemes}")
     # A change-password that completed (or the admin's retry of it): no node runs an older
