@@ -31,10 +31,13 @@ Then the invariant:
 - no acknowledged write is missing from the node's store;
 - the leader's node states agree with what each node serves (a node ``done`` in an enable-tls
   rollout serves https, ``done`` in a way back serves http; failed, rolled back or pending:
-  the scheme it had), none needs the admin;
+  the scheme it had), none needs the admin; none shows its agent's store trouble once the
+  disks are freed;
 - a way back that the admin settled leaves every node on http;
 - a change-password that completed leaves no node on an older password;
-- no daemon's or server's log holds a traceback or a secret.
+- no daemon's or server's log holds a traceback or a secret;
+- each daemon, still running, stops at SIGTERM within its unit's ``TimeoutStopSec`` (the
+  agent's 90 s, the leader's 30 s), exit 0.
 
 Each iteration's seed is printed first, then its faults (each with the moment it met: the
 journal's last two events or the leader's state; "not hit" where the rollout ended first) and
@@ -69,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from leader.wire import NODE_STATE, ROLLOUT_STATE
+from nodeagent.journal import JOURNAL_IN_DOUBT
 from tests.cluster import Cluster, wait_until
 from tests.nodeside import Node, cluster_of, fill, tmpfs
 from tests.test_fault_matrix import (
@@ -124,6 +128,9 @@ PHASES = ("frozen", "config_written", "restarted")
 LEASE = 20  # scope_freeze_lease, as the matrix's
 END_TIMEOUT = 100 + LEASE + 60  # a scope freeze's unanswered node: a lease and a minute more
 WATCH_TIMEOUT = 90.0  # a step never reached (the rollout ended first) is "not reached"
+# The bound of a daemon's stop (SIGTERM) at an iteration's end: its unit's TimeoutStopSec
+# (README: the agent's 90 s, a switch under way ending first; the leader's 30 s).
+STOP_BOUND = {"leader": 30.0, "agent": 90.0}
 
 
 @dataclass
@@ -156,6 +163,7 @@ class Result:
     reached: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    stops: dict[str, float] = field(default_factory=dict)  # each daemon's stop, in seconds
 
     def line(self) -> str:
         faults = "; ".join(
@@ -590,17 +598,25 @@ def check(
         expect = "http" if wanted_back else "https"
         if scheme != expect:
             problems.append(f"{name} done in {rollout_id} but serves {scheme} ({reason})")
-    # The leader's node list (the agents' heartbeats) says the same within a few beats.
+    # The leader's node list (the agents' heartbeats) says the same within a few beats, and
+    # no agent's store trouble (``agent-store``) once every disk fault has freed its disk.
     seen: dict[str, str] = {}
+    trouble: dict[str, list[str]] = {}
 
     def heard() -> bool:
-        seen.update({n: i.server for n, i in cluster.list_nodes().items()})
-        return all(seen.get(n) == s for n, s in result.schemes.items())
+        nodes_now = cluster.list_nodes()
+        seen.update({n: i.server for n, i in nodes_now.items()})
+        trouble.clear()
+        trouble.update({n: list(i.store_trouble) for n, i in nodes_now.items() if i.store_trouble})
+        return not trouble and all(seen.get(n) == s for n, s in result.schemes.items())
 
     try:
         wait_until(heard, 15, "the leader's node list to say each node's scheme", interval=0.5)
     except Exception:
-        problems.append(f"the leader's node list says {seen}, the nodes {result.schemes}")
+        if trouble:
+            problems.append(f"store trouble said after every disk was freed: {trouble}"[:400])
+        if not trouble or any(seen.get(n) != s for n, s in result.schemes.items()):
+            problems.append(f"the leader's node list says {seen}, the nodes {result.schemes}")
     if wanted_back and result.settled and any(s != "http" for s in result.schemes.values()):
         problems.append(f"the admin's way back left {result.schemes}")
     # A change-password that completed (or the admin's retry of it): no node runs an older
@@ -611,6 +627,34 @@ def check(
             if behind:
                 problems.append(f"completed, yet nodes run an older password: {behind}"[:400])
     result.acked = sum(len(w.acked) for w in writers)
+
+
+def stop_daemons(result: Result, cluster: Cluster) -> None:
+    """SIGTERM the leader and every agent at once (a host's shutdown) once the checks are
+    done: each must be running still, and exit 0 within its unit's bound (``STOP_BOUND``).
+    The cluster's close killed one still up after 5 s, unsaid: an agent that hung at its stop
+    (the store watch's thread, a journal write) passed."""
+
+    def stop(daemon: Any) -> None:
+        kind = "leader" if daemon is cluster.leader else "agent"
+        if not daemon.running:
+            result.problems.append(f"{daemon.name} was not running at the end")
+            return
+        began = time.monotonic()
+        try:
+            code = daemon.stop(timeout=STOP_BOUND[kind])
+        except subprocess.TimeoutExpired:
+            result.problems.append(f"{daemon.name} did not stop within {STOP_BOUND[kind]:.0f} s")
+            return
+        result.stops[daemon.name] = round(time.monotonic() - began, 1)
+        if code != 0:
+            result.problems.append(f"{daemon.name} stopped with exit code {code}")
+
+    threads = [threading.Thread(target=stop, args=(d,)) for d in cluster.daemons()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def abort_early(result: Result, cluster: Cluster, nodes: list[Node], rollout_id: str) -> str:
@@ -737,6 +781,7 @@ def run_iteration(result: Result, root: Path, first: list[Fault], later: list[Fa
             for t in threads:
                 t.join(30)
         check(result, cluster, nodes, writers, rollouts)
+        stop_daemons(result, cluster)  # (before the logs are read: what a stop said too)
         logs = cluster.logs_text() + "".join(
             n.server.log_path.read_text(errors="replace")
             for n in nodes
@@ -750,6 +795,8 @@ def run_iteration(result: Result, root: Path, first: list[Fault], later: list[Fa
                 if e.get("level") in ("warning", "error", "critical")
             }
         )
+        if JOURNAL_IN_DOUBT in logs:  # (an error's words, no event of its own)
+            result.reached.append("journal:in_doubt")
         if "Traceback" in logs:
             result.problems.append("a traceback in a daemon's or a server's log")
         if found := cluster.find_secrets(logs, PASSWORDS):

@@ -194,3 +194,42 @@ def test_a_disk_fault_moved_to_a_node_the_admins_retry_covers_finds_its_tmpfs(
         assert fault.hit and fault.target != drawn.target, fault
         assert filled == [faults.disk_dir(tmp_path / str(seed), fault)], (filled, mounted)
     assert seeds >= 5
+
+
+class _Stopping:
+    """A daemon's stand-in for ``faults.stop_daemons``: how its SIGTERM ends."""
+
+    def __init__(self, name: str, running: bool = True, code: int = 0, hangs: bool = False):
+        self.name, self.running, self.code, self.hangs = name, running, code, hangs
+        self.bounds: list[float] = []
+
+    def stop(self, timeout: float) -> int:
+        self.bounds.append(timeout)
+        if self.hangs:  # (``Daemon.stop``: killed, then TimeoutExpired)
+            raise subprocess.TimeoutExpired("tlsroll-agent", timeout)
+        return self.code
+
+
+def test_a_daemon_that_does_not_stop_cleanly_within_its_units_bound_is_a_violation() -> None:
+    """Session 75 (faultrun3): the campaign's end killed every daemon still up after 5 s,
+    unsaid; each is now stopped with SIGTERM within its unit's TimeoutStopSec, and one not
+    running, stopping with another exit code or outliving the bound is a problem."""
+    leader = _Stopping("leader")
+    agents = [
+        _Stopping("agent node1"),
+        _Stopping("agent node2", hangs=True),
+        _Stopping("agent node3", code=1),
+        _Stopping("agent node4", running=False),
+    ]
+    cluster: Any = SimpleNamespace(leader=leader, daemons=lambda: [leader, *agents])
+    result = faults.Result(1, "enable-node")
+    faults.stop_daemons(result, cluster)
+    assert sorted(result.problems) == [
+        "agent node2 did not stop within 90 s",
+        "agent node3 stopped with exit code 1",
+        "agent node4 was not running at the end",
+    ]
+    assert leader.bounds == [faults.STOP_BOUND["leader"]] == [30.0]
+    assert agents[0].bounds == agents[1].bounds == [faults.STOP_BOUND["agent"]] == [90.0]
+    assert agents[3].bounds == []
+    assert set(result.stops) == {"leader", "agent node1", "agent node3"}
