@@ -342,6 +342,10 @@ class Commands:
         self.online = online
         self.leader_node = leader_node
         self.wake = wake
+        # The nodes whose agents say their journal holds no settings for the https their server
+        # serves (``LeaderState.no_settings``; the runtime sets it): a plan that skips one as
+        # done names the rotate-cert (``planner.NO_SETTINGS_SKIP``).
+        self.no_settings: Callable[[], frozenset[str]] = frozenset
 
     async def _resolve(
         self, request: RolloutRequest
@@ -640,6 +644,8 @@ class Commands:
             seen = {name: _own_count(o, installed) for name, o in seen.items()}
         if seen:
             seen = await self._mark_revoked(seen)
+            unset = self.no_settings()
+            seen = {n: replace(o, no_settings=n in unset and o.reachable) for n, o in seen.items()}
         if seen is None and undone is not None:
             raise undone  # nothing observed: what was taken back is all there is to go by
         epoch = await asyncio.to_thread(self.schema.next_epoch)

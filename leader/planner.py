@@ -521,11 +521,29 @@ def revoked_served(names: Sequence[str]) -> str:
     return REVOKED_SERVED.format(command=rotate_command(names))
 
 
+NO_SETTINGS_SKIP = (
+    "its agent's journal holds no settings for the https it serves (reinitialised, or put back "
+    "from an older copy): workstations cannot enrol at its bootstrap port until a switch: {command}"
+)
+"""What a node skipped as done says if its agent's journal holds no settings for the https its
+server serves (``NodeObservation.no_settings``): no bootstrap service runs there, and "nothing
+to do" was a dead end (session 75 https9443); a rotate-cert stages them again."""
+
+
+def no_settings_skip(names: Sequence[str]) -> str:
+    """``NO_SETTINGS_SKIP`` for ``names``."""
+    return NO_SETTINGS_SKIP.format(command=rotate_command(names))
+
+
 class NothingToDo(PlanError):
     """Every node in scope already runs what the change wants."""
 
     def __init__(
-        self, change: Change, done: Mapping[str, str], revoked: Sequence[str] = ()
+        self,
+        change: Change,
+        done: Mapping[str, str],
+        revoked: Sequence[str] = (),
+        no_settings: Sequence[str] = (),
     ) -> None:
         names = ", ".join(sorted(done))
         # A down server whose config serves http runs nothing: its words, not "runs" (review
@@ -535,6 +553,9 @@ class NothingToDo(PlanError):
         # ... and one that serves a revoked certificate is not left to look fine.
         if revoked:
             said += f"; {_some(sorted(revoked))}: {revoked_served(sorted(revoked))}"
+        # ... nor one whose agent serves no workstation port for want of its settings.
+        if no_settings:
+            said += f"; {_some(sorted(no_settings))}: {no_settings_skip(sorted(no_settings))}"
         super().__init__(
             f"nothing to do: every node in scope ({names}) already runs what {change.value} "
             f"wants{said} (see: tlsroll nodes, tlsroll schema show)"
@@ -734,6 +755,7 @@ def plan_rollout(
             raise Unreachable(unreachable)
         wrong: dict[str, str] = {}
         revoked: list[str] = []  # skipped as done, serving a revoked certificate
+        unset: list[str] = []  # skipped as done, their journals without the https settings
         for name in asked:
             if name in left:
                 continue
@@ -744,13 +766,16 @@ def plan_rollout(
                 if state is NodeState.SKIPPED and observed[name].cert_revoked:
                     revoked.append(name)
                     reason = f"{reason}; {revoked_served([name])}"
+                if state is NodeState.SKIPPED and observed[name].no_settings:
+                    unset.append(name)
+                    reason = f"{reason}; {no_settings_skip([name])}"
                 (dual if state is NodeState.DUAL else done)[name] = reason
             elif why := wrong_source(change, observed[name], strategy, finalizes):
                 wrong[name] = why
         if wrong:
             raise WrongSource(change, wrong)
         if len(done) == len(names):
-            raise NothingToDo(change, done, revoked)
+            raise NothingToDo(change, done, revoked, unset)
         if len(done) + len(left) == len(names):
             raise NoneReachable(change, left, done)
     elif left and len(left) == len(names):  # nothing asked (no agents): only they are known

@@ -929,6 +929,11 @@ class NodeObservation:
     # store (``leader.commands.Commands._plan``), not by the agent. The node is no less done
     # for enable-tls, but its skip says to replace it (``planner.REVOKED_SERVED``).
     cert_revoked: bool = False
+    # Its agent says (heartbeats: ``LeaderState.no_settings``) that its server serves https
+    # while its journal holds no settings for it, so no bootstrap service (9443) runs there: set
+    # by the plan, as ``cert_revoked``. The node is no less done for enable-tls, but its skip
+    # names the rotate-cert that brings the service back (``planner.NO_SETTINGS_SKIP``).
+    no_settings: bool = False
     # "needs the admin: <why, what to do>" (``tlsroll.enums.NEEDS_ADMIN``): the agent said so
     # (its journal put back from a copy made mid-switch); reachable is False then.
     needs_admin: str = ""

@@ -993,6 +993,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         channels=agents,  # a start's first nodes' channels (``AgentPool.release_first``)
         heartbeat_interval=cfg.heartbeat_interval,
     )
+    commands.no_settings = state.no_settings  # (a plan's skip names the rotate-cert there)
     viewer: Viewer | None = None
     if cfg.viewer_port:  # the viewer's parts only when it is on; aiohttp once it is opened
         from leader.viewer.server import Viewer  # noqa: PLC0415

@@ -53,6 +53,7 @@ from leader.planner import (
     Unreachable,
     WrongSource,
     report_stale_after,
+    rotate_command,
 )
 from leader.rollout_core import Client, IllegalTransition
 from leader.schema_store import (
@@ -102,6 +103,7 @@ from tlsroll.clients import https_matches
 from tlsroll.enums import (
     CAP_SOURCE,
     NEEDS_ADMIN,
+    NO_SETTINGS,
     RETRY_AFTER_KEY,
     SERVER_RESTARTING,
     SERVES_PREVIOUS,
@@ -255,11 +257,22 @@ def earlier_problem(node: str, serial: str) -> str:
 def bootstrap_problem(node: str, why: str) -> str:
     """The node problem node ``node``'s agent says of its bootstrap service (``why``, cleaned):
     one that did not start, or (``SERVES_PREVIOUS``) one that serves the settings it last
-    read, its journal unread (review s45rev4 M2: "did not start" would be untrue)."""
+    read, its journal unread (review s45rev4 M2: "did not start" would be untrue), or
+    (``NO_SETTINGS``) none that runs, as its journal holds no settings for the https its
+    server serves: the rotate-cert that stages them."""
     if why.startswith(SERVES_PREVIOUS):
         return (
             f"{node}'s bootstrap service {why} (its agent reads the journal again at least once "
             "a minute)"
+        )
+    if why.startswith(NO_SETTINGS):
+        # Its server on https with a password, its agent's journal without the settings: no
+        # service runs, and only a switch brings it back (session 75 https9443: nothing was
+        # shown, and "did not start ... its agent tries again" would be untrue).
+        return (
+            f"{node} serves https but its agent's journal holds no settings for it "
+            f"(reinitialised, or put back from an older copy): {why[len(NO_SETTINGS) :]}; "
+            f"run: {rotate_command([node])}"
         )
     return (
         f"{node}'s bootstrap service did not start ({why}): workstations cannot enrol there; "
@@ -504,6 +517,16 @@ class LeaderState:
         self.clocks.drop(node)
         for forget in self.on_forget:
             forget(node)
+
+    def no_settings(self) -> frozenset[str]:
+        """(Any thread.) The nodes whose agents say their server serves https while their
+        journal holds no settings for it (``NO_SETTINGS``): no bootstrap service runs there
+        until a rotate-cert, which a plan that finds such a node done names."""
+        return frozenset(
+            node
+            for node, (_since, why) in list(self.bootstrap_down.items())
+            if why.startswith(NO_SETTINGS)
+        )
 
     def removed_since(self, node: str, removals: int) -> bool:
         """Whether ``node`` was removed after ``removals`` (``removals`` as it was then)."""

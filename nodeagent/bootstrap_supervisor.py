@@ -40,7 +40,7 @@ from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from tlsroll import backoff, logs, password, peertext, spiffe
-from tlsroll.enums import RETRY_AFTER_KEY, SERVES_PREVIOUS
+from tlsroll.enums import NO_SETTINGS, RETRY_AFTER_KEY, SERVES_PREVIOUS
 from tlsroll.errors import TerminalError, TlsrollError, os_error_text
 from tlsroll.fsutil import check_private_file, read_regular
 from tlsroll.rpc import hostport, node_removed
@@ -48,6 +48,7 @@ from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 if TYPE_CHECKING:
     from nodeagent.bootstrap_server import BootstrapService, Guard, Signed, Withdrawal
+    from tlsroll.v1 import agent_pb2
 
 log = logs.get_logger(__name__)
 
@@ -176,6 +177,11 @@ class BootstrapHost:
         # logged, "" when it was read since; since when (``time.monotonic``), None then.
         self._unread_said = ""
         self._unread_since: float | None = None
+        # Whether a transaction runs now (the runtime sets it: the runner's), during which the
+        # journal's live settings lag what the server serves (``lacking``); and whether the
+        # lack of them was logged (once, and again after it ended).
+        self.busy: Callable[[], bool] = lambda: False
+        self._lacking_said = False
         self._retrying: asyncio.Task[None] | None = None
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
@@ -418,6 +424,45 @@ class BootstrapHost:
         self._said = problem
         self._tries += 1
         self.problem = problem
+
+    def lacking(self, view: agent_pb2.ServerView) -> str | None:
+        """What the heartbeat says of a service that need not run by the journal, its server's
+        status ``view`` at hand: the server serves https with an auth password (so the service
+        should run) while the journal holds no live https settings (begun again with
+        ``--reinitialise``, or put back from a copy older than the node's switch): no service
+        runs, and only a switch stages the settings again. Then ``NO_SETTINGS`` and the port,
+        which the leader shows as the node's problem with the rotate-cert (session 75
+        https9443: no problem was shown, the node looked fine, and workstations could not enrol
+        there). "" if not so; None if not known now: the server is not healthy, or a
+        transaction runs (its switch serves https before its completion records the settings),
+        when the leader keeps what it showed (``bootstrap_pending``). Only where the service
+        itself is known to need not run (``problem`` "", no settings read)."""
+        if self.current is not None:
+            self._lacking_said = False  # (a switch staged them: said again if lost again)
+            return ""  # (the settings live: ``problem`` says the rest)
+        if self.problem != "":
+            return ""  # (its own problem, or not tried yet: ``problem`` says it)
+        if self.removed is not None or self.journal.needs_admin() is not None:
+            return ""  # (a node removed, or held for the admin: their problems say what to do)
+        if not view.healthy or self.busy():
+            return None
+        if "https" not in view.schemes or not view.verifier_digest:
+            self._lacking_said = False
+            return ""
+        port = self.cfg.bootstrap_port
+        if not self._lacking_said:
+            self._lacking_said = True
+            node = self.cfg.node_name
+            log.error(
+                "bootstrap.no_settings",
+                port=port,
+                detail="the server serves https with an auth password, but the journal holds no"
+                " live https settings (begun again, or put back from an older copy): no"
+                " bootstrap service runs, and workstations cannot enrol here",
+                hint="a switch stages them again: run `tlsroll rollout start --change rotate-cert"
+                f" --nodes {node}` on the leader",
+            )
+        return f"{NO_SETTINGS}workstations cannot enrol at port {port}"
 
     def _hint(self, problem: str) -> str:
         """What the line of a start that failed (``problem``, ``_start``'s) says to do: the port

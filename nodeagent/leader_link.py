@@ -841,6 +841,10 @@ class LeaderLink:
         # need not, None before the agent knows (``BootstrapHost.problem``), sent with the
         # server's view.
         self.bootstrap_problem: Callable[[], str | None] | None = None
+        # Where that is "": what the service lacks by the server's view (its server serves
+        # https with a password, its journal no settings: ``BootstrapHost.lacking``), "" if
+        # nothing, None if not known now; sent the same way.
+        self.bootstrap_lacking: Callable[[agent_pb2.ServerView], str | None] | None = None
         # (Read on a thread, with the journal's facts.) Why the agent cannot write its own
         # store safely now (its journal's checkpoint fails, free space low for a switch:
         # ``NodeAgentService.store_trouble``), [] if it can: sent with every message
@@ -1395,7 +1399,10 @@ class LeaderLink:
                     if self.bootstrap_problem is not None:
                         # None: not known yet (the agent's start has not tried the service):
                         # said as such, not as "no problem" (s43's Left 2).
-                        if (said := self.bootstrap_problem()) is None:
+                        said = self.bootstrap_problem()
+                        if said == "" and self.bootstrap_lacking is not None:
+                            said = self.bootstrap_lacking(view)
+                        if said is None:
                             request.server.bootstrap_pending = True
                         else:
                             request.server.bootstrap_problem = said[:200]

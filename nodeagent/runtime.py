@@ -752,6 +752,12 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
         runner.on_held = link.beat_soon  # "needs the admin" said at once, and its end
     service.on_freeze_change = link.beat_soon  # "frozen" shown as it is now, not an interval on
     link.bootstrap_problem = lambda: bootstrap.problem
+    # A server on https with a password and a journal with no settings (begun again, an older
+    # copy put back) is said too, not while a transaction runs (its settings come at its end).
+    link.bootstrap_lacking = bootstrap.lacking
+    if runner is not None:
+        tasks = runner.tasks
+        bootstrap.busy = lambda: any(not task.done() for task in tasks.values())
     # Its journal's checkpoint, its disks' room: read off the beat's path (a hung mount there
     # stalls no heartbeat), news sent at once (``nodeagent.store_watch``).
     store_watch = StoreWatch(service.store_trouble, cfg.heartbeat_interval, link.beat_soon)

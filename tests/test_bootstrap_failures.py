@@ -54,8 +54,9 @@ from tests.test_bootstrap import (
 )
 from tests.test_heartbeat_stream import agent_link
 from tlsroll import password, peertext, pki
+from tlsroll.enums import NO_SETTINGS
 from tlsroll.errors import TransientError
-from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
 NOW = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
 
@@ -1225,3 +1226,60 @@ async def test_a_refusal_taken_back_while_the_service_starts_reaches_the_new_ser
         await host.close()
     finally:
         journal.close()
+
+
+async def test_a_server_on_https_with_a_journal_without_its_settings_is_said_with_the_way(
+    tmp_path: Path,
+) -> None:
+    """Session 75 https9443: an agent's journal begun again (``--reinitialise``) or put back
+    from a copy older than the node's switch holds no live https settings: no bootstrap service
+    runs, and nothing said so while the server served https with a password (the node looked
+    fine; workstations could not enrol there). The host says it (``lacking``, from the server's
+    status) as the node's bootstrap problem (``NO_SETTINGS``), which the leader words with the
+    rotate-cert, and its plan that finds the node done names it too; not while a transaction
+    runs (a switch serves https before its completion records the settings) nor while the
+    server is down (None: the leader keeps what it showed), nor on http or without a password.
+    The daemons' path: tests/test_going_back.py (a copy put back, then --reinitialise)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    host = _host(journal, 9443)
+    busy = [False]
+    host.busy = lambda: busy[0]
+
+    def view(*schemes: str, healthy: bool = True, digest: str = "ab") -> Any:
+        return agent_pb2.ServerView(healthy=healthy, schemes=schemes, verifier_digest=digest)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await host.sync()
+            assert host.problem == "" and host.current is None
+            said = host.lacking(view("https"))
+            assert said == f"{NO_SETTINGS}workstations cannot enrol at port 9443"
+            assert host.lacking(view("https")) == said
+            assert host.lacking(view("http", "https")) == said
+            assert host.lacking(view("http")) == ""
+            assert host.lacking(view("https", digest="")) == ""  # (no service wanted then)
+            assert host.lacking(view("https", healthy=False)) is None
+            busy[0] = True
+            assert host.lacking(view("https")) is None
+            busy[0] = False
+            assert host.lacking(view("https")) == said
+        lines = [e for e in logs if e["event"] == "bootstrap.no_settings"]
+        # Once when it begins, once again after it ended (the server on http meanwhile).
+        assert len(lines) == 2, logs
+        assert "--change rotate-cert --nodes node-a" in lines[0]["hint"], lines
+    finally:
+        await host.close()
+        journal.close()
+
+    problem = service.bootstrap_problem("node-a", said)
+    assert problem == (
+        "node-a serves https but its agent's journal holds no settings for it (reinitialised,"
+        " or put back from an older copy): workstations cannot enrol at port 9443; run: tlsroll"
+        " rollout start --change rotate-cert --nodes node-a"
+    )
+    now = dt.datetime(2026, 12, 7, tzinfo=dt.UTC)
+    state = service.LeaderState(cast(Any, None), cast(Any, None), lambda: now, 5)
+    state.bootstrap_down["node-a"] = (now, said)
+    state.bootstrap_down["node-b"] = (now, "port 9443: [Errno 98] Address already in use")
+    assert state.no_settings() == {"node-a"}
+    assert [p.problem for p in state.node_problems() if p.node == "node-a"] == [problem]

@@ -25,6 +25,7 @@ from nodeagent import journal
 from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
 from tests.nodeside import Node, cluster_of
 from tests.test_level_based import live, password_file
+from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.sqlite import Database, copy_name
 
 ENDED = ("completed", "halted", "aborted")
@@ -81,6 +82,27 @@ def start_agent(cluster: Cluster, node: Node) -> None:
     cluster.wait_for_nodes_online([node.name])
 
 
+def problems_of(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    """The node problems ``schema show --json`` lists for node ``name``."""
+    shown: list[dict[str, Any]] = cluster.schema_json().get("node_problems", [])
+    return [p for p in shown if p.get("node") == name]
+
+
+def no_settings_problem(cluster: Cluster, name: str) -> str:
+    """The words of node ``name``'s problem once its agent says its journal holds no settings
+    for the https its server serves (``tlsroll.enums.NO_SETTINGS``), waited for."""
+    found: list[str] = []
+
+    def shown() -> bool:
+        found[:] = [
+            p["problem"] for p in problems_of(cluster, name) if "holds no settings" in p["problem"]
+        ]
+        return bool(found)
+
+    wait_until(shown, 30, f"{name}'s no-settings problem", interval=LEADER_POLL)
+    return found[0]
+
+
 def reasons(rollout: dict[str, Any]) -> str:
     return " | ".join(str(n.get("reason", "")) for n in rollout["nodes"])
 
@@ -116,6 +138,22 @@ def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_ht
     start_agent(cluster, node)
     assert node.agent.event_names().count("journal.restored") == 1
 
+    # Session 75 https9443 (M3): the copy holds no live https settings, while the server serves
+    # https with a password: no bootstrap service runs there (port 9443), and nothing said so,
+    # the node looked fine and the plan said "nothing to do". The node's problem says it and
+    # the rotate-cert that stages the settings again; the plan that finds the node done too.
+    rotate = f"tlsroll rollout start --change rotate-cert --nodes {node.name}"
+    said = no_settings_problem(cluster, node.name)
+    assert said == (
+        f"{node.name} serves https but its agent's journal holds no settings for it"
+        " (reinitialised, or put back from an older copy): workstations cannot enrol at port"
+        f" {BOOTSTRAP_PORT}; run: {rotate}"
+    ), said
+    plan = cluster.cli("plan", "--nodes", node.name)
+    assert plan.returncode != 0 and "nothing to do" in plan.stderr, plan
+    assert rotate in " ".join(plan.stderr.split()), plan.stderr
+    assert "bootstrap.no_settings" in node.agent.event_names()
+
     back = run(cluster, "rollback")
     assert back["state"] == "halted", back
     why = reasons(back)
@@ -136,6 +174,37 @@ def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_ht
     note = back.get("reason", "")
     assert f"{node.name} failed: going back to http refused: " in note, back
     assert note.endswith("then tlsroll rollout rollback again"), note  # (the way back's way on)
+
+    # M1: the agent's journal begun again (``--reinitialise``) holds none either: still said.
+    agent = node.agent
+    agent.stop()
+    lacking = agent.event_names().count("bootstrap.no_settings")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{node.journal_path}{suffix}").unlink(missing_ok=True)
+    node.journal_path.write_bytes(os.urandom(64 * 1024))  # (damaged: tests/test_state_loss.py)
+    argv = list(agent.argv)
+    agent.argv = [*argv, "--reinitialise"]
+    try:
+        code, output = agent.run_to_exit(timeout=30)
+    finally:
+        agent.argv = argv
+    assert code == 0, output
+    start_agent(cluster, node)
+    wait_until(
+        lambda: agent.event_names().count("bootstrap.no_settings") > lacking,
+        30,
+        "the reinitialised agent's bootstrap.no_settings",
+    )
+    assert no_settings_problem(cluster, node.name) == said
+    # The way named: the rotate-cert stages the settings, the service runs, the problem goes.
+    rotated = run(cluster, "start", "--change", "rotate-cert", "--nodes", node.name)
+    assert rotated["state"] == "completed", rotated
+    wait_until(
+        lambda: not problems_of(cluster, node.name),
+        30,
+        "the node's problem gone after the rotate-cert",
+    )
+    assert list(live(node).schemes) == ["https"]
 
 
 def test_an_agent_runs_on_a_newer_journal_whose_migrations_it_may_ignore(

@@ -1244,6 +1244,48 @@ def test_a_node_skipped_as_done_that_serves_a_revoked_certificate_is_told_to_rot
     )
 
 
+def test_a_node_skipped_as_done_whose_agent_lacks_its_https_settings_is_told_to_rotate() -> None:
+    """Session 75 https9443: a node on https whose agent's journal holds no settings for it
+    (begun again, or an older copy put back: ``NodeObservation.no_settings``, from its
+    heartbeats) runs no bootstrap service; enable-tls finds it done, and "nothing to do" was a
+    dead end. Its skip and the refusal name the rotate-cert that stages the settings again."""
+    unset = replace(seen("https"), no_settings=True)
+    _, nodes = plan_rollout(
+        rollout_id="r2",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled=dict.fromkeys(["a", "b"], True),
+        leader="b",
+        epoch=4,
+        observed={"a": seen("http"), "b": unset},
+    )
+    states = {n.name: (n.state, n.reason) for n in nodes}
+    assert states["b"] == (
+        N.SKIPPED,
+        "already done: on https with a certificate of this CA; its agent's journal holds no "
+        "settings for the https it serves (reinitialised, or put back from an older copy): "
+        "workstations cannot enrol at its bootstrap port until a switch: tlsroll rollout start "
+        "--change rotate-cert --nodes b",
+    )
+    with pytest.raises(NothingToDo) as refused:
+        plan_rollout(
+            rollout_id="r3",
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled=dict.fromkeys(["node2", "node3"], True),
+            leader="node3",
+            epoch=4,
+            observed={"node2": unset, "node3": seen("https")},
+        )
+    assert str(refused.value) == (
+        "nothing to do: every node in scope (node2, node3) already runs what enable-tls wants; "
+        "node2: its agent's journal holds no settings for the https it serves (reinitialised, "
+        "or put back from an older copy): workstations cannot enrol at its bootstrap port until "
+        "a switch: tlsroll rollout start --change rotate-cert --nodes node2 (see: tlsroll nodes,"
+        " tlsroll schema show)"
+    )
+
+
 def test_the_rotate_cert_said_for_many_nodes_serving_a_revoked_certificate_names_them_all() -> None:
     """Review rvc of s66-misc (L1): past ten nodes serving a revoked certificate, the refusal
     cut their names at ten and its command said ``--nodes NAMES``, which cannot be run. The

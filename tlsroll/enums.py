@@ -136,6 +136,16 @@ rollback not in effect: ``nodeagent.bootstrap_supervisor``); the leader tells it
 that did not start by it, and words it so (``leader.service.LeaderState.node_problems``, the
 viewer's page): the contract has one problem kind for both (``bootstrap-down``)."""
 
+NO_SETTINGS = "no settings in the agent's journal: "
+"""How an agent's bootstrap problem (``LiveServer.bootstrap_problem``) begins when its server
+serves https with an auth password but its journal holds no live https settings (begun again
+with ``--reinitialise``, or put back from a copy older than the node's switch), so that no
+bootstrap service runs there and only a switch (a rotate-cert) brings one back
+(``nodeagent.bootstrap_supervisor.BootstrapHost.lacking``). The leader words it as that node's
+problem, with the rotate-cert, and its plan that finds the node done names the same
+(``leader.service.bootstrap_problem``, ``leader.planner.NO_SETTINGS_SKIP``; session 75
+https9443: the node looked fine, and an enable-tls said "nothing to do")."""
+
 CAP_SOURCE = "over the hourly cap"
 """The ``source`` of a node's bootstrap failures (``schema show``, the viewer, the metrics)
 that counts PCs refused a certificate there, the node's hour's cap of workstation certificates
