@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from tlsroll.errors import TransientError
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -52,8 +54,9 @@ def hung_text(what: str, bound: float) -> str:
     )
 
 
-class Hung(Exception):
-    """A call of the checks did not come back within its bound (``str``: ``hung_text``)."""
+class Hung(TransientError):
+    """A call of the checks did not come back within its bound (``str``: ``hung_text``): for
+    now (the project's error tree: a file system that answers again ends it)."""
 
 
 @dataclass

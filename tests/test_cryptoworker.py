@@ -630,6 +630,7 @@ CHILD_MODULES = frozenset(
         "tlsroll.lean",
         "tlsroll.leanlog",
         "tlsroll.lifetimes",  # (datetime and secrets only: a leaf's lifetimes; pki re-exports them)
+        "tlsroll.kdfhook",  # (os alone: the tests' scrypt N, which tlsroll.password reads)
         "tlsroll.names",
         "tlsroll.password",
         "tlsroll.peertext",
