@@ -97,19 +97,11 @@ def test_product_code_resolves_paths_through_real_path_alone() -> None:
     """``Path.resolve`` raises RuntimeError on a symbolic link loop in Python 3.11 (OSError
     from 3.13): every command and daemon took it for an internal error. Product code resolves
     through ``tlsroll.fsutil.real_path``, which raises OSError (ELOOP), and nowhere else."""
-    calls = []
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            if "_pb2" in path.name:
-                continue
-            for node in ast.walk(ast.parse(path.read_text())):
-                if (
-                    isinstance(node, ast.Call)
-                    and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "resolve"
-                    and not node.args
-                ):
-                    calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    calls = [
+        f"{path}:{line}"
+        for path, line, call in _calls()
+        if isinstance(call.func, ast.Attribute) and call.func.attr == "resolve" and not call.args
+    ]
     fsutil = (ROOT / "tlsroll" / "fsutil.py").read_text().splitlines()
     (own,) = [n for n, line in enumerate(fsutil, 1) if line.strip() == "return path.resolve()"]
     assert calls == [f"tlsroll/fsutil.py:{own}"]
@@ -120,22 +112,28 @@ EVENT_NAME = re.compile(r"[a-z]+(_[a-z]+)*\.[a-z]+(_[a-z]+)*")
 
 
 @functools.cache  # (parsed once for the tests below)
-def _log_calls() -> list[tuple[str, int, ast.Call]]:
+def _calls() -> list[tuple[str, int, ast.Call]]:
+    """Every call in our packages' code (generated protobuf code aside): path, line, call."""
     calls = []
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             if "_pb2" in path.name:
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
-                if (
-                    isinstance(node, ast.Call)
-                    and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in LOG_METHODS
-                    and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id == "log"
-                ):
+                if isinstance(node, ast.Call):
                     calls.append((str(path.relative_to(ROOT)), node.lineno, node))
     return calls
+
+
+def _log_calls() -> list[tuple[str, int, ast.Call]]:
+    return [
+        (path, line, call)
+        for path, line, call in _calls()
+        if isinstance(call.func, ast.Attribute)
+        and call.func.attr in LOG_METHODS
+        and isinstance(call.func.value, ast.Name)
+        and call.func.value.id == "log"
+    ]
 
 
 def test_log_events_follow_one_naming_scheme() -> None:
