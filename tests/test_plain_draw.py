@@ -1244,6 +1244,27 @@ def test_who_is_on_which_scheme_without_a_client_is_no_empty_table() -> None:
     assert lines[0] == "who is on which scheme (per node)" and lines[1].startswith("┏"), lines
 
 
+def test_a_report_naming_a_problem_is_no_0_still_on_http_under_the_table() -> None:
+    """Review s75 revpipes L4: the table's column shows "-" for a node whose client report
+    names a problem (its driver's client command failed: a finalize counts it as not known),
+    while the line under the table said "node2: 0 still on http". It says it cannot tell now,
+    and why; a report with its sightings and a problem keeps its count."""
+    from leader.cli.draw import render_clients
+
+    heard = "2026-12-07T09:00:00Z"
+    failed = {"source": "exec", "window_seconds": 600, "problem": "clients: exit status 1"}
+    views: list[dict[str, Any]] = [{"node": "node2", "clients": failed, "reported_at": heard}]
+    (_, line) = render_clients(views).lines(400, color=False)
+    assert line == (
+        "node2: cannot tell who is still on http: its client report names a problem; window"
+        " 600s, source exec, reported 2026-12-07 09:00:00 UTC; problem: clients: exit status 1"
+    ), line
+    old = {"scheme": "http", "address": "192.168.1.7", "requests": 3, "last_seen": heard}
+    views[0]["still_on_http"] = [old]
+    lines = render_clients(views).lines(400, color=False)
+    assert any(x.startswith("node2: 1 still on http;") for x in lines), lines
+
+
 def test_who_is_on_which_scheme_has_no_blank_column() -> None:
     """Session 75: the table's last column had no header, and was blank when nobody was
     still on http. It is "still on http" ("yes" on an http client not seen on https since),

@@ -662,9 +662,16 @@ def render_clients(views: Sequence[View]) -> Block:
                 )
             )
             continue
+        # A report naming a problem with no one on http in it counts as not known (a finalize
+        # refuses it, naming the problem; the column says "-"): not "0 still on http".
+        count = (
+            "cannot tell who is still on http: its client report names a problem"
+            if clients.get("problem") and not still
+            else f"{len(still)} still on http"
+        )
         notes.append(
             Styled(
-                f"{v['node']}: {len(still)} still on http; window "
+                f"{v['node']}: {count}; window "
                 f"{clients.get('window_seconds', 0)}s, source {source}, reported "
                 f"{fmt_time(v, 'reported_at')}{problem}"
             )
