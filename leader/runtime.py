@@ -1245,7 +1245,7 @@ def backup_command(config: Path, dest: Path) -> int:
         manifest = backup.make_backup(config, cfg.layout, dest)
     except TlsrollError as exc:
         daemon.say("tlsroll-leader", exc)
-        return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
+        return EXIT_CONFIG if isinstance(exc, ConfigError | backup.BadDestination) else 1
     except OSError as exc:
         daemon.say("tlsroll-leader", f"backup: {os_error_text(exc)}")
         return 1

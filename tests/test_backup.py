@@ -145,7 +145,7 @@ def test_a_backup_into_a_used_directory_or_without_a_store_is_refused_and_leaves
         used.mkdir()
         (used / "mine.txt").write_text("the admin's\n")
         result = backup(c, used)
-        assert result.returncode == 1
+        assert result.returncode == 2  # (bad input, as any bad argument: opswalk s75 L2)
         assert "not an empty directory" in one_line_error(result.stderr, "tlsroll-leader")
         assert sorted(p.name for p in used.iterdir()) == ["mine.txt"]
 
@@ -153,7 +153,7 @@ def test_a_backup_into_a_used_directory_or_without_a_store_is_refused_and_leaves
         # mode, and left behind on failure).
         deep = tmp_path / "no" / "such" / "dir"
         result = backup(c, deep)
-        assert result.returncode == 1
+        assert result.returncode == 2
         assert "no such directory" in one_line_error(result.stderr, "tlsroll-leader")
         assert not (tmp_path / "no").exists()
 
