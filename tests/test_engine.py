@@ -2332,17 +2332,9 @@ async def test_a_way_back_refused_when_run_again_is_followed_if_it_began(world: 
     await leader.stop()
 
 
-async def test_the_fake_agent_refuses_a_switch_of_another_change_under_its_id(
-    world: World,
-) -> None:
-    """Session 74's note, Open (L): ``tests/fake_agent.py`` answered a Switch whose rollout id
-    names its switch of another change with that switch (a replay), where the real agent
-    refuses it FAILED_PRECONDITION ``another_switch`` (``NodeAgentService._switch``;
-    ``test_dual_node``'s finalize under the phase-1 id): the engine tests followed a switch
-    no real agent gives them. Here a change-password rollout's id already names a finalize
-    on charlie (a rollout id used again after the store was restored): the fake refuses, as
-    the real agent does, and the node needs attention, that switch never followed (its
-    outcome was recorded as the password's: done)."""
+async def _finalize_under_a_password_rollout(world: World) -> tuple[Leader, str]:
+    """A change-password rollout started whose id already names a completed finalize switch
+    on charlie (a rollout id used again after the store was restored): its leader and id."""
     leader = world.boot()
     await leader.start()
     await leader.run()
@@ -2360,6 +2352,22 @@ async def test_the_fake_agent_refuses_a_switch_of_another_change_under_its_id(
         (charlie.scheme, charlie.fingerprint, charlie.verifier),
         change="finalize",
     )
+    return leader, rid
+
+
+async def test_the_fake_agent_refuses_a_switch_of_another_change_under_its_id(
+    world: World,
+) -> None:
+    """Session 74's note, Open (L): ``tests/fake_agent.py`` answered a Switch whose rollout id
+    names its switch of another change with that switch (a replay), where the real agent
+    refuses it FAILED_PRECONDITION ``another_switch`` (``NodeAgentService._switch``;
+    ``test_dual_node``'s finalize under the phase-1 id): the engine tests followed a switch
+    no real agent gives them. Here a change-password rollout's id already names a finalize
+    on charlie (a rollout id used again after the store was restored): the fake refuses, as
+    the real agent does, and the node needs attention, that switch never followed (its
+    outcome was recorded as the password's: done)."""
+    leader, rid = await _finalize_under_a_password_rollout(world)
+    charlie = world.agents["charlie"]
 
     row = await leader.run(passes=400)
 
@@ -2385,25 +2393,10 @@ async def test_a_switch_answered_with_another_change_under_its_id_is_not_followe
     password's switch, done. Now its state is taken as the agent's refusal: the node needs
     attention, that switch never followed. An agent that says no change (the release before
     session 73) is matched by the key alone, as before: followed (the leader cannot tell)."""
-    leader = world.boot()
-    await leader.start()
-    await leader.run()
-    await leader.commands.stage_password(VERIFIER_2, ADMIN)
-    row = await leader.start(Change.CHANGE_PASSWORD)
+    leader, rid = await _finalize_under_a_password_rollout(world)
     charlie = world.agents["charlie"]
     charlie.replays_another_change = True
     charlie.says_no_change = not says_change
-    rid = row.rollout.id
-    charlie.txns[(rid, TxnKind.SWITCH)] = FakeTxn(
-        rid,
-        TxnKind.SWITCH,
-        row.rollout.epoch,
-        0.0,
-        TxnOutcome.COMPLETED,
-        "",
-        (charlie.scheme, charlie.fingerprint, charlie.verifier),
-        change="finalize",
-    )
     sent = len(world.agents.calls_to("charlie", "switch"))  # the enable-tls rollout's
 
     row = await leader.run(passes=400)
