@@ -8,17 +8,18 @@ space as ``tlsroll.room`` reads it, given) and its link's heartbeat facts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from html import unescape
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from structlog.testing import capture_logs
@@ -37,6 +38,9 @@ from tests.test_disk_room import agent_on
 from tlsroll import room
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.v1 import leader_pb2
+
+if TYPE_CHECKING:
+    from tests.leader_rig import InProcessLeader
 
 T = dt.datetime(2026, 12, 7, 9, 0, tzinfo=dt.UTC)
 LOW = "too little free space for a switch: the agent's data dir /d has {} free, needs 4 MiB"
@@ -309,6 +313,34 @@ def test_free_space_between_the_floor_and_the_margin_is_not_said_too_little(
         journal.close()
 
 
+@contextlib.asynccontextmanager
+async def _leader_and_link(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> AsyncIterator[tuple[InProcessLeader, LeaderLink, list[asyncio.Task[Any]]]]:
+    """An in-process leader with node hb1 enrolled and that node's agent's heartbeat link (its
+    interval an hour, its clock the leader's: no clock problem); the tasks a test adds to the
+    list are cancelled at the end, then the link, its journal and the leader closed."""
+    from tests.leader_rig import leader_with_a_node
+    from tests.test_heartbeat_stream import agent_link
+
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    link, _, journal = agent_link(
+        tmp_path, rig.node_files, rig.target.rsplit(":", 1)[0], loopback(), 3600
+    )
+    link.clock = lambda: rig.clock[0]
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        yield rig, link, tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
 async def test_a_change_of_the_agent_s_store_trouble_is_sent_at_once_but_never_as_a_storm(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,8 +353,7 @@ async def test_a_change_of_the_agent_s_store_trouble_is_sent_at_once_but_never_a
     Counted: the watch's wakes, the leader's messages."""
     from leader.viewer import metrics
     from nodeagent import store_watch
-    from tests.leader_rig import leader_with_a_node
-    from tests.test_heartbeat_stream import agent_link, until
+    from tests.test_heartbeat_stream import until
     from tests.test_node_clocks import gauge, reader_of
 
     messages = [0]
@@ -335,20 +366,14 @@ async def test_a_change_of_the_agent_s_store_trouble_is_sent_at_once_but_never_a
         handle(self, name, request, now)
 
     monkeypatch.setattr(LeaderService, "_agent_store", counted)
-    rig = leader_with_a_node(tmp_path, loopback(), loopback())
-    await rig.server.start()
-    link, _, journal = agent_link(
-        tmp_path, rig.node_files, rig.target.rsplit(":", 1)[0], loopback(), 3600
-    )
-    link.clock = lambda: rig.clock[0]  # (its clock the leader's: no clock problem)
-    trouble: list[list[str]] = [[]]
-    clock = [0.0]
-    watch = store_watch.StoreWatch(
-        lambda: list(trouble[0]), 3600, link.beat_soon, monotonic=lambda: clock[0]
-    )
-    link.store_trouble = watch.current
-    tasks = [asyncio.create_task(watch.run()), asyncio.create_task(link.run())]
-    try:
+    async with _leader_and_link(tmp_path, loopback) as (rig, link, tasks):
+        trouble: list[list[str]] = [[]]
+        clock = [0.0]
+        watch = store_watch.StoreWatch(
+            lambda: list(trouble[0]), 3600, link.beat_soon, monotonic=lambda: clock[0]
+        )
+        link.store_trouble = watch.current
+        tasks += [asyncio.create_task(watch.run()), asyncio.create_task(link.run())]
         await until(lambda: messages[0] >= 1 and watch.reads >= 1, "the first beat and read")
 
         def store_thread(failed: BaseException | None) -> None:
@@ -383,13 +408,6 @@ async def test_a_change_of_the_agent_s_store_trouble_is_sent_at_once_but_never_a
         assert (watch.wakes, messages[0]) == (2, sent + 2)
         render = functools.partial(metrics.render, reader.read(times=True))
         assert gauge(render(), "tlsroll_node_agent_store_trouble") == {"hb1": 0.0}
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await link.close()
-        journal.close()
-        await rig.close()
 
 
 async def test_a_hung_file_system_stalls_no_heartbeat_and_is_said_as_trouble(
@@ -464,8 +482,7 @@ async def test_an_agent_s_first_heartbeat_says_its_store_trouble_not_none(
     starts them). A read that takes a moment (a slow network mount) here; counted: what each
     message the leader handled said."""
     from nodeagent import store_watch
-    from tests.leader_rig import leader_with_a_node
-    from tests.test_heartbeat_stream import agent_link, until
+    from tests.test_heartbeat_stream import until
 
     said: list[tuple[str, ...]] = []
     handle = LeaderService._agent_store
@@ -475,34 +492,21 @@ async def test_an_agent_s_first_heartbeat_says_its_store_trouble_not_none(
         handle(self, name, request, now)
 
     monkeypatch.setattr(LeaderService, "_agent_store", counted)
-    rig = leader_with_a_node(tmp_path, loopback(), loopback())
-    await rig.server.start()
-    link, _, journal = agent_link(
-        tmp_path, rig.node_files, rig.target.rsplit(":", 1)[0], loopback(), 3600
-    )
-    link.clock = lambda: rig.clock[0]  # (its clock the leader's: no clock problem)
+    async with _leader_and_link(tmp_path, loopback) as (rig, link, tasks):
 
-    def measure() -> list[str]:
-        time.sleep(0.3)  # (a slow file system's statvfs: what is measured, not a wait on state)
-        return [CHECKPOINT]
+        def measure() -> list[str]:
+            time.sleep(0.3)  # (a slow file system's statvfs: what is measured, not a wait on state)
+            return [CHECKPOINT]
 
-    watch = store_watch.StoreWatch(measure, 3600, link.beat_soon)
-    link.store_trouble = watch.current
-    tasks = [
-        asyncio.create_task(watch.run()),
-        asyncio.create_task(watch.beats_once_read(link.run)),
-    ]
-    try:
+        watch = store_watch.StoreWatch(measure, 3600, link.beat_soon)
+        link.store_trouble = watch.current
+        tasks += [
+            asyncio.create_task(watch.run()),
+            asyncio.create_task(watch.beats_once_read(link.run)),
+        ]
         await until(lambda: "hb1" in rig.state.agent_store, "the leader to hear the trouble")
         assert said[0] == (CHECKPOINT,), said
         assert () not in said, said
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await link.close()
-        journal.close()
-        await rig.close()
 
 
 async def test_news_held_back_by_the_wake_bound_wakes_the_beat_once_the_bound_passes(
